@@ -1,0 +1,148 @@
+"""The contract every weight format implements.
+
+A format turns one float weight (ONNX MatMul layout, ``[K, N]``: K inputs, N outputs) plus an optional
+calibration Hessian ``H = XᵀX`` (``[K, K]``) into a :class:`QuantizedWeight`.  The quantized weight knows
+how to dequantize itself (for ``--emit simulated`` and for error reports), which tensors its native op
+stores (size truth is counted from exactly these bytes), and how to lower itself to ONNX nodes.
+
+Adding a format = numerics (a ``quantize`` function), an op (native lowering), and a registry entry.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from qcompile.errors import FormatError
+
+EMIT_MODES = ("native", "simulated", "portable")
+
+
+@dataclasses.dataclass
+class Lowered:
+    """ONNX nodes and initializers that replace one MatMul (input name -> output name)."""
+
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+    opset_imports: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+class QuantizedWeight(ABC):
+    """One quantized linear weight. Shape is the ONNX MatMul weight shape ``[K, N]``."""
+
+    format_name: str = "?"
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, int]:
+        """``(K, N)``: input features, output features."""
+
+    @abstractmethod
+    def dequantize(self) -> np.ndarray:
+        """The float weight the format represents, ``[K, N]`` float32 (ONNX MatMul layout)."""
+
+    @abstractmethod
+    def packed(self) -> dict[str, np.ndarray]:
+        """Exactly the tensors the native op stores for this weight (codes, scales, zeros, ...)."""
+
+    @abstractmethod
+    def lower_native(self, x: str, y: str, prefix: str, dtype: int) -> Lowered:
+        """Nodes computing ``y = x @ W`` with the format's native op; ``dtype`` is the onnx activation type."""
+
+    def lower_portable(self, x: str, y: str, prefix: str, dtype: int) -> Lowered:
+        """Standard-ONNX-only lowering (dequantize in-graph, then MatMul). Formats override this."""
+        raise FormatError(f"format {self.format_name} has no portable lowering")
+
+    def stored_bytes(self) -> int:
+        return int(sum(a.nbytes for a in self.packed().values()))
+
+    def bits_per_weight(self) -> float:
+        k, n = self.shape
+        return 8.0 * self.stored_bytes() / (k * n)
+
+    def extra_report(self) -> dict[str, Any]:
+        """Format-specific per-layer facts for report.json (e.g. outlier rate)."""
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One format option: its type, default and help text. CLI and API share this table."""
+
+    type: type
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+    def parse(self, name: str, raw: Any) -> Any:
+        try:
+            if self.type is bool and isinstance(raw, str):
+                low = raw.strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(raw)
+                value: Any = low in ("1", "true", "yes", "on")
+            else:
+                value = self.type(raw)
+        except (TypeError, ValueError):
+            raise FormatError(f"option {name}={raw!r}: expected {self.type.__name__}") from None
+        if self.choices is not None and value not in self.choices:
+            raise FormatError(f"option {name}={value!r}: expected one of {', '.join(map(str, self.choices))}")
+        return value
+
+
+QuantizeFn = Callable[..., QuantizedWeight]
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """A registered weight format, e.g. ``int4-gptq``. Names follow ``<grid>-<method>``."""
+
+    name: str
+    description: str
+    runtime: str  # what the native emit needs to run
+    quantize: QuantizeFn  # quantize(weight[K,N] float32, hessian[K,K] torch|None, **options) -> QuantizedWeight
+    options: dict[str, Option]
+    needs_calibration: bool
+    emits: tuple[str, ...] = ("native", "simulated")
+    default_emit: str = "native"
+
+    def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Defaults overlaid with ``given``; unknown keys are an error naming the accepted ones."""
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            raise FormatError(
+                f"format {self.name} has no option {', '.join(unknown)}; "
+                f"accepted: {', '.join(sorted(self.options)) or '(none)'}"
+            )
+        out = {k: o.default for k, o in self.options.items()}
+        for k, v in given.items():
+            out[k] = self.options[k].parse(k, v)
+        return out
+
+
+_REGISTRY: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    if fmt.name in _REGISTRY:
+        raise ValueError(f"format {fmt.name} registered twice")
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> Format:
+    from qcompile import formats as _load_all  # noqa: F401  (registers every built-in format)
+
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise FormatError(f"unknown format {name!r}; accepted: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def all_formats() -> list[Format]:
+    from qcompile import formats as _load_all  # noqa: F401
+
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
