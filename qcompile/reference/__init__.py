@@ -1,0 +1,1 @@
+"""Numpy reference implementations of qcompile's custom ops (ground truth for kernels and numerics)."""
