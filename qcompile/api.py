@@ -1,0 +1,102 @@
+"""Python API: the same functions the CLI calls.
+
+    import qcompile
+    report = qcompile.compile("smollm2-135m", "int4-gptq", "out/")
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from qcompile.errors import QCompileError
+from qcompile.pipeline import CompileConfig, compile_model
+
+
+def compile(model: str, format: str, output: str | Path, **kwargs: Any) -> dict[str, Any]:  # noqa: A001
+    """Compile ``model`` with ``format`` into the folder ``output``; kwargs are :class:`CompileConfig` fields
+    (``options={"group_size": 64}``, ``emit="simulated"``, ``calib_samples=...``). Returns the report."""
+    return compile_model(CompileConfig(model=model, format=format, output=Path(output), **kwargs))
+
+
+def export(model: str, output: str | Path, *, dtype: str = "float32", force: bool = False) -> Path:
+    """Write the float ONNX model of ``model`` to ``output`` (a .onnx path, or a folder for model.onnx)."""
+    from qcompile.models.export import export_onnx
+    from qcompile.models.sources import resolve_source
+
+    output = Path(output)
+    target = output if output.suffix == ".onnx" else output / "model.onnx"
+    if target.exists() and not force:
+        raise QCompileError(f"output {target} already exists (use --force to replace it)")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
+    except OSError as e:
+        raise QCompileError(f"cannot write {target.parent}: {e.strerror}") from None
+    try:
+        cached = export_onnx(resolve_source(model), dtype=dtype)
+        from qcompile.pipeline import save_model
+
+        save_model(onnx.load(str(cached)), tmp / target.name)
+        for f in tmp.iterdir():  # model.onnx last, so a reader never sees it without its data
+            if f.name != target.name:
+                f.replace(target.parent / f.name)
+        (tmp / target.name).replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_needs_ops_library(model_path: Path) -> bool:
+    model = onnx.load(str(model_path), load_external_data=False)
+    return any(o.domain == "qcompile" for o in model.opset_import)
+
+
+def session_factory(model_path: Path):
+    """onnxruntime session factory: registers our op library when the model uses ``qcompile`` ops."""
+    if model_needs_ops_library(model_path):
+        from qcompile.runtime import make_session
+
+        return lambda p: make_session(p)
+    import onnxruntime as ort
+
+    return lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+
+
+def evaluate(model_path: str | Path, *, text: str | Path | None = None, samples: int = 32, seq_len: int = 512,
+             tokenizer: str | None = None, progress: bool = True) -> tuple[float, int]:
+    """Perplexity of an ONNX model on the bundled evaluation split (or ``text``): the report's computation."""
+    from qcompile import data as qdata
+    from qcompile.evaluate import perplexity
+    from qcompile.models.sources import tokenizer_for_onnx
+
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise QCompileError(f"{model_path}: no such file")
+    tok = tokenizer_for_onnx(model_path, tokenizer)
+    windows = qdata.evaluation_windows(tok, samples, seq_len, text_file=Path(text) if text else None)
+    return perplexity(model_path, windows, session_factory=session_factory(model_path), progress=progress)
+
+
+def inspect_model(model_path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-layer rows and totals (bytes counted from the file)."""
+    from qcompile.report import inspect_rows, model_file_bytes
+
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise QCompileError(f"{model_path}: no such file")
+    try:
+        rows = inspect_rows(model_path)
+    except onnx.onnx_cpp2py_export.checker.ValidationError as e:  # pragma: no cover - defensive
+        raise QCompileError(f"{model_path}: not a valid ONNX model ({e})") from None
+    except Exception as e:
+        if "Error parsing message" in str(e) or "DecodeError" in type(e).__name__:
+            raise QCompileError(f"{model_path}: not an ONNX model") from None
+        raise
+    params = sum(int(r["shape"].split("x")[0]) * int(r["shape"].split("x")[1]) for r in rows)
+    nbytes = sum(r["bytes"] for r in rows)
+    return rows, {"params": params, "bytes": nbytes, "bits_per_weight": 8.0 * nbytes / params if params else 0.0,
+                  "file_bytes": model_file_bytes(model_path)}

@@ -1,0 +1,235 @@
+"""Command line: ``qcompile compile|export|eval|inspect|formats|bench``.
+
+Each command is a thin wrapper over the Python API; errors the user can fix come out as one line and a
+non-zero exit (set QCOMPILE_DEBUG=1 for tracebacks).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from qcompile.errors import QCompileError
+
+EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPT = 2, 1, 130
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip().replace("-", "_"), v.strip()
+
+
+def _add_compile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compile", help="quantize a model into a deployable ONNX artifact",
+                       description="Compile MODEL (smollm2-135m, a .gguf, a HF folder or hub id, or an .onnx) "
+                                   "with a weight FORMAT into OUT/ (model.onnx, report.json, report.md).")
+    p.add_argument("model")
+    p.add_argument("-f", "--format", required=True, help="weight format (see `qcompile formats`)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    p.add_argument("--emit", choices=["native", "simulated", "portable"],
+                   help="native: the format's op; portable: standard ONNX ops only; simulated: dequantized "
+                        "floats (research mode, large file). Default: the format's own default")
+    p.add_argument("--group-size", type=int, help="format option group_size")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="format option act_order")
+    p.add_argument("--damp", type=float, help="format option damp")
+    p.add_argument("-O", "--option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="any other format option (repeatable); `qcompile formats` lists them")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="calibration window length in tokens (default 256)")
+    p.add_argument("--eval-samples", type=int, default=32, help="evaluation windows (default 32)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length (default 512)")
+    p.add_argument("--eval-text", type=Path, help="evaluate on this text file instead of the bundled split")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where quantization runs")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="activation dtype of the model")
+    p.add_argument("--include-lm-head", action="store_true", help="quantize the LM head too (default: float)")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate each block on the outputs of the already-quantized ones (slower)")
+    p.add_argument("--tokenizer", help="tokenizer source for an .onnx MODEL that does not name one")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compile)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from qcompile.pipeline import CompileConfig, compile_model
+
+    options: dict[str, Any] = dict(args.option)
+    for key in ("group_size", "act_order", "damp"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    cfg = CompileConfig(
+        model=args.model, format=args.format, output=args.output, emit=args.emit, options=options,
+        calib_samples=args.calib_samples, seq_len=args.seq_len, eval_samples=args.eval_samples,
+        eval_seq_len=args.eval_seq_len, eval_text=args.eval_text, evaluate=not args.no_eval, seed=args.seed,
+        device=args.device, dtype=args.dtype, include_lm_head=args.include_lm_head, sequential=args.sequential,
+        force=args.force, progress=not args.quiet, tokenizer=args.tokenizer,
+    )
+    if cfg.eval_text is not None and not cfg.eval_text.is_file():
+        raise QCompileError(f"--eval-text {cfg.eval_text}: no such file")
+    rep = compile_model(cfg)
+    _print_summary(rep, args.output)
+    return 0
+
+
+def _print_summary(rep: dict[str, Any], out: Path) -> None:
+    lines = [
+        f"format            {rep['format']} (emit {rep['emit']})",
+        f"bits per weight   {rep['bits_per_weight']:.3f} over {rep['quantized_params']:,} weights "
+        f"in {rep['quantized_layers']} layers",
+        f"file              {rep['file_bytes'] / 2**20:.1f} MiB (float: {rep['float_file_bytes'] / 2**20:.1f} MiB)",
+    ]
+    if rep.get("ppl_quantized"):
+        lines.append(f"perplexity        {rep['ppl_quantized']:.3f} (float {rep['ppl_reference']:.3f}, "
+                     f"{100 * (rep['ppl_ratio'] - 1):+.2f}%) on {rep['eval_tokens']:,} tokens")
+    lines.append(f"compile time      {rep['compile_seconds']:.0f} s, peak memory {rep['peak_memory_mib']:.0f} MiB")
+    lines.append(f"wrote             {out}/model.onnx, report.json, report.md")
+    print("\n".join(lines))
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export the float ONNX model alone")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output .onnx path (or folder)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qcompile.api import export
+
+    path = export(args.model, args.output, dtype=args.dtype, force=args.force)
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity of an ONNX model (bundled eval split or your text file)")
+    p.add_argument("model", type=Path, help="an .onnx file (e.g. OUT/model.onnx)")
+    p.add_argument("--text", type=Path, help="evaluate on this UTF-8 text file")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--tokenizer", help="tokenizer source when the model does not name one")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qcompile.api import evaluate
+
+    ppl, n = evaluate(args.model, text=args.text, samples=args.samples, seq_len=args.seq_len,
+                      tokenizer=args.tokenizer, progress=not args.quiet)
+    print(f"perplexity {ppl:.4f} over {n:,} tokens")
+    return 0
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="per-layer format, shape, bytes and bits per weight of an ONNX model")
+    p.add_argument("model", type=Path)
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from qcompile.api import inspect_model
+    from qcompile.report import format_table
+
+    rows, total = inspect_model(args.model)
+    if args.json:
+        print(json.dumps({"layers": rows, **total}, indent=2))
+        return 0
+    cols = [("name", "layer", "s"), ("format", "format", "s"), ("shape", "K x N", "s"), ("bytes", "bytes", ",d"),
+            ("bits_per_weight", "bits/weight", ".3f"), ("packed_bits_per_weight", "packed bits/weight", ".3f")]
+    if not any(r.get("packed_bits_per_weight") for r in rows):
+        cols = cols[:-1]
+    print(format_table(rows, cols))
+    print(f"\n{len(rows)} layers, {total['params']:,} weights, {total['bytes']:,} bytes, "
+          f"{total['bits_per_weight']:.3f} bits/weight; file {total['file_bytes']:,} bytes")
+    return 0
+
+
+def _add_formats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("formats", help="list the weight formats, their options and the runtime each needs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_formats)
+
+
+def cmd_formats(args: argparse.Namespace) -> int:
+    import json
+
+    from qcompile.formats import all_formats
+
+    fmts = all_formats()
+    if args.json:
+        print(json.dumps([{"name": f.name, "description": f.description, "runtime": f.runtime,
+                           "emits": list(f.emits), "default_emit": f.default_emit,
+                           "needs_calibration": f.needs_calibration,
+                           "options": {k: {"default": o.default, "help": o.help} for k, o in f.options.items()}}
+                          for f in fmts], indent=2, default=str))
+        return 0
+    for f in fmts:
+        print(f"{f.name}\n  {f.description}\n  runtime: {f.runtime}; emits: {', '.join(f.emits)} "
+              f"(default {f.default_emit}); calibration: {'yes' if f.needs_calibration else 'no'}")
+        for k, o in f.options.items():
+            print(f"    -O {f'{k}={o.default}':<24} {o.help}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="per-layer latency of our ops vs onnxruntime MatMul and MatMulNBits")
+    p.add_argument("--ops", default=None, help="comma-separated ops to bench (default: all registered)")
+    p.add_argument("--shapes", default=None, help="comma-separated KxN shapes (default: model + 4096 shapes)")
+    p.add_argument("--m", default="1,128", help="comma-separated batch rows M (default 1,128)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("-o", "--output", type=Path, help="write the rows as JSON (and .md beside it)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qcompile.bench import cli_bench
+
+    return cli_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qcompile", description="Quantize transformer weights in ONNX models.")
+    from qcompile import __version__
+
+    parser.add_argument("--version", action="version", version=f"qcompile {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_compile, _add_export, _add_eval, _add_inspect, _add_formats, _add_bench):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except QCompileError as e:
+        print(f"qcompile: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # output piped into `head`
+        return 0
+    except KeyboardInterrupt:
+        print("qcompile: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPT
+    except Exception as e:  # unexpected: still one line unless debugging
+        if os.environ.get("QCOMPILE_DEBUG"):
+            raise
+        print(f"qcompile: error: {type(e).__name__}: {e} (set QCOMPILE_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Size truth and reports.
+
+Bits per weight are counted from the bytes a layer's nodes actually read from the saved model: every
+initializer that a ``qcompile.layer``-tagged node consumes and that the lowering created for that layer
+(names start with ``qc.<layer>.``): codes, scales, zero points, codebooks, outliers, everything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from qcompile.passes.lower_weights import FORMAT_KEY, LAYER_KEY, PACKED_BITS_KEY, SHAPE_KEY
+
+
+@dataclasses.dataclass
+class LayerSize:
+    name: str
+    format: str
+    shape: tuple[int, int]  # (K, N)
+    stored_bytes: int
+    bits_per_weight: float  # from the bytes in the file
+    packed_bits_per_weight: float | None  # simulated emit: what the format's native storage would take
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes the tensor occupies on disk (raw or external), without loading external data."""
+    for entry in t.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    if t.raw_data:
+        return len(t.raw_data)
+    return onnx.numpy_helper.to_array(t).nbytes
+
+
+def layer_sizes(model: onnx.ModelProto) -> list[LayerSize]:
+    """Per-layer storage of every quantized layer in the model, in graph order."""
+    inits = {t.name: t for t in model.graph.initializer}
+    layers: dict[str, dict[str, Any]] = {}
+    for node in model.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        if LAYER_KEY not in meta:
+            continue
+        name = meta[LAYER_KEY]
+        entry = layers.setdefault(name, {"format": meta.get(FORMAT_KEY, "?"), "inputs": set(),
+                                         "shape": tuple(int(v) for v in meta[SHAPE_KEY].split(",")),
+                                         "packed": meta.get(PACKED_BITS_KEY)})
+        entry["inputs"].update(i for i in node.input if i in inits and i.startswith(f"qc.{name}."))
+    out = []
+    for name, e in layers.items():
+        nbytes = sum(tensor_nbytes(inits[i]) for i in e["inputs"])
+        k, n = e["shape"]
+        out.append(LayerSize(name, e["format"], e["shape"], nbytes, 8.0 * nbytes / (k * n),
+                             float(e["packed"]) if e["packed"] else None))
+    return out
+
+
+def overall_bits(sizes: list[LayerSize], packed: bool = False) -> float:
+    """Weighted by parameter count: total bits over total quantized weights."""
+    params = sum(s.params for s in sizes)
+    if not params:
+        return 0.0
+    if packed:
+        return sum((s.packed_bits_per_weight or s.bits_per_weight) * s.params for s in sizes) / params
+    return sum(8.0 * s.stored_bytes for s in sizes) / params
+
+
+def model_file_bytes(model_path: Path) -> int:
+    """The .onnx file plus every external data file beside it that it references."""
+    model_path = Path(model_path)
+    total = model_path.stat().st_size
+    model = onnx.load(str(model_path), load_external_data=False)
+    files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return total + sum((model_path.parent / f).stat().st_size for f in files)
+
+
+def inspect_rows(model_path: Path) -> list[dict[str, Any]]:
+    """Per-layer rows for ``qcompile inspect``: float MatMul weights too, for an un-compiled model."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    rows = [{"name": s.name, "format": s.format + (" (simulated)" if s.packed_bits_per_weight else ""),
+             "shape": f"{s.shape[0]}x{s.shape[1]}", "bytes": s.stored_bytes,
+             "bits_per_weight": s.bits_per_weight,
+             "packed_bits_per_weight": s.packed_bits_per_weight} for s in layer_sizes(model)]
+    if rows:
+        return rows
+    from qcompile.passes.discover_linears import discover_linears, ensure_node_names
+
+    inits = {t.name: t for t in model.graph.initializer}
+    for m in discover_linears(ensure_node_names(model), include_lm_head=True):
+        nbytes = tensor_nbytes(inits[m.initializer])
+        rows.append({"name": m.name, "format": "float" + ("" if m.role == "linear" else f" ({m.role})"),
+                     "shape": f"{m.shape[0]}x{m.shape[1]}", "bytes": nbytes,
+                     "bits_per_weight": 8.0 * nbytes / (m.shape[0] * m.shape[1]), "packed_bits_per_weight": None})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """A plain-text table; ``columns`` = (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(("" if r.get(k) is None else format(r[k], f)) for k, _, f in columns) + " |"
+            for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+LAYER_COLUMNS = [("name", "layer", "s"), ("shape", "K x N", "s"), ("format", "format", "s"),
+                 ("bits_per_weight", "bits/weight", ".3f"), ("rel_output_error", "rel. output error", ".2e")]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: the headline numbers, then one row per layer."""
+    ref, q = report.get("ppl_reference"), report.get("ppl_quantized")
+    lines = [f"# qcompile report: {report['model']} → {report['format']}", ""]
+    head = [
+        ("format", report["format"]), ("emit", report.get("emit")), ("model", report["model"]),
+        ("bits per weight (quantized linears)", f"{report['bits_per_weight']:.3f}"),
+        ("quantized parameters", f"{report['quantized_params']:,}"),
+        ("file bytes", f"{report['file_bytes']:,}"),
+        ("perplexity, float", f"{ref:.3f}" if ref else "not measured"),
+        ("perplexity, quantized", f"{q:.3f}" if q else "not measured"),
+        ("perplexity change", f"{100 * (q / ref - 1):+.2f}%" if ref and q else "—"),
+        ("eval tokens", f"{report.get('eval_tokens', 0):,}"), ("calibration tokens", f"{report.get('calib_tokens', 0):,}"),
+        ("compile seconds", f"{report.get('compile_seconds', 0):.1f}"),
+        ("peak memory (MiB)", f"{report.get('peak_memory_mib', 0):.0f}"),
+    ]
+    if report.get("emit") == "simulated":
+        head.insert(4, ("note", "simulated emit: the file holds dequantized floats; bits per weight is what the "
+                                "format's native storage takes"))
+    lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in head], "", "## Layers", ""]
+    rows = [dict(layer, shape="x".join(map(str, layer["shape"]))) for layer in report["layers"]]
+    lines.append(markdown_table(rows, LAYER_COLUMNS))
+    return "\n".join(lines) + "\n"
