@@ -69,13 +69,13 @@ def session_factory(model_path: Path):
 def evaluate(model_path: str | Path, *, text: str | Path | None = None, samples: int = 32, seq_len: int = 512,
              tokenizer: str | None = None, progress: bool = True) -> tuple[float, int]:
     """Perplexity of an ONNX model on the bundled evaluation split (or ``text``): the report's computation."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise QCompileError(f"{model_path}: no such file")
     from qcompile import data as qdata
     from qcompile.evaluate import perplexity
     from qcompile.models.sources import tokenizer_for_onnx
 
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise QCompileError(f"{model_path}: no such file")
     tok = tokenizer_for_onnx(model_path, tokenizer)
     windows = qdata.evaluation_windows(tok, samples, seq_len, text_file=Path(text) if text else None)
     return perplexity(model_path, windows, session_factory=session_factory(model_path), progress=progress)

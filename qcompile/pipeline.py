@@ -130,12 +130,12 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
     for name in ("calib_samples", "seq_len", "eval_samples", "eval_seq_len"):
         if getattr(cfg, name) < 1:
             raise QCompileError(f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    from qcompile import data as qdata
-    from qcompile.models.sources import resolve_source
-
     tmp = _prepare_output(cfg.output, cfg.force)
     stages = _Stages()
     try:
+        from qcompile import data as qdata
+        from qcompile.models.sources import resolve_source
+
         source = resolve_source(cfg.model, tokenizer=cfg.tokenizer)
         float_path = stages.run("export", lambda: float_onnx(source, cfg.dtype))
         model = ensure_node_names(onnx.load(str(float_path)))
