@@ -1,0 +1,564 @@
+// CPU kernel for qcompile.FP4MatMul.
+//
+// Work plan (both paths read every byte of W exactly once):
+//  1. Activations: X rows -> float, Hadamard (in-place fast Walsh-Hadamard on a scratch copy), zero-padded
+//     to Kx = round_up(Kp, 64) and, for the AVX2 path, permuted within each 64-block into the order the
+//     SIMD decoder produces weights in (a dot product does not care about order, as long as both sides
+//     agree), so decoding never has to re-interleave nibbles.
+//  2. M == 1 (GEMV): tasks own contiguous row ranges of W; each row is streamed once, decoded 64 weights
+//     at a time into 8 float vectors and multiplied with X; the per-group scales are applied to partial
+//     sums, not to every weight.
+//  3. M > 1: a task owns 16 rows of W; for each K slice it decodes them (scale applied) into a float
+//     tile that stays in L1, then a 3x4 register-blocked dot-product microkernel reuses it for all M rows.
+//
+// SIMD decode (AVX2): E2M1 values are exactly representable in bfloat16, i.e. each one is a float whose
+// low 16 bits are zero. Two pshufb lookups per nibble vector give the top and second byte of that float,
+// one byte-unpack forms the bf16 pairs, and a shift / mask turns a dword holding two bf16 into two floats.
+// The library is compiled for x86-64-v2; the AVX2/FMA/F16C code is selected at run time
+// (QCOMPILE_FP4_NO_AVX2=1 forces the portable path, which the tests also exercise).
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "qcompile/fp4_matmul.h"
+#include "qcompile/half.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define QC_X86 1
+#define QC_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define QC_X86 0
+#endif
+
+namespace qcompile {
+namespace fp4 {
+namespace {
+
+constexpr int64_t kBlock = 64;   // weights per decode block (32 bytes of W)
+constexpr int64_t kTileRows = 16;  // W rows per task in the M > 1 path (multiple of kNR)
+constexpr int64_t kKC = 256;     // K slice of the decoded tile (multiple of kBlock)
+constexpr int64_t kMR = 3;       // microkernel rows of X
+constexpr int64_t kNR = 4;       // microkernel rows of W
+
+// ---- tables --------------------------------------------------------------------------------------------
+
+struct Tables {
+  float e2m1[16];
+  float e8m0[256];
+  float e4m3[256];
+  float pair[256][2];      // byte -> (value of low nibble, value of high nibble)
+  int perm[kBlock];        // AVX2 decode order: decoded element q of a block is weight k = perm[q]
+  int sidx[2][8];          // AVX2: group offset (in groups) of each lane for vectors 0-3 / 4-7, per G<64
+  uint8_t bf16_top[16];    // E2M1 code -> top byte of its float bits
+  uint8_t bf16_second[16]; // E2M1 code -> second byte
+  bool perm_ok = false;
+
+  Tables() {
+    static const float mag[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+    for (int c = 0; c < 16; ++c) {
+      e2m1[c] = (c & 8) ? -mag[c & 7] : mag[c & 7];
+      uint32_t bits;
+      std::memcpy(&bits, &e2m1[c], 4);
+      bf16_top[c] = static_cast<uint8_t>(bits >> 24);
+      bf16_second[c] = static_cast<uint8_t>(bits >> 16);
+    }
+    for (int b = 0; b < 256; ++b) {
+      pair[b][0] = e2m1[b & 15];
+      pair[b][1] = e2m1[b >> 4];
+      e8m0[b] = b == 255 ? std::nanf("") : std::ldexp(1.0f, b - 127);
+      const int sign = b >> 7, e = (b >> 3) & 15, m = b & 7;
+      float v;
+      if (e == 15 && m == 7) {
+        v = std::nanf("");
+      } else if (e == 0) {
+        v = std::ldexp(static_cast<float>(m), -9);  // m/8 * 2^-6
+      } else {
+        v = std::ldexp(1.0f + m / 8.0f, e - 7);
+      }
+      e4m3[b] = sign ? -v : v;
+    }
+    // Order produced by decode_block_avx2: vector v (0..7), lane e (0..7).
+    for (int v = 0; v < 8; ++v) {
+      for (int e = 0; e < 8; ++e) {
+        const int lane = e >> 2, d = e & 3;
+        const int p = 2 * d + (v & 1);                 // 16-bit element within the unpacked half-lane
+        const int j = 16 * lane + (v >= 4 ? 8 : 0) + p;  // byte of the 32-byte block
+        const bool high = (v & 2) != 0;                // vectors 2,3,6,7 come from the high nibbles
+        perm[v * 8 + e] = 2 * j + (high ? 1 : 0);
+      }
+    }
+    perm_ok = true;
+    bool seen[kBlock] = {};
+    for (int q = 0; q < kBlock; ++q) {
+      if (perm[q] < 0 || perm[q] >= kBlock || seen[perm[q]]) perm_ok = false;
+      else seen[perm[q]] = true;
+    }
+  }
+};
+
+const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+
+// Lane -> group offsets for the two scale vectors of a block, for group size G (< 64; else all 0).
+// Returns false if the decode order ever mixes groups inside one lane (it does not; checked anyway).
+bool scale_lanes(int64_t G, int idx[2][8]) {
+  const Tables& t = tables();
+  for (int half = 0; half < 2; ++half) {
+    for (int e = 0; e < 8; ++e) {
+      const int g = G >= kBlock ? 0 : t.perm[(half * 4) * 8 + e] / static_cast<int>(G);
+      for (int v = half * 4; v < half * 4 + 4; ++v) {
+        const int gv = G >= kBlock ? 0 : t.perm[v * 8 + e] / static_cast<int>(G);
+        if (gv != g) return false;
+      }
+      idx[half][e] = g;
+    }
+  }
+  return true;
+}
+
+#if QC_X86
+QC_AVX2 void half_to_float_avx2(const uint16_t* h, float* out, int64_t n);
+#endif
+
+bool use_avx2() {
+#if QC_X86
+  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  const char* off = std::getenv("QCOMPILE_FP4_NO_AVX2");
+  return cpu && tables().perm_ok && !(off && off[0] && off[0] != '0');
+#else
+  return false;
+#endif
+}
+
+// ---- shared helpers ------------------------------------------------------------------------------------
+
+struct Geometry {
+  int64_t K, N, G, Kp, Kx, ng, scale_len, row_bytes, nblk;
+};
+
+Geometry geometry(const Attrs& a) {
+  Geometry g;
+  g.K = a.K;
+  g.N = a.N;
+  g.G = a.group_size;
+  g.Kp = padded_k(a.K, a.group_size);
+  g.Kx = (g.Kp + kBlock - 1) / kBlock * kBlock;
+  g.ng = g.Kp / g.G;
+  g.scale_len = (g.Kx + g.G - 1) / g.G + 8;  // room for the 8-wide scale loads of the last block
+  g.row_bytes = g.Kp / 2;
+  g.nblk = g.Kx / kBlock;
+  return g;
+}
+
+// Per-row float scales (tensor_scale folded in), zero-padded to scale_len.
+void decode_scales(const Problem& p, const Geometry& g, int64_t n, float* out) {
+  const Tables& t = tables();
+  const float* lut = p.attrs.scale_format == ScaleFormat::kE8M0 ? t.e8m0 : t.e4m3;
+  const uint8_t* s = p.scales + n * g.ng;
+  for (int64_t i = 0; i < g.ng; ++i) out[i] = lut[s[i]] * p.tensor_scale;
+  for (int64_t i = g.ng; i < g.scale_len; ++i) out[i] = 0.0f;
+}
+
+// In-place normalized Walsh-Hadamard transform of each contiguous block of b in x[0..K).
+void fwht(float* x, int64_t K, int64_t b) {
+  const float norm = 1.0f / std::sqrt(static_cast<float>(b));
+  for (int64_t base = 0; base < K; base += b) {
+    float* v = x + base;
+    for (int64_t h = 1; h < b; h *= 2) {
+      for (int64_t i = 0; i < b; i += 2 * h) {
+        for (int64_t j = i; j < i + h; ++j) {
+          const float a = v[j], c = v[j + h];
+          v[j] = a + c;
+          v[j + h] = a - c;
+        }
+      }
+    }
+    for (int64_t j = 0; j < b; ++j) v[j] *= norm;
+  }
+}
+
+void row_to_float(const Problem& p, int64_t m, float* out) {
+  const int64_t K = p.attrs.K;
+  if (p.dtype == DType::kFloat32) {
+    std::memcpy(out, static_cast<const float*>(p.x) + m * K, K * sizeof(float));
+    return;
+  }
+  const uint16_t* h = static_cast<const uint16_t*>(p.x) + m * K;
+  int64_t k = 0;
+#if QC_X86
+  if (use_avx2()) {
+    half_to_float_avx2(h, out, K);
+    return;
+  }
+#endif
+  for (; k < K; ++k) out[k] = half_to_float(h[k]);
+}
+
+// Activations for rows [m0, m1): float, rotated, zero-padded to Kx and (AVX2) block-permuted.
+void prepare_rows(const Problem& p, const Geometry& g, bool avx2, int64_t m0, int64_t m1, float* xp,
+                  std::vector<float>& tmp) {
+  tmp.assign(g.Kx, 0.0f);
+  const int* perm = tables().perm;
+  for (int64_t m = m0; m < m1; ++m) {
+    float* dst = xp + m * g.Kx;
+    if (m >= p.M) {
+      std::fill(dst, dst + g.Kx, 0.0f);
+      continue;
+    }
+    row_to_float(p, m, tmp.data());
+    if (p.attrs.hadamard_block > 1) fwht(tmp.data(), g.K, p.attrs.hadamard_block);
+    if (avx2) {
+      for (int64_t b = 0; b < g.Kx; b += kBlock)
+        for (int q = 0; q < kBlock; ++q) dst[b + q] = tmp[b + perm[q]];
+    } else {
+      std::memcpy(dst, tmp.data(), g.Kx * sizeof(float));
+    }
+  }
+}
+
+void store_row(const Problem& p, int64_t m, int64_t n0, int64_t count, const float* vals) {
+  const int64_t N = p.attrs.N;
+  if (p.dtype == DType::kFloat32) {
+    float* y = static_cast<float*>(p.y) + m * N + n0;
+    const float* b = p.bias ? static_cast<const float*>(p.bias) + n0 : nullptr;
+    for (int64_t i = 0; i < count; ++i) y[i] = vals[i] + (b ? b[i] : 0.0f);
+  } else {
+    uint16_t* y = static_cast<uint16_t*>(p.y) + m * N + n0;
+    const uint16_t* b = p.bias ? static_cast<const uint16_t*>(p.bias) + n0 : nullptr;
+    for (int64_t i = 0; i < count; ++i) y[i] = float_to_half(vals[i] + (b ? half_to_float(b[i]) : 0.0f));
+  }
+}
+
+// Pointer to the 32 bytes of block `blk` of a W row, or to a zero-padded copy for the ragged last block.
+inline const uint8_t* block_bytes(const uint8_t* row, const Geometry& g, int64_t blk, uint8_t* pad32) {
+  const int64_t off = blk * (kBlock / 2);
+  if (off + kBlock / 2 <= g.row_bytes) return row + off;
+  std::memset(pad32, 0, kBlock / 2);
+  std::memcpy(pad32, row + off, g.row_bytes - off);
+  return pad32;
+}
+
+// ---- portable path ---------------------------------------------------------------------------------
+
+float gemv_row_generic(const uint8_t* row, const float* sc, const float* x, const Geometry& g) {
+  const Tables& t = tables();
+  const int64_t gb = g.G / 2;  // bytes per group
+  float acc = 0.0f;
+  for (int64_t grp = 0; grp < g.ng; ++grp) {
+    const uint8_t* b = row + grp * gb;
+    const float* xv = x + grp * g.G;
+    float s0 = 0.f, s1 = 0.f;
+    for (int64_t j = 0; j < gb; ++j) {
+      s0 += t.pair[b[j]][0] * xv[2 * j];
+      s1 += t.pair[b[j]][1] * xv[2 * j + 1];
+    }
+    acc += (s0 + s1) * sc[grp];
+  }
+  return acc;
+}
+
+// Decodes weights [k0, k0+len) of one row (k0, len multiples of 64) with scales applied, natural order.
+void decode_row_generic(const uint8_t* row, const float* sc, const Geometry& g, int64_t k0, int64_t len,
+                        float* out) {
+  const Tables& t = tables();
+  for (int64_t k = k0; k < k0 + len; k += 2) {
+    if (k >= g.Kp) {
+      out[k - k0] = out[k - k0 + 1] = 0.0f;
+      continue;
+    }
+    const uint8_t b = row[k / 2];
+    const float s = sc[k / g.G];
+    out[k - k0] = t.pair[b][0] * s;
+    out[k - k0 + 1] = t.pair[b][1] * s;
+  }
+}
+
+// C[mr][nr] += dot(X rows, W rows) over len (multiple of 8). 8 independent lanes keep it vectorizable
+// without reassociation.
+void micro_generic(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* c, int64_t ldc) {
+  float acc[kMR][kNR][8] = {};
+  for (int64_t k = 0; k < len; k += 8) {
+    for (int i = 0; i < kMR; ++i) {
+      const float* xr = x + i * ldx + k;
+      for (int j = 0; j < kNR; ++j) {
+        const float* wr = w + j * ldw + k;
+        for (int l = 0; l < 8; ++l) acc[i][j][l] += xr[l] * wr[l];
+      }
+    }
+  }
+  for (int i = 0; i < kMR; ++i)
+    for (int j = 0; j < kNR; ++j) {
+      float s = 0.f;
+      for (int l = 0; l < 8; ++l) s += acc[i][j][l];
+      c[i * ldc + j] += s;
+    }
+}
+
+// ---- AVX2 path -------------------------------------------------------------------------------------------
+#if QC_X86
+
+QC_AVX2 void half_to_float_avx2(const uint16_t* h, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) out[i] = half_to_float(h[i]);
+}
+
+struct Avx2Consts {
+  __m256i top, second, low4, hi16;
+  __m256i sidx0, sidx1;
+};
+
+QC_AVX2 inline Avx2Consts avx2_consts(int64_t G) {
+  const Tables& t = tables();
+  Avx2Consts c;
+  c.top = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.bf16_top)));
+  c.second = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.bf16_second)));
+  c.low4 = _mm256_set1_epi8(0x0F);
+  c.hi16 = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  int idx[2][8];
+  scale_lanes(G, idx);
+  c.sidx0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx[0]));
+  c.sidx1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx[1]));
+  return c;
+}
+
+// 32 bytes of W -> 64 floats in 8 vectors (order: Tables::perm).
+QC_AVX2 inline void decode_block_avx2(const uint8_t* src, const Avx2Consts& c, __m256 f[8]) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  const __m256i lo = _mm256_and_si256(b, c.low4);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), c.low4);
+  const __m256i loT = _mm256_shuffle_epi8(c.top, lo), loS = _mm256_shuffle_epi8(c.second, lo);
+  const __m256i hiT = _mm256_shuffle_epi8(c.top, hi), hiS = _mm256_shuffle_epi8(c.second, hi);
+  const __m256i lo0 = _mm256_unpacklo_epi8(loS, loT), lo1 = _mm256_unpackhi_epi8(loS, loT);
+  const __m256i hi0 = _mm256_unpacklo_epi8(hiS, hiT), hi1 = _mm256_unpackhi_epi8(hiS, hiT);
+  f[0] = _mm256_castsi256_ps(_mm256_slli_epi32(lo0, 16));
+  f[1] = _mm256_castsi256_ps(_mm256_and_si256(lo0, c.hi16));
+  f[2] = _mm256_castsi256_ps(_mm256_slli_epi32(hi0, 16));
+  f[3] = _mm256_castsi256_ps(_mm256_and_si256(hi0, c.hi16));
+  f[4] = _mm256_castsi256_ps(_mm256_slli_epi32(lo1, 16));
+  f[5] = _mm256_castsi256_ps(_mm256_and_si256(lo1, c.hi16));
+  f[6] = _mm256_castsi256_ps(_mm256_slli_epi32(hi1, 16));
+  f[7] = _mm256_castsi256_ps(_mm256_and_si256(hi1, c.hi16));
+}
+
+QC_AVX2 inline void block_scales(const float* sc, const Geometry& g, int64_t blk, const Avx2Consts& c, __m256& s0,
+                                 __m256& s1) {
+  const __m256 raw = _mm256_loadu_ps(sc + (blk * kBlock) / g.G);
+  s0 = _mm256_permutevar8x32_ps(raw, c.sidx0);
+  s1 = _mm256_permutevar8x32_ps(raw, c.sidx1);
+}
+
+QC_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+QC_AVX2 float gemv_row_avx2(const uint8_t* row, const float* sc, const float* x, const Geometry& g,
+                            const Avx2Consts& c) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  alignas(32) uint8_t pad[kBlock / 2];
+  __m256 f[8];
+  for (int64_t blk = 0; blk < g.nblk; ++blk) {
+    decode_block_avx2(block_bytes(row, g, blk, pad), c, f);
+    const float* xv = x + blk * kBlock;
+    __m256 t0 = _mm256_mul_ps(f[0], _mm256_loadu_ps(xv));
+    __m256 t1 = _mm256_mul_ps(f[4], _mm256_loadu_ps(xv + 32));
+    t0 = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xv + 8), t0);
+    t1 = _mm256_fmadd_ps(f[5], _mm256_loadu_ps(xv + 40), t1);
+    t0 = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xv + 16), t0);
+    t1 = _mm256_fmadd_ps(f[6], _mm256_loadu_ps(xv + 48), t1);
+    t0 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xv + 24), t0);
+    t1 = _mm256_fmadd_ps(f[7], _mm256_loadu_ps(xv + 56), t1);
+    __m256 s0, s1;
+    block_scales(sc, g, blk, c, s0, s1);
+    acc0 = _mm256_fmadd_ps(t0, s0, acc0);
+    acc1 = _mm256_fmadd_ps(t1, s1, acc1);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+// Decodes blocks [b0, b1) of one row, scales applied, into out (permuted order, 64 floats per block).
+QC_AVX2 void decode_row_avx2(const uint8_t* row, const float* sc, const Geometry& g, int64_t b0, int64_t b1,
+                             const Avx2Consts& c, float* out) {
+  alignas(32) uint8_t pad[kBlock / 2];
+  __m256 f[8];
+  for (int64_t blk = b0; blk < b1; ++blk, out += kBlock) {
+    decode_block_avx2(block_bytes(row, g, blk, pad), c, f);
+    __m256 s0, s1;
+    block_scales(sc, g, blk, c, s0, s1);
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + 8 * v, _mm256_mul_ps(f[v], s0));
+    for (int v = 4; v < 8; ++v) _mm256_storeu_ps(out + 8 * v, _mm256_mul_ps(f[v], s1));
+  }
+}
+
+// Four 8-lane accumulators -> their four sums.
+QC_AVX2 inline __m128 reduce4(__m256 p, __m256 q, __m256 r, __m256 s) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(p, q), _mm256_hadd_ps(r, s));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+QC_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* c,
+                        int64_t ldc) {
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+  __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+  __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+  const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx;
+  const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw;
+  for (int64_t k = 0; k < len; k += 8) {
+    const __m256 xv0 = _mm256_loadu_ps(x0 + k), xv1 = _mm256_loadu_ps(x1 + k), xv2 = _mm256_loadu_ps(x2 + k);
+    __m256 wv = _mm256_loadu_ps(w0 + k);
+    a00 = _mm256_fmadd_ps(xv0, wv, a00);
+    a10 = _mm256_fmadd_ps(xv1, wv, a10);
+    a20 = _mm256_fmadd_ps(xv2, wv, a20);
+    wv = _mm256_loadu_ps(w1 + k);
+    a01 = _mm256_fmadd_ps(xv0, wv, a01);
+    a11 = _mm256_fmadd_ps(xv1, wv, a11);
+    a21 = _mm256_fmadd_ps(xv2, wv, a21);
+    wv = _mm256_loadu_ps(w2 + k);
+    a02 = _mm256_fmadd_ps(xv0, wv, a02);
+    a12 = _mm256_fmadd_ps(xv1, wv, a12);
+    a22 = _mm256_fmadd_ps(xv2, wv, a22);
+    wv = _mm256_loadu_ps(w3 + k);
+    a03 = _mm256_fmadd_ps(xv0, wv, a03);
+    a13 = _mm256_fmadd_ps(xv1, wv, a13);
+    a23 = _mm256_fmadd_ps(xv2, wv, a23);
+  }
+  _mm_storeu_ps(c, _mm_add_ps(_mm_loadu_ps(c), reduce4(a00, a01, a02, a03)));
+  _mm_storeu_ps(c + ldc, _mm_add_ps(_mm_loadu_ps(c + ldc), reduce4(a10, a11, a12, a13)));
+  _mm_storeu_ps(c + 2 * ldc, _mm_add_ps(_mm_loadu_ps(c + 2 * ldc), reduce4(a20, a21, a22, a23)));
+}
+
+#endif  // QC_X86
+
+// ---- drivers ---------------------------------------------------------------------------------------
+
+struct TaskScratch {
+  std::vector<float> scales, tile, acc, out;
+};
+
+TaskScratch& task_scratch() {
+  thread_local TaskScratch s;
+  return s;
+}
+
+void run_gemv(const Problem& p, const Geometry& g, bool avx2, const float* x, const Parallel& par) {
+  const int64_t rows_per_task = std::max<int64_t>(1, 65536 / g.Kx);
+  const int64_t tasks = (g.N + rows_per_task - 1) / rows_per_task;
+  par.for_each(static_cast<size_t>(tasks), [&](size_t task) {
+    TaskScratch& s = task_scratch();
+    s.scales.resize(g.scale_len);
+    const int64_t n0 = static_cast<int64_t>(task) * rows_per_task;
+    const int64_t n1 = std::min(g.N, n0 + rows_per_task);
+    s.out.resize(n1 - n0);
+#if QC_X86
+    Avx2Consts c;
+    if (avx2) c = avx2_consts(g.G);
+#endif
+    for (int64_t n = n0; n < n1; ++n) {
+      decode_scales(p, g, n, s.scales.data());
+      const uint8_t* row = p.w + n * g.row_bytes;
+#if QC_X86
+      if (avx2) {
+        s.out[n - n0] = gemv_row_avx2(row, s.scales.data(), x, g, c);
+        continue;
+      }
+#endif
+      s.out[n - n0] = gemv_row_generic(row, s.scales.data(), x, g);
+    }
+    store_row(p, 0, n0, n1 - n0, s.out.data());
+  });
+}
+
+void run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x, int64_t Mpad, const Parallel& par) {
+  const int64_t tasks = (g.N + kTileRows - 1) / kTileRows;
+  par.for_each(static_cast<size_t>(tasks), [&](size_t task) {
+    TaskScratch& s = task_scratch();
+    const int64_t n0 = static_cast<int64_t>(task) * kTileRows;
+    const int64_t nc = std::min(kTileRows, g.N - n0);
+    s.scales.resize(kTileRows * g.scale_len);
+    s.tile.resize(kTileRows * kKC);
+    s.acc.assign(Mpad * kTileRows, 0.0f);
+    for (int64_t r = 0; r < nc; ++r) decode_scales(p, g, n0 + r, s.scales.data() + r * g.scale_len);
+#if QC_X86
+    Avx2Consts c;
+    if (avx2) c = avx2_consts(g.G);
+#endif
+    for (int64_t k0 = 0; k0 < g.Kx; k0 += kKC) {
+      const int64_t len = std::min(kKC, g.Kx - k0);
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        float* dst = s.tile.data() + r * kKC;
+        if (r >= nc) {
+          std::fill(dst, dst + len, 0.0f);
+          continue;
+        }
+        const uint8_t* row = p.w + (n0 + r) * g.row_bytes;
+        const float* sc = s.scales.data() + r * g.scale_len;
+#if QC_X86
+        if (avx2) {
+          decode_row_avx2(row, sc, g, k0 / kBlock, (k0 + len) / kBlock, c, dst);
+          continue;
+        }
+#endif
+        decode_row_generic(row, sc, g, k0, len, dst);
+      }
+      for (int64_t m = 0; m < Mpad; m += kMR) {
+        for (int64_t r = 0; r < nc; r += kNR) {
+          const float* xs = x + m * g.Kx + k0;
+          const float* ws = s.tile.data() + r * kKC;
+          float* cs = s.acc.data() + m * kTileRows + r;
+#if QC_X86
+          if (avx2) {
+            micro_avx2(xs, g.Kx, ws, kKC, len, cs, kTileRows);
+            continue;
+          }
+#endif
+          micro_generic(xs, g.Kx, ws, kKC, len, cs, kTileRows);
+        }
+      }
+    }
+    for (int64_t m = 0; m < p.M; ++m) store_row(p, m, n0, nc, s.acc.data() + m * kTileRows);
+  });
+}
+
+}  // namespace
+
+Status matmul_cpu(const Problem& p, const Parallel& par) {
+  QCOMPILE_RETURN_IF_ERROR(validate_attrs(p.attrs));
+  if (p.M < 0) return Status::Error("FP4MatMul: negative M");
+  if (p.M == 0) return Status::OK();
+  if (!p.x || !p.w || !p.scales || !p.y) return Status::Error("FP4MatMul: null operand");
+  const Geometry g = geometry(p.attrs);
+  const bool avx2 = use_avx2();
+  const int64_t Mpad = p.M == 1 ? 1 : (p.M + kMR - 1) / kMR * kMR;
+
+  thread_local std::vector<float> xbuf;  // reused across calls on this thread
+  xbuf.resize(static_cast<size_t>(Mpad * g.Kx));
+  const int64_t rows_per_task = std::max<int64_t>(1, 16384 / g.Kx);
+  const int64_t prep_tasks = (Mpad + rows_per_task - 1) / rows_per_task;
+  float* xp = xbuf.data();
+  par.for_each(static_cast<size_t>(prep_tasks), [&](size_t t) {
+    thread_local std::vector<float> tmp;
+    const int64_t m0 = static_cast<int64_t>(t) * rows_per_task;
+    prepare_rows(p, g, avx2, m0, std::min(Mpad, m0 + rows_per_task), xp, tmp);
+  });
+
+  if (p.M == 1) {
+    run_gemv(p, g, avx2, xp, par);
+  } else {
+    run_tiled(p, g, avx2, xp, Mpad, par);
+  }
+  return Status::OK();
+}
+
+}  // namespace fp4
+}  // namespace qcompile
