@@ -1,0 +1,76 @@
+"""Running compiled models: find the ``qcompile_ops`` custom-op library and open ONNX Runtime sessions with
+it registered, so every caller (CLI, evaluation, benchmarks, tests) loads the same library the same way.
+
+Lookup order of :func:`ops_library_path`: ``$QCOMPILE_OPS_LIBRARY`` (explicit file), the copy installed in
+the package (``qcompile/_native/libqcompile_ops.so``, put there by ``pip install .`` or
+``tools/build_ops.sh``), then the source-tree build folder ``build/ops/``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import onnxruntime as ort
+
+from qcompile.errors import QCompileError
+
+LIBRARY_NAME = "libqcompile_ops.so"
+ENV_VAR = "QCOMPILE_OPS_LIBRARY"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_REPO_ROOT = _PACKAGE_DIR.parent
+
+
+class OpsLibraryNotFoundError(QCompileError):
+    """The native custom-op library is not built (or $QCOMPILE_OPS_LIBRARY points nowhere)."""
+
+
+def _candidates() -> list[Path]:
+    return [_PACKAGE_DIR / "_native" / LIBRARY_NAME, _REPO_ROOT / "build" / "ops" / LIBRARY_NAME]
+
+
+def ops_library_path() -> Path:
+    """Absolute path of ``libqcompile_ops.so``; raises :class:`OpsLibraryNotFoundError` saying how to build it."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise OpsLibraryNotFoundError(f"${ENV_VAR}={env} is not a file")
+        return path.resolve()
+    for path in _candidates():
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p) for p in _candidates())
+    raise OpsLibraryNotFoundError(
+        f"the qcompile_ops custom-op library is not built (looked for {looked}). Build it with "
+        f"`tools/build_ops.sh` (source tree) or `pip install .`, or set ${ENV_VAR} to the .so file")
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime has it, always CPU as the fallback."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def session_options(options: ort.SessionOptions | None = None, *, intra_op_threads: int | None = None,
+                    optimization: ort.GraphOptimizationLevel | None = None) -> ort.SessionOptions:
+    """Session options with the custom-op library registered (``options`` is updated in place if given)."""
+    so = options if options is not None else ort.SessionOptions()
+    so.register_custom_ops_library(str(ops_library_path()))
+    if intra_op_threads is not None:
+        so.intra_op_num_threads = intra_op_threads
+    if optimization is not None:
+        so.graph_optimization_level = optimization
+    return so
+
+
+def make_session(model: Any, providers: Sequence[Any] | None = None, *, options: ort.SessionOptions | None = None,
+                 intra_op_threads: int | None = None, **kw: Any) -> ort.InferenceSession:
+    """An ``InferenceSession`` for ``model`` (path, serialized bytes or ``onnx.ModelProto``) that can run
+    ``qcompile.*`` ops. Extra keyword arguments go to ``InferenceSession`` (e.g. ``provider_options``)."""
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    elif isinstance(model, Path):
+        model = str(model)
+    so = session_options(options, intra_op_threads=intra_op_threads)
+    return ort.InferenceSession(model, sess_options=so, providers=list(providers or default_providers()), **kw)
