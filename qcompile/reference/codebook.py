@@ -1,0 +1,96 @@
+"""Numpy reference for ``qcompile.CodebookMatMul`` (see docs/ops.md): validation, dequantization, the op.
+
+Ground truth for the native kernels and the portable lowering, so it favours obviously-correct code:
+
+* codes ``[N, K/d, M]`` (uint8 when ``codebook_size <= 256``, else uint16), codebooks ``[M, codebook_size, d]``
+  (float16), scales ``[N]`` (float16 or float32);
+* ``W[n, g*d + j] = scales[n] * Σ_m codebooks[m, codes[n, g, m], j]`` (computed in float32);
+* ``Y = X @ Wᵀ (+ bias)`` over the last dimension of X, accumulated in float32, returned in X's dtype.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+ACTIVATION_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+SCALE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+MAX_CODEBOOK_SIZE = 65536
+
+
+def code_dtype(codebook_size: int) -> np.dtype:
+    """The dtype the op requires for codes: uint8 up to 256 codewords, uint16 up to 65536."""
+    if not 1 <= codebook_size <= MAX_CODEBOOK_SIZE:
+        raise ValueError(f"codebook_size must be in 1..{MAX_CODEBOOK_SIZE}, got {codebook_size}")
+    return np.dtype(np.uint8) if codebook_size <= 256 else np.dtype(np.uint16)
+
+
+def validate_attributes(k: int, n: int, num_codebooks: int, codebook_size: int, in_group_size: int) -> None:
+    if k <= 0 or n <= 0:
+        raise ValueError(f"K and N must be positive, got K={k}, N={n}")
+    if num_codebooks < 1:
+        raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
+    code_dtype(codebook_size)
+    if in_group_size < 1:
+        raise ValueError(f"in_group_size must be >= 1, got {in_group_size}")
+    if k % in_group_size:
+        raise ValueError(f"K={k} must be a multiple of in_group_size={in_group_size}")
+
+
+def validate(x_shape: tuple[int, ...] | None, codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray,
+             bias: np.ndarray | None, *, K: int, N: int, num_codebooks: int, codebook_size: int,
+             in_group_size: int, x_dtype: Any = np.float32) -> None:
+    """Everything the kernels check, with the same wording; raises ValueError naming the problem."""
+    validate_attributes(K, N, num_codebooks, codebook_size, in_group_size)
+    g = K // in_group_size
+    if x_shape is not None:
+        if len(x_shape) < 1 or x_shape[-1] != K:
+            raise ValueError(f"X last dimension must be K={K}, got shape {tuple(x_shape)}")
+        if np.dtype(x_dtype) not in ACTIVATION_DTYPES:
+            raise ValueError(f"X dtype must be float32 or float16, got {np.dtype(x_dtype)}")
+    want = code_dtype(codebook_size)
+    if codes.dtype != want:
+        raise ValueError(f"codes must be {want} for codebook_size={codebook_size}, got {codes.dtype}")
+    if codes.shape != (N, g, num_codebooks):
+        raise ValueError(f"codes shape must be [N, K/in_group_size, num_codebooks]={[N, g, num_codebooks]}, "
+                         f"got {list(codes.shape)}")
+    if codebooks.dtype != np.float16:
+        raise ValueError(f"codebooks must be float16, got {codebooks.dtype}")
+    if codebooks.shape != (num_codebooks, codebook_size, in_group_size):
+        raise ValueError(f"codebooks shape must be [num_codebooks, codebook_size, in_group_size]="
+                         f"{[num_codebooks, codebook_size, in_group_size]}, got {list(codebooks.shape)}")
+    if scales.dtype not in SCALE_DTYPES:
+        raise ValueError(f"scales must be float16 or float32, got {scales.dtype}")
+    if scales.shape != (N,):
+        raise ValueError(f"scales shape must be [N]=[{N}], got {list(scales.shape)}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias shape must be [N]=[{N}], got {list(bias.shape)}")
+    if codes.size and int(codes.max()) >= codebook_size:
+        bad = np.argwhere(codes >= codebook_size)[0]
+        raise ValueError(f"code {int(codes[tuple(bad)])} at {tuple(int(i) for i in bad)} is out of range "
+                         f"for codebook_size={codebook_size}")
+
+
+def dequantize(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """``[N, G, M]`` codes -> ``[N, G*d]`` float32 weight (torch layout: rows are outputs)."""
+    n, g, m = codes.shape
+    d = codebooks.shape[-1]
+    cb = codebooks.astype(np.float32)
+    w = np.zeros((n, g, d), dtype=np.float32)
+    for j in range(m):
+        w += cb[j][codes[:, :, j].astype(np.intp)]
+    return w.reshape(n, g * d) * scales.astype(np.float32)[:, None]
+
+
+def codebook_matmul(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray,
+                    bias: np.ndarray | None = None, *, K: int, N: int, num_codebooks: int, codebook_size: int,
+                    in_group_size: int) -> np.ndarray:
+    """The op: validates, then ``Y = X @ Wᵀ + bias`` in float32, returned in X's dtype."""
+    x = np.asarray(x)
+    validate(x.shape, codes, codebooks, scales, bias, K=K, N=N, num_codebooks=num_codebooks,
+             codebook_size=codebook_size, in_group_size=in_group_size, x_dtype=x.dtype)
+    w = dequantize(codes, codebooks, scales)
+    y = x.astype(np.float32).reshape(-1, K) @ w.T
+    if bias is not None:
+        y = y + bias.astype(np.float32)
+    return y.reshape(*x.shape[:-1], N).astype(x.dtype)
