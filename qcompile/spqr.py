@@ -54,7 +54,7 @@ class SpQRResult:
     codes: torch.Tensor  # [N, K] int, stored order
     scale_codes: torch.Tensor  # [N, G] int
     zero_codes: torch.Tensor  # [N, G] int
-    stat_params: np.ndarray  # [ceil(N/stat_group), G, 4] float16: scale_step, scale_min, zero_step, zero_min
+    stat_params: np.ndarray  # [ceil(N/stat_group), 4, G] float16: scale_step, scale_min, zero_step, zero_min
     outlier_rows: np.ndarray  # [nnz] int64, sorted by (row, col)
     outlier_cols: np.ndarray  # [nnz] int64, ORIGINAL input-feature index
     outlier_values: np.ndarray  # [nnz] float16, added to the dense value
@@ -174,7 +174,7 @@ def spqr_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, cfg: SpQRC
     scale_codes = torch.zeros((n, ngroups), dtype=torch.int32, device=dev)
     zero_codes = torch.zeros_like(scale_codes)
     nb = math.ceil(n / cfg.stat_group)
-    stat_params = torch.zeros((nb, ngroups, 4), device=dev)
+    stat_params = torch.zeros((nb, 4, ngroups), device=dev)
     is_outlier = torch.zeros((n, k), dtype=torch.bool, device=dev)
     out_vals = torch.zeros((n, k), device=dev)
     grp: BiLevelGroup | None = None
@@ -195,7 +195,7 @@ def spqr_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, cfg: SpQRC
                 grp = BiLevelGroup(gw, keep, cfg)
                 scale_codes[:, g] = grp.scale_codes
                 zero_codes[:, g] = grp.zero_codes
-                stat_params[:, g, :] = grp.params
+                stat_params[:, :, g] = grp.params
             assert grp is not None
             x = w1[:, i]
             q, c = grp.quantize(x)

@@ -113,7 +113,7 @@ def _portable(qw: SpQRQuantizedWeight, x: str, y: str, prefix: str, dtype: int) 
 
     def const(name: str, arr: np.ndarray) -> str:
         full = f"{prefix}.p.{name}"
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), full))
+        inits.append(numpy_helper.from_array(np.array(arr, order="C"), full))  # keeps 0-d shapes
         return full
 
     def node(op: str, inputs: list[str], out: str, **kw) -> str:
@@ -135,10 +135,10 @@ def _portable(qw: SpQRQuantizedWeight, x: str, y: str, prefix: str, dtype: int) 
     sp_rows = node("Gather", [const("stat_params", t["stat_params"]),
                               const("row_block", (np.arange(n) // a["stat_group"]).astype(np.int64))], "sp_rows",
                    axis=0)
-    sp = node("Cast", [sp_rows], "sp", to=F)  # [N, G, 4]
+    sp = node("Cast", [sp_rows], "sp", to=F)  # [N, 4, G]
 
     def field(i: int) -> str:
-        return node("Gather", [sp, const(f"f{i}", np.array(i, dtype=np.int64))], f"sp{i}", axis=2)  # [N, G]
+        return node("Gather", [sp, const(f"f{i}", np.array(i, dtype=np.int64))], f"sp{i}", axis=1)  # [N, G]
 
     gshape = const("stat_shape", np.array([n, g, 1], dtype=np.int64))
     scf = node("Cast", [const("scale_codes", sc)], "scf", to=F)

@@ -8,7 +8,7 @@ Meaning (``p`` is a *stored* position along K; with a permutation, stored positi
 feature ``perm[p]``; without one, ``perm[p] = p``)::
 
     g = p // group_size,  rb = n // stat_group
-    ss, sm, zs, zm = stat_params[rb, g, :]          (float16 -> float32)
+    ss, sm, zs, zm = stat_params[rb, :, g]          (float16 -> float32)
     scale = sc[n, g] * ss + sm,  zero = zc[n, g] * zs + zm        (float32, sc/zc the stat codes)
     W[perm[p], n] = scale * (code[n, p] - zero)                  (dense part, ONNX [K, N] layout)
     W[col_indices[o], n] += values[o]   for o in row_offsets[n] .. row_offsets[n+1]-1
@@ -18,19 +18,19 @@ Outlier values ADD to the dense value at their position (the kernel then never h
 code under an outlier), and their column index names the ORIGINAL input feature (so outliers do not
 depend on the permutation).
 
-Layouts (all little-endian bit order, "bit 0" = least significant):
+Layouts ("bitstream" = a row's values laid end to end, value ``i`` of width ``b`` at bits ``[i*b, (i+1)*b)``
+counted from bit 0 of int32 word 0, i.e. LSB-first little-endian; word ``j`` holds bits ``[32j, 32j+32)``):
 
-* ``codes`` int32 ``[N, ceil(K/32) * bits]``: each row is cut into chunks of 32 stored positions; chunk
-  ``c`` owns words ``[c*bits, (c+1)*bits)``. For ``bits=4`` position ``32c+i`` sits in word
-  ``c*4 + i//8`` at bits ``4*(i%8)``. For ``bits=3`` the chunk is bit-planed so it decodes with fixed
-  shifts: word ``c*3`` holds the low 2 bits of positions ``i=0..15`` at bits ``2i``, word ``c*3+1``
-  the low 2 bits of ``i=16..31`` at bits ``2(i-16)``, word ``c*3+2`` the high bit of position ``i``
-  at bit ``i``. Positions ``>= K`` hold code 0.
-* ``stat_codes`` int32 ``[N, ceil(G/P)]``, ``G = ceil(K/group_size)``, ``P = 32 // (2*stat_bits)``:
-  group ``g`` of row ``n`` sits in word ``g // P`` at bit offset ``o = 2*stat_bits*(g % P)``: the
-  scale code in bits ``[o, o+stat_bits)``, the zero code in ``[o+stat_bits, o+2*stat_bits)``.
-* ``stat_params`` float16 ``[ceil(N/stat_group), G, 4]``: ``(scale_step, scale_min, zero_step,
-  zero_min)`` for row block ``rb`` and group ``g``.
+* ``codes`` int32 ``[N, ceil(K/32) * bits]``: row ``n``'s codes in stored order as a ``bits``-wide
+  bitstream; positions ``K .. 32*ceil(K/32)-1`` hold code 0. (Any 8 consecutive codes starting at a
+  multiple of 8 sit in one unaligned 32-bit load at byte ``bits*j``: the CPU decodes them with one
+  broadcast, one variable shift and one mask.)
+* ``stat_codes`` int32 ``[N, 2*SW]``, ``SW = ceil(G*stat_bits/32)``, ``G = ceil(K/group_size)``: words
+  ``[0, SW)`` are the scale codes of groups ``0..G-1`` as a ``stat_bits``-wide bitstream, words
+  ``[SW, 2SW)`` the zero codes likewise.
+* ``stat_params`` float16 ``[ceil(N/stat_group), 4, G]``: for row block ``rb`` the rows ``scale_step``,
+  ``scale_min``, ``zero_step``, ``zero_min`` over the groups (structure of arrays, so 8 groups convert
+  with one vector instruction).
 * ``row_offsets`` int32 ``[N+1]``, ``col_indices`` int16 or int32 ``[nnz]``, ``values`` float16
   ``[nnz]``: CSR over output rows.
 * ``perm`` int32 ``[K]`` (optional), ``bias`` ``[N]`` in the activation type (optional).
@@ -58,16 +58,13 @@ def num_groups(k: int, group_size: int) -> int:
     return math.ceil(k / group_size)
 
 
-def stats_per_word(stat_bits: int) -> int:
-    return 32 // (2 * stat_bits)
-
-
 def code_words(k: int, bits: int) -> int:
     return math.ceil(k / CHUNK) * bits
 
 
 def stat_words(k: int, group_size: int, stat_bits: int) -> int:
-    return math.ceil(num_groups(k, group_size) / stats_per_word(stat_bits))
+    """SW: int32 words of ONE stat-code bitstream (scale or zero) per row; stat_codes has 2*SW per row."""
+    return math.ceil(num_groups(k, group_size) * stat_bits / 32)
 
 
 def row_blocks(n: int, stat_group: int) -> int:
@@ -77,82 +74,57 @@ def row_blocks(n: int, stat_group: int) -> int:
 # ---- packing ------------------------------------------------------------------------------------
 
 
-def _as_i32(u: np.ndarray) -> np.ndarray:
-    return u.astype(np.uint32).view(np.int32)
+def pack_bitstream(values: np.ndarray, width: int, words: int) -> np.ndarray:
+    """``values [N, L]`` (each < 2^width) -> int32 ``[N, words]``: value i at bits [i*width, (i+1)*width)."""
+    v = np.asarray(values).astype(np.uint64)
+    n, length = v.shape
+    if length * width > 32 * words:
+        raise ValueError(f"{length} values of {width} bits do not fit in {words} words")
+    if v.size and v.max() >= 1 << width:
+        raise ValueError(f"values out of range for {width} bits")
+    bits = ((v[:, :, None] >> np.arange(width, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    flat = np.zeros((n, 32 * words), dtype=np.uint8)
+    flat[:, :length * width] = bits.reshape(n, length * width)
+    packed = np.packbits(flat, axis=1, bitorder="little")  # [N, 4*words] bytes, LSB first
+    return np.ascontiguousarray(packed).view("<u4").astype(np.uint32).view(np.int32).reshape(n, words)
+
+
+def unpack_bitstream(words: np.ndarray, width: int, length: int) -> np.ndarray:
+    """Inverse of :func:`pack_bitstream`: int32 ``[N, W]`` -> uint32 ``[N, length]``."""
+    w = np.ascontiguousarray(np.asarray(words).astype(np.int32)).astype("<i4")
+    n = w.shape[0]
+    bits = np.unpackbits(w.view(np.uint8).reshape(n, -1), axis=1, bitorder="little")[:, :length * width]
+    bits = bits.reshape(n, length, width).astype(np.uint32)
+    return (bits << np.arange(width, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)
 
 
 def pack_codes(codes_np: np.ndarray, bits: int) -> np.ndarray:
     """codes ``[N, K]`` (0..2^bits-1, stored order) -> int32 ``[N, ceil(K/32)*bits]``."""
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
-    c = np.asarray(codes_np).astype(np.int64)
-    if c.size and (c.min() < 0 or c.max() >= 1 << bits):
-        raise ValueError(f"codes out of range for {bits} bits")
-    n, k = c.shape
-    nch = math.ceil(k / CHUNK)
-    pad = np.zeros((n, nch * CHUNK), dtype=np.uint64)
-    pad[:, :k] = c
-    ch = pad.reshape(n, nch, CHUNK)
-    out = np.zeros((n, nch, bits), dtype=np.uint64)
-    if bits == 4:
-        for i in range(CHUNK):
-            out[:, :, i // 8] |= ch[:, :, i] << np.uint64(4 * (i % 8))
-    else:
-        for i in range(CHUNK):
-            low, high = ch[:, :, i] & np.uint64(3), ch[:, :, i] >> np.uint64(2)
-            out[:, :, i // 16] |= low << np.uint64(2 * (i % 16))
-            out[:, :, 2] |= high << np.uint64(i)
-    return _as_i32(out.reshape(n, nch * bits))
+    c = np.asarray(codes_np)
+    return pack_bitstream(c, bits, code_words(c.shape[1], bits))
 
 
 def unpack_codes(words: np.ndarray, bits: int, k: int) -> np.ndarray:
     """Inverse of :func:`pack_codes`: int32 ``[N, ceil(K/32)*bits]`` -> uint8 codes ``[N, K]``."""
-    w = np.asarray(words).view(np.uint32).astype(np.uint64)
-    n = w.shape[0]
-    nch = w.shape[1] // bits
-    ch = w.reshape(n, nch, bits)
-    out = np.zeros((n, nch, CHUNK), dtype=np.uint64)
-    for i in range(CHUNK):
-        if bits == 4:
-            out[:, :, i] = (ch[:, :, i // 8] >> np.uint64(4 * (i % 8))) & np.uint64(15)
-        else:
-            low = (ch[:, :, i // 16] >> np.uint64(2 * (i % 16))) & np.uint64(3)
-            high = (ch[:, :, 2] >> np.uint64(i)) & np.uint64(1)
-            out[:, :, i] = low | (high << np.uint64(2))
-    return out.reshape(n, nch * CHUNK)[:, :k].astype(np.uint8)
+    return unpack_bitstream(words, bits, k).astype(np.uint8)
 
 
 def pack_stat_codes(scale_codes: np.ndarray, zero_codes: np.ndarray, stat_bits: int) -> np.ndarray:
-    """scale/zero codes ``[N, G]`` -> int32 ``[N, ceil(G/P)]`` (see module docstring)."""
-    sc = np.asarray(scale_codes).astype(np.int64)
-    zc = np.asarray(zero_codes).astype(np.int64)
-    top = 1 << stat_bits
-    for name, a in (("scale", sc), ("zero", zc)):
-        if a.size and (a.min() < 0 or a.max() >= top):
-            raise ValueError(f"{name} codes out of range for {stat_bits} bits")
-    n, g = sc.shape
-    per = stats_per_word(stat_bits)
-    nw = math.ceil(g / per)
-    out = np.zeros((n, nw), dtype=np.uint64)
-    for j in range(g):
-        off = 2 * stat_bits * (j % per)
-        out[:, j // per] |= (sc[:, j].astype(np.uint64) << np.uint64(off)) | (
-            zc[:, j].astype(np.uint64) << np.uint64(off + stat_bits))
-    return _as_i32(out)
+    """scale/zero codes ``[N, G]`` -> int32 ``[N, 2*SW]``: the scale bitstream, then the zero bitstream."""
+    g = np.shape(scale_codes)[1]
+    sw = math.ceil(g * stat_bits / 32)
+    return np.concatenate([pack_bitstream(scale_codes, stat_bits, sw), pack_bitstream(zero_codes, stat_bits, sw)],
+                          axis=1)
 
 
 def unpack_stat_codes(words: np.ndarray, stat_bits: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of :func:`pack_stat_codes`: returns ``(scale_codes, zero_codes)`` uint8 ``[N, G]``."""
-    w = np.asarray(words).view(np.uint32).astype(np.uint64)
-    per = stats_per_word(stat_bits)
-    mask = np.uint64((1 << stat_bits) - 1)
-    sc = np.zeros((w.shape[0], groups), dtype=np.uint8)
-    zc = np.zeros_like(sc)
-    for j in range(groups):
-        off = 2 * stat_bits * (j % per)
-        sc[:, j] = (w[:, j // per] >> np.uint64(off)) & mask
-        zc[:, j] = (w[:, j // per] >> np.uint64(off + stat_bits)) & mask
-    return sc, zc
+    sw = math.ceil(groups * stat_bits / 32)
+    w = np.asarray(words)
+    return (unpack_bitstream(w[:, :sw], stat_bits, groups).astype(np.uint8),
+            unpack_bitstream(w[:, sw:], stat_bits, groups).astype(np.uint8))
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -228,8 +200,8 @@ def validate_inputs(x: Any, codes: Any, stat_codes: Any, stat_params: Any, row_o
     g = num_groups(K, group_size)
     want = {
         "codes": ((N, code_words(K, bits)), np.int32, codes),
-        "stat_codes": ((N, stat_words(K, group_size, stat_bits)), np.int32, stat_codes),
-        "stat_params": ((row_blocks(N, stat_group), g, 4), np.float16, stat_params),
+        "stat_codes": ((N, 2 * stat_words(K, group_size, stat_bits)), np.int32, stat_codes),
+        "stat_params": ((row_blocks(N, stat_group), 4, g), np.float16, stat_params),
     }
     for name, (shape, dtype, arr) in want.items():
         if _shape(arr) != shape:
@@ -252,9 +224,9 @@ def dequantize_dense_stored(codes: np.ndarray, stat_codes: np.ndarray, stat_para
     g = num_groups(K, group_size)
     q = unpack_codes(codes, bits, K).astype(np.float32)
     sc, zc = unpack_stat_codes(stat_codes, stat_bits, g)
-    sp = np.asarray(stat_params).astype(np.float32)[np.arange(N) // stat_group]  # [N, G, 4]
-    scale = sc.astype(np.float32) * sp[:, :, 0] + sp[:, :, 1]
-    zero = zc.astype(np.float32) * sp[:, :, 2] + sp[:, :, 3]
+    sp = np.asarray(stat_params).astype(np.float32)[np.arange(N) // stat_group]  # [N, 4, G]
+    scale = sc.astype(np.float32) * sp[:, 0] + sp[:, 1]
+    zero = zc.astype(np.float32) * sp[:, 2] + sp[:, 3]
     gi = np.arange(K) // group_size
     return (scale[:, gi] * (q - zero[:, gi])).astype(np.float32)
 
@@ -303,11 +275,11 @@ def random_packed(k: int, n: int, *, bits: int = 3, group_size: int = 16, stat_b
     sc = rng.integers(0, 1 << stat_bits, size=(n, g))
     zc = rng.integers(0, 1 << stat_bits, size=(n, g))
     nb = row_blocks(n, stat_group)
-    sp = np.empty((nb, g, 4), dtype=np.float16)
-    sp[..., 0] = rng.uniform(1e-3, 3e-3, size=(nb, g))
-    sp[..., 1] = rng.uniform(2e-3, 1e-2, size=(nb, g))
-    sp[..., 2] = rng.uniform(0.1, 0.6, size=(nb, g))
-    sp[..., 3] = rng.uniform(0.0, 2.0, size=(nb, g))
+    sp = np.empty((nb, 4, g), dtype=np.float16)
+    sp[:, 0] = rng.uniform(1e-3, 3e-3, size=(nb, g))
+    sp[:, 1] = rng.uniform(2e-3, 1e-2, size=(nb, g))
+    sp[:, 2] = rng.uniform(0.1, 0.6, size=(nb, g))
+    sp[:, 3] = rng.uniform(0.0, 2.0, size=(nb, g))
     counts = rng.binomial(k, outlier_rate, size=n)
     cols = [np.sort(rng.choice(k, size=c, replace=False)) for c in counts]
     ro = np.zeros(n + 1, dtype=np.int32)

@@ -1,0 +1,170 @@
+// qcompile.SpQRMatMul kernels (docs/ops.md "SpQRMatMul", numpy reference qcompile/reference/spqr.py):
+// plain functions over raw pointers, no ONNX Runtime types, so ORT adapters and TensorRT plugins share them.
+//
+//   stored position p of row n has code c (bits 3|4), group g = p / group_size, row block rb = n / stat_group
+//   (ss, sm, zs, zm) = stat_params[rb, 0..3, g] (fp16)
+//   scale = sc * ss + sm, zero = zc * zs + zm        (sc, zc: the stat codes of (n, g))
+//   W[perm[p], n] = scale * (c - zero);  W[col_indices[o], n] += values[o] for o in row n's CSR range
+//   Y = X @ W (+ bias)
+// The layout helpers below are __host__ __device__, so the CPU tests exercise the decoding the GPU uses.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "qcompile/dtype.h"
+#include "qcompile/parallel.h"
+#include "qcompile/status.h"
+
+#if defined(__CUDACC__)
+#define QC_SPQR_HD __host__ __device__ __forceinline__
+#else
+#define QC_SPQR_HD inline
+#endif
+
+namespace qcompile {
+namespace spqr {
+
+constexpr int kChunk = 32;  // stored positions per packing chunk
+
+struct Attrs {
+  int64_t K = 0, N = 0;
+  int bits = 3, group_size = 16, stat_bits = 3, stat_group = 16;
+
+  QC_SPQR_HD int64_t groups() const { return (K + group_size - 1) / group_size; }
+  QC_SPQR_HD int64_t chunks() const { return (K + kChunk - 1) / kChunk; }
+  QC_SPQR_HD int64_t code_words() const { return chunks() * bits; }  // int32 words per packed row
+  // int32 words of ONE stat-code bitstream per row (stat_codes holds the scale stream, then the zero stream)
+  QC_SPQR_HD int64_t stat_words() const { return (groups() * stat_bits + 31) / 32; }
+  QC_SPQR_HD int64_t row_blocks() const { return (N + stat_group - 1) / stat_group; }
+};
+
+// Pointers to one weight's packed tensors, all in the memory of the kernel's device.
+struct Weights {
+  const uint32_t* codes = nullptr;        // [N, code_words]
+  const uint32_t* stat_codes = nullptr;   // [N, 2 * stat_words]
+  const uint16_t* stat_params = nullptr;  // fp16 bits [row_blocks, 4, G]
+  const int32_t* row_offsets = nullptr;   // [N + 1]
+  const void* col_indices = nullptr;      // int16 or int32 [nnz]
+  bool col_int16 = true;
+  const uint16_t* values = nullptr;       // fp16 bits [nnz]
+  int64_t nnz = 0;
+  const int32_t* perm = nullptr;          // [K] or nullptr
+};
+
+struct Problem {
+  Attrs attrs;
+  int64_t M = 0;  // rows of X (leading dims flattened)
+  DType dtype = DType::kFloat32;
+  const void* x = nullptr;     // [M, K] of dtype
+  Weights w;
+  const void* bias = nullptr;  // [N] of dtype, or null
+  void* y = nullptr;           // [M, N] of dtype
+};
+
+// ---- validation (kernels/common/spqr_validate.cpp) ----
+// K, N > 0; bits 3|4; group_size a positive multiple of 16; stat_bits 1..8; stat_group > 0.
+Status validate_attrs(const Attrs& a);
+// Shapes and element types of one call. `perm`/`bias` null = input absent. col_int16 says whether
+// col_indices is int16 (else int32). On success *M = product of X's leading dims.
+Status validate_shapes(const Attrs& a, const std::vector<int64_t>& x, const std::vector<int64_t>& codes,
+                       const std::vector<int64_t>& stat_codes, const std::vector<int64_t>& stat_params,
+                       const std::vector<int64_t>& row_offsets, const std::vector<int64_t>& col_indices,
+                       const std::vector<int64_t>& values, const std::vector<int64_t>* perm,
+                       const std::vector<int64_t>* bias, int64_t* M);
+// CSR rules (row_offsets[0] == 0, non-decreasing, row_offsets[N] == nnz, 0 <= col < K) and perm being a
+// permutation of 0..K-1. Reads host memory: every index once.
+Status validate_indices(const Attrs& a, const Weights& w);
+
+// ---- fp16 <-> fp32 (IEEE binary16, round to nearest even; host and device) ----
+QC_SPQR_HD float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0x1Fu) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    exp = 113;
+    while (!(man & 0x400u)) {
+      man <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((man & 0x3FFu) << 13);
+  }
+  union {
+    uint32_t u;
+    float f;
+  } v{bits};
+  return v.f;
+}
+
+QC_SPQR_HD uint16_t float_to_half(float f) {
+  union {
+    float f;
+    uint32_t u;
+  } v{f};
+  const uint32_t x = v.u;
+  const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7FFFFFFFu;
+  if (ax >= 0x7F800000u) return sign | 0x7C00u | (ax > 0x7F800000u ? 0x200u : 0u);  // inf / nan
+  if (ax >= 0x477FF000u) return sign | 0x7C00u;  // rounds to >= 65520: overflow
+  if (ax < 0x38800000u) {  // subnormal or zero: value * 2^24 rounded to nearest even
+    if (ax < 0x33000000u) return sign;
+    const uint32_t e = ax >> 23;
+    const uint32_t m = (ax & 0x7FFFFFu) | 0x800000u;
+    const uint32_t shift = 126 - e;  // 14..24
+    uint32_t r = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1);
+    const uint32_t half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return sign | (uint16_t)r;
+  }
+  uint32_t r = (ax >> 13) - (112u << 10);
+  const uint32_t rem = ax & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;
+  return sign | (uint16_t)r;
+}
+
+// ---- layout decoding ----
+// Value i of a `width`-bit LSB-first bitstream that starts at `words` (width <= 8).
+QC_SPQR_HD uint32_t bits_at(const uint32_t* words, int64_t i, int width) {
+  const int64_t bit = i * width;
+  const int64_t wi = bit >> 5;
+  const int off = (int)(bit & 31);
+  uint32_t v = words[wi] >> off;
+  if (off + width > 32) v |= words[wi + 1] << (32 - off);  // a stream always covers its last value
+  return v & ((1u << width) - 1u);
+}
+
+// Code of stored position p in a row whose packed words start at `row`.
+QC_SPQR_HD uint32_t code_at(const uint32_t* row, int64_t p, int bits) { return bits_at(row, p, bits); }
+
+// Scale and zero codes of group g in a row whose stat words start at `row`.
+QC_SPQR_HD void stat_codes_at(const Attrs& a, const uint32_t* row, int64_t g, uint32_t* sc, uint32_t* zc) {
+  *sc = bits_at(row, g, a.stat_bits);
+  *zc = bits_at(row + a.stat_words(), g, a.stat_bits);
+}
+
+QC_SPQR_HD int64_t col_at(const Weights& w, int64_t o) {
+  return w.col_int16 ? (int64_t)((const int16_t*)w.col_indices)[o] : (int64_t)((const int32_t*)w.col_indices)[o];
+}
+
+// ---- kernels ----
+// CPU kernel (kernels/cpu/spqr_matmul.cpp). Requires validated attrs, shapes and indices.
+Status matmul_cpu(const Problem& p, const Parallel& parallel);
+
+// CUDA kernel (kernels/cuda/spqr_matmul.cu), enqueued on `stream` (a cudaStream_t). Every index it reads
+// is clamped or skipped when out of range, so even unvalidated tensors cannot make it read out of bounds.
+Status matmul_cuda(const Problem& p, void* stream);
+// Copies row_offsets / col_indices / perm from the device and runs validate_indices on them (synchronises
+// `stream`; the adapter calls it once per constant weight).
+Status validate_indices_cuda(const Attrs& a, const Weights& device_w, void* stream);
+
+}  // namespace spqr
+}  // namespace qcompile
