@@ -1,0 +1,428 @@
+"""Per-layer latency of qcompile's native ops side by side with onnxruntime's own: fp32 MatMul (fp16 on
+CUDA) and MatMulNBits 4-bit at accuracy_level 0 and 4, at the default model's shapes and two 7B-class
+shapes, for M = 1 (decode) and M = 128 (prefill), all in one run.
+
+Every candidate is a one-node ONNX model with ``x: [M, K]`` as the only graph input and its weights as
+initializers (so onnxruntime may pre-pack them, as it would in a real model). CPU latency is the node's
+kernel time from onnxruntime's profiler (no Python or session overhead), median over ``repeats`` runs;
+with ``cold_cache`` (default) a 64 MB buffer is rewritten before every run so weights stream from DRAM,
+as they do in a model far larger than the caches. CUDA latency is wall time around an I/O-bound run
+(device-resident input and output), and the table adds the weight bandwidth achieved as a fraction of
+the device's peak.
+
+Hook for other ops (SpQR, Codebook, ...): a module registers a builder, and ``qcompile bench`` picks it
+up once that module is imported (add its import to ``_load_plugins`` — one line — or import it before
+calling :func:`run_op_bench`)::
+
+    from qcompile.bench import BenchOp, register_op_bench
+
+    def build_spqr(K: int, N: int, dtype: np.dtype, rng: np.random.Generator) -> onnx.ModelProto:
+        ...  # one node reading graph input "x" [M, K] (dtype), writing output "y" [M, N]; weights as initializers
+
+    register_op_bench(BenchOp("SpQRMatMul", build_spqr, weight_bytes=lambda K, N: ...))
+
+Ratios in the table are ``baseline / op`` for the first registered op (higher = op faster).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+DEFAULT_SHAPES: tuple[tuple[int, int], ...] = (
+    (576, 576), (576, 192), (576, 1536), (1536, 576),  # SmolLM2-135M: q/o, k/v, gate/up, down
+    (4096, 4096), (4096, 11008),                        # 7B-class attention and MLP
+)
+DEFAULT_MS: tuple[int, ...] = (1, 128)
+
+Builder = Callable[[int, int, np.dtype, np.random.Generator], onnx.ModelProto]
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOp:
+    """One benchmark column. ``build(K, N, dtype, rng)`` returns a model ``y = f(x)`` with x ``[M, K]``."""
+
+    name: str
+    build: Builder
+    weight_bytes: Callable[[int, int], int]
+    needs_ops_library: bool = True
+    providers: tuple[str, ...] = ("cpu", "cuda")
+    baseline: bool = False
+
+
+_OPS: dict[str, BenchOp] = {}
+
+
+def register_op_bench(op: BenchOp) -> BenchOp:
+    """Add a benchmark column (ours or a baseline); names are unique."""
+    if op.name in _OPS:
+        raise ValueError(f"bench op {op.name} registered twice")
+    _OPS[op.name] = op
+    return op
+
+
+def registered_ops() -> dict[str, BenchOp]:
+    _load_plugins()
+    return dict(_OPS)
+
+
+def _load_plugins() -> None:
+    """Import modules that register their own op benches (one line each; missing ones are skipped)."""
+    import importlib
+
+    for mod in ("qcompile.bench_spqr", "qcompile.bench_codebook"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+# ---- model builders -------------------------------------------------------------------------------------
+
+
+def _np_to_onnx(dtype: np.dtype) -> int:
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _one_node(node: onnx.NodeProto, inits: list[onnx.TensorProto], K: int, N: int, dtype: np.dtype,
+              domains: dict[str, int]) -> onnx.ModelProto:
+    et = _np_to_onnx(dtype)
+    graph = helper.make_graph([node], "bench", [helper.make_tensor_value_info("x", et, ["M", K])],
+                              [helper.make_tensor_value_info("y", et, ["M", N])], initializer=inits)
+    opsets = [helper.make_opsetid("", 17)] + [helper.make_opsetid(d, v) for d, v in domains.items()]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def build_matmul(K: int, N: int, dtype: np.dtype, rng: np.random.Generator) -> onnx.ModelProto:
+    w = (rng.standard_normal((K, N), dtype=np.float32) * 0.02).astype(dtype)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    return _one_node(node, [numpy_helper.from_array(w, "w")], K, N, dtype, {})
+
+
+def _build_nbits(accuracy_level: int) -> Builder:
+    def build(K: int, N: int, dtype: np.dtype, rng: np.random.Generator) -> onnx.ModelProto:
+        from qcompile.formats.integer import pack_codes, pack_zero_points
+
+        block = 32
+        nblk = math.ceil(K / block)
+        codes = rng.integers(0, 16, (N, K), dtype=np.uint8)
+        zeros = rng.integers(6, 10, (N, nblk), dtype=np.uint8)
+        scales = rng.uniform(0.001, 0.01, N * nblk).astype(dtype)
+        inits = [numpy_helper.from_array(pack_codes(codes, 4, block), "b"),
+                 numpy_helper.from_array(scales, "scales"),
+                 numpy_helper.from_array(pack_zero_points(zeros, 4), "zp")]
+        node = helper.make_node("MatMulNBits", ["x", "b", "scales", "zp"], ["y"], domain="com.microsoft",
+                                K=K, N=N, bits=4, block_size=block, accuracy_level=accuracy_level)
+        return _one_node(node, inits, K, N, dtype, {"com.microsoft": 1})
+
+    return build
+
+
+def _build_fp4(group_size: int, scale_format: str, hadamard_block: int, tensor_scale: bool) -> Builder:
+    def build(K: int, N: int, dtype: np.dtype, rng: np.random.Generator) -> onnx.ModelProto:
+        from qcompile.reference.fp4 import encode_e4m3, padded_k
+
+        kp = padded_k(K, group_size)
+        w = rng.integers(0, 256, (N, kp // 2), dtype=np.uint8)
+        if scale_format == "e8m0":
+            s = rng.integers(118, 124, (N, kp // group_size), dtype=np.uint8)
+        else:
+            s = encode_e4m3(rng.uniform(0.5, 4.0, (N, kp // group_size)))
+        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(s, "s")]
+        inputs = ["x", "w", "s"]
+        if tensor_scale:
+            inits.append(numpy_helper.from_array(np.array([0.01], np.float32), "ts"))
+            inputs.append("ts")
+        hb = hadamard_block if K % hadamard_block == 0 else 0
+        node = helper.make_node("FP4MatMul", inputs, ["y"], domain="qcompile", K=K, N=N, group_size=group_size,
+                                scale_format=scale_format, hadamard_block=hb)
+        return _one_node(node, inits, K, N, dtype, {"qcompile": 1})
+
+    return build
+
+
+def _fp4_bytes(group_size: int) -> Callable[[int, int], int]:
+    return lambda K, N: N * (math.ceil(K / group_size) * group_size) * (4 + 8 / group_size) // 8
+
+
+register_op_bench(BenchOp("FP4MatMul", _build_fp4(32, "e8m0", 32, False), _fp4_bytes(32)))  # MXFP4 + H32
+register_op_bench(BenchOp("FP4MatMul-nv", _build_fp4(16, "e4m3", 16, True), _fp4_bytes(16)))  # NVFP4 + H16
+register_op_bench(BenchOp("MatMul", build_matmul, lambda K, N: K * N * 4, needs_ops_library=False, baseline=True))
+register_op_bench(BenchOp("NBits-a0", _build_nbits(0), lambda K, N: N * math.ceil(K / 32) * (16 + 4 + 1),
+                          needs_ops_library=False, baseline=True))
+register_op_bench(BenchOp("NBits-a4", _build_nbits(4), lambda K, N: N * math.ceil(K / 32) * (16 + 4 + 1),
+                          needs_ops_library=False, baseline=True, providers=("cpu",)))
+
+# ---- timing ------------------------------------------------------------------------------------------------
+
+
+class _CacheFlusher:
+    """Rewrites a buffer larger than the last-level cache so the next run finds no weights cached."""
+
+    def __init__(self, megabytes: int):
+        self.buf = np.zeros(megabytes * (1 << 20) // 8, dtype=np.float64) if megabytes > 0 else None
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf += 1.0
+
+
+def _kernel_times_us(profile_path: str, node_op: str) -> list[float]:
+    with open(profile_path) as f:
+        events = json.load(f)
+    out = []
+    for e in events:
+        args = e.get("args", {})
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and args.get("op_name") == node_op:
+            out.append(float(e["dur"]))
+    return out
+
+
+def _time_cpu(model: onnx.ModelProto, x: np.ndarray, repeats: int, threads: int | None, flush: _CacheFlusher,
+              warmup: int) -> float:
+    """Median kernel time (ms) of the model's single node, from onnxruntime's profiler."""
+    from qcompile.runtime import session_options
+
+    node_op = model.graph.node[0].op_type
+    with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as tmp:
+        so = ort.SessionOptions()
+        if any(n.domain == "qcompile" for n in model.graph.node):
+            session_options(so)
+        if threads:
+            so.intra_op_num_threads = threads
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "prof")
+        sess = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+        for _ in range(warmup):
+            sess.run(None, {"x": x})
+        for _ in range(repeats):
+            flush()
+            sess.run(None, {"x": x})
+        times = _kernel_times_us(sess.end_profiling(), node_op)[warmup:]
+    if not times:
+        raise RuntimeError(f"profiler recorded no {node_op} kernel events")
+    return statistics.median(times) / 1000.0
+
+
+def _time_cuda(model: onnx.ModelProto, x: np.ndarray, repeats: int, flush: Callable[[], None], warmup: int) -> float:
+    """Median wall time (ms) of an I/O-bound run with device-resident input and output."""
+    from qcompile.runtime import session_options
+
+    so = ort.SessionOptions()
+    if any(n.domain == "qcompile" for n in model.graph.node):
+        session_options(so)
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    sess = ort.InferenceSession(model.SerializeToString(), sess_options=so,
+                                providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+    binding.bind_output("y", "cuda", 0)
+    for _ in range(warmup):
+        sess.run_with_iobinding(binding)
+    binding.synchronize_outputs()
+    times = []
+    for _ in range(repeats):
+        flush()
+        t0 = time.perf_counter()
+        sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000.0
+
+
+def _cuda_flusher(megabytes: int) -> Callable[[], None]:
+    """Overwrites a device buffer bigger than L2 through a tiny CUDA session (nothing else needed)."""
+    if megabytes <= 0:
+        return lambda: None
+    n = megabytes * (1 << 20) // 4
+    graph = helper.make_graph([helper.make_node("Add", ["a", "a"], ["b"])], "flush",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n])],
+                              [helper.make_tensor_value_info("b", TensorProto.FLOAT, [n])])
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+                                providers=["CUDAExecutionProvider"])
+    binding = sess.io_binding()
+    a = ort.OrtValue.ortvalue_from_shape_and_type([n], np.float32, "cuda", 0)
+    b = ort.OrtValue.ortvalue_from_shape_and_type([n], np.float32, "cuda", 0)
+    binding.bind_ortvalue_input("a", a)
+    binding.bind_ortvalue_output("b", b)
+
+    def flush() -> None:
+        sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    return flush
+
+
+def cuda_peak_bandwidth() -> float | None:
+    """Peak DRAM bandwidth of GPU 0 in bytes/s from the driver (memory clock x bus width x 2), or None."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        if cuda.cuInit(0) != 0:
+            return None
+        dev = ctypes.c_int()
+        if cuda.cuDeviceGet(ctypes.byref(dev), 0) != 0:
+            return None
+        clock_khz, bus_bits = ctypes.c_int(), ctypes.c_int()
+        if cuda.cuDeviceGetAttribute(ctypes.byref(clock_khz), 36, dev) != 0:  # MEMORY_CLOCK_RATE
+            return None
+        if cuda.cuDeviceGetAttribute(ctypes.byref(bus_bits), 37, dev) != 0:  # GLOBAL_MEMORY_BUS_WIDTH
+            return None
+        return 2.0 * clock_khz.value * 1e3 * bus_bits.value / 8.0
+    except OSError:
+        return None
+
+
+# ---- driver ---------------------------------------------------------------------------------------------------
+
+
+def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, int]] | None = None,
+                 ms: Sequence[int] = DEFAULT_MS, repeats: int = 20, provider: str = "cpu", *,
+                 threads: int | None = None, cold_cache: bool = True, flush_mb: int = 64, warmup: int = 3,
+                 baselines: bool = True, seed: int = 0, verbose: bool = True) -> list[dict[str, Any]]:
+    """Latency table rows: one dict per (K, N, M) with ``{op}_ms`` for every op and baseline, ``{op}_GBps``
+    on CUDA, ``{baseline}/{op}`` ratios against the first selected op, and the run settings.
+
+    ``ops``: our ops to time (default: all registered non-baseline ops). ``provider``: "cpu" or "cuda".
+    """
+    if provider not in ("cpu", "cuda"):
+        raise ValueError(f"provider must be cpu or cuda, got {provider!r}")
+    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise RuntimeError("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU machine)")
+    table = registered_ops()
+    if ops is None:
+        chosen = [o for o in table.values() if not o.baseline]
+    else:
+        lower = {k.lower(): v for k, v in table.items()}
+        unknown = [o for o in ops if o.lower() not in lower]
+        if unknown:
+            raise ValueError(f"unknown bench op(s) {unknown}; registered: {', '.join(table)}")
+        chosen = [lower[o.lower()] for o in ops]
+    if baselines:
+        chosen += [o for o in table.values() if o.baseline and o not in chosen]
+    chosen = [o for o in chosen if provider in o.providers]
+    dtype = np.dtype(np.float16 if provider == "cuda" else np.float32)
+    shapes = list(shapes or DEFAULT_SHAPES)
+    peak = cuda_peak_bandwidth() if provider == "cuda" else None
+    flush: Callable[[], None]
+    if provider == "cpu":
+        flush = _CacheFlusher(flush_mb if cold_cache else 0)
+    else:
+        flush = _cuda_flusher(4 * flush_mb if cold_cache else 0)
+    ours = [o for o in chosen if not o.baseline]
+    rows: list[dict[str, Any]] = []
+    rng = np.random.default_rng(seed)
+    for K, N in shapes:
+        models = {o.name: o.build(K, N, dtype, rng) for o in chosen}
+        for M in ms:
+            x = rng.standard_normal((M, K)).astype(dtype)
+            row: dict[str, Any] = {"provider": provider, "K": K, "N": N, "M": M, "dtype": dtype.name,
+                                   "cold_cache": cold_cache}
+            for o in chosen:
+                if provider == "cpu":
+                    t = _time_cpu(models[o.name], x, repeats, threads, flush, warmup)  # type: ignore[arg-type]
+                else:
+                    t = _time_cuda(models[o.name], x, repeats, flush, warmup)
+                row[f"{o.name}_ms"] = t
+                if provider == "cuda":
+                    gbps = o.weight_bytes(K, N) / (t / 1000.0) / 1e9
+                    row[f"{o.name}_GBps"] = gbps
+                    if peak:
+                        row[f"{o.name}_bw_frac"] = gbps * 1e9 / peak
+            if ours:
+                ref = ours[0].name
+                for o in chosen:
+                    if o.name != ref:
+                        row[f"{o.name}/{ref}"] = row[f"{o.name}_ms"] / row[f"{ref}_ms"]
+            rows.append(row)
+            if verbose:
+                print(format_table([row], header=not rows[:-1]), flush=True)
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]], header: bool = True) -> str:
+    """Markdown table: shape, M, every ``*_ms`` column, ratios, and bandwidth fractions when present."""
+    if not rows:
+        return ""
+    keys: list[str] = []
+    for r in rows:
+        for k in r:
+            if (k.endswith("_ms") or "/" in k or k.endswith("_bw_frac")) and k not in keys:
+                keys.append(k)
+    cols = ["K x N", "M"] + keys
+    lines = []
+    if header:
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "|".join("---" for _ in cols) + "|")
+    for r in rows:
+        cells = [f"{r['K']}x{r['N']}", str(r["M"])]
+        for k in keys:
+            v = r.get(k)
+            if v is None:
+                cells.append("")
+            elif k.endswith("_ms"):
+                cells.append(f"{v:.4f}")
+            elif k.endswith("_bw_frac"):
+                cells.append(f"{100 * v:.0f}%")
+            else:
+                cells.append(f"{v:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _parse_shapes(text: str | None) -> list[tuple[int, int]] | None:
+    if not text:
+        return None
+    out = []
+    for part in text.split(","):
+        k, _, n = part.strip().lower().partition("x")
+        out.append((int(k), int(n)))
+    return out
+
+
+def cli_bench(args: argparse.Namespace) -> int:
+    """Entry for ``qcompile bench`` (args: ops, shapes, m, repeats, provider, output)."""
+    ops = [o.strip() for o in args.ops.split(",")] if getattr(args, "ops", None) else None
+    ms = [int(v) for v in str(getattr(args, "m", "1,128")).split(",")]
+    rows = run_op_bench(ops=ops, shapes=_parse_shapes(getattr(args, "shapes", None)), ms=ms,
+                        repeats=getattr(args, "repeats", 20), provider=getattr(args, "provider", "cpu"),
+                        verbose=False)
+    text = format_table(rows)
+    print(text)
+    out = getattr(args, "output", None)
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2))
+        out.with_suffix(".md").write_text(text + "\n")
+    return 0
+
+
+def main_bench(argv: Sequence[str] | None = None) -> int:
+    """``python -m qcompile.bench [--ops ...] [--shapes 4096x4096,...] [--m 1,128] [--provider cpu]``."""
+    p = argparse.ArgumentParser(prog="python -m qcompile.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default=None)
+    p.add_argument("--shapes", default=None)
+    p.add_argument("--m", default="1,128")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("-o", "--output", type=Path, default=None)
+    return cli_bench(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_bench())
