@@ -48,37 +48,31 @@ def find_include(root: Path) -> Path | None:
     return None
 
 
-def mirror_from_sources() -> tuple[str, str | None]:
+def mirror_from_sources(deb822: Path = Path("/etc/apt/sources.list.d/debian.sources"),
+                        legacy: Path = Path("/etc/apt/sources.list")) -> tuple[str, str | None]:
     """(URI, Signed-By or None) of the system's main Debian archive, read from its apt sources."""
-    deb822 = Path("/etc/apt/sources.list.d/debian.sources")
     if deb822.is_file():
         for stanza in re.split(r"\n\s*\n", deb822.read_text()):
             fields: dict[str, str] = {}
             for line in stanza.splitlines():
-                if line.startswith("#") or ":" not in line:
-                    continue
+                if line.startswith("#") or line[:1].isspace() or ":" not in line:
+                    continue  # comments and continuation lines (e.g. an inline key block)
                 key, val = line.split(":", 1)
                 fields[key.strip().lower()] = val.strip()
+            if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes").lower() == "no":
+                continue
             for uri in fields.get("uris", "").split():
                 if uri.rstrip("/").endswith("/debian"):
-                    return uri, fields.get("signed-by")
-    legacy = Path("/etc/apt/sources.list")
+                    return uri, fields.get("signed-by") or None
     if legacy.is_file():
         for line in legacy.read_text().splitlines():
-            parts = line.split("#", 1)[0].split()
-            if len(parts) >= 3 and parts[0] == "deb":
-                opts = None
-                if parts[1].startswith("["):
-                    opts = parts[1]
-                    parts = [parts[0]] + parts[2:]
-                uri = parts[1]
-                if uri.rstrip("/").endswith("/debian"):
-                    signed = None
-                    if opts:
-                        m = re.search(r"signed-by=([^\s\]]+)", opts)
-                        signed = m.group(1) if m else None
-                    return uri, signed
-    raise RuntimeError("no Debian archive URI found in /etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list")
+            line = line.split("#", 1)[0]
+            opts = re.search(r"\[([^\]]*)\]", line)
+            parts = re.sub(r"\[[^\]]*\]", " ", line).split()
+            if len(parts) >= 3 and parts[0] == "deb" and parts[1].rstrip("/").endswith("/debian"):
+                signed = re.search(r"signed-by=(\S+)", opts.group(1)) if opts else None
+                return parts[1], signed.group(1) if signed else None
+    raise RuntimeError(f"no Debian archive URI found in {deb822} or {legacy}")
 
 
 def sha256(path: Path) -> str:
