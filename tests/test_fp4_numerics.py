@@ -255,3 +255,23 @@ def test_bits_per_weight_from_packed_bytes(fmt, bits):
     rng = np.random.default_rng(11)
     q = _quantize(fmt, (rng.standard_normal((576, 576)) * 0.02).astype(np.float32))
     assert q.bits_per_weight() == pytest.approx(bits, rel=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for torch")
+@pytest.mark.parametrize("fmt", ["mxfp4-mr", "nvfp4-gptq", "nvfp4-rtn"])
+def test_cuda_numerics_agree_with_cpu(fmt):
+    rng = np.random.default_rng(16)
+    k, n = 128, 32
+    w = _heavy(rng, (k, n))
+    x = _correlated_inputs(rng, k, 512)
+    h = torch.from_numpy(x.T.astype(np.float64) @ x).float()
+    f = get_format(fmt)
+    opts = f.resolve_options({})
+    q_cpu = f.quantize(w, h, device="cpu", **opts)
+    q_gpu = f.quantize(w, h, device="cuda", **opts)
+    wt = torch.from_numpy(w.T.copy())
+    e_cpu = relative_output_error(wt, torch.from_numpy(q_cpu.dequantize().T.copy()), h)
+    e_gpu = relative_output_error(wt, torch.from_numpy(q_gpu.dequantize().T.copy()), h)
+    assert e_gpu == pytest.approx(e_cpu, rel=0.05)
+    assert (q_gpu.codes == q_cpu.codes).mean() > 0.95
