@@ -363,6 +363,9 @@ QC_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// kOneScale: G >= 32, so both halves of a block share one scale vector (lane 0: group g, lane 1: g or g+1)
+// and the block needs a single permute and a single scaled accumulate.
+template <bool kOneScale>
 QC_AVX2 float gemv_row_avx2(const uint8_t* row, const float* sc, const float* x, const Geometry& g,
                             const Avx2Consts& c) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -379,10 +382,20 @@ QC_AVX2 float gemv_row_avx2(const uint8_t* row, const float* sc, const float* x,
     t1 = _mm256_fmadd_ps(f[6], _mm256_loadu_ps(xv + 48), t1);
     t0 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xv + 24), t0);
     t1 = _mm256_fmadd_ps(f[7], _mm256_loadu_ps(xv + 56), t1);
-    __m256 s0, s1;
-    block_scales(sc, g, blk, c, s0, s1);
-    acc0 = _mm256_fmadd_ps(t0, s0, acc0);
-    acc1 = _mm256_fmadd_ps(t1, s1, acc1);
+    if (kOneScale) {
+      const __m256 s = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + (blk * kBlock) / g.G), c.sidx0);
+      // alternate accumulators between blocks to keep two independent dependency chains
+      if (blk & 1) {
+        acc1 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), s, acc1);
+      } else {
+        acc0 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), s, acc0);
+      }
+    } else {
+      __m256 s0, s1;
+      block_scales(sc, g, blk, c, s0, s1);
+      acc0 = _mm256_fmadd_ps(t0, s0, acc0);
+      acc1 = _mm256_fmadd_ps(t1, s1, acc1);
+    }
   }
   return hsum(_mm256_add_ps(acc0, acc1));
 }
@@ -452,7 +465,8 @@ TaskScratch& task_scratch() {
 }
 
 void run_gemv(const Problem& p, const Geometry& g, bool avx2, const float* x, const Parallel& par) {
-  const int64_t rows_per_task = std::max<int64_t>(1, 65536 / g.Kx);
+  // ~64K weights per task, but at least 16 tasks when N allows (load balance on many-core machines)
+  const int64_t rows_per_task = std::max<int64_t>(1, std::min(65536 / g.Kx, (g.N + 15) / 16));
   const int64_t tasks = (g.N + rows_per_task - 1) / rows_per_task;
   par.for_each(static_cast<size_t>(tasks), [&](size_t task) {
     TaskScratch& s = task_scratch();
@@ -469,7 +483,8 @@ void run_gemv(const Problem& p, const Geometry& g, bool avx2, const float* x, co
       const uint8_t* row = p.w + n * g.row_bytes;
 #if QC_X86
       if (avx2) {
-        s.out[n - n0] = gemv_row_avx2(row, s.scales.data(), x, g, c);
+        s.out[n - n0] = g.G >= 32 ? gemv_row_avx2<true>(row, s.scales.data(), x, g, c)
+                                  : gemv_row_avx2<false>(row, s.scales.data(), x, g, c);
         continue;
       }
 #endif
