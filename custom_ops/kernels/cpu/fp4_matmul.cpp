@@ -41,8 +41,11 @@ namespace {
 constexpr int64_t kBlock = 64;   // weights per decode block (32 bytes of W)
 constexpr int64_t kTileRows = 16;  // W rows per task in the M > 1 path (multiple of kNR)
 constexpr int64_t kKC = 256;     // K slice of the decoded tile (multiple of kBlock)
-constexpr int64_t kMR = 3;       // microkernel rows of X
-constexpr int64_t kNR = 4;       // microkernel rows of W
+constexpr int64_t kTileLd = kKC + 16;  // tile row stride (padded against cache-set aliasing)
+constexpr int64_t kMR = 3;       // dot-product microkernel: rows of X
+constexpr int64_t kNR = 4;       // dot-product microkernel: rows of W
+constexpr int64_t kMR6 = 6;      // AVX2 outer-product microkernel: rows of X (x 16 rows of W)
+constexpr int64_t kOuterMinM = 6;  // use the outer-product kernel from this many rows of X
 
 // ---- tables --------------------------------------------------------------------------------------------
 
@@ -140,7 +143,8 @@ bool use_avx2() {
 // ---- shared helpers ------------------------------------------------------------------------------------
 
 struct Geometry {
-  int64_t K, N, G, Kp, Kx, ng, scale_len, row_bytes, nblk;
+  int64_t K, N, G, Kp, Kx, ldx, ng, scale_len, row_bytes, nblk;
+  int gshift;  // log2(G): group of weight k is k >> gshift (no division in inner loops)
 };
 
 Geometry geometry(const Attrs& a) {
@@ -150,7 +154,10 @@ Geometry geometry(const Attrs& a) {
   g.G = a.group_size;
   g.Kp = padded_k(a.K, a.group_size);
   g.Kx = (g.Kp + kBlock - 1) / kBlock * kBlock;
+  g.ldx = g.Kx + 16;  // row stride of the X buffer: never a power of two (cache-set aliasing)
   g.ng = g.Kp / g.G;
+  g.gshift = 0;
+  while ((int64_t{1} << g.gshift) < g.G) ++g.gshift;
   g.scale_len = (g.Kx + g.G - 1) / g.G + 8;  // room for the 8-wide scale loads of the last block
   g.row_bytes = g.Kp / 2;
   g.nblk = g.Kx / kBlock;
@@ -164,6 +171,17 @@ void decode_scales(const Problem& p, const Geometry& g, int64_t n, float* out) {
   const uint8_t* s = p.scales + n * g.ng;
   for (int64_t i = 0; i < g.ng; ++i) out[i] = lut[s[i]] * p.tensor_scale;
   for (int64_t i = g.ng; i < g.scale_len; ++i) out[i] = 0.0f;
+}
+
+// Same, but only the entries a decode of weights [k0, k0 + len) reads (its groups plus the 8-wide
+// over-read of the SIMD scale loads); out is still indexed by absolute group.
+void decode_scales_range(const Problem& p, const Geometry& g, int64_t n, int64_t k0, int64_t len, float* out) {
+  const Tables& t = tables();
+  const float* lut = p.attrs.scale_format == ScaleFormat::kE8M0 ? t.e8m0 : t.e4m3;
+  const uint8_t* s = p.scales + n * g.ng;
+  const int64_t b = k0 / g.G;
+  const int64_t e = std::min(g.scale_len, (k0 + len + g.G - 1) / g.G + 8);
+  for (int64_t i = b; i < e; ++i) out[i] = i < g.ng ? lut[s[i]] * p.tensor_scale : 0.0f;
 }
 
 // In-place normalized Walsh-Hadamard transform of each contiguous block of b in x[0..K).
@@ -207,7 +225,8 @@ void prepare_rows(const Problem& p, const Geometry& g, bool avx2, int64_t m0, in
   tmp.assign(g.Kx, 0.0f);
   const int* perm = tables().perm;
   for (int64_t m = m0; m < m1; ++m) {
-    float* dst = xp + m * g.Kx;
+    float* dst = xp + m * g.ldx;
+    std::fill(dst + g.Kx, dst + g.ldx, 0.0f);
     if (m >= p.M) {
       std::fill(dst, dst + g.Kx, 0.0f);
       continue;
@@ -274,7 +293,7 @@ void decode_row_generic(const uint8_t* row, const float* sc, const Geometry& g, 
       continue;
     }
     const uint8_t b = row[k / 2];
-    const float s = sc[k / g.G];
+    const float s = sc[k >> g.gshift];
     out[k - k0] = t.pair[b][0] * s;
     out[k - k0 + 1] = t.pair[b][1] * s;
   }
@@ -351,7 +370,7 @@ QC_AVX2 inline void decode_block_avx2(const uint8_t* src, const Avx2Consts& c, _
 
 QC_AVX2 inline void block_scales(const float* sc, const Geometry& g, int64_t blk, const Avx2Consts& c, __m256& s0,
                                  __m256& s1) {
-  const __m256 raw = _mm256_loadu_ps(sc + (blk * kBlock) / g.G);
+  const __m256 raw = _mm256_loadu_ps(sc + ((blk * kBlock) >> g.gshift));
   s0 = _mm256_permutevar8x32_ps(raw, c.sidx0);
   s1 = _mm256_permutevar8x32_ps(raw, c.sidx1);
 }
@@ -383,7 +402,7 @@ QC_AVX2 float gemv_row_avx2(const uint8_t* row, const float* sc, const float* x,
     t0 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xv + 24), t0);
     t1 = _mm256_fmadd_ps(f[7], _mm256_loadu_ps(xv + 56), t1);
     if (kOneScale) {
-      const __m256 s = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + (blk * kBlock) / g.G), c.sidx0);
+      const __m256 s = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + ((blk * kBlock) >> g.gshift)), c.sidx0);
       // alternate accumulators between blocks to keep two independent dependency chains
       if (blk & 1) {
         acc1 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), s, acc1);
@@ -451,12 +470,73 @@ QC_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw
   _mm_storeu_ps(c + 2 * ldc, _mm_add_ps(_mm_loadu_ps(c + 2 * ldc), reduce4(a20, a21, a22, a23)));
 }
 
+// Row-major tile [16][kTileLd] -> k-major panel [len][16] (8x8 transposes), for the outer-product kernel.
+QC_AVX2 void tile_to_panel(const float* tile, int64_t len, float* panel) {
+  for (int64_t k = 0; k < len; k += 8) {
+    for (int rb = 0; rb < 16; rb += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(tile + (rb + i) * kTileLd + k);
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* dst = panel + k * 16 + rb;
+      _mm256_storeu_ps(dst + 0 * 16, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(dst + 1 * 16, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(dst + 2 * 16, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(dst + 3 * 16, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(dst + 4 * 16, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(dst + 5 * 16, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(dst + 6 * 16, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(dst + 7 * 16, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+  }
+}
+
+// C[6][16] += X[6 rows, len] * panel[len][16]: 12 accumulators, one broadcast per X element.
+QC_AVX2 void micro6x16(const float* x, int64_t ldx, const float* panel, int64_t len, float* c, int64_t ldc) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx, *x4 = x + 4 * ldx, *x5 = x + 5 * ldx;
+  for (int64_t k = 0; k < len; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(panel + k * 16), b1 = _mm256_loadu_ps(panel + k * 16 + 8);
+    __m256 a = _mm256_broadcast_ss(x0 + k);
+    c00 = _mm256_fmadd_ps(a, b0, c00);
+    c01 = _mm256_fmadd_ps(a, b1, c01);
+    a = _mm256_broadcast_ss(x1 + k);
+    c10 = _mm256_fmadd_ps(a, b0, c10);
+    c11 = _mm256_fmadd_ps(a, b1, c11);
+    a = _mm256_broadcast_ss(x2 + k);
+    c20 = _mm256_fmadd_ps(a, b0, c20);
+    c21 = _mm256_fmadd_ps(a, b1, c21);
+    a = _mm256_broadcast_ss(x3 + k);
+    c30 = _mm256_fmadd_ps(a, b0, c30);
+    c31 = _mm256_fmadd_ps(a, b1, c31);
+    a = _mm256_broadcast_ss(x4 + k);
+    c40 = _mm256_fmadd_ps(a, b0, c40);
+    c41 = _mm256_fmadd_ps(a, b1, c41);
+    a = _mm256_broadcast_ss(x5 + k);
+    c50 = _mm256_fmadd_ps(a, b0, c50);
+    c51 = _mm256_fmadd_ps(a, b1, c51);
+  }
+  const __m256 rows[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int i = 0; i < 6; ++i) {
+    float* ci = c + i * ldc;
+    _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), rows[i][0]));
+    _mm256_storeu_ps(ci + 8, _mm256_add_ps(_mm256_loadu_ps(ci + 8), rows[i][1]));
+  }
+}
+
 #endif  // QC_X86
 
 // ---- drivers ---------------------------------------------------------------------------------------
 
 struct TaskScratch {
-  std::vector<float> scales, tile, acc, out;
+  std::vector<float> scales, tile, panel, out;
 };
 
 TaskScratch& task_scratch() {
@@ -494,54 +574,73 @@ void run_gemv(const Problem& p, const Geometry& g, bool avx2, const float* x, co
   });
 }
 
+// M > 1. The K slices are the outer loop (one parallel region each) so that the slice of X every task
+// multiplies ([Mpad, kKC] floats) stays in each core's L2 while all W tiles of that slice stream past;
+// tasks own 16 W rows and accumulate into their own columns of acc [Mpad, Npad].
 void run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x, int64_t Mpad, const Parallel& par) {
+  const bool outer = avx2 && p.M >= kOuterMinM;  // Mpad is then a multiple of kMR6
   const int64_t tasks = (g.N + kTileRows - 1) / kTileRows;
-  par.for_each(static_cast<size_t>(tasks), [&](size_t task) {
-    TaskScratch& s = task_scratch();
-    const int64_t n0 = static_cast<int64_t>(task) * kTileRows;
-    const int64_t nc = std::min(kTileRows, g.N - n0);
-    s.scales.resize(kTileRows * g.scale_len);
-    s.tile.resize(kTileRows * kKC);
-    s.acc.assign(Mpad * kTileRows, 0.0f);
-    for (int64_t r = 0; r < nc; ++r) decode_scales(p, g, n0 + r, s.scales.data() + r * g.scale_len);
+  const int64_t ldc = tasks * kTileRows + 16;  // padded: a power-of-two stride would alias cache sets
+  thread_local std::vector<float> acc;  // caller thread: shared by all tasks, disjoint columns
+  acc.assign(static_cast<size_t>(Mpad * ldc), 0.0f);
+  float* accp = acc.data();
+  for (int64_t k0 = 0; k0 < g.Kx; k0 += kKC) {
+    const int64_t len = std::min(kKC, g.Kx - k0);
+    par.for_each(static_cast<size_t>(tasks), [&](size_t task) {
+      TaskScratch& s = task_scratch();
+      const int64_t n0 = static_cast<int64_t>(task) * kTileRows;
+      const int64_t nc = std::min(kTileRows, g.N - n0);
+      s.scales.resize(g.scale_len);
+      s.tile.resize(kTileRows * kTileLd);
 #if QC_X86
-    Avx2Consts c;
-    if (avx2) c = avx2_consts(g.G);
+      Avx2Consts c;
+      if (avx2) c = avx2_consts(g.G);
 #endif
-    for (int64_t k0 = 0; k0 < g.Kx; k0 += kKC) {
-      const int64_t len = std::min(kKC, g.Kx - k0);
       for (int64_t r = 0; r < kTileRows; ++r) {
-        float* dst = s.tile.data() + r * kKC;
+        float* dst = s.tile.data() + r * kTileLd;
         if (r >= nc) {
           std::fill(dst, dst + len, 0.0f);
           continue;
         }
+        decode_scales_range(p, g, n0 + r, k0, len, s.scales.data());
         const uint8_t* row = p.w + (n0 + r) * g.row_bytes;
-        const float* sc = s.scales.data() + r * g.scale_len;
 #if QC_X86
         if (avx2) {
-          decode_row_avx2(row, sc, g, k0 / kBlock, (k0 + len) / kBlock, c, dst);
+          decode_row_avx2(row, s.scales.data(), g, k0 / kBlock, (k0 + len) / kBlock, c, dst);
           continue;
         }
 #endif
-        decode_row_generic(row, sc, g, k0, len, dst);
+        decode_row_generic(row, s.scales.data(), g, k0, len, dst);
       }
+#if QC_X86
+      if (outer) {
+        s.panel.resize(kTileRows * kKC);
+        tile_to_panel(s.tile.data(), len, s.panel.data());
+        for (int64_t m = 0; m < Mpad; m += kMR6)
+          micro6x16(x + m * g.ldx + k0, g.ldx, s.panel.data(), len, accp + m * ldc + n0, ldc);
+        return;
+      }
+#endif
       for (int64_t m = 0; m < Mpad; m += kMR) {
         for (int64_t r = 0; r < nc; r += kNR) {
-          const float* xs = x + m * g.Kx + k0;
-          const float* ws = s.tile.data() + r * kKC;
-          float* cs = s.acc.data() + m * kTileRows + r;
+          const float* xs = x + m * g.ldx + k0;
+          const float* ws = s.tile.data() + r * kTileLd;
+          float* cs = accp + m * ldc + n0 + r;
 #if QC_X86
           if (avx2) {
-            micro_avx2(xs, g.Kx, ws, kKC, len, cs, kTileRows);
+            micro_avx2(xs, g.ldx, ws, kTileLd, len, cs, ldc);
             continue;
           }
 #endif
-          micro_generic(xs, g.Kx, ws, kKC, len, cs, kTileRows);
+          micro_generic(xs, g.ldx, ws, kTileLd, len, cs, ldc);
         }
       }
-    }
-    for (int64_t m = 0; m < p.M; ++m) store_row(p, m, n0, nc, s.acc.data() + m * kTileRows);
+    });
+  }
+  const int64_t rows_per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.N));
+  par.for_each(static_cast<size_t>((p.M + rows_per_task - 1) / rows_per_task), [&](size_t t) {
+    const int64_t m0 = static_cast<int64_t>(t) * rows_per_task;
+    for (int64_t m = m0; m < std::min(p.M, m0 + rows_per_task); ++m) store_row(p, m, 0, g.N, accp + m * ldc);
   });
 }
 
@@ -554,10 +653,11 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   if (!p.x || !p.w || !p.scales || !p.y) return Status::Error("FP4MatMul: null operand");
   const Geometry g = geometry(p.attrs);
   const bool avx2 = use_avx2();
-  const int64_t Mpad = p.M == 1 ? 1 : (p.M + kMR - 1) / kMR * kMR;
+  const int64_t mr = avx2 && p.M >= kOuterMinM ? kMR6 : kMR;
+  const int64_t Mpad = p.M == 1 ? 1 : (p.M + mr - 1) / mr * mr;
 
   thread_local std::vector<float> xbuf;  // reused across calls on this thread
-  xbuf.resize(static_cast<size_t>(Mpad * g.Kx));
+  xbuf.resize(static_cast<size_t>(Mpad * g.ldx));
   const int64_t rows_per_task = std::max<int64_t>(1, 16384 / g.Kx);
   const int64_t prep_tasks = (Mpad + rows_per_task - 1) / rows_per_task;
   float* xp = xbuf.data();
