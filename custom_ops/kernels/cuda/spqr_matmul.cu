@@ -99,6 +99,7 @@ __global__ void gemv_kernel(Attrs a, Weights w, int64_t M, const T* __restrict__
       group_stats(a, w, n, p0 / a.group_size, &scale, &zero);
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
+        if (p0 + i >= a.K) break;  // padding codes: contribute nothing (even with non-finite stats)
         const float wv = scale * ((float)bits_at(words, 16 * h + i, BITS) - zero);
 #pragma unroll
         for (int m = 0; m < MT; ++m)
@@ -160,7 +161,7 @@ __global__ void __launch_bounds__(kThreads) tiled_kernel(Attrs a, Weights w, int
         group_stats(a, w, n, pq / a.group_size, &scale, &zero);
         const uint32_t* row = w.codes + n * a.code_words();
 #pragma unroll
-        for (int i = 0; i < 8; ++i) vals[i] = scale * ((float)code_at(row, pq + i, a.bits) - zero);
+        for (int i = 0; i < 8; ++i) vals[i] = pq + i < a.K ? scale * ((float)code_at(row, pq + i, a.bits) - zero) : 0.f;
       }
 #pragma unroll
       for (int i = 0; i < 8; ++i) ws[8 * q + i][r] = vals[i];
