@@ -192,8 +192,10 @@ def _kernel_times_us(profile_path: str, node_op: str) -> list[float]:
 
 
 def _time_cpu(model: onnx.ModelProto, x: np.ndarray, repeats: int, threads: int | None, flush: _CacheFlusher,
-              warmup: int) -> float:
-    """Median kernel time (ms) of the model's single node, from onnxruntime's profiler."""
+              warmup: int, clock: str = "profile", stat: Callable[[list[float]], float] = statistics.median) -> float:
+    """Kernel time (ms) of the model's single node: ``clock="profile"`` reads onnxruntime's profiler (wall
+    time of the node alone); ``clock="thread_cpu"`` (single-threaded sessions only) is the CPU time of the
+    calling thread around ``run``: immune to other processes preempting us, but includes run overhead."""
     from qcompile.runtime import session_options
 
     node_op = model.graph.node[0].op_type
@@ -203,18 +205,22 @@ def _time_cpu(model: onnx.ModelProto, x: np.ndarray, repeats: int, threads: int 
             session_options(so)
         if threads:
             so.intra_op_num_threads = threads
-        so.enable_profiling = True
+        profile = clock == "profile"
+        so.enable_profiling = profile
         so.profile_file_prefix = os.path.join(tmp, "prof")
         sess = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
         for _ in range(warmup):
             sess.run(None, {"x": x})
+        cpu_us = []
         for _ in range(repeats):
             flush()
+            t0 = time.thread_time_ns()
             sess.run(None, {"x": x})
-        times = _kernel_times_us(sess.end_profiling(), node_op)[warmup:]
+            cpu_us.append((time.thread_time_ns() - t0) / 1000.0)
+        times = _kernel_times_us(sess.end_profiling(), node_op)[warmup:] if profile else cpu_us
     if not times:
         raise RuntimeError(f"profiler recorded no {node_op} kernel events")
-    return statistics.median(times) / 1000.0
+    return stat(times) / 1000.0
 
 
 def _time_cuda(model: onnx.ModelProto, x: np.ndarray, repeats: int, flush: Callable[[], None], warmup: int) -> float:
@@ -293,14 +299,22 @@ def cuda_peak_bandwidth() -> float | None:
 def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, int]] | None = None,
                  ms: Sequence[int] = DEFAULT_MS, repeats: int = 20, provider: str = "cpu", *,
                  threads: int | None = None, cold_cache: bool = True, flush_mb: int = 64, warmup: int = 3,
-                 baselines: bool = True, seed: int = 0, verbose: bool = True) -> list[dict[str, Any]]:
+                 baselines: bool = True, seed: int = 0, verbose: bool = True, clock: str = "profile",
+                 stat: str = "median") -> list[dict[str, Any]]:
     """Latency table rows: one dict per (K, N, M) with ``{op}_ms`` for every op and baseline, ``{op}_GBps``
     on CUDA, ``{baseline}/{op}`` ratios against the first selected op, and the run settings.
 
     ``ops``: our ops to time (default: all registered non-baseline ops). ``provider``: "cpu" or "cuda".
+    ``clock`` (CPU): "profile" (node wall time from the profiler) or "thread_cpu" (CPU time of the calling
+    thread; forces ``threads=1``; use it on a loaded machine). ``stat``: "median" or "min" over repeats.
     """
     if provider not in ("cpu", "cuda"):
         raise ValueError(f"provider must be cpu or cuda, got {provider!r}")
+    if clock not in ("profile", "thread_cpu"):
+        raise ValueError(f"clock must be profile or thread_cpu, got {clock!r}")
+    if clock == "thread_cpu":
+        threads = 1
+    reduce = {"median": statistics.median, "min": min}[stat]
     if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise RuntimeError("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU machine)")
     table = registered_ops()
@@ -331,10 +345,11 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
         for M in ms:
             x = rng.standard_normal((M, K)).astype(dtype)
             row: dict[str, Any] = {"provider": provider, "K": K, "N": N, "M": M, "dtype": dtype.name,
-                                   "cold_cache": cold_cache}
+                                   "cold_cache": cold_cache, "threads": threads, "clock": clock, "stat": stat}
             for o in chosen:
                 if provider == "cpu":
-                    t = _time_cpu(models[o.name], x, repeats, threads, flush, warmup)  # type: ignore[arg-type]
+                    t = _time_cpu(models[o.name], x, repeats, threads, flush, warmup,  # type: ignore[arg-type]
+                                  clock, reduce)
                 else:
                     t = _time_cuda(models[o.name], x, repeats, flush, warmup)
                 row[f"{o.name}_ms"] = t
@@ -400,6 +415,8 @@ def cli_bench(args: argparse.Namespace) -> int:
     ms = [int(v) for v in str(getattr(args, "m", "1,128")).split(",")]
     rows = run_op_bench(ops=ops, shapes=_parse_shapes(getattr(args, "shapes", None)), ms=ms,
                         repeats=getattr(args, "repeats", 20), provider=getattr(args, "provider", "cpu"),
+                        threads=getattr(args, "threads", None), clock=getattr(args, "clock", "profile"),
+                        stat=getattr(args, "stat", "median"), cold_cache=not getattr(args, "warm", False),
                         verbose=False)
     text = format_table(rows)
     print(text)
@@ -420,6 +437,10 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--m", default="1,128")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
+    p.add_argument("--clock", default="profile", choices=["profile", "thread_cpu"])
+    p.add_argument("--stat", default="median", choices=["median", "min"])
+    p.add_argument("--warm", action="store_true", help="do not flush the caches between runs")
     p.add_argument("-o", "--output", type=Path, default=None)
     return cli_bench(p.parse_args(argv))
 

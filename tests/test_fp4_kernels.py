@@ -210,3 +210,39 @@ def test_cuda_bad_shapes_raise(cuda_session):
     feed["w"] = feed["w"][:, :-1].copy()
     with pytest.raises(Exception):
         sess.run(None, feed)
+
+
+# ---- benchmark harness (tiny shapes: checks the plumbing, not the speed) ---------------------------------------
+
+
+def test_bench_rows_and_table(ops_library, monkeypatch):
+    from qcompile import bench
+
+    monkeypatch.setenv("QCOMPILE_OPS_LIBRARY", str(ops_library))
+    rows = bench.run_op_bench(ops=["fp4matmul"], shapes=[(64, 32)], ms=[1, 3], repeats=2, warmup=1, flush_mb=1,
+                              threads=1, verbose=False)
+    assert [(r["K"], r["N"], r["M"]) for r in rows] == [(64, 32, 1), (64, 32, 3)]
+    for r in rows:
+        for name in ("FP4MatMul", "MatMul", "NBits-a0", "NBits-a4"):
+            assert r[f"{name}_ms"] > 0
+        assert r["MatMul/FP4MatMul"] == pytest.approx(r["MatMul_ms"] / r["FP4MatMul_ms"])
+    table = bench.format_table(rows)
+    assert table.splitlines()[0].startswith("| K x N | M | FP4MatMul_ms") and "64x32" in table
+    with pytest.raises(ValueError, match="unknown bench op"):
+        bench.run_op_bench(ops=["nope"], shapes=[(64, 32)], ms=[1], verbose=False)
+
+
+def test_bench_models_compute_what_they_claim(ops_session):
+    """The FP4 bench model is a valid FP4MatMul: its output matches the reference on its own weights."""
+    from onnx import numpy_helper
+
+    from qcompile import bench
+
+    model = bench.registered_ops()["FP4MatMul-nv"].build(64, 24, np.dtype(np.float32), np.random.default_rng(0))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    x = np.random.default_rng(1).normal(size=(2, 64)).astype(F32)
+    y = ops_session(model).run(None, {"x": x})[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in model.graph.node[0].attribute}
+    ref = fp4.fp4_matmul_reference(x, inits["w"], inits["s"], inits["ts"], None, K=64, N=24, group_size=16,
+                                   scale_format="e4m3", hadamard_block=attrs["hadamard_block"])
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
