@@ -240,9 +240,22 @@ def _rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
                 item.name = new
 
 
+_DROP_NODE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "namespace")
+
+
 def _tidy_names(model: onnx.ModelProto) -> None:
-    """Readable names: strip the wrapper prefix; name linear MatMuls and weights after their module."""
+    """Readable names: strip the wrapper prefix; name linear MatMuls and weights after their module.
+
+    Also drops the exporter's bulky per-node debug metadata (stack traces), keeping the compact
+    ``pkg.torch.onnx.name_scopes`` / ``class_hierarchy`` that say which module a node came from.
+    """
     g = model.graph
+    for node in g.node:
+        keep = [(p.key, p.value) for p in node.metadata_props if p.key not in _DROP_NODE_METADATA]
+        if len(keep) != len(node.metadata_props):
+            del node.metadata_props[:]
+            for k, v in keep:
+                node.metadata_props.add(key=k, value=v)
     taken = {t.name for t in g.initializer} | {n for node in g.node for n in node.output}
     for t in list(g.initializer):
         if t.name.startswith(WRAPPER_PREFIX):

@@ -10,15 +10,15 @@ Typical use::
     path16 = tiny_onnx(dtype="float16")
     src = tiny_source()                     # ModelSource of a saved HF folder (load_torch() works)
 
-Exports are made once per process into a private temp folder (also used as QCOMPILE_CACHE_DIR while
-exporting) and reused; treat returned paths as read-only and copy them before editing.
+Exports are made once into ``<tmp>/qcompile-tiny/<key>/`` (also used as QCOMPILE_CACHE_DIR while
+exporting) and reused by later test runs; the key hashes this file, the export code and the
+torch/transformers/onnx versions, so a change to any of them exports afresh.  Treat returned paths as
+read-only and copy them before editing.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,9 +35,20 @@ _STATE: dict = {}
 
 
 def _workdir() -> Path:
+    """Persistent folder for this version of the tiny model and export recipe."""
     if "dir" not in _STATE:
-        d = Path(tempfile.mkdtemp(prefix="qcompile-tiny-"))
-        atexit.register(shutil.rmtree, d, True)
+        import hashlib
+
+        import onnx
+        import transformers
+
+        h = hashlib.sha256(f"{torch.__version__}|{transformers.__version__}|{onnx.__version__}".encode())
+        here = Path(__file__).resolve()
+        models = here.parent.parent / "models"
+        for f in (here, models / "export.py", models / "causal_lm.py", models / "sources.py"):
+            h.update(f.read_bytes())
+        d = Path(tempfile.gettempdir()) / "qcompile-tiny" / h.hexdigest()[:16]
+        d.mkdir(parents=True, exist_ok=True)
         _STATE["dir"] = d
     return _STATE["dir"]
 
@@ -100,14 +111,21 @@ def _byte_of(ch: str) -> int:
 def save_tiny_hf_dir(path: Path | None = None, seed: int = 0) -> Path:
     """Save the tiny model + tokenizer as a Hugging Face folder (config.json, safetensors, tokenizer)."""
     if path is None:
-        if "hf" in _STATE:
-            return _STATE["hf"]
         path = _workdir() / "tiny-llama"
-        _STATE["hf"] = path
+        if not (path / "config.json").is_file():
+            from qcompile.cache import atomic_dir
+
+            with atomic_dir(path) as tmp:
+                _save_hf(tmp, seed)
+        return path
     path = Path(path)
+    _save_hf(path, seed)
+    return path
+
+
+def _save_hf(path: Path, seed: int) -> None:
     build_tiny_model(seed).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def tiny_source():

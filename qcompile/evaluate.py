@@ -1,0 +1,109 @@
+"""Perplexity of an ONNX causal LM on token windows, with onnxruntime.
+
+Definition (the one every report uses): within each window, token ``t`` predicts token ``t+1``; the
+negative log-likelihood comes from a float64 log-softmax of the model's logits; perplexity is
+``exp(mean NLL)`` over all ``n_windows * (seq_len - 1)`` predictions.  Windows are independent (no
+context carried over), and an ``attention_mask`` of ones is fed when the model has that input.
+
+``session_factory`` lets the caller build the session (e.g. with the qcompile custom-op library
+registered); it gets the model path and returns an ``onnxruntime.InferenceSession``-like object.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from qcompile.errors import CalibrationError, QCompileError
+
+SessionFactory = Callable[[str], Any]
+
+
+def default_session(path: str):
+    """Plain onnxruntime CPU session."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def window_nll(logits: np.ndarray, ids: np.ndarray) -> float:
+    """Summed next-token NLL of one window: ``logits [seq, vocab]`` (any float dtype), ``ids [seq]``."""
+    x = logits[:-1].astype(np.float64)
+    target = ids[1:]
+    m = x.max(axis=-1, keepdims=True)
+    lse = (m[:, 0] + np.log(np.exp(x - m).sum(axis=-1)))
+    picked = x[np.arange(x.shape[0]), target]
+    return float(np.sum(lse - picked))
+
+
+def perplexity(
+    onnx_path_or_session: str | os.PathLike | Any,
+    token_windows: np.ndarray,
+    *,
+    batch_size: int = 4,
+    session_factory: SessionFactory | None = None,
+    progress: bool = True,
+) -> tuple[float, int]:
+    """``(perplexity, number of predicted tokens)`` of the model on ``token_windows [n, seq]`` int64.
+
+    Logits of one batch are alive at a time (``batch_size * seq * vocab`` floats).  Non-finite logits
+    give a NaN/inf perplexity rather than an exception, so a broken quantization shows in the report.
+    """
+    windows = np.asarray(token_windows)
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise CalibrationError(f"evaluation windows must be [n, seq>=2] token ids, got shape {list(windows.shape)}")
+    if not np.issubdtype(windows.dtype, np.integer):
+        raise CalibrationError(f"evaluation windows must be integer token ids, got {windows.dtype}")
+    windows = windows.astype(np.int64, copy=False)
+    if isinstance(onnx_path_or_session, (str, os.PathLike)):
+        sess = (session_factory or default_session)(str(onnx_path_or_session))
+    else:
+        sess = onnx_path_or_session
+    in_names = [i.name for i in sess.get_inputs()]
+    out_names = [o.name for o in sess.get_outputs()]
+    if "input_ids" not in in_names:
+        raise QCompileError(f"model has no input_ids input (inputs: {', '.join(in_names)})")
+    unknown = [n for n in in_names if n not in ("input_ids", "attention_mask")]
+    if unknown:
+        raise QCompileError(f"evaluation cannot feed model input(s) {', '.join(unknown)}")
+    logits_name = "logits" if "logits" in out_names else out_names[0]
+    vocab = sess.get_outputs()[out_names.index(logits_name)].shape[-1]
+    if isinstance(vocab, int):
+        _check_vocab(windows, vocab)
+
+    nb = (len(windows) + batch_size - 1) // batch_size
+    batches = range(nb)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=nb, desc="perplexity", unit="batch", leave=False)
+    total_nll = 0.0
+    count = 0
+    vocab_checked = False
+    for b in batches:
+        ids = windows[b * batch_size : (b + 1) * batch_size]
+        feeds = {"input_ids": ids}
+        if "attention_mask" in in_names:
+            feeds["attention_mask"] = np.ones_like(ids)
+        logits = sess.run([logits_name], feeds)[0]
+        if logits.shape[:2] != ids.shape:
+            raise QCompileError(f"model output {logits_name} has shape {list(logits.shape)}, expected [{ids.shape[0]}, {ids.shape[1]}, vocab]")
+        if not vocab_checked:
+            _check_vocab(windows, logits.shape[-1])
+            vocab_checked = True
+        for i in range(ids.shape[0]):
+            total_nll += window_nll(logits[i], ids[i])
+            count += ids.shape[1] - 1
+        del logits
+    mean = total_nll / count
+    return (math.exp(mean) if math.isfinite(mean) and mean < 700 else float("inf") if mean == mean else float("nan")), count
+
+
+def _check_vocab(windows: np.ndarray, vocab: int) -> None:
+    lo, hi = int(windows.min()), int(windows.max())
+    if lo < 0 or hi >= vocab:
+        raise CalibrationError(f"token ids range {lo}..{hi} but the model's vocab is {vocab}: wrong tokenizer?")
