@@ -2,10 +2,12 @@
 //
 //  * Hadamard: a shared-memory fast Walsh-Hadamard kernel rotates X (blocks of b along K) into a float
 //    scratch buffer (stream-ordered cudaMallocAsync), never touching the input.
-//  * M <= 8 (decode): GEMV, one warp per output row. Lanes stream the packed row with 128-bit loads when
-//    the row is 16-byte aligned (else 32-bit), decode bytes through a 256-entry float2 table in shared
-//    memory (one lookup = two weights), and apply the group scale once per 8 weights. Each warp serves
-//    up to 8 activation rows so W is read once for the whole batch.
+//  * M <= 8 (decode): GEMV, one warp per output row. Lane l reads 32-bit words l, l+32, ... of the packed
+//    row (a warp load is 128 contiguous bytes, four loads in flight per lane) so that the activations
+//    it needs, 8 consecutive k per word, are also contiguous across the warp and come in as two 128-bit
+//    loads; bytes decode through a 256-entry float2 table in shared memory (one lookup = two weights) and
+//    the group scale is applied once per 8 weights. Each warp serves up to 8 activation rows, so W is
+//    read once for the whole batch.
 //  * M > 8 (prefill): 64x64 output tiles; each K step stages a 64x32 X tile and decodes a 64x32 W tile
 //    (scales applied) into shared memory, then every thread accumulates a 4x4 block in fp32.
 // Everything accumulates in fp32; fp16 inputs/outputs are converted at load/store.
@@ -52,6 +54,33 @@ __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
 __device__ __forceinline__ void from_f(float* p, float v) { *p = v; }
 __device__ __forceinline__ void from_f(__half* p, float v) { *p = __float2half_rn(v); }
 
+// 8 consecutive activations as floats: 128-bit loads when aligned, else scalar.
+__device__ __forceinline__ void load8(const float* p, float* v) {
+  if ((reinterpret_cast<uintptr_t>(p) & 15u) == 0) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = p[i];
+  }
+}
+__device__ __forceinline__ void load8(const __half* p, float* v) {
+  if ((reinterpret_cast<uintptr_t>(p) & 15u) == 0) {
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      __half2 h;
+      memcpy(&h, &w[i], 4);
+      const float2 f = __half22float2(h);
+      v[2 * i] = f.x, v[2 * i + 1] = f.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = __half2float(p[i]);
+  }
+}
+
 __device__ __forceinline__ void fill_lut(float2* lut) {
   for (int i = threadIdx.x; i < 256; i += blockDim.x) lut[i] = make_float2(e2m1_value(i & 15), e2m1_value(i >> 4));
 }
@@ -85,6 +114,7 @@ __global__ void hadamard_kernel(const T* __restrict__ x, float* __restrict__ out
 // ---- GEMV (M <= 8) -----------------------------------------------------------------------------------------
 struct GemvArgs {
   int64_t M, K, N, G, row_bytes, ng;
+  int gshift;  // log2(G): no 64-bit division on the device
   int e4m3;
   float tensor_scale;
   const uint8_t* w;
@@ -96,7 +126,7 @@ __device__ __forceinline__ void gemv_word(uint32_t v, int64_t word, const GemvAr
                                           const XT* __restrict__ x, int64_t m0, const float2* lut, float* acc) {
   const int64_t k0 = word * 8;
   if (k0 >= a.K) return;  // padding words (k >= K) hold zero codes: nothing to add
-  const float s = decode_scale(srow[k0 / a.G], a.e4m3) * a.tensor_scale;
+  const float s = decode_scale(srow[k0 >> a.gshift], a.e4m3) * a.tensor_scale;
   float2 wv[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) wv[i] = lut[(v >> (8 * i)) & 255u];
@@ -107,8 +137,10 @@ __device__ __forceinline__ void gemv_word(uint32_t v, int64_t word, const GemvAr
     const XT* xr = x + (m0 + m) * a.K + k0;
     float part = 0.0f;
     if (full) {
+      float xv[8];
+      load8(xr, xv);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) part += wv[i].x * to_f(xr[2 * i]) + wv[i].y * to_f(xr[2 * i + 1]);
+      for (int i = 0; i < 4; ++i) part += wv[i].x * xv[2 * i] + wv[i].y * xv[2 * i + 1];
     } else {
       for (int i = 0; i < 4; ++i) {
         if (k0 + 2 * i < a.K) part += wv[i].x * to_f(xr[2 * i]);
@@ -119,8 +151,8 @@ __device__ __forceinline__ void gemv_word(uint32_t v, int64_t word, const GemvAr
   }
 }
 
-// VEC: bytes per lane load (16 or 4). Rows are row_bytes long and row_bytes % VEC == 0 (checked on host).
-template <typename T, typename XT, int MB, int VEC>
+// Rows are row_bytes long (a multiple of 4) and W is 4-byte aligned (checked on the host).
+template <typename T, typename XT, int MB>
 __global__ void gemv_kernel(GemvArgs a, const XT* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ float2 lut[256];
   fill_lut(lut);
@@ -129,25 +161,25 @@ __global__ void gemv_kernel(GemvArgs a, const XT* __restrict__ x, const T* __res
   const int64_t n = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * MB;
   if (n >= a.N) return;
-  const uint8_t* row = a.w + n * a.row_bytes;
+  const uint32_t* row = reinterpret_cast<const uint32_t*>(a.w + n * a.row_bytes);
   const uint8_t* srow = a.scales + n * a.ng;
+  const int64_t words = a.row_bytes / 4;
   float acc[MB];
 #pragma unroll
   for (int m = 0; m < MB; ++m) acc[m] = 0.0f;
-  if (VEC == 16) {
-    const uint4* r4 = reinterpret_cast<const uint4*>(row);
-    const int64_t chunks = a.row_bytes / 16;
-    for (int64_t c = lane; c < chunks; c += kWarp) {
-      const uint4 q = __ldg(r4 + c);
-      gemv_word<XT, MB>(q.x, 4 * c + 0, a, srow, x, m0, lut, acc);
-      gemv_word<XT, MB>(q.y, 4 * c + 1, a, srow, x, m0, lut, acc);
-      gemv_word<XT, MB>(q.z, 4 * c + 2, a, srow, x, m0, lut, acc);
-      gemv_word<XT, MB>(q.w, 4 * c + 3, a, srow, x, m0, lut, acc);
+  constexpr int kUnroll = 4;  // independent loads in flight per lane
+  for (int64_t base = 0; base < words; base += kWarp * kUnroll) {
+    uint32_t v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t wi = base + u * kWarp + lane;
+      v[u] = wi < words ? __ldg(row + wi) : 0u;
     }
-  } else {
-    const uint32_t* r1 = reinterpret_cast<const uint32_t*>(row);
-    const int64_t words = a.row_bytes / 4;
-    for (int64_t c = lane; c < words; c += kWarp) gemv_word<XT, MB>(__ldg(r1 + c), c, a, srow, x, m0, lut, acc);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t wi = base + u * kWarp + lane;
+      if (wi < words) gemv_word<XT, MB>(v[u], wi, a, srow, x, m0, lut, acc);
+    }
   }
 #pragma unroll
   for (int m = 0; m < MB; ++m) {
@@ -195,7 +227,7 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(GemvArgs a, const 
       float vals[8];
       if (gn < a.N && gk < a.K) {
         const uint32_t v = *reinterpret_cast<const uint32_t*>(a.w + gn * a.row_bytes + gk / 2);
-        const float s = decode_scale(a.scales[gn * a.ng + gk / a.G], a.e4m3) * a.tensor_scale;
+        const float s = decode_scale(a.scales[gn * a.ng + (gk >> a.gshift)], a.e4m3) * a.tensor_scale;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const float2 p = lut[(v >> (8 * i)) & 255u];
@@ -250,12 +282,7 @@ void launch_gemv(const GemvArgs& a, const XT* x, const T* bias, T* y, cudaStream
   constexpr int kRowsPerBlock = 4;  // 4 warps
   const dim3 grid(static_cast<unsigned>((a.N + kRowsPerBlock - 1) / kRowsPerBlock),
                   static_cast<unsigned>((a.M + MB - 1) / MB));
-  const bool vec16 = a.row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(a.w) % 16 == 0;
-  if (vec16) {
-    gemv_kernel<T, XT, MB, 16><<<grid, kRowsPerBlock * kWarp, 0, stream>>>(a, x, bias, y);
-  } else {
-    gemv_kernel<T, XT, MB, 4><<<grid, kRowsPerBlock * kWarp, 0, stream>>>(a, x, bias, y);
-  }
+  gemv_kernel<T, XT, MB><<<grid, kRowsPerBlock * kWarp, 0, stream>>>(a, x, bias, y);
 }
 
 template <typename T, typename XT>
@@ -281,6 +308,8 @@ Status run(const Problem& p, cudaStream_t stream) {
   a.K = p.attrs.K;
   a.N = p.attrs.N;
   a.G = p.attrs.group_size;
+  a.gshift = 0;
+  while ((int64_t{1} << a.gshift) < a.G) ++a.gshift;
   a.row_bytes = padded_k(a.K, a.G) / 2;
   a.ng = padded_k(a.K, a.G) / a.G;
   a.e4m3 = p.attrs.scale_format == ScaleFormat::kE4M3 ? 1 : 0;
