@@ -1,0 +1,756 @@
+// CPU kernel for qcompile.CodebookMatMul (AQLM additive codebooks).
+//
+// Two paths, chosen per call:
+//  * LUT GEMV (few rows, and M*S small next to N): for one X row, the dot product of every input group
+//    with every codeword, lut[g][m][s] = x_g . C[m][s] (G*M*S floats; built vectorised over s from a
+//    codeword-transposed copy of the codebooks). Then y[n] = scale[n] * sum_{g,m} lut[g][m][code[n,g,m]]:
+//    M table lookups per group instead of 8 multiply-adds, and W is never materialised. Tasks own
+//    blocks of output rows; the lookups are AVX2 gathers when available.
+//  * decode + GEMM (prefill, or codebooks too large for a LUT to pay): a task owns 16 output channels,
+//    decodes their weights for all K into a K-major float tile [K][16], then a 6x16 register-blocked
+//    FMA microkernel reuses that tile for every X row. Scales and bias are applied once per output.
+//
+// Codes are validated on the fly: every index is clamped to S-1 before it is used (so no read is ever out
+// of bounds) and the largest code seen is recorded; a code >= S fails the call with an error naming it.
+// When S is the full range of the code type (256 for uint8, 65536 for uint16) no check is needed.
+// The library is compiled for x86-64-v2; AVX2/FMA/F16C code is selected at run time
+// (QCOMPILE_CODEBOOK_NO_AVX2=1 forces the portable path, which the tests also exercise).
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "qcompile/codebook_matmul.h"
+#include "qcompile/half.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define QC_X86 1
+#define QC_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define QC_X86 0
+#endif
+
+namespace qcompile {
+namespace codebook {
+namespace {
+
+constexpr int64_t kNR = 16;          // output channels per GEMM task (decoded once, reused by all rows)
+constexpr int64_t kMR = 3;           // X rows per microkernel call (3 x 4 dot-product blocks)
+constexpr int64_t kLutMaxRows = 4;   // up to this many X rows use the LUT path
+constexpr int64_t kGemvRowsPerTask = 64;
+constexpr int64_t kFusedRows = 4;     // X rows sharing one decode in the fused path
+constexpr int64_t kFusedMaxRows = 8;  // up to this many X rows use the fused path
+
+bool use_avx2() {
+#if QC_X86
+  static const bool ok = [] {
+    const char* off = std::getenv("QCOMPILE_CODEBOOK_NO_AVX2");
+    if (off && off[0] && off[0] != '0') return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Per-thread scratch that survives across calls (ORT pool threads persist), so tasks do not page-fault
+// fresh allocations every call.
+float* scratch(std::vector<float>& buf, size_t n) {
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+struct Geometry {
+  int64_t K, N, G, M, S, d;
+  int64_t T;   // G*M: codes per output row
+  int64_t LS;  // LUT row stride: S rounded up to 8
+};
+
+Geometry geometry(const Attrs& a) {
+  Geometry g;
+  g.K = a.K;
+  g.N = a.N;
+  g.d = a.in_group_size;
+  g.G = a.K / a.in_group_size;
+  g.M = a.num_codebooks;
+  g.S = a.codebook_size;
+  g.T = g.G * g.M;
+  g.LS = (g.S + 7) / 8 * 8;
+  return g;
+}
+
+float load_elem(const void* base, DType t, int64_t i) {
+  return t == DType::kFloat16 ? half_to_float(static_cast<const uint16_t*>(base)[i])
+                              : static_cast<const float*>(base)[i];
+}
+
+void store_elem(void* base, DType t, int64_t i, float v) {
+  if (t == DType::kFloat16) {
+    static_cast<uint16_t*>(base)[i] = float_to_half(v);
+  } else {
+    static_cast<float*>(base)[i] = v;
+  }
+}
+
+// ---- LUT build: lut[(g*M+m)*LS + s] = sum_j x[g*d+j] * C[m][s][j] ------------------------------------
+// cbt is the codeword-transposed codebook: cbt[(m*d + j)*LS + s] = C[m][s][j] (zero for s >= S).
+
+void lut_build_ref(const float* x, const float* cbt, const Geometry& g, int64_t g0, int64_t g1, float* lut) {
+  for (int64_t gi = g0; gi < g1; ++gi) {
+    const float* xg = x + gi * g.d;
+    for (int64_t m = 0; m < g.M; ++m) {
+      float* out = lut + (gi * g.M + m) * g.LS;
+      for (int64_t s = 0; s < g.LS; ++s) out[s] = 0.0f;
+      for (int64_t j = 0; j < g.d; ++j) {
+        const float xv = xg[j];
+        const float* c = cbt + (m * g.d + j) * g.LS;
+        for (int64_t s = 0; s < g.LS; ++s) out[s] += xv * c[s];
+      }
+    }
+  }
+}
+
+#if QC_X86
+QC_AVX2 void lut_build_avx2(const float* x, const float* cbt, const Geometry& g, int64_t g0, int64_t g1, float* lut) {
+  constexpr int64_t kChunk = 64;  // 8 accumulators of 8 codewords
+  for (int64_t gi = g0; gi < g1; ++gi) {
+    const float* xg = x + gi * g.d;
+    for (int64_t m = 0; m < g.M; ++m) {
+      float* out = lut + (gi * g.M + m) * g.LS;
+      const float* cm = cbt + m * g.d * g.LS;
+      int64_t s = 0;
+      for (; s + kChunk <= g.LS; s += kChunk) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < g.d; ++j) {
+          const __m256 xv = _mm256_broadcast_ss(xg + j);
+          const float* c = cm + j * g.LS + s;
+          for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + s + 8 * i, acc[i]);
+      }
+      for (; s < g.LS; s += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < g.d; ++j)
+          acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xg + j), _mm256_loadu_ps(cm + j * g.LS + s), acc);
+        _mm256_storeu_ps(out + s, acc);
+      }
+    }
+  }
+}
+#endif
+
+// ---- LUT gather: sum_t lut[t*LS + code[t]] over one output row's T codes ----------------------------
+
+template <typename C, bool kCheck>
+float lut_row_ref(const C* codes, const float* lut, const Geometry& g, uint32_t* maxc) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  uint32_t mx = 0;
+  const uint32_t last = static_cast<uint32_t>(g.S - 1);
+  int64_t t = 0;
+  for (; t + 4 <= g.T; t += 4) {
+    for (int i = 0; i < 4; ++i) {
+      uint32_t c = codes[t + i];
+      if (kCheck) {
+        mx = std::max(mx, c);
+        c = std::min(c, last);
+      }
+      acc[i] += lut[(t + i) * g.LS + c];
+    }
+  }
+  for (; t < g.T; ++t) {
+    uint32_t c = codes[t];
+    if (kCheck) {
+      mx = std::max(mx, c);
+      c = std::min(c, last);
+    }
+    acc[0] += lut[t * g.LS + c];
+  }
+  if (kCheck) *maxc = std::max(*maxc, mx);
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+#if QC_X86
+template <typename C>
+QC_AVX2 inline __m256i load8_codes(const C* p) {
+  if constexpr (sizeof(C) == 1) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
+template <typename C, bool kCheck>
+QC_AVX2 float lut_row_avx2(const C* codes, const float* lut, const Geometry& g, uint32_t* maxc) {
+  // Offsets of 8 consecutive LUT rows, advanced by 8 rows per step (fits int32: G*M*LS < 2^31 checked).
+  const int32_t ls = static_cast<int32_t>(g.LS);
+  __m256i base = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(ls));
+  const __m256i step = _mm256_set1_epi32(8 * ls);
+  const __m256i last = _mm256_set1_epi32(static_cast<int32_t>(g.S - 1));
+  __m256i mx = _mm256_setzero_si256();
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 16 <= g.T; t += 16) {
+    __m256i c0 = load8_codes(codes + t), c1 = load8_codes(codes + t + 8);
+    if (kCheck) {
+      mx = _mm256_max_epu32(mx, _mm256_max_epu32(c0, c1));
+      c0 = _mm256_min_epu32(c0, last);
+      c1 = _mm256_min_epu32(c1, last);
+    }
+    acc0 = _mm256_add_ps(acc0, _mm256_i32gather_ps(lut, _mm256_add_epi32(base, c0), 4));
+    base = _mm256_add_epi32(base, step);
+    acc1 = _mm256_add_ps(acc1, _mm256_i32gather_ps(lut, _mm256_add_epi32(base, c1), 4));
+    base = _mm256_add_epi32(base, step);
+  }
+  acc0 = _mm256_add_ps(acc0, acc1);
+  alignas(32) float part[8];
+  _mm256_store_ps(part, acc0);
+  float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  uint32_t m = 0;
+  if (kCheck) {
+    alignas(32) uint32_t mv[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(mv), mx);
+    for (int i = 0; i < 8; ++i) m = std::max(m, mv[i]);
+  }
+  const uint32_t lastc = static_cast<uint32_t>(g.S - 1);
+  for (; t < g.T; ++t) {
+    uint32_t c = codes[t];
+    if (kCheck) {
+      m = std::max(m, c);
+      c = std::min(c, lastc);
+    }
+    sum += lut[t * g.LS + c];
+  }
+  if (kCheck) *maxc = std::max(*maxc, m);
+  return sum;
+}
+#endif
+
+// ---- decode: up to 16 output channels into a row-major tile wt[i*Kp + k] (zero-padded) -------------------
+
+template <typename C, bool kCheck>
+void decode_tile_ref(const C* codes, const float* cb, const Geometry& g, int64_t n0, int64_t nb, int64_t Kp,
+                     float* wt, uint32_t* maxc) {
+  const uint32_t last = static_cast<uint32_t>(g.S - 1);
+  uint32_t mx = 0;
+  for (int64_t i = 0; i < kNR; ++i) {
+    float* dst = wt + i * Kp;
+    std::fill(dst, dst + Kp, 0.0f);
+    if (i >= nb) continue;  // padding channel of a partial tile
+    const C* row = codes + (n0 + i) * g.T;
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      float* w = dst + gi * g.d;
+      for (int64_t m = 0; m < g.M; ++m) {
+        uint32_t c = row[gi * g.M + m];
+        if (kCheck) {
+          mx = std::max(mx, c);
+          c = std::min(c, last);
+        }
+        const float* cw = cb + (m * g.S + c) * g.d;
+        for (int64_t j = 0; j < g.d; ++j) w[j] += cw[j];
+      }
+    }
+  }
+  if (kCheck) *maxc = std::max(*maxc, mx);
+}
+
+#if QC_X86
+// d == 8: one codeword is one vector, so a group decodes to M loads, M-1 adds and one store.
+template <typename C, bool kCheck>
+QC_AVX2 void decode_tile_avx2_d8(const C* codes, const float* cb, const Geometry& g, int64_t n0, int64_t nb,
+                                 int64_t Kp, float* wt, uint32_t* maxc) {
+  const uint32_t last = static_cast<uint32_t>(g.S - 1);
+  uint32_t mx = 0;
+  for (int64_t i = 0; i < kNR; ++i) {
+    float* dst = wt + i * Kp;
+    if (i >= nb) {
+      std::fill(dst, dst + Kp, 0.0f);
+      continue;
+    }
+    const C* row = codes + (n0 + i) * g.T;
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      const C* cg = row + gi * g.M;
+      __m256 w = _mm256_setzero_ps();
+      for (int64_t m = 0; m < g.M; ++m) {
+        uint32_t c = cg[m];
+        if (kCheck) {
+          mx = std::max(mx, c);
+          c = std::min(c, last);
+        }
+        w = _mm256_add_ps(w, _mm256_loadu_ps(cb + ((m * g.S + c) << 3)));
+      }
+      _mm256_storeu_ps(dst + (gi << 3), w);
+    }
+  }
+  if (kCheck) *maxc = std::max(*maxc, mx);
+}
+#endif
+
+// ---- GEMM microkernel: c[r][j] = dot(x[r], w[j]) over Kp (a multiple of 8), R x rows, 4 W rows ----------
+
+template <int R>
+void micro_ref(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t Kp, float* c, int64_t ldc) {
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < 4; ++j) {
+      float acc[8] = {};
+      const float* xr = x + r * ldx;
+      const float* wj = w + j * ldw;
+      for (int64_t k = 0; k < Kp; k += 8)
+        for (int e = 0; e < 8; ++e) acc[e] += xr[k + e] * wj[k + e];
+      c[r * ldc + j] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+  }
+}
+
+#if QC_X86
+QC_AVX2 inline __m128 reduce4(__m256 p, __m256 q, __m256 r, __m256 s) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(p, q), _mm256_hadd_ps(r, s));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+template <int R>
+QC_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t Kp, float* c,
+                        int64_t ldc) {
+  __m256 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) a[r][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < Kp; k += 8) {
+    __m256 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * ldx + k);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 wv = _mm256_loadu_ps(w + j * ldw + k);
+      for (int r = 0; r < R; ++r) a[r][j] = _mm256_fmadd_ps(xv[r], wv, a[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm_storeu_ps(c + r * ldc, reduce4(a[r][0], a[r][1], a[r][2], a[r][3]));
+}
+#endif
+
+// c[r][0..4) for R = 1..3 rows of x against 4 rows of w.
+void micro(bool avx2, int R, const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t Kp, float* c,
+           int64_t ldc) {
+#if QC_X86
+  if (avx2) {
+    if (R == 1) micro_avx2<1>(x, ldx, w, ldw, Kp, c, ldc);
+    else if (R == 2) micro_avx2<2>(x, ldx, w, ldw, Kp, c, ldc);
+    else micro_avx2<3>(x, ldx, w, ldw, Kp, c, ldc);
+    return;
+  }
+#endif
+  if (R == 1) micro_ref<1>(x, ldx, w, ldw, Kp, c, ldc);
+  else if (R == 2) micro_ref<2>(x, ldx, w, ldw, Kp, c, ldc);
+  else micro_ref<3>(x, ldx, w, ldw, Kp, c, ldc);
+}
+
+// ---- fused decode-dot (GEMV, few rows): y[r][n] = sum_g dot(x[r]_g, sum_m C[m][code]) ------------------
+// The 2x8 codebooks are 8 KB, so every codeword read hits L1; each group costs M loads + adds and one FMA
+// per X row, and W is never materialised.
+
+template <typename C, bool kCheck, int R>
+void fused_rows_ref(const C* codes, const float* cb, const Geometry& g, const float* x, int64_t ldx, int64_t n0,
+                    int64_t n1, float* out /* [R][n1-n0] */, uint32_t* maxc) {
+  const uint32_t last = static_cast<uint32_t>(g.S - 1);
+  uint32_t mx = 0;
+  float w[32];
+  for (int64_t n = n0; n < n1; ++n) {
+    const C* row = codes + n * g.T;
+    float acc[R] = {};
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      for (int64_t j = 0; j < g.d; ++j) w[j] = 0.0f;
+      for (int64_t m = 0; m < g.M; ++m) {
+        uint32_t c = row[gi * g.M + m];
+        if (kCheck) {
+          mx = std::max(mx, c);
+          c = std::min(c, last);
+        }
+        const float* cw = cb + (m * g.S + c) * g.d;
+        for (int64_t j = 0; j < g.d; ++j) w[j] += cw[j];
+      }
+      for (int r = 0; r < R; ++r) {
+        const float* xg = x + r * ldx + gi * g.d;
+        float dot = 0.0f;
+        for (int64_t j = 0; j < g.d; ++j) dot += w[j] * xg[j];
+        acc[r] += dot;
+      }
+    }
+    for (int r = 0; r < R; ++r) out[r * (n1 - n0) + (n - n0)] = acc[r];
+  }
+  if (kCheck) *maxc = std::max(*maxc, mx);
+}
+
+#if QC_X86
+QC_AVX2 inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+template <typename C, bool kCheck>
+QC_AVX2 inline __m256 decode_group_d8(const C* cg, const float* cb, int64_t M, int64_t S, uint32_t last,
+                                       uint32_t& mx) {
+  uint32_t c = cg[0];
+  if (kCheck) {
+    mx = std::max(mx, c);
+    c = std::min(c, last);
+  }
+  __m256 w = _mm256_loadu_ps(cb + (static_cast<int64_t>(c) << 3));
+  for (int64_t m = 1; m < M; ++m) {
+    c = cg[m];
+    if (kCheck) {
+      mx = std::max(mx, c);
+      c = std::min(c, last);
+    }
+    w = _mm256_add_ps(w, _mm256_loadu_ps(cb + ((m * S + c) << 3)));
+  }
+  return w;
+}
+
+template <typename C, bool kCheck, int kM>
+QC_AVX2 inline __m256 decode_group_fixed(const C* cg, const float* cb, int64_t S, uint32_t last, uint32_t& mx) {
+  if constexpr (kM == 2 && sizeof(C) == 1 && !kCheck) {  // both codes in one 16-bit load
+    uint16_t pair;
+    std::memcpy(&pair, cg, 2);
+    return _mm256_add_ps(_mm256_loadu_ps(cb + (static_cast<uint32_t>(pair & 0xFF) << 3)),
+                         _mm256_loadu_ps(cb + ((S + (pair >> 8)) << 3)));
+  }
+  __m256 w;
+  for (int m = 0; m < kM; ++m) {
+    uint32_t c = cg[m];
+    if (kCheck) {
+      mx = std::max(mx, c);
+      c = std::min(c, last);
+    }
+    const __m256 v = _mm256_loadu_ps(cb + ((m * S + c) << 3));
+    w = m == 0 ? v : _mm256_add_ps(w, v);
+  }
+  return w;
+}
+
+// R == 1 with M known at compile time: four output channels at once share each x load and give four
+// independent FMA chains.
+template <typename C, bool kCheck, int kM>
+QC_AVX2 void fused_gemv_avx2_d8(const C* codes, const float* cb, const Geometry& g, const float* x, int64_t n0,
+                                int64_t n1, float* out, uint32_t* maxc) {
+  const uint32_t last = static_cast<uint32_t>(g.S - 1);
+  uint32_t mx = 0;
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const C* r0 = codes + n * g.T;
+    const C* r1 = r0 + g.T;
+    const C* r2 = r1 + g.T;
+    const C* r3 = r2 + g.T;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t gi = 0;
+    for (; gi + 2 <= g.G; gi += 2) {
+      const __m256 xv = _mm256_loadu_ps(x + (gi << 3)), xw = _mm256_loadu_ps(x + (gi << 3) + 8);
+      const int64_t o = gi * kM, q = o + kM;
+      a0 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r0 + o, cb, g.S, last, mx), xv, a0);
+      a1 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r1 + o, cb, g.S, last, mx), xv, a1);
+      a2 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r2 + o, cb, g.S, last, mx), xv, a2);
+      a3 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r3 + o, cb, g.S, last, mx), xv, a3);
+      b0 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r0 + q, cb, g.S, last, mx), xw, b0);
+      b1 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r1 + q, cb, g.S, last, mx), xw, b1);
+      b2 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r2 + q, cb, g.S, last, mx), xw, b2);
+      b3 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r3 + q, cb, g.S, last, mx), xw, b3);
+    }
+    for (; gi < g.G; ++gi) {
+      const __m256 xv = _mm256_loadu_ps(x + (gi << 3));
+      const int64_t o = gi * kM;
+      a0 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r0 + o, cb, g.S, last, mx), xv, a0);
+      a1 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r1 + o, cb, g.S, last, mx), xv, a1);
+      a2 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r2 + o, cb, g.S, last, mx), xv, a2);
+      a3 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r3 + o, cb, g.S, last, mx), xv, a3);
+    }
+    _mm_storeu_ps(out + (n - n0), reduce4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2),
+                                          _mm256_add_ps(a3, b3)));
+  }
+  for (; n < n1; ++n) {
+    const C* r0 = codes + n * g.T;
+    __m256 a0 = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < g.G; ++gi)
+      a0 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r0 + gi * kM, cb, g.S, last, mx),
+                           _mm256_loadu_ps(x + (gi << 3)), a0);
+    out[n - n0] = hsum8(a0);
+  }
+  if (kCheck) *maxc = std::max(*maxc, mx);
+}
+
+template <typename C, bool kCheck, int R>
+QC_AVX2 void fused_rows_avx2_d8(const C* codes, const float* cb, const Geometry& g, const float* x, int64_t ldx,
+                                int64_t n0, int64_t n1, float* out, uint32_t* maxc) {
+  if (R == 1 && g.M == 1) return fused_gemv_avx2_d8<C, kCheck, 1>(codes, cb, g, x, n0, n1, out, maxc);
+  if (R == 1 && g.M == 2) return fused_gemv_avx2_d8<C, kCheck, 2>(codes, cb, g, x, n0, n1, out, maxc);
+  const uint32_t last = static_cast<uint32_t>(g.S - 1);
+  uint32_t mx = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const C* row = codes + n * g.T;
+    __m256 a0[R], a1[R];  // two chains per row hide the FMA latency
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+    int64_t gi = 0;
+    for (; gi + 2 <= g.G; gi += 2) {
+      const __m256 w0 = decode_group_d8<C, kCheck>(row + gi * g.M, cb, g.M, g.S, last, mx);
+      const __m256 w1 = decode_group_d8<C, kCheck>(row + (gi + 1) * g.M, cb, g.M, g.S, last, mx);
+      for (int r = 0; r < R; ++r) {
+        a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ldx + (gi << 3)), a0[r]);
+        a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * ldx + ((gi + 1) << 3)), a1[r]);
+      }
+    }
+    if (gi < g.G) {
+      const __m256 w0 = decode_group_d8<C, kCheck>(row + gi * g.M, cb, g.M, g.S, last, mx);
+      for (int r = 0; r < R; ++r) a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ldx + (gi << 3)), a0[r]);
+    }
+    for (int r = 0; r < R; ++r) out[r * (n1 - n0) + (n - n0)] = hsum8(_mm256_add_ps(a0[r], a1[r]));
+  }
+  if (kCheck) *maxc = std::max(*maxc, mx);
+}
+#endif
+
+template <typename C, bool kCheck, int R>
+void fused_rows(bool avx2, const C* codes, const float* cb, const Geometry& g, const float* x, int64_t ldx,
+                int64_t n0, int64_t n1, float* out, uint32_t* maxc) {
+#if QC_X86
+  if (avx2 && g.d == 8) {
+    fused_rows_avx2_d8<C, kCheck, R>(codes, cb, g, x, ldx, n0, n1, out, maxc);
+    return;
+  }
+#endif
+  fused_rows_ref<C, kCheck, R>(codes, cb, g, x, ldx, n0, n1, out, maxc);
+}
+
+// ---- drivers ---------------------------------------------------------------------------------------------
+
+struct Prepared {
+  int64_t Kp = 0;             // K rounded up to 8 (GEMM rows are zero-padded to it)
+  std::vector<float> x;       // [rows, Kp] fp32
+  std::vector<float> scales;  // [N]
+  std::vector<float> bias;    // [N] or empty
+  std::vector<float> cb;      // [M, S, d] fp32
+};
+
+// sum_{t < cnt} lut[t*LS + code[t]] with four independent chains; ls advances by one table per entry,
+// so each lookup is a byte load plus a load-add at a constant displacement.
+template <typename C, bool kCheck>
+inline float lut_slice(const C* codes, const float* lut, int64_t cnt, int64_t LS, int64_t S, uint32_t* maxc) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  uint32_t mx = 0;
+  const uint32_t last = static_cast<uint32_t>(S - 1);
+  auto idx = [&](uint32_t c) {
+    if (kCheck) {
+      mx = std::max(mx, c);
+      c = std::min(c, last);
+    }
+    return c;
+  };
+  int64_t t = 0;
+  for (; t + 4 <= cnt; t += 4, lut += 4 * LS) {
+    s0 += lut[idx(codes[t])];
+    s1 += lut[LS + idx(codes[t + 1])];
+    s2 += lut[2 * LS + idx(codes[t + 2])];
+    s3 += lut[3 * LS + idx(codes[t + 3])];
+  }
+  for (; t < cnt; ++t, lut += LS) s0 += lut[idx(codes[t])];
+  if (kCheck) *maxc = std::max(*maxc, mx);
+  return (s0 + s1) + (s2 + s3);
+}
+
+template <typename C, bool kCheck>
+void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
+             std::vector<uint32_t>& maxc) {
+  // Codeword-transposed codebooks: cbt[(m*d + j)*LS + s].
+  // Buffers are per calling thread and reused across calls (no page faults for a fresh 1 MB every token).
+  thread_local std::vector<float> cbt_buf, lut_buf;
+  float* cbt = scratch(cbt_buf, static_cast<size_t>(g.M * g.d * g.LS));
+  std::fill(cbt, cbt + g.M * g.d * g.LS, 0.0f);
+  for (int64_t m = 0; m < g.M; ++m)
+    for (int64_t s = 0; s < g.S; ++s)
+      for (int64_t j = 0; j < g.d; ++j) cbt[(m * g.d + j) * g.LS + s] = in.cb[(m * g.S + s) * g.d + j];
+  float* lut = scratch(lut_buf, static_cast<size_t>(g.T * g.LS));
+  const C* codes = static_cast<const C*>(p.codes);
+  const int64_t build_chunk = std::max<int64_t>(1, 16384 / (g.M * g.LS));  // ~64 KB of LUT per task
+  const int64_t build_tasks = (g.G + build_chunk - 1) / build_chunk;
+  const int64_t gather_tasks = (g.N + kGemvRowsPerTask - 1) / kGemvRowsPerTask;
+  static const int64_t slice_bytes = [] {
+    const char* e = std::getenv("QCOMPILE_CODEBOOK_LUT_SLICE_KB");
+    return (e && std::atoi(e) > 0 ? std::atoi(e) : 16) * int64_t{1024};
+  }();
+  const int64_t slice = std::max<int64_t>(4, slice_bytes / (4 * g.LS) / 4 * 4);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const float* x = in.x.data() + r * in.Kp;
+    par.for_each(static_cast<size_t>(build_tasks), [&](size_t t) {
+      const int64_t g0 = static_cast<int64_t>(t) * build_chunk, g1 = std::min(g.G, g0 + build_chunk);
+#if QC_X86
+      if (avx2) {
+        lut_build_avx2(x, cbt, g, g0, g1, lut);
+        return;
+      }
+#endif
+      lut_build_ref(x, cbt, g, g0, g1, lut);
+    });
+    par.for_each(static_cast<size_t>(gather_tasks), [&](size_t t) {
+      // Walk the LUT in L1-sized slices of (group, codebook) entries, all of this task's rows per slice:
+      // two loads per lookup (code, table entry), no gathers, and the table slice never leaves L1.
+      thread_local std::vector<float> acc_buf;
+      const int64_t n0 = static_cast<int64_t>(t) * kGemvRowsPerTask, n1 = std::min(g.N, n0 + kGemvRowsPerTask);
+      float* acc = scratch(acc_buf, static_cast<size_t>(n1 - n0));
+      std::fill(acc, acc + (n1 - n0), 0.0f);
+      uint32_t mx = 0;
+      for (int64_t t0 = 0; t0 < g.T; t0 += slice) {
+        const int64_t cnt = std::min(slice, g.T - t0);
+        const float* ls = lut + t0 * g.LS;
+        for (int64_t n = n0; n < n1; ++n)
+          acc[n - n0] += lut_slice<C, kCheck>(codes + n * g.T + t0, ls, cnt, g.LS, g.S, &mx);
+      }
+      for (int64_t n = n0; n < n1; ++n) {
+        float v = acc[n - n0] * in.scales[n];
+        if (!in.bias.empty()) v += in.bias[n];
+        store_elem(p.y, p.dtype, r * g.N + n, v);
+      }
+      if (kCheck) maxc[t] = std::max(maxc[t], mx);
+    });
+  }
+}
+
+template <typename C, bool kCheck>
+void run_gemm(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
+              std::vector<uint32_t>& maxc) {
+  const C* codes = static_cast<const C*>(p.codes);
+  const int64_t Kp = in.Kp;
+  const int64_t tasks = (g.N + kNR - 1) / kNR;
+  par.for_each(static_cast<size_t>(tasks), [&](size_t t) {
+    thread_local std::vector<float> wbuf;
+    const int64_t n0 = static_cast<int64_t>(t) * kNR, nb = std::min(kNR, g.N - n0);
+    float* wt = scratch(wbuf, static_cast<size_t>(Kp * kNR));
+    uint32_t mx = 0;
+#if QC_X86
+    if (avx2 && g.d == 8) {
+      decode_tile_avx2_d8<C, kCheck>(codes, in.cb.data(), g, n0, nb, Kp, wt, &mx);
+    } else {
+      decode_tile_ref<C, kCheck>(codes, in.cb.data(), g, n0, nb, Kp, wt, &mx);
+    }
+#else
+    decode_tile_ref<C, kCheck>(codes, in.cb.data(), g, n0, nb, Kp, wt, &mx);
+#endif
+    if (kCheck) maxc[t] = mx;
+    float c[kMR * kNR];
+    for (int64_t r0 = 0; r0 < p.rows; r0 += kMR) {
+      const int rr = static_cast<int>(std::min(kMR, p.rows - r0));
+      for (int64_t j0 = 0; j0 < kNR; j0 += 4)
+        micro(avx2, rr, in.x.data() + r0 * Kp, Kp, wt + j0 * Kp, Kp, Kp, c + j0, kNR);
+      for (int r = 0; r < rr; ++r) {
+        for (int64_t i = 0; i < nb; ++i) {
+          float v = c[r * kNR + i] * in.scales[n0 + i];
+          if (!in.bias.empty()) v += in.bias[n0 + i];
+          store_elem(p.y, p.dtype, (r0 + r) * g.N + n0 + i, v);
+        }
+      }
+    }
+  });
+}
+
+template <typename C, bool kCheck>
+void run_fused(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
+               std::vector<uint32_t>& maxc) {
+  const C* codes = static_cast<const C*>(p.codes);
+  const int64_t tasks = (g.N + kGemvRowsPerTask - 1) / kGemvRowsPerTask;
+  par.for_each(static_cast<size_t>(tasks), [&](size_t t) {
+    const int64_t n0 = static_cast<int64_t>(t) * kGemvRowsPerTask, n1 = std::min(g.N, n0 + kGemvRowsPerTask);
+    float out[kFusedRows * kGemvRowsPerTask];
+    uint32_t mx = 0;
+    for (int64_t r0 = 0; r0 < p.rows; r0 += kFusedRows) {
+      const int64_t rr = std::min(kFusedRows, p.rows - r0);
+      const float* x = in.x.data() + r0 * in.Kp;
+      switch (rr) {
+        case 1: fused_rows<C, kCheck, 1>(avx2, codes, in.cb.data(), g, x, in.Kp, n0, n1, out, &mx); break;
+        case 2: fused_rows<C, kCheck, 2>(avx2, codes, in.cb.data(), g, x, in.Kp, n0, n1, out, &mx); break;
+        case 3: fused_rows<C, kCheck, 3>(avx2, codes, in.cb.data(), g, x, in.Kp, n0, n1, out, &mx); break;
+        default: fused_rows<C, kCheck, 4>(avx2, codes, in.cb.data(), g, x, in.Kp, n0, n1, out, &mx); break;
+      }
+      for (int64_t r = 0; r < rr; ++r) {
+        for (int64_t n = n0; n < n1; ++n) {
+          float v = out[r * (n1 - n0) + (n - n0)] * in.scales[n];
+          if (!in.bias.empty()) v += in.bias[n];
+          store_elem(p.y, p.dtype, (r0 + r) * g.N + n, v);
+        }
+      }
+    }
+    if (kCheck) maxc[t] = std::max(maxc[t], mx);
+  });
+}
+
+enum class Path { kAuto, kLut, kFused, kGemm };
+
+Path forced_path() {
+  const char* e = std::getenv("QCOMPILE_CODEBOOK_PATH");  // tests pin each path; unset = automatic
+  if (!e) return Path::kAuto;
+  if (!std::strcmp(e, "lut")) return Path::kLut;
+  if (!std::strcmp(e, "fused")) return Path::kFused;
+  if (!std::strcmp(e, "gemm")) return Path::kGemm;
+  return Path::kAuto;
+}
+
+template <typename C, bool kCheck>
+void dispatch(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
+              std::vector<uint32_t>& maxc) {
+  const bool lut_ok = g.T * g.LS < (int64_t{1} << 30);
+  Path path = forced_path();
+  if (path == Path::kLut && !lut_ok) path = Path::kFused;
+  if (path == Path::kAuto) {
+    // Measured on Zen3 (2x8, K=N=4096): fused decode-dot beats the LUT because the codebooks stay in L1
+    // while a 1 MB LUT does not fit L2; the LUT wins only when codewords are long and codebooks small.
+    // Past a few rows, decoding each W tile once and reusing it (GEMM) beats re-decoding per row block.
+    const bool lut_wins = g.d > 8 && g.M * g.S <= 2 * g.N && lut_ok;
+    if (p.rows <= kLutMaxRows && lut_wins) path = Path::kLut;
+    else if (p.rows <= kFusedMaxRows) path = Path::kFused;
+    else path = Path::kGemm;
+  }
+  switch (path) {
+    case Path::kLut: run_lut<C, kCheck>(p, g, in, avx2, par, maxc); break;
+    case Path::kFused: run_fused<C, kCheck>(p, g, in, avx2, par, maxc); break;
+    default: run_gemm<C, kCheck>(p, g, in, avx2, par, maxc); break;
+  }
+}
+
+}  // namespace
+
+Status matmul_cpu(const Problem& p, const Parallel& par) {
+  QCOMPILE_RETURN_IF_ERROR(validate_attrs(p.attrs));
+  if (p.rows == 0) return Status::OK();
+  const Geometry g = geometry(p.attrs);
+  const bool avx2 = use_avx2();
+  Prepared in;
+  in.Kp = (g.K + 7) / 8 * 8;
+  in.x.assign(static_cast<size_t>(p.rows * in.Kp), 0.0f);
+  for (int64_t r = 0; r < p.rows; ++r)
+    for (int64_t k = 0; k < g.K; ++k) in.x[r * in.Kp + k] = load_elem(p.x, p.dtype, r * g.K + k);
+  in.scales.resize(static_cast<size_t>(g.N));
+  for (int64_t n = 0; n < g.N; ++n) in.scales[n] = load_elem(p.scales, p.scale_type, n);
+  if (p.bias) {
+    in.bias.resize(static_cast<size_t>(g.N));
+    for (int64_t n = 0; n < g.N; ++n) in.bias[n] = load_elem(p.bias, p.dtype, n);
+  }
+  in.cb.resize(static_cast<size_t>(g.M * g.S * g.d));
+  for (size_t i = 0; i < in.cb.size(); ++i) in.cb[i] = half_to_float(p.codebooks[i]);
+
+  const bool u8 = p.code_type == CodeType::kUint8;
+  const bool check = u8 ? g.S < 256 : g.S < 65536;
+  std::vector<uint32_t> maxc(static_cast<size_t>(std::max<int64_t>((g.N + kNR - 1) / kNR, 1) + 64), 0);  // >= tasks of any path
+  if (u8) {
+    if (check) dispatch<uint8_t, true>(p, g, in, avx2, par, maxc);
+    else dispatch<uint8_t, false>(p, g, in, avx2, par, maxc);
+  } else {
+    if (check) dispatch<uint16_t, true>(p, g, in, avx2, par, maxc);
+    else dispatch<uint16_t, false>(p, g, in, avx2, par, maxc);
+  }
+  if (check) {
+    const uint32_t mx = *std::max_element(maxc.begin(), maxc.end());
+    if (mx >= static_cast<uint32_t>(g.S)) return check_codes_host(p.attrs, p.codes, p.code_type);
+  }
+  return Status::OK();
+}
+
+}  // namespace codebook
+}  // namespace qcompile
