@@ -74,10 +74,11 @@ def evaluate(model_path: str | Path, *, text: str | Path | None = None, samples:
         raise QCompileError(f"{model_path}: no such file")
     from qcompile import data as qdata
     from qcompile.evaluate import perplexity
-    from qcompile.models.sources import tokenizer_for_onnx
+    from qcompile.models.sources import resolve_source
 
-    tok = tokenizer_for_onnx(model_path, tokenizer)
-    windows = qdata.evaluation_windows(tok, samples, seq_len, text_file=Path(text) if text else None)
+    tok = resolve_source(model_path, tokenizer=tokenizer).load_tokenizer()
+    texts = qdata.load_text_file(text) if text else None
+    windows = qdata.eval_windows(tok, seq_len, samples, texts=texts)
     return perplexity(model_path, windows, session_factory=session_factory(model_path), progress=progress)
 
 

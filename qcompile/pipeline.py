@@ -5,6 +5,7 @@ folder is written aside and renamed into place, so an error or Ctrl-C never leav
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -12,7 +13,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -104,6 +105,21 @@ def _commit_output(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def quantization_threads(device: str) -> Iterator[None]:
+    """GPTQ's column sweep is many small tensor ops: on CPU one thread beats several (measured 10x under
+    load on 2 cores), so quantize single-threaded unless QCOMPILE_QUANT_THREADS says otherwise."""
+    if device != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("QCOMPILE_QUANT_THREADS", "1")))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _Stages:
     """Wall-clock per stage, for the report."""
 
@@ -145,12 +161,13 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
         tokenizer = source.load_tokenizer()
         # Calibrated even for RTN: the Hessians give every layer's output error in the report (cached).
         calib = stages.run("tokenize", lambda: qdata.calibration_windows(tokenizer, cfg.calib_samples,
-                                                                         cfg.seq_len, cfg.seed))
+                                                                         cfg.seq_len, seed=cfg.seed))
         calib_tokens = int(calib.size)
         inits = initializer_map(model)
 
         def quantize_layer(m: LinearMatch, h: torch.Tensor | None) -> QuantizedWeight:
-            return fmt.quantize(m.weight(inits), h if fmt.needs_calibration else None, device=device, **opts)
+            with quantization_threads(device):
+                return fmt.quantize(m.weight(inits), h if fmt.needs_calibration else None, device=device, **opts)
 
         quantized: dict[str, QuantizedWeight] = {}
         layers: list[dict[str, Any]] = []
@@ -220,7 +237,7 @@ def float_onnx(source: Any, dtype: str) -> Path:
     """The float ONNX model of a source: the .onnx itself, or a cached export."""
     from qcompile.models.export import export_onnx
 
-    return export_onnx(source, dtype=dtype)
+    return export_onnx(source, dtype=dtype)  # .onnx sources come back as they are
 
 
 def _hessians(float_path: Path, matches: list[LinearMatch], calib: np.ndarray, cfg: CompileConfig) -> dict[str, torch.Tensor]:
@@ -289,7 +306,8 @@ def _evaluate(float_path: Path, out_model: Path, emit: str, fmt: Format, tokeniz
     from qcompile.cache import cache_path
     from qcompile.evaluate import perplexity
 
-    windows = qdata.evaluation_windows(tokenizer, cfg.eval_samples, cfg.eval_seq_len, text_file=cfg.eval_text)
+    texts = qdata.load_text_file(cfg.eval_text) if cfg.eval_text else None
+    windows = qdata.eval_windows(tokenizer, cfg.eval_seq_len, cfg.eval_samples, texts=texts)
     key_path = cache_path("ppl", str(float_path), _file_key(float_path), windows.shape, int(windows.sum()))
     if key_path.exists():
         ref = float(key_path.read_text())

@@ -54,7 +54,7 @@ class IntGrid:
 
     def _err(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, self.maxq)
-        return ((scale[:, None] * (q - zero[:, None]) - w).abs() ** 2.4).sum(dim=1)
+        return ((scale[:, None] * (q - zero[:, None]) - w) ** 2).sum(dim=1)
 
     def quantize(self, col: torch.Tensor, params, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         scale, zero = params

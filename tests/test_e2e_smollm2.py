@@ -1,0 +1,62 @@
+"""End to end on the bundled default model: compile with int4-gptq, run the artifact in stock
+onnxruntime, and hold its perplexity to the float model's (small calibration/eval to fit CI)."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from qcompile.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "int4"
+    rc = main(["compile", "smollm2-135m", "-f", "int4-gptq", "-o", str(out), "--calib-samples", "16",
+               "--seq-len", "256", "--eval-samples", "8", "--eval-seq-len", "256", "-q"])
+    assert rc == 0
+    return out
+
+
+def test_report_has_the_promised_fields_and_a_bounded_perplexity(compiled):
+    rep = json.loads((compiled / "report.json").read_text())
+    for key in ("format", "model", "bits_per_weight", "quantized_params", "file_bytes", "ppl_reference",
+                "ppl_quantized", "eval_tokens", "calib_tokens", "compile_seconds", "layers"):
+        assert key in rep, key
+    assert rep["format"] == "int4-gptq" and len(rep["layers"]) == 210
+    # 4-bit codes + fp32 scale + 4-bit zero per 128 weights; 576 and 1536 pad to whole blocks
+    assert 4.28 <= rep["bits_per_weight"] <= 4.45
+    assert rep["ppl_reference"] > 1 and rep["ppl_quantized"] < 1.35 * rep["ppl_reference"]
+    assert rep["eval_tokens"] == 8 * 255 and rep["calib_tokens"] == 16 * 256
+    assert all(0 <= layer["rel_output_error"] < 0.2 for layer in rep["layers"])
+    assert (compiled / "report.md").read_text().startswith("# qcompile report")
+
+
+def test_artifact_runs_in_stock_onnxruntime_and_tracks_float_logits(compiled):
+    from qcompile.models.export import export_onnx
+
+    ids = np.random.default_rng(0).integers(0, 49152, size=(2, 24), dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    q = ort.InferenceSession(str(compiled / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    f = ort.InferenceSession(str(export_onnx("smollm2-135m")), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert q.shape == f.shape and np.isfinite(q).all()
+    agree = (q.argmax(-1) == f.argmax(-1)).mean()
+    assert agree > 0.6, agree
+    assert not np.allclose(q, f, atol=1e-3)
+
+
+def test_inspect_reads_the_same_bits_from_the_file(compiled, capsys):
+    assert main(["inspect", str(compiled / "model.onnx"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    rep = json.loads((compiled / "report.json").read_text())
+    assert info["bits_per_weight"] == pytest.approx(rep["bits_per_weight"])
+    assert all(layer["format"] == "int4-gptq" for layer in info["layers"])
+
+
+def test_eval_command_reproduces_the_report(compiled, capsys):
+    rep = json.loads((compiled / "report.json").read_text())
+    assert main(["eval", str(compiled / "model.onnx"), "--samples", "8", "--seq-len", "256", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert f"{rep['ppl_quantized']:.4f}" in out
