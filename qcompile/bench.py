@@ -17,7 +17,8 @@ calling :func:`run_op_bench`)::
     from qcompile.bench import BenchOp, register_op_bench
 
     def build_spqr(K: int, N: int, dtype: np.dtype, rng: np.random.Generator) -> onnx.ModelProto:
-        ...  # one node reading graph input "x" [M, K] (dtype), writing output "y" [M, N]; weights as initializers
+        node = helper.make_node("SpQRMatMul", ["x", ...], ["y"], domain="qcompile", ...)
+        return one_node_model(node, initializers, K, N, dtype, {"qcompile": 1})  # x [M, K] -> y [M, N]
 
     register_op_bench(BenchOp("SpQRMatMul", build_spqr, weight_bytes=lambda K, N: ...))
 
@@ -104,6 +105,10 @@ def _one_node(node: onnx.NodeProto, inits: list[onnx.TensorProto], K: int, N: in
                               [helper.make_tensor_value_info("y", et, ["M", N])], initializer=inits)
     opsets = [helper.make_opsetid("", 17)] + [helper.make_opsetid(d, v) for d, v in domains.items()]
     return helper.make_model(graph, opset_imports=opsets)
+
+
+#: Public name for plugins: ``one_node_model(node, initializers, K, N, dtype, {domain: version})``.
+one_node_model = _one_node
 
 
 def build_matmul(K: int, N: int, dtype: np.dtype, rng: np.random.Generator) -> onnx.ModelProto:

@@ -149,6 +149,8 @@ def _feed(K=64, N=4, G=32, fmt="e8m0", M=2, dtype=F32):
     dict(extra_attrs=dict(N=-1)),
     dict(drop_attrs=("group_size",)),
     dict(drop_attrs=("scale_format",)),
+    dict(extra_attrs=dict(hadamard_block=2.0)),  # wrong type must not fall back to the default
+    dict(extra_attrs=dict(group_size="32")),
 ], ids=str)
 def test_bad_attributes_raise(ops_session, bad_attrs):
     model = fp4_model(K=64, N=4, G=32, fmt="e8m0", **bad_attrs)

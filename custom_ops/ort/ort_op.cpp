@@ -34,8 +34,21 @@ Status attr_int(const OrtKernelInfo* info, const char* op, const char* name, int
   return Status::OK();
 }
 
+// True when the attribute exists with some other type than the one asked for (so a default must not
+// silently replace a value the model did give).
+bool present_with_other_type(const OrtKernelInfo* info, const char* name) {
+  float f;
+  int64_t i;
+  std::string s;
+  return !consume(Ort::GetApi().KernelInfoGetAttribute_float(info, name, &f)) || has_int(info, name, &i) ||
+         has_string(info, name, &s);
+}
+
 Status attr_int_or(const OrtKernelInfo* info, const char* op, const char* name, int64_t dflt, int64_t* out) {
-  if (!has_int(info, name, out)) *out = dflt;
+  if (has_int(info, name, out)) return Status::OK();
+  if (present_with_other_type(info, name))
+    return Status::Error(std::string(op) + ": attribute '" + name + "' must be an integer");
+  *out = dflt;
   return Status::OK();
 }
 
@@ -47,7 +60,10 @@ Status attr_string(const OrtKernelInfo* info, const char* op, const char* name, 
 
 Status attr_string_or(const OrtKernelInfo* info, const char* op, const char* name, const std::string& dflt,
                       std::string* out) {
-  if (!has_string(info, name, out)) *out = dflt;
+  if (has_string(info, name, out)) return Status::OK();
+  if (present_with_other_type(info, name))
+    return Status::Error(std::string(op) + ": attribute '" + name + "' must be a string");
+  *out = dflt;
   return Status::OK();
 }
 
