@@ -21,6 +21,7 @@
 // The library is compiled for x86-64-v2; the AVX2/FMA/F16C code is selected at run time
 // (QCOMPILE_FP4_NO_AVX2=1 forces the portable path, which the tests also exercise).
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cmath>
 #include <cstdlib>
@@ -528,6 +529,22 @@ QC_AVX2 void micro6x16(const float* x, int64_t ldx, const float* panel, int64_t 
 
 // ---- drivers ---------------------------------------------------------------------------------------
 
+// Runs fn(i) for i in [0, n) on `par`; an exception (e.g. bad_alloc of a scratch buffer) must not escape
+// into the host's thread pool, so it is caught per task and reported as a Status.
+template <typename F>
+Status run_tasks(const Parallel& par, int64_t n, F&& fn) {
+  std::atomic<bool> failed{false};
+  par.for_each(static_cast<size_t>(n), [&](size_t i) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      fn(static_cast<int64_t>(i));
+    } catch (...) {
+      failed.store(true);
+    }
+  });
+  return failed.load() ? Status::Error("FP4MatMul: out of memory for scratch buffers") : Status::OK();
+}
+
 struct TaskScratch {
   std::vector<float> scales, tile, panel, out;
 };
@@ -537,11 +554,11 @@ TaskScratch& task_scratch() {
   return s;
 }
 
-void run_gemv(const Problem& p, const Geometry& g, bool avx2, const float* x, const Parallel& par) {
+Status run_gemv(const Problem& p, const Geometry& g, bool avx2, const float* x, const Parallel& par) {
   // ~64K weights per task, but at least 16 tasks when N allows (load balance on many-core machines)
   const int64_t rows_per_task = std::max<int64_t>(1, std::min(65536 / g.Kx, (g.N + 15) / 16));
   const int64_t tasks = (g.N + rows_per_task - 1) / rows_per_task;
-  par.for_each(static_cast<size_t>(tasks), [&](size_t task) {
+  return run_tasks(par, tasks, [&](int64_t task) {
     TaskScratch& s = task_scratch();
     s.scales.resize(g.scale_len);
     const int64_t n0 = static_cast<int64_t>(task) * rows_per_task;
@@ -570,10 +587,11 @@ void run_gemv(const Problem& p, const Geometry& g, bool avx2, const float* x, co
 // M > 1. A task owns 16 W rows: for each K slice it decodes them (scales applied) into a tile, then runs
 // every block of X rows against it, accumulating into the task's own [Mpad, 16] buffer. W is decoded
 // once overall; the tile stays in L1/L2 while the X slice streams past.
-void run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x, int64_t Mpad, const Parallel& par) {
+Status run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x, int64_t Mpad,
+                 const Parallel& par) {
   const bool outer = avx2 && p.M >= kOuterMinM;  // Mpad is then a multiple of kMR6
   const int64_t tasks = (g.N + kTileRows - 1) / kTileRows;
-  par.for_each(static_cast<size_t>(tasks), [&](size_t task) {
+  return run_tasks(par, tasks, [&](int64_t task) {
     TaskScratch& s = task_scratch();
     const int64_t n0 = static_cast<int64_t>(task) * kTileRows;
     const int64_t nc = std::min(kTileRows, g.N - n0);
@@ -645,22 +663,22 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   const int64_t Mpad = p.M == 1 ? 1 : (p.M + mr - 1) / mr * mr;
 
   thread_local std::vector<float> xbuf;  // reused across calls on this thread
-  xbuf.resize(static_cast<size_t>(Mpad * g.ldx));
+  try {
+    xbuf.resize(static_cast<size_t>(Mpad * g.ldx));
+  } catch (const std::bad_alloc&) {
+    return Status::Error("FP4MatMul: out of memory for the activation buffer");
+  }
   const int64_t rows_per_task = std::max<int64_t>(1, 16384 / g.Kx);
   const int64_t prep_tasks = (Mpad + rows_per_task - 1) / rows_per_task;
   float* xp = xbuf.data();
-  par.for_each(static_cast<size_t>(prep_tasks), [&](size_t t) {
+  Status st = run_tasks(par, prep_tasks, [&](int64_t t) {
     thread_local std::vector<float> tmp;
-    const int64_t m0 = static_cast<int64_t>(t) * rows_per_task;
+    const int64_t m0 = t * rows_per_task;
     prepare_rows(p, g, avx2, m0, std::min(Mpad, m0 + rows_per_task), xp, tmp);
   });
-
-  if (p.M == 1) {
-    run_gemv(p, g, avx2, xp, par);
-  } else {
-    run_tiled(p, g, avx2, xp, Mpad, par);
-  }
-  return Status::OK();
+  if (st.ok()) st = p.M == 1 ? run_gemv(p, g, avx2, xp, par) : run_tiled(p, g, avx2, xp, Mpad, par);
+  if (xbuf.capacity() > (size_t{16} << 20)) std::vector<float>().swap(xbuf);  // do not pin >64 MB per thread
+  return st;
 }
 
 }  // namespace fp4
