@@ -7,11 +7,11 @@
 //   pass 2 streams the packed codes: any 8 codes are one unaligned 32-bit load, one broadcast, one
 //          variable shift and one mask away from an integer vector. With M == 1 they go straight into
 //          FMAs, y = sum_g scale_g * (dot(x_g, codes_g) - zero_g * sum(x_g)) with per-group sums of x
-//          precomputed; with M > 1 four rows are dequantized into a cache-resident buffer and reused
-//          for every row of X.
+//          precomputed; with M > 1 a 16-row panel is dequantized K-slice by K-slice into a transposed,
+//          cache-resident buffer that an outer-product micro-kernel (6 rows of X x 16 rows of W) reuses.
 //   then the row's CSR outliers add value * x[col] (original feature order).
-// Rows are split into tasks for the caller's Parallel (ORT's intra-op pool). A portable scalar path (no SIMD) serves other CPUs and the tests
-// (QCOMPILE_SPQR_SCALAR=1 forces it).
+// Rows are split into tasks for the caller's Parallel (ORT's intra-op pool). A portable scalar path (no
+// SIMD) serves other CPUs and the tests (QCOMPILE_SPQR_SCALAR=1 forces it).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -30,8 +30,6 @@ namespace qcompile {
 namespace spqr {
 namespace {
 
-constexpr int kRowTile = 4;  // rows dequantized together when M > 1
-
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 struct Call {
@@ -45,6 +43,7 @@ struct Call {
   int64_t Gp;
   const float* bias;   // [N] fp32 or nullptr
   float* y;            // [M, N]
+  const int32_t* inv_perm;  // [K] stored position of each input feature (M > 1 with perm), else nullptr
 };
 
 inline const uint16_t* row_params(const Call& c, int64_t n) {
@@ -270,67 +269,204 @@ QC_AVX2 void rows_avx2_m1(const Call& c, int64_t r0, int64_t r1) {
   }
 }
 
-template <int BITS>
-QC_AVX2 void dequant_row_avx2(const Call& c, int64_t n, float* scale, float* zero, float* out) {
-  const Attrs& s = *c.s;
-  stats_avx2(c, n, scale, zero);
-  const uint8_t* row = (const uint8_t*)c.w->codes + n * s.code_words() * 4;
-  const int64_t gs8 = s.group_size / 8, blocks = c.Kc / 8;
-  for (int64_t g = 0; g < s.groups(); ++g) {
-    const __m256 sv = _mm256_set1_ps(scale[g]), off = _mm256_set1_ps(-scale[g] * zero[g]);
-    const int64_t end = std::min(blocks, (g + 1) * gs8);
-    for (int64_t j = g * gs8; j < end; ++j) _mm256_storeu_ps(out + 8 * j, _mm256_fmadd_ps(decode8<BITS>(row, j), sv, off));
+// M > 1, GEMM-style: a panel of kPanel rows is dequantized K-slice by K-slice into a transposed buffer
+// (kSlice positions x 16 rows = 32 KB, L1/L2-resident) and every block of up to 6 rows of X runs an
+// outer-product micro-kernel over it (12 accumulators: per position 2 weight loads, 6 broadcasts, 12 FMAs).
+constexpr int kPanel = 16;
+constexpr int64_t kSlice = 512;  // multiple of 32
+
+// Named accumulators (not an array) so that they stay in registers.
+template <int MR>
+QC_AVX2 inline void panel_kernel(const float* panel, int64_t len, const float* const* xrows, float* out /*[MR][16]*/) {
+  static_assert(MR >= 1 && MR <= 6, "1..6 rows of X");
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+  __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
+  const float* x0 = xrows[0];
+  const float* x1 = xrows[MR > 1 ? 1 : 0];
+  const float* x2 = xrows[MR > 2 ? 2 : 0];
+  const float* x3 = xrows[MR > 3 ? 3 : 0];
+  const float* x4 = xrows[MR > 4 ? 4 : 0];
+  const float* x5 = xrows[MR > 5 ? 5 : 0];
+  for (int64_t p = 0; p < len; ++p) {
+    const __m256 w0 = _mm256_loadu_ps(panel + p * kPanel), w1 = _mm256_loadu_ps(panel + p * kPanel + 8);
+    __m256 xv = _mm256_broadcast_ss(x0 + p);
+    a0 = _mm256_fmadd_ps(xv, w0, a0);
+    b0 = _mm256_fmadd_ps(xv, w1, b0);
+    if constexpr (MR > 1) {
+      xv = _mm256_broadcast_ss(x1 + p);
+      a1 = _mm256_fmadd_ps(xv, w0, a1);
+      b1 = _mm256_fmadd_ps(xv, w1, b1);
+    }
+    if constexpr (MR > 2) {
+      xv = _mm256_broadcast_ss(x2 + p);
+      a2 = _mm256_fmadd_ps(xv, w0, a2);
+      b2 = _mm256_fmadd_ps(xv, w1, b2);
+    }
+    if constexpr (MR > 3) {
+      xv = _mm256_broadcast_ss(x3 + p);
+      a3 = _mm256_fmadd_ps(xv, w0, a3);
+      b3 = _mm256_fmadd_ps(xv, w1, b3);
+    }
+    if constexpr (MR > 4) {
+      xv = _mm256_broadcast_ss(x4 + p);
+      a4 = _mm256_fmadd_ps(xv, w0, a4);
+      b4 = _mm256_fmadd_ps(xv, w1, b4);
+    }
+    if constexpr (MR > 5) {
+      xv = _mm256_broadcast_ss(x5 + p);
+      a5 = _mm256_fmadd_ps(xv, w0, a5);
+      b5 = _mm256_fmadd_ps(xv, w1, b5);
+    }
   }
-  for (int64_t p = s.K; p < c.Kc; ++p) out[p] = 0.f;  // padding meets x == 0; keep it finite
+  const __m256 as[6] = {a0, a1, a2, a3, a4, a5}, bs[6] = {b0, b1, b2, b3, b4, b5};
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(out + i * kPanel, as[i]);
+    _mm256_storeu_ps(out + i * kPanel + 8, bs[i]);
+  }
 }
 
-// M > 1: dequantize kRowTile rows, then run every row of X against them (2 rows of X at a time).
+template <int MR>
+QC_AVX2 void panel_rows(const Call& c, const float* panel, int64_t ks, int64_t len, int64_t m0, int64_t n0, int nr) {
+  const float* xrows[MR];
+  for (int i = 0; i < MR; ++i) xrows[i] = c.xk + (m0 + i) * c.Kc + ks;
+  alignas(32) float out[MR * kPanel];
+  panel_kernel<MR>(panel, len, xrows, out);
+  for (int i = 0; i < MR; ++i) {
+    float* y = c.y + (m0 + i) * c.s->N + n0;
+    for (int r = 0; r < nr; ++r) y[r] += out[i * kPanel + r];
+  }
+}
+
+// In-register 8x8 transpose: v[i][t] -> v[t][i].
+QC_AVX2 inline void transpose8(__m256 v[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  v[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  v[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  v[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  v[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  v[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  v[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  v[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// Dequantizes block q (codes 8q..8q+7) of chunk ch for 8 rows and stores it transposed: panel row p holds
+// the 16 rows' values at position p.
+template <int BITS, int Q>
+QC_AVX2 inline void panel_block(const uint8_t* const* rows, int nr8, int64_t ch, const float* sc, const float* off,
+                                float* dst) {
+  __m256 v[8];
+  for (int r = 0; r < 8; ++r)
+    v[r] = r < nr8 ? _mm256_fmadd_ps(decode8q<BITS, Q>(rows[r] + 4 * BITS * ch), _mm256_set1_ps(sc[r]),
+                                     _mm256_set1_ps(off[r]))
+                   : _mm256_setzero_ps();
+  transpose8(v);
+  for (int t = 0; t < 8; ++t) _mm256_storeu_ps(dst + t * kPanel, v[t]);
+}
+
 template <int BITS>
 QC_AVX2 void rows_avx2_mm(const Call& c, int64_t r0, int64_t r1) {
   const Attrs& s = *c.s;
-  thread_local std::vector<float> buf, scale, zero;
-  buf.assign((size_t)(kRowTile * c.Kc), 0.f);
-  scale.assign((size_t)c.Gp, 0.f);
-  zero.assign((size_t)c.Gp, 0.f);
-  const float* wr[kRowTile];
-  for (int r = 0; r < kRowTile; ++r) wr[r] = buf.data() + r * c.Kc;
-  for (int64_t n0 = r0; n0 < r1; n0 += kRowTile) {
-    const int nr = (int)std::min<int64_t>(kRowTile, r1 - n0);
-    for (int r = 0; r < nr; ++r) dequant_row_avx2<BITS>(c, n0 + r, scale.data(), zero.data(), buf.data() + r * c.Kc);
-    int64_t m = 0;
-    for (; m + 2 <= c.M; m += 2) {
-      const float* xa = c.xk + m * c.Kc;
-      const float* xb = xa + c.Kc;
-      __m256 a[kRowTile], b[kRowTile];
-      for (int r = 0; r < kRowTile; ++r) a[r] = b[r] = _mm256_setzero_ps();
-      for (int64_t p = 0; p < c.Kc; p += 8) {
-        const __m256 va = _mm256_loadu_ps(xa + p), vb = _mm256_loadu_ps(xb + p);
-        for (int r = 0; r < kRowTile; ++r) {
-          const __m256 wv = _mm256_loadu_ps(wr[r] + p);
-          a[r] = _mm256_fmadd_ps(va, wv, a[r]);
-          b[r] = _mm256_fmadd_ps(vb, wv, b[r]);
+  const int64_t Gp = c.Gp;
+  struct Entry {
+    int32_t p;
+    int32_t r;
+    float v;
+  };
+  thread_local std::vector<float> panel, scale, zero, offs;
+  thread_local std::vector<Entry> entries;
+  thread_local std::vector<size_t> bucket_start, fill_pos;
+  bucket_start.resize((size_t)((c.Kc + kSlice - 1) / kSlice + 1));
+  panel.resize((size_t)(kSlice * kPanel));
+  scale.resize((size_t)(kPanel * Gp));
+  zero.resize((size_t)(kPanel * Gp));
+  offs.resize((size_t)(kPanel * Gp));
+  for (int64_t n0 = r0; n0 < r1; n0 += kPanel) {
+    const int nr = (int)std::min<int64_t>(kPanel, r1 - n0);
+    const uint8_t* rows[kPanel];
+    for (int r = 0; r < nr; ++r) {
+      stats_avx2(c, n0 + r, scale.data() + r * Gp, zero.data() + r * Gp);
+      for (int64_t g = 0; g < Gp; ++g) offs[(size_t)(r * Gp + g)] = -scale[(size_t)(r * Gp + g)] * zero[(size_t)(r * Gp + g)];
+      rows[r] = (const uint8_t*)c.w->codes + (n0 + r) * s.code_words() * 4;
+    }
+    for (int r = nr; r < kPanel; ++r) rows[r] = rows[0];
+    for (int64_t m = 0; m < c.M; ++m) std::memset(c.y + m * s.N + n0, 0, sizeof(float) * (size_t)nr);
+    // the panel's outliers, bucketed by K-slice of their stored position (a column names an input feature)
+    std::fill(bucket_start.begin(), bucket_start.end(), 0);
+    const int64_t o0 = c.w->row_offsets[n0], o1 = c.w->row_offsets[n0 + nr];
+    entries.resize((size_t)(o1 - o0));
+    for (int r = 0; r < nr; ++r)
+      for (int32_t o = c.w->row_offsets[n0 + r]; o < c.w->row_offsets[n0 + r + 1]; ++o) {
+        const int64_t col = col_at(*c.w, o);
+        ++bucket_start[(size_t)((c.inv_perm ? c.inv_perm[col] : col) / kSlice) + 1];
+      }
+    for (size_t b = 1; b < bucket_start.size(); ++b) bucket_start[b] += bucket_start[b - 1];
+    fill_pos.assign(bucket_start.begin(), bucket_start.end() - 1);
+    for (int r = 0; r < nr; ++r)
+      for (int32_t o = c.w->row_offsets[n0 + r]; o < c.w->row_offsets[n0 + r + 1]; ++o) {
+        const int64_t col = col_at(*c.w, o);
+        const int32_t p = c.inv_perm ? c.inv_perm[col] : (int32_t)col;
+        entries[fill_pos[(size_t)(p / kSlice)]++] = Entry{p, r, _cvtsh_ss(c.w->values[o])};
+      }
+    for (int64_t ks = 0; ks < c.Kc; ks += kSlice) {
+      const int64_t len = std::min(kSlice, c.Kc - ks);
+      for (int64_t ch = ks / 32; ch < (ks + len) / 32; ++ch) {
+        // a group is a multiple of 16 positions: each half-chunk lies in one group
+        const int64_t ga = (32 * ch) / s.group_size, gb = (32 * ch + 16) / s.group_size;
+        float* dst = panel.data() + (32 * ch - ks) * kPanel;
+        for (int half = 0; half < 2; ++half) {
+          const int nr8 = std::max(0, std::min(8, nr - 8 * half));
+          const uint8_t* const* rr = rows + 8 * half;
+          float sa[8], oa[8], sb[8], ob[8];
+          for (int r = 0; r < 8; ++r) {
+            const int rr_idx = 8 * half + r;
+            const bool live = r < nr8;
+            sa[r] = live ? scale[(size_t)(rr_idx * Gp + ga)] : 0.f;
+            oa[r] = live ? offs[(size_t)(rr_idx * Gp + ga)] : 0.f;
+            sb[r] = live ? scale[(size_t)(rr_idx * Gp + gb)] : 0.f;
+            ob[r] = live ? offs[(size_t)(rr_idx * Gp + gb)] : 0.f;
+          }
+          float* d = dst + 8 * half;
+          panel_block<BITS, 0>(rr, nr8, ch, sa, oa, d);
+          panel_block<BITS, 1>(rr, nr8, ch, sa, oa, d + 8 * kPanel);
+          panel_block<BITS, 2>(rr, nr8, ch, sb, ob, d + 16 * kPanel);
+          panel_block<BITS, 3>(rr, nr8, ch, sb, ob, d + 24 * kPanel);
         }
       }
-      for (int r = 0; r < nr; ++r) {
-        const int64_t n = n0 + r;
-        const float bias = c.bias ? c.bias[n] : 0.f;
-        c.y[m * s.N + n] = hsum(a[r]) + outliers_avx2(c, n, m) + bias;
-        c.y[(m + 1) * s.N + n] = hsum(b[r]) + outliers_avx2(c, n, m + 1) + bias;
+      // padding positions p >= K meet x == 0; keep them exactly 0 even for non-finite statistics
+      for (int64_t p = std::max(ks, s.K); p < ks + len; ++p)
+        std::memset(panel.data() + (p - ks) * kPanel, 0, sizeof(float) * kPanel);
+      // outliers add to the dequantized panel, in this slice's bucket
+      for (size_t e = bucket_start[(size_t)(ks / kSlice)]; e < bucket_start[(size_t)(ks / kSlice) + 1]; ++e)
+        panel[(size_t)(entries[e].p - ks) * kPanel + entries[e].r] += entries[e].v;
+      int64_t m0 = 0;
+      while (m0 < c.M) {
+        const int64_t rem = c.M - m0;
+        if (rem >= 6) {
+          panel_rows<6>(c, panel.data(), ks, len, m0, n0, nr);
+          m0 += 6;
+        } else if (rem >= 4) {
+          panel_rows<4>(c, panel.data(), ks, len, m0, n0, nr);
+          m0 += 4;
+        } else if (rem >= 2) {
+          panel_rows<2>(c, panel.data(), ks, len, m0, n0, nr);
+          m0 += 2;
+        } else {
+          panel_rows<1>(c, panel.data(), ks, len, m0, n0, nr);
+          m0 += 1;
+        }
       }
     }
-    for (; m < c.M; ++m) {
-      const float* xa = c.xk + m * c.Kc;
-      __m256 a[kRowTile];
-      for (int r = 0; r < kRowTile; ++r) a[r] = _mm256_setzero_ps();
-      for (int64_t p = 0; p < c.Kc; p += 8) {
-        const __m256 va = _mm256_loadu_ps(xa + p);
-        for (int r = 0; r < kRowTile; ++r) a[r] = _mm256_fmadd_ps(va, _mm256_loadu_ps(wr[r] + p), a[r]);
-      }
-      for (int r = 0; r < nr; ++r) {
-        const int64_t n = n0 + r;
-        c.y[m * s.N + n] = hsum(a[r]) + outliers_avx2(c, n, m) + (c.bias ? c.bias[n] : 0.f);
-      }
-    }
+    if (c.bias)
+      for (int64_t m = 0; m < c.M; ++m)
+        for (int r = 0; r < nr; ++r) c.y[m * s.N + n0 + r] += c.bias[n0 + r];
   }
 }
 
@@ -346,12 +482,12 @@ bool force_scalar() {
   return v && *v && *v != '0';
 }
 
-// Rows per task: a multiple of kRowTile, about 256K weight-ops per task so the pool's per-task cost
+// Rows per task: whole 16-row panels, about 256K weight-ops per task so the pool's per-task cost
 // stays small while every thread still gets several tasks.
 int64_t rows_per_task(const Attrs& a, int64_t M) {
   const int64_t ops = a.K * std::max<int64_t>(1, std::min<int64_t>(M, 8));
   const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, ops));
-  return round_up(rows, kRowTile);
+  return round_up(rows, 16);  // whole panels for the M > 1 path
 }
 
 // Shared driver: xf is fp32 [M, K] in original order; y fp32 [M, N].
@@ -369,7 +505,12 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
     }
     for (int64_t p = 0; p < s.K; ++p) xsum[(size_t)(m * Gp + p / s.group_size)] += dst[p];
   }
-  const Call c{&s, &w, M, xk.data(), Kc, xf, xsum.data(), Gp, bias, y};
+  std::vector<int32_t> inv;
+  if (w.perm && M > 1) {
+    inv.resize((size_t)s.K);
+    for (int64_t p = 0; p < s.K; ++p) inv[(size_t)w.perm[p]] = (int32_t)p;
+  }
+  const Call c{&s, &w, M, xk.data(), Kc, xf, xsum.data(), Gp, bias, y, inv.empty() ? nullptr : inv.data()};
   const int64_t rpt = rows_per_task(s, M);
   const size_t tasks = (size_t)((s.N + rpt - 1) / rpt);
   void (*rows)(const Call&, int64_t, int64_t) = rows_scalar;
