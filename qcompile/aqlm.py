@@ -270,47 +270,53 @@ def _scatter(z: torch.Tensor, codes: torch.Tensor, ncode: int) -> torch.Tensor:
 
 def update_codebooks(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
                      scales: torch.Tensor, iters: int) -> torch.Tensor:
-    """Least-squares codebooks under the full H for fixed codes and scales (preconditioned CG)."""
+    """Least-squares codebooks under the full H for fixed codes and scales (preconditioned CG).
+
+    The normal equations are singular (M codebooks can trade a shift between them, unused codewords do
+    not matter), so a tiny ridge (1e-6 of the typical diagonal) makes them definite; the result is kept
+    only if it lowers the objective, so this step can never make the layer worse.
+    """
     if iters == 0:
         return codebooks
     m_cb, ncode, d = codebooks.shape
     n, g, _ = codes.shape
     s = scales[:, None]
 
-    def apply_a(c: torch.Tensor) -> torch.Tensor:
-        return _scatter((decode(codes, c, scales) @ h) * s, codes, ncode)
-
     # Block-Jacobi preconditioner: for codeword (m, i), Σ over its uses (n, g) of s_n² H_gg.
     hblk = _group_blocks(h, g, d).reshape(g, d * d)
     gidx = torch.arange(g, device=w.device)[None, :].expand(n, g)
     s2 = (scales * scales)[:, None].expand(n, g).reshape(-1)
-    pre = torch.empty((m_cb, ncode, d, d), dtype=w.dtype, device=w.device)
-    ridge = 1e-6 * float(torch.diagonal(h).mean()) * float(s2.mean().clamp(min=1e-30))
-    eye = torch.eye(d, dtype=w.dtype, device=w.device)
+    blocks = torch.empty((m_cb, ncode, d, d), dtype=w.dtype, device=w.device)
+    unused = torch.empty((m_cb, ncode), dtype=torch.bool, device=w.device)
     for m in range(m_cb):
         use = torch.zeros(ncode * g, dtype=w.dtype, device=w.device)
         use.index_add_(0, (codes[:, :, m] * g + gidx).reshape(-1), s2)
-        blocks = (use.reshape(ncode, g) @ hblk).reshape(ncode, d, d)
-        unused = use.reshape(ncode, g).sum(1) == 0
-        blocks = blocks + ridge * eye + unused[:, None, None] * eye
-        pre[m] = torch.linalg.inv(blocks)
+        blocks[m] = (use.reshape(ncode, g) @ hblk).reshape(ncode, d, d)
+        unused[m] = use.reshape(ncode, g).sum(1) == 0
+    used_diag = torch.diagonal(blocks, dim1=-2, dim2=-1).mean(-1)[~unused]
+    ridge = 1e-6 * float(used_diag.mean()) if used_diag.numel() else 1e-6
+    eye = torch.eye(d, dtype=w.dtype, device=w.device)
+    pre = torch.linalg.inv(blocks + ridge * eye + unused[..., None, None] * eye)
+
+    def apply_a(c: torch.Tensor) -> torch.Tensor:
+        return _scatter((decode(codes, c, scales) @ h) * s, codes, ncode) + ridge * c
 
     def precond(r: torch.Tensor) -> torch.Tensor:
         return (pre @ r[..., None])[..., 0]
 
     x = codebooks.clone()
     rhs = _scatter((w @ h) * s, codes, ncode)
+    stop = 1e-14 * max(float((rhs * precond(rhs)).sum()), 1e-30)
     r = rhs - apply_a(x)
     z = precond(r)
     p = z.clone()
     rz = float((r * z).sum())
-    rz0 = rz
     for _ in range(iters):
-        if rz <= 1e-12 * max(rz0, 1e-30):
+        if rz <= stop:
             break
         ap = apply_a(p)
         pap = float((p * ap).sum())
-        if pap <= 0:
+        if not pap > 0:
             break
         alpha = rz / pap
         x += alpha * p
@@ -319,7 +325,16 @@ def update_codebooks(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, code
         rz_new = float((r * z).sum())
         p = z + (rz_new / rz) * p
         rz = rz_new
-    return x
+    before = _objective(w, h, codes, codebooks, scales)
+    after = _objective(w, h, codes, x, scales)
+    return x if after < before else codebooks
+
+
+def _objective(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
+               scales: torch.Tensor) -> float:
+    e = w - decode(codes, codebooks, scales)
+    val = float(((e @ h) * e).sum())
+    return val if val == val else float("inf")  # NaN never counts as an improvement
 
 
 def update_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,

@@ -46,12 +46,10 @@ constexpr int64_t kFusedMaxRows = 8;  // up to this many X rows use the fused pa
 
 bool use_avx2() {
 #if QC_X86
-  static const bool ok = [] {
-    const char* off = std::getenv("QCOMPILE_CODEBOOK_NO_AVX2");
-    if (off && off[0] && off[0] != '0') return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return ok;
+  static const bool cpu =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const char* off = std::getenv("QCOMPILE_CODEBOOK_NO_AVX2");  // read per call so tests can flip it
+  return cpu && !(off && off[0] && off[0] != '0');
 #else
   return false;
 #endif
