@@ -62,6 +62,25 @@ def layer_sizes(model: onnx.ModelProto) -> list[LayerSize]:
     return out
 
 
+def matmulnbits_bits(model: onnx.ModelProto) -> list[LayerSize]:
+    """Per-node storage of every ``com.microsoft`` MatMulNBits node, for models without our tags (e.g. ORT's
+    own quantizer): bytes of all its initializer inputs (packed B, scales, zero points, g_idx, bias) over
+    K*N from its attributes, so both sides are counted the same way, from the file."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if "K" not in attrs or "N" not in attrs:
+            raise ValueError(f"MatMulNBits node {node.name!r} lacks its K/N attributes")
+        k, n = int(attrs["K"]), int(attrs["N"])
+        nbytes = sum(tensor_nbytes(inits[i]) for i in set(node.input[1:]) if i in inits)
+        out.append(LayerSize(node.name, f"MatMulNBits int{attrs.get('bits', 4)}", (k, n), nbytes,
+                             8.0 * nbytes / (k * n), None))
+    return out
+
+
 def overall_bits(sizes: list[LayerSize], packed: bool = False) -> float:
     """Weighted by parameter count: total bits over total quantized weights."""
     params = sum(s.params for s in sizes)
