@@ -186,10 +186,11 @@ def quantize_spqr(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, name: 
     return SpQRQuantizedWeight.from_result(name, spqr_quantize(w, h, cfg), cfg)
 
 
-#: Paper settings (β1 = β2 = 16, 3-bit statistics, act-order); thresholds tuned on SmolLM2-135M layers
-#: so spqr-w3 lands near 1% outliers and under 4 bits per weight.
+#: Paper settings (β1 = β2 = 16, 3-bit statistics, act-order). The w3 threshold is tuned on SmolLM2-135M so
+#: the whole model stays under 4 bits per weight: 0.35 keeps ~0.7% of weights as outliers (3.97 bits/weight
+#: counted from the stored tensors; 0.2 would keep ~1.8% and cost ~4.3). w4 keeps its rarer outliers at 0.2.
 PRESETS = {
-    "spqr-w3": dict(bits=3, outlier_threshold=0.2),
+    "spqr-w3": dict(bits=3, outlier_threshold=0.35),
     "spqr-w4": dict(bits=4, outlier_threshold=0.2),
 }
 
