@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -170,6 +169,26 @@ def _default_session(path_or_bytes):
     return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
 
 
+def _slice_session(path: Path, sliced: onnx.ModelProto, has_external: bool, with_data: Callable[[], onnx.ModelProto]):
+    """Session for a slice whose initializers may point into ``path``'s external data file.
+
+    The slice is written beside ``path`` so those relative locations resolve; if that folder is not
+    writable, the slice is rebuilt with the weights loaded into memory instead.
+    """
+    if not has_external:
+        return _default_session(sliced.SerializeToString())
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.calib.", suffix=".onnx", dir=path.parent)
+    except OSError:
+        return _default_session(with_data().SerializeToString())
+    os.close(fd)
+    try:
+        onnx.save_model(sliced, tmp)
+        return _default_session(tmp)
+    finally:
+        os.unlink(tmp)
+
+
 def _check_batches(batches: np.ndarray) -> np.ndarray:
     b = np.asarray(batches)
     if b.ndim != 2 or b.shape[0] == 0 or b.shape[1] == 0 or not np.issubdtype(b.dtype, np.integer):
@@ -240,6 +259,18 @@ def _save_cache(entry: Path | None, payload: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+def group_by_input(linear_inputs: dict[str, str]) -> list[dict[str, str]]:
+    """Groups for :func:`collect_hessians_sequential`: linears sharing an input tensor go together.
+
+    Order follows first appearance in ``linear_inputs``, so pass it in graph (forward) order, e.g.
+    ``[{q, k, v}, {o}, {gate, up}, {down}, ...]`` for a Llama layer.
+    """
+    groups: dict[str, dict[str, str]] = {}
+    for name, tensor in linear_inputs.items():
+        groups.setdefault(tensor, {})[name] = tensor
+    return list(groups.values())
+
+
 def collect_hessians(
     onnx_path: str | os.PathLike,
     linear_inputs: dict[str, str],
@@ -286,15 +317,8 @@ def collect_hessians(
         feeds_in = {n: types.get(n) for n in index.graph_inputs if any(n in index.inputs_of[i] for i in nodes)}
         sliced = _slice_model(model, index, nodes, feeds_in, outs, types)
         sliced.metadata_props.extend(model.metadata_props)
-        # Weight data stays in the original external file: the slice must sit beside it to find it.
-        where = path.parent if has_external else None
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.calib.", suffix=".onnx", dir=where)
-        os.close(fd)
-        try:
-            onnx.save_model(sliced, tmp)
-            sess = _default_session(tmp)
-        finally:
-            os.unlink(tmp)
+        sess = _slice_session(path, sliced, has_external, lambda: _slice_model(
+            onnx.load(str(path)), index, nodes, feeds_in, outs, types))
         in_names = [i.name for i in sess.get_inputs()]
         nb = (len(batches) + batch_size - 1) // batch_size
         desc = "calibration" if chunk >= len(unique) else f"calibration {start // chunk + 1}/{-(-len(unique) // chunk)}"
@@ -423,10 +447,3 @@ def _apply_overrides(new: dict[str, np.ndarray], protos: dict[str, onnx.TensorPr
         overrides[name] = w.astype(helper.tensor_dtype_to_np_dtype(proto.data_type))
         changed.append(name)
     return changed
-
-
-def time_it(fn, *args, **kwargs):
-    """``(result, seconds)`` — small helper for reporting calibration timings."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from qcompile.calibration import collect_hessians, collect_hessians_sequential
+from qcompile.calibration import collect_hessians, collect_hessians_sequential, group_by_input
 from qcompile.errors import CalibrationError, QCompileError
 from tests.tiny_model import private_cache, random_tokens, tiny_onnx, tiny_source
 
@@ -81,15 +81,29 @@ def _coarse(w: np.ndarray) -> np.ndarray:
     return (np.round(w / step) * step).astype(np.float32)
 
 
+def test_fp16_model_hessians_close_to_fp32():
+    tokens = random_tokens(3, 16, seed=6)
+    lin32 = {n: t for n, (t, _w) in _linears(tiny_onnx()).items()}
+    lin16 = {n: t for n, (t, _w) in _linears(tiny_onnx(dtype="float16")).items()}
+    assert lin32.keys() == lin16.keys()
+    h32 = collect_hessians(tiny_onnx(), lin32, tokens, progress=False)
+    h16 = collect_hessians(tiny_onnx(dtype="float16"), lin16, tokens, progress=False)
+    for name in lin32:
+        assert h16[name].dtype == torch.float32
+        assert _close(h16[name], h32[name]) < 1e-2, name
+
+
 def test_sequential_matches_torch_with_quantized_prefix():
     path = tiny_onnx()
     lin = _linears(path)
-    groups: list[dict[str, str]] = []
-    for layer in range(2):
-        p = f"model.layers.{layer}."
-        for members in (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-                        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]):
-            groups.append({p + m: lin[p + m][0] for m in members})
+    groups = group_by_input({n: t for n, (t, _w) in lin.items()})
+    assert [sorted(g) for g in groups[:4]] == [
+        ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"],
+        ["model.layers.0.self_attn.o_proj"],
+        ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
+        ["model.layers.0.mlp.down_proj"],
+    ]
+    assert len(groups) == 8
     weights = {n.name: onnx.numpy_helper.to_array(n) for n in onnx.load(str(path)).graph.initializer}
     calls = []
 
@@ -154,3 +168,17 @@ def test_bad_inputs():
     with pytest.raises(QCompileError, match="unknown initializer"):
         collect_hessians_sequential(path, [{name: tensor}], random_tokens(1, 8), lambda hs: {"zzz": np.zeros(1)},
                                     progress=False)
+
+
+def test_external_data_model(tmp_path):
+    """Weights in a .data file: the pruned copy must still find them (and leave no temp files)."""
+    from qcompile.models.export import save_onnx
+
+    ext = save_onnx(onnx.load(str(tiny_onnx())), tmp_path / "ext.onnx", external=True)
+    lin = {n: t for n, (t, _w) in _linears(tiny_onnx()).items()}
+    tokens = random_tokens(2, 12, seed=8)
+    a = collect_hessians(ext, lin, tokens, progress=False)
+    b = collect_hessians(tiny_onnx(), lin, tokens, progress=False)
+    for name in lin:
+        assert torch.equal(a[name], b[name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data"]

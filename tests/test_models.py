@@ -192,7 +192,7 @@ def test_default_model_export_matches_torch():
     path = export_onnx(src)
     tok = resolve_source(path).load_tokenizer()
     ids = np.array([tok("The capital of France is Paris. It is").input_ids[:9],
-                    tok("Quantization of neural networks reduces").input_ids[:9]], dtype=np.int64)
+                    tok("Quantization of neural network weights reduces the memory they need.").input_ids[:9]], dtype=np.int64)
     got = _ort(path, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     with torch.no_grad():
         ref = src.load_model()(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
