@@ -59,6 +59,7 @@ def export_onnx(
 
     With ``out_path=None`` the cached file itself is returned (treat it as read-only); otherwise the
     cached export is copied to ``out_path`` (its data file becomes ``<out_path name>.data``).
+    An ``.onnx`` source is returned as it is (or copied to ``out_path``).
     ``use_cache=False`` forces a fresh export (still stored in the cache).  ``verify`` compares
     onnxruntime logits with torch on a small batch and raises if they disagree.
     ``log`` is a ``print``-like callable for progress lines (default: stderr).
@@ -67,8 +68,8 @@ def export_onnx(
     if dtype not in DTYPES:
         raise QCompileError(f"export dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     src = resolve_source(source) if isinstance(source, (str, os.PathLike)) else source
-    if src.is_onnx:
-        raise UnsupportedModelError(f"{src.path} is already ONNX; use it directly instead of exporting")
+    if src.is_onnx:  # already a graph: pass it through (dtype and mask options cannot be changed here)
+        return src.path if out_path is None else copy_onnx(src.path, Path(out_path))
     cached = cached_export_path(src, dtype=dtype, with_attention_mask=with_attention_mask)
     if not (use_cache and cached.is_file()):
         if cached.parent.exists():
@@ -204,15 +205,28 @@ def validate_onnx(path: str | os.PathLike) -> None:
 
 
 def copy_onnx(src: Path, dst: Path) -> Path:
-    """Copy an ``.onnx`` (and its single external data file) to ``dst``, renaming the data file."""
-    dst = Path(dst)
+    """Copy an ``.onnx`` and its external data to ``dst``.
+
+    Our own layout (one ``<name>.data``) is renamed to ``<dst name>.data``; any other external data
+    files keep their relative names beside ``dst``.
+    """
+    from qcompile.models.sources import external_data_files
+
+    src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     src_data = src.with_name(src.name + ".data")
-    if not src_data.is_file():
-        shutil.copyfile(src, dst)
-        dst.with_name(dst.name + ".data").unlink(missing_ok=True)
-        return dst
     proto = onnx.load(str(src), load_external_data=False)
+    files = external_data_files(proto, src.parent)
+    if files != {src_data.resolve()}:
+        shutil.copyfile(src, dst)
+        if not files:
+            dst.with_name(dst.name + ".data").unlink(missing_ok=True)
+        for f in files:
+            target = dst.parent / f.relative_to(src.parent.resolve())
+            if target.resolve() != f:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, target)
+        return dst
     new_loc = dst.name + ".data"
     from onnx.external_data_helper import _get_all_tensors
 

@@ -84,6 +84,7 @@ def test_export_is_cached_and_copied(tmp_path, monkeypatch):
     with private_cache():
         out = export_onnx(tiny_source(), tmp_path / "mine.onnx", log=lambda _m: None)
     assert out == tmp_path / "mine.onnx"
+    assert export_onnx(str(out)) == out  # an .onnx source passes through
     assert get_metadata(out) == get_metadata(tiny_onnx())
     ids = np.arange(12, dtype=np.int64).reshape(2, 6)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
