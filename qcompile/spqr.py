@@ -45,6 +45,7 @@ class SpQRConfig:
     damp: float = 0.01
     block_size: int = 128
     loo_outliers: bool = True  # leave-one-out pre-detection when fitting a group's statistics
+    range_search: bool = True  # per row, shrink the group's range if that lowers its saliency-weighted error
 
 
 @dataclasses.dataclass
@@ -92,8 +93,9 @@ def quantize_stat(v: torch.Tensor, stat_bits: int, stat_group: int) -> tuple[tor
 class BiLevelGroup:
     """The statistics of one column group for all rows, as the file stores them."""
 
-    def __init__(self, w: torch.Tensor, keep: torch.Tensor | None, cfg: SpQRConfig):
-        """Fit on ``w[N, g]``; ``keep`` marks the weights allowed to shape the range (not likely outliers)."""
+    def __init__(self, w: torch.Tensor, keep: torch.Tensor | None, cfg: SpQRConfig, d: torch.Tensor | None = None):
+        """Fit on ``w[N, g]``; ``keep`` marks the weights allowed to shape the range (not likely outliers);
+        ``d`` (the group's inverse-Hessian Cholesky diagonal) weights the optional range search."""
         self.maxq = (1 << cfg.bits) - 1
         if keep is None:
             xmin, xmax = w.min(dim=1).values, w.max(dim=1).values
@@ -104,6 +106,8 @@ class BiLevelGroup:
             empty = ~keep.any(dim=1)
             xmin = torch.where(empty, torch.zeros_like(xmin), xmin)
             xmax = torch.where(empty, torch.zeros_like(xmax), xmax)
+        if cfg.range_search:
+            xmin, xmax = _search_range(w, keep, xmin, xmax, d, self.maxq)
         scale = (xmax - xmin) / self.maxq
         self.scale_codes, sparams, self.scale = quantize_stat(scale, cfg.stat_bits, cfg.stat_group)
         safe = torch.where(self.scale > 0, self.scale, torch.ones_like(self.scale))
@@ -118,6 +122,31 @@ class BiLevelGroup:
         """Round one column ``[N]``: ``(dense value[N], code[N])`` using the stored statistics."""
         q = torch.clamp(torch.round(col * self._inv + self.zero), 0, self.maxq)
         return self.scale * (q - self.zero), q
+
+
+SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _search_range(w: torch.Tensor, keep: torch.Tensor | None, xmin: torch.Tensor, xmax: torch.Tensor,
+                  d: torch.Tensor | None, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the centred shrink of ``[xmin, xmax]`` with the lowest saliency-weighted rounding error of
+    the group's kept weights (clipping a rare extreme can beat a coarser grid for all the others)."""
+    inv_d2 = torch.ones(w.shape[1], device=w.device) if d is None else 1.0 / d.square()
+    mask = torch.ones_like(w) if keep is None else keep.to(w.dtype)
+    centre, half = (xmax + xmin) / 2, (xmax - xmin) / 2
+    best_err = best_lo = best_hi = None
+    for f in SHRINK:
+        lo, hi = centre - half * f, centre + half * f
+        scale = ((hi - lo) / maxq).clamp(min=1e-12)
+        q = torch.clamp(torch.round((w - lo[:, None]) / scale[:, None]), 0, maxq) * scale[:, None] + lo[:, None]
+        err = ((w - q).square() * inv_d2 * mask).sum(dim=1)
+        if best_err is None:
+            best_err, best_lo, best_hi = err, lo, hi
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi
 
 
 def leave_one_out_gain(w: torch.Tensor, d: torch.Tensor, bits: int) -> torch.Tensor:
@@ -192,7 +221,7 @@ def spqr_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, cfg: SpQRC
                 keep = None
                 if cfg.loo_outliers and math.isfinite(thr):
                     keep = leave_one_out_gain(gw, d[col:col + gw.shape[1]], cfg.bits) <= thr
-                grp = BiLevelGroup(gw, keep, cfg)
+                grp = BiLevelGroup(gw, keep, cfg, d[col:col + gw.shape[1]])
                 scale_codes[:, g] = grp.scale_codes
                 zero_codes[:, g] = grp.zero_codes
                 stat_params[:, :, g] = grp.params

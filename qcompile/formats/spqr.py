@@ -169,7 +169,8 @@ def _portable(qw: SpQRQuantizedWeight, x: str, y: str, prefix: str, dtype: int) 
 
 def quantize_spqr(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, name: str, bits: int, group_size: int,
                   stat_bits: int, stat_group: int, outlier_threshold: float, act_order: bool, damp: float,
-                  block_size: int, loo_outliers: bool, device: str = "cpu") -> SpQRQuantizedWeight:
+                  block_size: int, loo_outliers: bool, range_search: bool = True,
+                  device: str = "cpu") -> SpQRQuantizedWeight:
     """Quantize one ``[K, N]`` weight with SpQR. Without a Hessian, H = I (data-free, saliency = error²)."""
     try:
         ref.validate_attributes(K=weight_kn.shape[0], N=weight_kn.shape[1], bits=bits, group_size=group_size,
@@ -180,7 +181,7 @@ def quantize_spqr(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, name: 
         raise FormatError(f"{name}: outlier_threshold must be > 0 (inf disables outliers), got {outlier_threshold}")
     cfg = SpQRConfig(bits=bits, group_size=group_size, stat_bits=stat_bits, stat_group=stat_group,
                      outlier_threshold=outlier_threshold, act_order=act_order, damp=damp, block_size=block_size,
-                     loo_outliers=loo_outliers)
+                     loo_outliers=loo_outliers, range_search=range_search)
     w = torch.from_numpy(np.ascontiguousarray(weight_kn.T)).float().to(device)
     h = None if hessian is None else hessian.to(device)
     return SpQRQuantizedWeight.from_result(name, spqr_quantize(w, h, cfg), cfg)
@@ -208,6 +209,7 @@ def _options(bits: int, outlier_threshold: float) -> dict[str, Option]:
         "damp": Option(float, 0.01, "damping added to the Hessian diagonal, relative to its mean"),
         "block_size": Option(int, 128, "columns per lazy GPTQ update block"),
         "loo_outliers": Option(bool, True, "leave-one-out screening keeps likely outliers out of group ranges"),
+        "range_search": Option(bool, True, "per row, shrink a group's range when that lowers its weighted error"),
     }
 
 
