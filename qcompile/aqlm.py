@@ -393,7 +393,7 @@ def aqlm_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, cfg: AQLMC
     h = prepare_hessian(hessian, k, cfg.damp, dev)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[tuple[str, float]] = []
-    total = 2 + 3 * cfg.rounds + 2
+    total = 3 + cfg.rounds
     bar = tqdm(total=total, desc=f"aqlm {cfg.num_codebooks}x{cfg.nbits} [{n}x{k}]", leave=False,
                disable=not cfg.progress)
 
@@ -402,21 +402,19 @@ def aqlm_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, cfg: AQLMC
         bar.set_postfix_str(f"{stage} err={history[-1][1]:.4g}")
         bar.update(1)
 
+    # The error is measured after init and after each round's code sweep (one GEMM each); the codebook
+    # and scale steps are exact least squares and only ever lower it.
     codes, books, scales = init_residual_kmeans(w, h, cfg, gen)
     note("kmeans", codes, books, scales)
     scales = update_scales(w, h, codes, books, scales)
-    note("init-scales", codes, books, scales)
     for r in range(cfg.rounds):
         books = update_codebooks(w, h, codes, books, scales, cfg.cg_iters)
-        note(f"codebooks{r}", codes, books, scales)
         scales = update_scales(w, h, codes, books, scales)
-        note(f"scales{r}", codes, books, scales)
         codes = update_codes(w, h, codes, books, scales, cfg.beam_size, cfg.block_groups)
-        note(f"codes{r}", codes, books, scales)
+        note(f"round{r}", codes, books, scales)
     # Store exactly what the op stores: fp16 codebooks, fp16 scales refitted to them, codes adapted.
     books = _round_half(books)
     scales = _round_half(update_scales(w, h, codes, books, scales))
-    note("fp16", codes, books, scales)
     codes = update_codes(w, h, codes, books, scales, cfg.beam_size, cfg.block_groups)
     note("final", codes, books, scales)
     bar.close()
