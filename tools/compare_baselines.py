@@ -96,7 +96,7 @@ def run_ours(args, fmt: str, emit: str, out: Path) -> dict[str, Any]:
     sizes = layer_sizes(onnx.load(str(path), load_external_data=False))
     simulated = emit == "simulated"
     opts = _report_options(out)
-    note = "act_order" if opts.get("act_order") else ""
+    note = ", ".join(k for k in ("act_order", "mse") if opts.get(k))
     if simulated:
         note = (note + "; " if note else "") + "bits = native packed storage; file holds floats"
     else:  # the ORT rows are counted by matmulnbits_bits: check it agrees with our tags on our own file
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = old["row"]
                 if key == "float":
                     ref = row.get("ppl")
+                if ref and row.get("ppl") is not None:
+                    row["ppl_change"] = f"{100 * (row['ppl'] / ref - 1):+.2f}%"
                 rows.append(row)
                 print(format_table([row], COLUMNS), file=sys.stderr, flush=True)
                 continue
