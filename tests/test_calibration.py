@@ -8,7 +8,7 @@ import torch
 
 from qcompile.calibration import collect_hessians, collect_hessians_sequential, group_by_input
 from qcompile.errors import CalibrationError, QCompileError
-from tests.tiny_model import private_cache, random_tokens, tiny_onnx, tiny_source
+from tiny_model import private_cache, random_tokens, tiny_onnx, tiny_source
 
 
 def _linears(path) -> dict[str, tuple[str, str]]:

@@ -8,7 +8,7 @@ import pytest
 
 from qcompile import data
 from qcompile.errors import CalibrationError
-from tests.tiny_model import private_cache, tiny_tokenizer
+from tiny_model import private_cache, tiny_tokenizer
 
 EOS = 256  # tiny tokenizer: ids 0..255 are bytes, 256 is <eos>
 

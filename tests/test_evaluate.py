@@ -9,7 +9,7 @@ import torch
 
 from qcompile.errors import CalibrationError
 from qcompile.evaluate import default_session, perplexity, window_nll
-from tests.tiny_model import random_tokens, tiny_onnx, tiny_source
+from tiny_model import random_tokens, tiny_onnx, tiny_source
 
 
 def _torch_ppl(model, windows: np.ndarray) -> float:

@@ -15,7 +15,7 @@ from qcompile.errors import UnsupportedModelError
 from qcompile.models import export as export_mod
 from qcompile.models.export import copy_onnx, export_onnx, get_metadata, save_onnx
 from qcompile.models.sources import META_SOURCE, gguf_architecture, resolve_source
-from tests.tiny_model import HIDDEN, VOCAB, private_cache, tiny_onnx, tiny_source
+from tiny_model import HIDDEN, VOCAB, private_cache, tiny_onnx, tiny_source
 
 
 def _ort(path, feeds):

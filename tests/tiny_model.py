@@ -5,7 +5,7 @@ heads, vocab 260, tied embeddings like SmolLM2) exports in seconds and has the s
 
 Typical use::
 
-    from tests.tiny_model import tiny_onnx, tiny_source, tiny_tokenizer
+    from tiny_model import tiny_onnx, tiny_source, tiny_tokenizer
     path = tiny_onnx()                      # float32 .onnx with input_ids + attention_mask -> logits
     path16 = tiny_onnx(dtype="float16")
     src = tiny_source()                     # ModelSource of a saved HF folder (load_torch() works)
