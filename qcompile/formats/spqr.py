@@ -220,7 +220,7 @@ def _register(name: str, bits: int, outlier_threshold: float) -> None:
     register(Format(
         name=name,
         description=f"SpQR: {bits}-bit codes in groups of 16, 3-bit bi-level statistics, fp16 outliers (CSR)",
-        runtime="qcompile custom-op library (qcompile.SpQRMatMul)",
+        runtime="qcompile_ops custom-op library (qcompile.SpQRMatMul)",
         quantize=quantize,
         options=_options(bits, outlier_threshold),
         needs_calibration=True,
