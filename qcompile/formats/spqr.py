@@ -7,7 +7,6 @@ natively or with standard ONNX ops only.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
