@@ -332,12 +332,13 @@ METHODS = ("rtn", "gptq", "mr")
 
 
 def quantize_fp4(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, name: str, spec: FP4Spec, method: str,
-                 hadamard_block: int = 0, act_order: bool = True, damp: float = 0.01, scale_search: bool = True,
+                 hadamard_block: int | None = None, act_order: bool = True, damp: float = 0.01, scale_search: bool = True,
                  device: str = "cpu") -> FP4QuantizedWeight:
     """Quantize one ``[K, N]`` weight to ``spec`` with ``method`` (rtn | gptq | mr).
 
-    ``hadamard_block`` (0 = none) rotates the input dimension before quantizing; ``mr`` defaults it to the
-    group size. The stored weight is the rotated one; :meth:`FP4QuantizedWeight.dequantize` undoes it."""
+    ``hadamard_block`` (0 = none) rotates the input dimension before quantizing; ``None`` means the group
+    size for ``mr`` and 0 otherwise. The stored weight is the rotated one; :meth:`FP4QuantizedWeight.dequantize`
+    undoes it."""
     if method not in METHODS:
         raise FormatError(f"{name}: unknown method {method!r}; accepted: {', '.join(METHODS)}")
     weight_kn = np.asarray(weight_kn)
@@ -346,8 +347,8 @@ def quantize_fp4(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, name: s
     if not np.isfinite(weight_kn).all():
         raise FormatError(f"{name}: weight has NaN or Inf values")
     k, n = weight_kn.shape
-    if method == "mr" and hadamard_block == 0:
-        hadamard_block = spec.group_size
+    if hadamard_block is None:
+        hadamard_block = spec.group_size if method == "mr" else 0
     block = effective_block(k, hadamard_block)
     w = torch.from_numpy(np.ascontiguousarray(weight_kn.T, dtype=np.float32)).to(device)
     if block:
