@@ -26,8 +26,9 @@ def test_report_has_the_promised_fields_and_a_bounded_perplexity(compiled):
                 "ppl_quantized", "eval_tokens", "calib_tokens", "compile_seconds", "layers"):
         assert key in rep, key
     assert rep["format"] == "int4-gptq" and len(rep["layers"]) == 210
-    # 4-bit codes + fp32 scale + 4-bit zero per 128 weights; 576 and 1536 pad to whole blocks
-    assert 4.28 <= rep["bits_per_weight"] <= 4.45
+    # 4-bit codes + fp32 scale + 4-bit zero per 128 weights, and K=576 pads to 640 (5 blocks) as
+    # MatMulNBits requires: 343 bytes per 576-row, 822 per 1536-row -> 4.643 overall
+    assert rep["bits_per_weight"] == pytest.approx(4.6432, abs=1e-3)
     assert rep["ppl_reference"] > 1 and rep["ppl_quantized"] < 1.35 * rep["ppl_reference"]
     assert rep["eval_tokens"] == 8 * 255 and rep["calib_tokens"] == 16 * 256
     assert all(0 <= layer["rel_output_error"] < 0.2 for layer in rep["layers"])
@@ -35,9 +36,12 @@ def test_report_has_the_promised_fields_and_a_bounded_perplexity(compiled):
 
 
 def test_artifact_runs_in_stock_onnxruntime_and_tracks_float_logits(compiled):
+    from qcompile.data import eval_windows
     from qcompile.models.export import export_onnx
+    from qcompile.models.sources import resolve_source
 
-    ids = np.random.default_rng(0).integers(0, 49152, size=(2, 24), dtype=np.int64)
+    # real text: on random ids top-1 agreement means little (measured 0.40 there, 0.71 on text)
+    ids = eval_windows(resolve_source("smollm2-135m").load_tokenizer(), 64, 2)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     q = ort.InferenceSession(str(compiled / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     f = ort.InferenceSession(str(export_onnx("smollm2-135m")), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
