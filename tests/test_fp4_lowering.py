@@ -134,25 +134,24 @@ def test_fusion_identity_two_layer_model_portable_vs_float_simulated():
     assert np.linalg.norm(got - exact) < 0.2 * np.linalg.norm(exact)
 
 
-def test_native_op_in_onnxruntime_when_the_library_is_built():
-    runtime = pytest.importorskip("qcompile.runtime")
-    make_session = getattr(runtime, "make_session", None)
-    if make_session is None:
-        pytest.skip("qcompile.runtime has no make_session yet")
-    import tempfile
-    from pathlib import Path
+@pytest.mark.parametrize("fmt,k,n,b,lead", CASES)
+def test_native_op_in_onnxruntime_matches_reference_and_portable(fmt, k, n, b, lead):
+    """When the qcompile_ops library is built: the native FP4MatMul on our packed tensors equals the
+    reference op and the portable lowering (skips only when the library is absent)."""
+    from qcompile.runtime import OpsLibraryNotFoundError, make_session, ops_library_path
 
-    rng = np.random.default_rng(15)
-    k, n = 64, 16
-    q = _quantize("nvfp4-rtn", (rng.standard_normal((k, n)) * 0.05).astype(np.float32), hadamard_block=16)
-    model = _model(q.lower_native("x", "y", "qc.n", TensorProto.FLOAT), [3], k, n, TensorProto.FLOAT)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.onnx"
-        onnx.save(model, str(path))
-        try:
-            sess = make_session(path)
-        except Exception as e:  # noqa: BLE001  (library not built on this machine)
-            pytest.skip(f"custom-op library unavailable: {e}")
-        x = rng.standard_normal((3, k)).astype(np.float32)
-        got = sess.run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, _reference(q, x), rtol=1e-4, atol=1e-5)
+    try:
+        ops_library_path()
+    except OpsLibraryNotFoundError as e:
+        pytest.skip(str(e))
+    rng = np.random.default_rng(k * n + b)
+    w = (rng.standard_t(4, size=(k, n)) * 0.05).astype(np.float32)
+    q = _quantize(fmt, w, hadamard_block=b)
+    x = rng.standard_normal(lead + [k]).astype(np.float32)
+    native = _model(q.lower_native("x", "y", "qc.n", TensorProto.FLOAT), lead, k, n, TensorProto.FLOAT)
+    sess = make_session(native, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x})[0]
+    want = _reference(q, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    portable = _run(_model(q.lower_portable("x", "y", "qc.p", TensorProto.FLOAT), lead, k, n, TensorProto.FLOAT), x)
+    np.testing.assert_allclose(got, portable, rtol=1e-4, atol=1e-5 * np.abs(want).max())
