@@ -2,6 +2,9 @@
 
 Formats plug in through :mod:`qcompile.formats`; nothing here knows a format's internals. The output
 folder is written aside and renamed into place, so an error or Ctrl-C never leaves a half-written OUT.
+Every finished layer is also checkpointed (:class:`~qcompile.layer_checkpoint.LayerCheckpoint`, under the
+cache, keyed by model, format, options and calibration data), so a killed compile of a slow format resumes
+from the last finished layer; the checkpoint is removed once OUT is complete.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import dataclasses
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +28,7 @@ from qcompile.errors import QCompileError, UnsupportedModelError
 from qcompile.formats import get_format
 from qcompile.formats.base import Format, QuantizedWeight
 from qcompile.gptq import relative_output_error
+from qcompile.layer_checkpoint import LayerCheckpoint
 from qcompile.passes.discover_linears import LinearMatch, discover_linears, ensure_node_names, initializer_map
 from qcompile.passes.lower_weights import lower_weights
 from qcompile import report as reports
@@ -50,6 +55,7 @@ class CompileConfig:
     include_lm_head: bool = False
     sequential: bool = False
     force: bool = False
+    resume: bool = True  # reuse layers a killed compile with the same inputs already finished
     progress: bool = True
     tokenizer: str | None = None
 
@@ -164,10 +170,28 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
                                                                          cfg.seq_len, seed=cfg.seed))
         calib_tokens = int(calib.size)
         inits = initializer_map(model)
+        ckpt = _layer_checkpoint(source, float_path, fmt, opts, calib, cfg, device)
+        done_before = set(ckpt.names()) & {m.name for m in matches}
+        if not cfg.resume:
+            done_before = set()
+        elif done_before:
+            print(f"qcompile: resuming: {len(done_before)} of {len(matches)} layers already quantized "
+                  f"({ckpt.directory})", file=sys.stderr)
+        layer_seconds: dict[str, float] = {}
+        resumed: set[str] = set()
 
         def quantize_layer(m: LinearMatch, h: torch.Tensor | None) -> QuantizedWeight:
+            hit = ckpt.get_entry(m.name) if m.name in done_before else None
+            if hit is not None:
+                resumed.add(m.name)
+                layer_seconds[m.name] = float(hit[1].get("seconds", float("nan")))
+                return hit[0]
+            t0 = time.perf_counter()
             with quantization_threads(device):
-                return fmt.quantize(m.weight(inits), h if fmt.needs_calibration else None, device=device, **opts)
+                qw = fmt.quantize(m.weight(inits), h if fmt.needs_calibration else None, device=device, **opts)
+            layer_seconds[m.name] = time.perf_counter() - t0
+            ckpt.put(m.name, qw, {"seconds": layer_seconds[m.name]})
+            return qw
 
         quantized: dict[str, QuantizedWeight] = {}
         layers: list[dict[str, Any]] = []
@@ -186,7 +210,9 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
             h = hessians.get(m.name)
             err = relative_output_error(w, torch.from_numpy(qw.dequantize().T), h) if h is not None else None
             layers.append({"name": m.name, "shape": list(m.shape), "format": fmt.name,
-                           "bits_per_weight": qw.bits_per_weight(), "rel_output_error": err, **qw.extra_report()})
+                           "bits_per_weight": qw.bits_per_weight(), "rel_output_error": err,
+                           "quantize_seconds": layer_seconds.get(m.name), "resumed": m.name in resumed,
+                           **qw.extra_report()})
 
         lowered = stages.run("lower", lambda: lower_weights(model, matches, quantized, emit))
         lowered.metadata_props.add(key="qcompile.format", value=fmt.name)
@@ -213,6 +239,7 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
         }
         if cfg.evaluate:
             report.update(stages.run("evaluate", lambda: _evaluate(float_path, out_model, emit, fmt, tokenizer, cfg)))
+        report["resumed_layers"] = len(resumed)
         report["layers"] = layers
         report["stage_seconds"] = stages.seconds
         report["compile_seconds"] = time.perf_counter() - t_start
@@ -220,10 +247,23 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
         reports.write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(reports.render_markdown(report))
         _commit_output(tmp, cfg.output)
+        shutil.rmtree(ckpt.directory, ignore_errors=True)  # OUT is complete: nothing left to resume
         return report
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _layer_checkpoint(source: Any, float_path: Path, fmt: Format, opts: dict[str, Any], calib: np.ndarray,
+                      cfg: CompileConfig, device: str) -> LayerCheckpoint:
+    """Checkpoint folder for this exact compile: every input that determines a layer's result is in the key
+    (model file, format, options, calibration tokens, sequential mode, device); progress bars are not."""
+    from qcompile.cache import cache_dir, digest_array, key_hash
+
+    key = key_hash("layers-v1", getattr(source, "fingerprint", None), str(float_path), _file_key(float_path),
+                   fmt.name, {k: v for k, v in opts.items() if k != "progress"}, digest_array(np.asarray(calib)),
+                   cfg.sequential, cfg.include_lm_head, device)
+    return LayerCheckpoint(cache_dir() / "layers" / key, fingerprint=key)
 
 
 def _copy_source_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
@@ -317,4 +357,5 @@ def _evaluate(float_path: Path, out_model: Path, emit: str, fmt: Format, tokeniz
         key_path.write_text(repr(ref))
     q, n_tokens = perplexity(out_model, windows, session_factory=session_factory_for(emit, fmt), progress=cfg.progress)
     return {"ppl_reference": ref, "ppl_quantized": q, "ppl_ratio": q / ref, "eval_tokens": n_tokens,
+            "eval_samples": cfg.eval_samples, "eval_seq_len": cfg.eval_seq_len,
             "eval_text": str(cfg.eval_text) if cfg.eval_text else "bundled wikipedia eval split"}
