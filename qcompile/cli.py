@@ -52,6 +52,8 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
                    help="calibrate each block on the outputs of the already-quantized ones (slower)")
     p.add_argument("--tokenizer", help="tokenizer source for an .onnx MODEL that does not name one")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-resume", action="store_true",
+                   help="quantize every layer afresh, ignoring layers a killed compile already finished")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compile)
 
@@ -68,7 +70,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples, seq_len=args.seq_len, eval_samples=args.eval_samples,
         eval_seq_len=args.eval_seq_len, eval_text=args.eval_text, evaluate=not args.no_eval, seed=args.seed,
         device=args.device, dtype=args.dtype, include_lm_head=args.include_lm_head, sequential=args.sequential,
-        force=args.force, progress=not args.quiet, tokenizer=args.tokenizer,
+        force=args.force, resume=not args.no_resume, progress=not args.quiet, tokenizer=args.tokenizer,
     )
     if cfg.eval_text is not None and not cfg.eval_text.is_file():
         raise QCompileError(f"--eval-text {cfg.eval_text}: no such file")

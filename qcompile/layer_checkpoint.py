@@ -44,6 +44,11 @@ class LayerCheckpoint:
         return self.directory / f"{safe}.{digest}.pkl"
 
     def get(self, name: str) -> QuantizedWeight | None:
+        entry = self.get_entry(name)
+        return None if entry is None else entry[0]
+
+    def get_entry(self, name: str) -> tuple[QuantizedWeight, dict] | None:
+        """The stored weight and the metadata ``put`` was given (e.g. how long the layer took)."""
         path = self._path(name)
         try:
             with open(path, "rb") as fh:
@@ -56,11 +61,13 @@ class LayerCheckpoint:
                 or entry.get("fingerprint") != self.fingerprint or entry.get("name") != name
                 or not isinstance(entry.get("weight"), QuantizedWeight)):
             return None
-        return entry["weight"]
+        meta = entry.get("meta")
+        return entry["weight"], dict(meta) if isinstance(meta, dict) else {}
 
-    def put(self, name: str, qw: QuantizedWeight) -> None:
+    def put(self, name: str, qw: QuantizedWeight, meta: dict | None = None) -> None:
         path = self._path(name)
-        entry = {"version": _FORMAT_VERSION, "fingerprint": self.fingerprint, "name": name, "weight": qw}
+        entry = {"version": _FORMAT_VERSION, "fingerprint": self.fingerprint, "name": name, "weight": qw,
+                 "meta": dict(meta or {})}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)
         try:
             with os.fdopen(fd, "wb") as fh:

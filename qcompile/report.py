@@ -152,7 +152,8 @@ def _json_default(o: Any) -> Any:
 
 
 LAYER_COLUMNS = [("name", "layer", "s"), ("shape", "K x N", "s"), ("format", "format", "s"),
-                 ("bits_per_weight", "bits/weight", ".3f"), ("rel_output_error", "rel. output error", ".2e")]
+                 ("bits_per_weight", "bits/weight", ".3f"), ("rel_output_error", "rel. output error", ".2e"),
+                 ("quantize_seconds", "quantize s", ".2f")]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -169,6 +170,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("perplexity change", f"{100 * (q / ref - 1):+.2f}%" if ref and q else "—"),
         ("eval tokens", f"{report.get('eval_tokens', 0):,}"), ("calibration tokens", f"{report.get('calib_tokens', 0):,}"),
         ("compile seconds", f"{report.get('compile_seconds', 0):.1f}"),
+        ("quantize seconds (sum over layers)", f"{sum(l.get('quantize_seconds') or 0 for l in report['layers']):.1f}"
+         + (f" ({report['resumed_layers']} layers resumed from a checkpoint: their time is the earlier run's)"
+            if report.get("resumed_layers") else "")),
         ("peak memory (MiB)", f"{report.get('peak_memory_mib', 0):.0f}"),
     ]
     if report.get("emit") == "simulated":
