@@ -451,4 +451,9 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main_bench())
+    # Run as a script this file is the module ``__main__``, while op plugins (``qcompile.bench_spqr`` ...)
+    # import and register into ``qcompile.bench``: a second copy with its own registry. Delegate to that
+    # copy so ``python -m qcompile.bench --ops SpQRMatMul`` sees what the plugins registered.
+    from qcompile import bench as _bench
+
+    raise SystemExit(_bench.main_bench())

@@ -234,6 +234,21 @@ def test_bench_rows_and_table(ops_library, monkeypatch):
         bench.run_op_bench(ops=["nope"], shapes=[(64, 32)], ms=[1], verbose=False)
 
 
+def test_bench_cli_as_script_sees_plugin_ops(ops_library):
+    """``python -m qcompile.bench --ops CodebookMatMul``: the op is registered by a plugin module, which must
+    land in the registry the script's entry point reads (regression: run as ``__main__`` it did not)."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"QCOMPILE_OPS_LIBRARY": str(ops_library)}
+    proc = subprocess.run([sys.executable, "-m", "qcompile.bench", "--ops", "CodebookMatMul", "--shapes", "64x32",
+                           "--m", "1", "--repeats", "1", "--warm"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| CodebookMatMul_ms |" in proc.stdout and "| 64x32 | 1 |" in proc.stdout
+
+
 def test_bench_models_compute_what_they_claim(ops_session):
     """The FP4 bench model is a valid FP4MatMul: its output matches the reference on its own weights."""
     from onnx import numpy_helper
