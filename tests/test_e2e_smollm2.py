@@ -6,6 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from e2e_helpers import compile_default_model
 from qcompile.cli import main
 
 pytestmark = pytest.mark.slow
@@ -13,11 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e") / "int4"
-    rc = main(["compile", "smollm2-135m", "-f", "int4-gptq", "-o", str(out), "--calib-samples", "16",
-               "--seq-len", "256", "--eval-samples", "8", "--eval-seq-len", "256", "-q"])
-    assert rc == 0
-    return out
+    return compile_default_model(tmp_path_factory.mktemp("e2e") / "int4", "int4-gptq")
 
 
 def test_report_has_the_promised_fields_and_a_bounded_perplexity(compiled):

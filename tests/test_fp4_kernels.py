@@ -105,6 +105,42 @@ def test_cpu_matches_reference(ops_session, monkeypatch, case, simd):
     _run_case(ops_session, case, seed=zlib.crc32(repr(case[:6]).encode()))
 
 
+@pytest.mark.parametrize("simd", ["auto", "portable"])
+@pytest.mark.parametrize("fmt", ["e8m0", "e4m3"])
+@pytest.mark.parametrize("M", [1, 7])
+def test_every_scale_code(ops_session, monkeypatch, fmt, M, simd):
+    """All 256 scale codes (subnormal, largest, NaN) in 8-wide runs, as the vectorized scale decoder reads them."""
+    if simd == "portable":
+        monkeypatch.setenv("QCOMPILE_FP4_NO_AVX2", "1")
+    rng = np.random.default_rng(5)
+    K, N, G = 320, 26, 32  # 10 groups per row: one 8-wide run plus a 2-code tail
+    w, _ = random_weights(rng, K, N, G, fmt)
+    s = np.resize(rng.permutation(256).astype(np.uint8), (N, K // G))
+    if fmt == "e8m0":  # 6 * 2^126 overflows float32 in the reference's dequantized weights
+        s[(s == 253) | (s == 254)] = 252
+    x = (rng.normal(size=(M, K)) * 2.0**-32).astype(F32)  # keeps rows with 2^127 scales finite
+    y = ops_session(fp4_model(K=K, N=N, G=G, fmt=fmt)).run(None, {"x": x, "w": w, "s": s})[0]
+    ref = fp4.fp4_matmul_reference(x, w, s, None, None, K=K, N=N, group_size=G, scale_format=fmt, hadamard_block=0)
+    nan_rows = np.isnan(ref).all(axis=0)
+    assert 1 <= nan_rows.sum() < N
+    check_close(y, ref, x, w, s, None, K, N, G, fmt, 0, F32)
+
+
+GEMV_TAILS = [  # M = 1 shapes whose W rows end in a partial 64-weight block (or have no whole block)
+    ((1,), 136, 9, 8, "e4m3", 0, F32, True, False),
+    ((1,), 48, 5, 16, "e4m3", 16, F16, True, True),
+    ((1,), 96, 11, 32, "e8m0", 0, F32, False, True),
+]
+
+
+@pytest.mark.parametrize("simd", ["auto", "portable"])
+@pytest.mark.parametrize("case", GEMV_TAILS, ids=lambda c: f"K{c[1]}-N{c[2]}-G{c[3]}")
+def test_gemv_partial_last_block(ops_session, monkeypatch, case, simd):
+    if simd == "portable":
+        monkeypatch.setenv("QCOMPILE_FP4_NO_AVX2", "1")
+    _run_case(ops_session, case, seed=17)
+
+
 def test_cpu_multithreaded_and_intermediate_output(ops_session):
     _run_case(lambda m: ops_session(m, threads=2), ((9,), 384, 130, 32, "e8m0", 128, F32, False, True), seed=3,
               follow_with_add=True)

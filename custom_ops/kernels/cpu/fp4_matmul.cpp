@@ -169,13 +169,21 @@ Geometry geometry(const Attrs& a) {
   return g;
 }
 
+#if QC_X86
+QC_AVX2 int64_t decode_scales_avx2(const uint8_t* s, int64_t n, ScaleFormat fmt, float ts, float* out);
+#endif
+
 // Per-row float scales (tensor_scale folded in), zero-padded to scale_len.
-void decode_scales(const Problem& p, const Geometry& g, int64_t n, float* out) {
+void decode_scales(const Problem& p, const Geometry& g, int64_t n, float* out, bool avx2) {
   const Tables& t = tables();
   const float* lut = p.attrs.scale_format == ScaleFormat::kE8M0 ? t.e8m0 : t.e4m3;
   const uint8_t* s = p.scales + n * g.ng;
-  for (int64_t i = 0; i < g.ng; ++i) out[i] = lut[s[i]] * p.tensor_scale;
-  for (int64_t i = g.ng; i < g.scale_len; ++i) out[i] = 0.0f;
+  int64_t i = 0;
+#if QC_X86
+  if (avx2) i = decode_scales_avx2(s, g.ng, p.attrs.scale_format, p.tensor_scale, out);
+#endif
+  for (; i < g.ng; ++i) out[i] = lut[s[i]] * p.tensor_scale;
+  for (i = g.ng; i < g.scale_len; ++i) out[i] = 0.0f;
 }
 
 // In-place normalized Walsh-Hadamard transform of each contiguous block of b in x[0..K).
@@ -376,17 +384,58 @@ QC_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Scale codes -> floats (times ts) 8 at a time with bit arithmetic instead of the table; returns how many
+// were done (the caller finishes the tail with the table). Exact: same values as Tables::e8m0 / e4m3.
+QC_AVX2 int64_t decode_scales_avx2(const uint8_t* s, int64_t n, ScaleFormat fmt, float ts, float* out) {
+  const __m256 vts = _mm256_set1_ps(ts);
+  int64_t i = 0;
+  if (fmt == ScaleFormat::kE8M0) {
+    // 2^(s-127) is the float with exponent field s; s = 0 is the subnormal 2^-127, s = 255 NaN.
+    const __m256i zero = _mm256_setzero_si256(), ff = _mm256_set1_epi32(255);
+    const __m256i sub = _mm256_set1_epi32(0x00400000), nan = _mm256_set1_epi32(0x7FC00000);
+    for (; i + 8 <= n; i += 8) {
+      const __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i)));
+      __m256i bits = _mm256_slli_epi32(u, 23);
+      bits = _mm256_blendv_epi8(bits, sub, _mm256_cmpeq_epi32(u, zero));
+      bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpeq_epi32(u, ff));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_castsi256_ps(bits), vts));
+    }
+  } else {
+    // E4M3 |code| = eeee mmm: normal (e > 0) -> float exponent e + 120, mantissa m << 20;
+    // subnormal (e = 0) -> m * 2^-9 (computed in floats: no subnormal intermediates); 0x7F -> NaN.
+    const __m256i m7f = _mm256_set1_epi32(0x7F), seven = _mm256_set1_epi32(7);
+    const __m256i bias = _mm256_set1_epi32(120 << 23), nan = _mm256_set1_epi32(0x7FC00000);
+    const __m256 sub_unit = _mm256_set1_ps(1.0f / 512.0f);
+    for (; i + 8 <= n; i += 8) {
+      const __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i)));
+      const __m256i mag = _mm256_and_si256(u, m7f);
+      const __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), bias);
+      const __m256i subn = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(mag), sub_unit));
+      __m256i bits = _mm256_blendv_epi8(normal, subn, _mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag));
+      bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpeq_epi32(mag, m7f));
+      bits = _mm256_or_si256(bits, _mm256_slli_epi32(_mm256_srli_epi32(u, 7), 31));  // sign
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_castsi256_ps(bits), vts));
+      (void)seven;
+    }
+  }
+  return i;
+}
+
+// Dot product of one W row with x over whole blocks [b0, b1); block blk's bytes are at src + 32 * (blk - b0).
 // kOneScale: G >= 32, so both halves of a block share one scale vector (lane 0: group g, lane 1: g or g+1)
 // and the block needs a single permute and a single scaled accumulate.
+// (Measured: interleaving 2 or 4 rows per pass to share the x loads was slower with cold caches: one
+// sequential W stream prefetches better than several.)
 template <bool kOneScale>
-QC_AVX2 float gemv_row_avx2(const uint8_t* row, const float* sc, const float* x, const Geometry& g,
-                            const Avx2Consts& c) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  alignas(32) uint8_t pad[kBlock / 2];
-  __m256 f[8];
-  for (int64_t blk = 0; blk < g.nblk; ++blk) {
-    decode_block_avx2(block_bytes(row, g, blk, pad), c, f);
+QC_AVX2 __attribute__((always_inline)) inline void gemv_blocks_avx2(const uint8_t* src, const float* sc,
+                                                                    const float* x, int gshift, int64_t b0,
+                                                                    int64_t b1, const Avx2Consts& c, __m256& acc0,
+                                                                    __m256& acc1) {
+  const Avx2Consts k = c;  // local copy: lets the compiler keep the constants in registers
+  for (int64_t blk = b0; blk < b1; ++blk) {
     const float* xv = x + blk * kBlock;
+    __m256 f[8];
+    decode_block_avx2(src + (blk - b0) * (kBlock / 2), k, f);
     __m256 t0 = _mm256_mul_ps(f[0], _mm256_loadu_ps(xv));
     __m256 t1 = _mm256_mul_ps(f[4], _mm256_loadu_ps(xv + 32));
     t0 = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xv + 8), t0);
@@ -395,20 +444,28 @@ QC_AVX2 float gemv_row_avx2(const uint8_t* row, const float* sc, const float* x,
     t1 = _mm256_fmadd_ps(f[6], _mm256_loadu_ps(xv + 48), t1);
     t0 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xv + 24), t0);
     t1 = _mm256_fmadd_ps(f[7], _mm256_loadu_ps(xv + 56), t1);
+    const __m256 raw = _mm256_loadu_ps(sc + ((blk * kBlock) >> gshift));
     if (kOneScale) {
-      const __m256 s = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + ((blk * kBlock) >> g.gshift)), c.sidx0);
-      // alternate accumulators between blocks to keep two independent dependency chains
-      if (blk & 1) {
-        acc1 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), s, acc1);
-      } else {
-        acc0 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), s, acc0);
-      }
+      acc0 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_permutevar8x32_ps(raw, k.sidx0), acc0);
     } else {
-      __m256 s0, s1;
-      block_scales(sc, g, blk, c, s0, s1);
-      acc0 = _mm256_fmadd_ps(t0, s0, acc0);
-      acc1 = _mm256_fmadd_ps(t1, s1, acc1);
+      acc0 = _mm256_fmadd_ps(t0, _mm256_permutevar8x32_ps(raw, k.sidx0), acc0);
+      acc1 = _mm256_fmadd_ps(t1, _mm256_permutevar8x32_ps(raw, k.sidx1), acc1);
     }
+  }
+}
+
+// dot(W row, x). Whole blocks are read in place; only the ragged last block (Kp not a multiple of 64) goes
+// through a zero-padded copy, so the hot loop has no bounds check.
+template <bool kOneScale>
+QC_AVX2 float gemv_row_avx2(const uint8_t* row, const float* sc, const float* x, const Geometry& g,
+                            const Avx2Consts& c) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const int64_t full = g.row_bytes / (kBlock / 2);
+  gemv_blocks_avx2<kOneScale>(row, sc, x, g.gshift, 0, full, c, acc0, acc1);
+  if (full < g.nblk) {  // at most one ragged block
+    alignas(32) uint8_t pad[kBlock / 2];
+    const uint8_t* tail = block_bytes(row, g, full, pad);
+    gemv_blocks_avx2<kOneScale>(tail, sc, x, g.gshift, full, full + 1, c, acc0, acc1);
   }
   return hsum(_mm256_add_ps(acc0, acc1));
 }
@@ -565,20 +622,21 @@ Status run_gemv(const Problem& p, const Geometry& g, bool avx2, const float* x, 
     const int64_t n1 = std::min(g.N, n0 + rows_per_task);
     s.out.resize(n1 - n0);
 #if QC_X86
-    Avx2Consts c;
-    if (avx2) c = avx2_consts(g.G);
-#endif
-    for (int64_t n = n0; n < n1; ++n) {
-      decode_scales(p, g, n, s.scales.data());
-      const uint8_t* row = p.w + n * g.row_bytes;
-#if QC_X86
-      if (avx2) {
+    if (avx2) {
+      const Avx2Consts c = avx2_consts(g.G);
+      for (int64_t n = n0; n < n1; ++n) {
+        decode_scales(p, g, n, s.scales.data(), true);
+        const uint8_t* row = p.w + n * g.row_bytes;
         s.out[n - n0] = g.G >= 32 ? gemv_row_avx2<true>(row, s.scales.data(), x, g, c)
                                   : gemv_row_avx2<false>(row, s.scales.data(), x, g, c);
-        continue;
       }
+      store_row(p, 0, n0, n1 - n0, s.out.data());
+      return;
+    }
 #endif
-      s.out[n - n0] = gemv_row_generic(row, s.scales.data(), x, g);
+    for (int64_t n = n0; n < n1; ++n) {
+      decode_scales(p, g, n, s.scales.data(), false);
+      s.out[n - n0] = gemv_row_generic(p.w + n * g.row_bytes, s.scales.data(), x, g);
     }
     store_row(p, 0, n0, n1 - n0, s.out.data());
   });
@@ -600,7 +658,7 @@ Status run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x,
     if (outer) s.panel.resize(kTileRows * kKC);
     s.out.assign(Mpad * kTileRows, 0.0f);
     float* acc = s.out.data();
-    for (int64_t r = 0; r < nc; ++r) decode_scales(p, g, n0 + r, s.scales.data() + r * g.scale_len);
+    for (int64_t r = 0; r < nc; ++r) decode_scales(p, g, n0 + r, s.scales.data() + r * g.scale_len, avx2);
 #if QC_X86
     Avx2Consts c;
     if (avx2) c = avx2_consts(g.G);
