@@ -204,6 +204,12 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
             for m in bar:
                 bar.set_postfix_str(m.name[-32:])
                 quantized[m.name] = stages.run("quantize", lambda: quantize_layer(m, hessians.get(m.name)))
+        tune_summary = None
+        if fmt.tune is not None:
+            tuned = stages.run("tune", lambda: fmt.tune(source, quantized, calib, opts, device, cfg.progress))
+            if tuned is not None:
+                quantized.update(tuned[0])
+                tune_summary = tuned[1]
         for m in matches:
             qw = quantized[m.name]
             w = torch.from_numpy(m.weight(inits).T)
@@ -240,6 +246,8 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
         if cfg.evaluate:
             report.update(stages.run("evaluate", lambda: _evaluate(float_path, out_model, emit, fmt, tokenizer, cfg)))
         report["resumed_layers"] = len(resumed)
+        if tune_summary is not None:
+            report["tune"] = tune_summary
         report["layers"] = layers
         report["stage_seconds"] = stages.seconds
         report["compile_seconds"] = time.perf_counter() - t_start
@@ -257,11 +265,12 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
 def _layer_checkpoint(source: Any, float_path: Path, fmt: Format, opts: dict[str, Any], calib: np.ndarray,
                       cfg: CompileConfig, device: str) -> LayerCheckpoint:
     """Checkpoint folder for this exact compile: every input that determines a layer's result is in the key
-    (model file, format, options, calibration tokens, sequential mode, device); progress bars are not."""
+    (model file, format, options, calibration tokens, sequential mode, device); progress bars and the
+    whole-model ``finetune*`` options (they act after every layer is done) are not."""
     from qcompile.cache import cache_dir, digest_array, key_hash
 
     key = key_hash("layers-v1", getattr(source, "fingerprint", None), str(float_path), _file_key(float_path),
-                   fmt.name, {k: v for k, v in opts.items() if k != "progress"}, digest_array(np.asarray(calib)),
+                   fmt.name, {k: v for k, v in opts.items() if k != "progress" and not k.startswith("finetune")}, digest_array(np.asarray(calib)),
                    cfg.sequential, cfg.include_lm_head, device)
     return LayerCheckpoint(cache_dir() / "layers" / key, fingerprint=key)
 

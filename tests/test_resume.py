@@ -42,8 +42,8 @@ def _register() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(save_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf"))
+def tiny():
+    return str(save_tiny_hf_dir())  # the per-version shared folder: its export is cached across test files
 
 
 def _layer_dirs() -> set:

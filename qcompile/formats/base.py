@@ -108,6 +108,10 @@ class Format:
     needs_calibration: bool
     emits: tuple[str, ...] = ("native", "simulated")
     default_emit: str = "native"
+    # Optional whole-model step once every layer is quantized (e.g. AQLM's codebook fine-tuning):
+    # tune(source, {layer: QuantizedWeight}, calib_windows, options, device, progress)
+    #   -> ({layer: new QuantizedWeight}, summary dict for the report), or None when the options disable it.
+    tune: Callable[..., Any] | None = None
 
     def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``given``; unknown keys are an error naming the accepted ones."""

@@ -14,6 +14,7 @@ Codes cost ``M*B/8`` bits per weight (2 for 2x8); codebooks are a per-layer cons
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -148,8 +149,13 @@ def _check_dtype(dtype: int) -> None:
 def quantize_codebook(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, name: str, num_codebooks: int,
                       nbits: int, in_group_size: int, beam_size: int, rounds: int, cg_iters: int,
                       kmeans_iters: int, damp: float, seed: int, progress: bool = False,
-                      device: str = "cpu") -> CodebookQuantizedWeight:
-    """Quantize one ``[K, N]`` weight with AQLM. ``hessian`` None = plain weight MSE (data-free)."""
+                      device: str = "cpu", **whole_model: Any) -> CodebookQuantizedWeight:
+    """Quantize one ``[K, N]`` weight with AQLM. ``hessian`` None = plain weight MSE (data-free).
+
+    ``whole_model`` takes the ``finetune_*`` options, which act later (:func:`tune_codebooks`)."""
+    unknown = [k for k in whole_model if not k.startswith("finetune")]
+    if unknown:
+        raise FormatError(f"{name}: unknown option(s) {', '.join(unknown)}")
     k, n = weight_kn.shape
     if in_group_size < 1 or k % in_group_size:
         raise FormatError(f"{name}: K={k} must be a multiple of in_group_size={in_group_size}")
@@ -168,7 +174,7 @@ def quantize_codebook(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, na
                                    res.history)
 
 
-def _options(m: int, b: int, beam: int, rounds: int, kmeans_iters: int) -> dict[str, Option]:
+def _options(m: int, b: int, beam: int, rounds: int, kmeans_iters: int, finetune_epochs: float) -> dict[str, Option]:
     return {
         "num_codebooks": Option(int, m, "M: codebooks summed per group"),
         "nbits": Option(int, b, "B: each codebook has 2^B codewords (codes are uint8 up to 8, uint16 up to 16)"),
@@ -180,10 +186,54 @@ def _options(m: int, b: int, beam: int, rounds: int, kmeans_iters: int) -> dict[
         "damp": Option(float, 0.01, "added to the Hessian diagonal, relative to its mean"),
         "seed": Option(int, 0, "seed of k-means sampling and init"),
         "progress": Option(bool, False, "per-layer progress bar with the running error"),
+        "finetune_epochs": Option(float, finetune_epochs, "after all layers: epochs of tuning codebooks+scales "
+                                  "(codes fixed) against the float model's next-token distribution on the "
+                                  "calibration windows (0 = off; needs a transformers-loadable source)"),
+        "finetune_lr": Option(float, 1e-3, "Adam learning rate of the codebooks and log-scales in fine-tuning"),
+        "finetune_batch": Option(int, 4, "calibration windows per fine-tuning step"),
     }
 
 
-def _register(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters: int, note: str) -> None:
+def tune_codebooks(source: Any, quantized: dict[str, QuantizedWeight], calib: np.ndarray, opts: dict[str, Any],
+                   device: str, progress: bool) -> tuple[dict[str, QuantizedWeight], dict[str, Any]] | None:
+    """The format's whole-model step: :func:`qcompile.aqlm_finetune.finetune_codebooks` on every codebook layer.
+
+    Skipped (with the reason in the report) when the source has no transformers model (a bare .onnx).
+    """
+    import sys
+
+    from qcompile.aqlm_finetune import FinetuneConfig, finetune_codebooks
+
+    epochs = float(opts.get("finetune_epochs", 0.0))
+    if epochs <= 0:
+        return None
+    layers = {n: q for n, q in quantized.items() if isinstance(q, CodebookQuantizedWeight)}
+    try:
+        model = source.load_model("float32")
+    except Exception as e:  # noqa: BLE001 - e.g. an .onnx source: compile still succeeds, untuned
+        print(f"qcompile: aqlm fine-tuning skipped: {e}", file=sys.stderr)
+        return {}, {"skipped": str(e)}
+    cfg = FinetuneConfig(epochs=epochs, batch_windows=int(opts.get("finetune_batch", 4)),
+                         lr=float(opts.get("finetune_lr", 1e-3)), scale_lr=float(opts.get("finetune_lr", 1e-3)),
+                         seed=int(opts.get("seed", 0)), progress=progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("QCOMPILE_TUNE_THREADS", str(os.cpu_count() or 1))))
+    try:
+        new, summary = finetune_codebooks(
+            model, {n: (q.codes, q.codebooks.astype(np.float32), q.scales.astype(np.float32)) for n, q in layers.items()},
+            calib, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    out: dict[str, QuantizedWeight] = {}
+    for n, (books, scales) in new.items():
+        q = layers[n]
+        out[n] = CodebookQuantizedWeight(q.format_name, q.codes, np.clip(books, -65504, 65504),
+                                         np.clip(scales, -65504, 65504), q.history)
+    return out, summary
+
+
+def _register(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters: int, note: str,
+              finetune_epochs: float = 0.0) -> None:
     def quantize(weight_kn, hessian, **opts):
         return quantize_codebook(weight_kn, hessian, name=name, **opts)
 
@@ -193,10 +243,11 @@ def _register(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters: i
                     f"per-channel fp16 scale; {note}",
         runtime="onnxruntime + qcompile_ops (qcompile.CodebookMatMul)",
         quantize=quantize,
-        options=_options(m, b, beam, rounds, kmeans_iters),
+        options=_options(m, b, beam, rounds, kmeans_iters, finetune_epochs),
         needs_calibration=True,
         emits=("native", "simulated", "portable"),
         default_emit="native",
+        tune=tune_codebooks,
     ))
 
 
