@@ -9,8 +9,9 @@ codebooks and scales); the loss is KL(float next-token distribution || student's
 windows. On a 135M model this costs about as much as a few forward+backward passes over the calibration
 set, and it targets perplexity directly rather than a per-block proxy.
 
-What it does not change: codes, the float parts of the model (embeddings, norms, LM head), the file layout.
-Results are rounded to fp16 exactly as the op stores them.
+What it does not change: codes, embeddings, the LM head, the file layout; the RMSNorm weights only when
+``norm_lr > 0`` (they are then returned as float overrides for the graph's initializers of the same name).
+Codebooks and scales are rounded to fp16 by the caller, exactly as the op stores them.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ class FinetuneConfig:
     batch_windows: int = 4  # windows per optimizer step
     lr: float = 1e-3  # Adam learning rate of the codebook entries (normalized weights, magnitude ~1)
     scale_lr: float = 1e-3  # Adam learning rate of the log scales (a relative step per channel)
+    norm_lr: float = 0.0  # > 0: also tune the RMSNorm weights (float parameters the compiled graph holds too)
+    tunable_floats: set[str] | None = None  # if given, only norm weights named here are tuned
     seed: int = 0
     progress: bool = False
 
@@ -86,12 +89,13 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> t
 
 def finetune_codebooks(model: torch.nn.Module, layers: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
                        windows: np.ndarray, cfg: FinetuneConfig,
-                       log: Callable[[str], None] | None = None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+                       log: Callable[[str], None] | None = None
+                       ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray], dict[str, Any]]:
     """Tune ``layers`` = ``{module name: (codes [N,G,M], codebooks [M,2^B,d], scales [N])}`` of ``model``.
 
     ``model`` is the float transformers causal LM (left unchanged: the student is a deep copy). Returns
-    ``{name: (codebooks, scales)}`` as float32 (round to fp16 before storing) and a summary dict (KL
-    before/after on the first batch, steps, seconds).
+    ``{name: (codebooks, scales)}`` as float32 (round to fp16 before storing), ``{parameter name: tuned
+    norm weight}`` (empty unless ``norm_lr > 0``) and a summary dict (KL of the first/last steps, seconds).
     """
     t0 = time.perf_counter()
     windows = np.asarray(windows, dtype=np.int64)
@@ -112,10 +116,16 @@ def finetune_codebooks(model: torch.nn.Module, layers: dict[str, tuple[np.ndarra
         _set_module(student, name, cl)
         mods[name] = cl
     student.train(False)  # no dropout; gradients still flow
-    opt = torch.optim.Adam([
-        {"params": [m.codebooks for m in mods.values()], "lr": cfg.lr},
-        {"params": [m.log_scales for m in mods.values()], "lr": cfg.scale_lr},
-    ])
+    groups = [{"params": [m.codebooks for m in mods.values()], "lr": cfg.lr},
+              {"params": [m.log_scales for m in mods.values()], "lr": cfg.scale_lr}]
+    norms = {n: p for n, p in student.named_parameters()
+             if cfg.norm_lr > 0 and n.endswith(".weight") and "norm" in n.split(".")[-2]
+             and (cfg.tunable_floats is None or n in cfg.tunable_floats)}
+    if norms:
+        for p in norms.values():
+            p.requires_grad_(True)
+        groups.append({"params": list(norms.values()), "lr": cfg.norm_lr})
+    opt = torch.optim.Adam(groups)
     gen = np.random.default_rng(cfg.seed)
     bw = max(1, min(cfg.batch_windows, len(windows)))
     steps = max(1, int(math.ceil(cfg.epochs * len(windows) / bw)))
@@ -139,11 +149,13 @@ def finetune_codebooks(model: torch.nn.Module, layers: dict[str, tuple[np.ndarra
             log(f"aqlm finetune step {step + 1}/{steps}: kl {losses[-1]:.4f}")
     bar.close()
     out = {name: m.stored() for name, m in mods.items()}
+    floats = {n: p.detach().numpy().copy() for n, p in norms.items()}
     k = max(1, len(losses) // 4)
     summary = {"steps": steps, "windows_per_step": bw, "lr": cfg.lr, "scale_lr": cfg.scale_lr,
+               "norm_lr": cfg.norm_lr, "tuned_norms": len(norms),
                "kl_first": losses[0], "kl_last_quarter_mean": float(np.mean(losses[-k:])),
                "kl_first_quarter_mean": float(np.mean(losses[:k])), "seconds": time.perf_counter() - t0}
-    return out, summary
+    return out, floats, summary
 
 
 __all__ = ["FinetuneConfig", "CodebookLinear", "finetune_codebooks", "kl_to_teacher"]

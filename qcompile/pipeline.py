@@ -206,10 +206,12 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
                 quantized[m.name] = stages.run("quantize", lambda: quantize_layer(m, hessians.get(m.name)))
         tune_summary = None
         if fmt.tune is not None:
-            tuned = stages.run("tune", lambda: fmt.tune(source, quantized, calib, opts, device, cfg.progress))
+            tuned = stages.run("tune", lambda: fmt.tune(source, quantized, calib, opts, device, cfg.progress,
+                                                        float_names=_private_initializers(model)))
             if tuned is not None:
                 quantized.update(tuned[0])
-                tune_summary = tuned[1]
+                _override_initializers(model, tuned[1])
+                tune_summary = tuned[2]
         for m in matches:
             qw = quantized[m.name]
             w = torch.from_numpy(m.weight(inits).T)
@@ -260,6 +262,32 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _private_initializers(model: onnx.ModelProto) -> set[str]:
+    """Float initializers read by exactly one node: safe to retune (the exporter merges equal constants, e.g.
+    norm weights that are all ones, into one shared initializer, which must then stay as it is)."""
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for i in set(node.input):
+            uses[i] = uses.get(i, 0) + 1
+    return {t.name for t in model.graph.initializer if uses.get(t.name) == 1
+            and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
+
+
+def _override_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
+    """Replace float initializers (e.g. norm weights a tune step adjusted), keeping each one's dtype and shape."""
+    from onnx import helper, numpy_helper
+
+    protos = {t.name: t for t in model.graph.initializer}
+    for name, value in values.items():
+        if name not in protos:
+            raise QCompileError(f"tune step returned {name!r}, which is not an initializer of the model")
+        t = protos[name]
+        arr = np.asarray(value).astype(helper.tensor_dtype_to_np_dtype(t.data_type))
+        if list(arr.shape) != list(t.dims):
+            raise QCompileError(f"tune step returned {name} with shape {list(arr.shape)}, expected {list(t.dims)}")
+        t.CopyFrom(numpy_helper.from_array(arr, name))
 
 
 def _layer_checkpoint(source: Any, float_path: Path, fmt: Format, opts: dict[str, Any], calib: np.ndarray,

@@ -71,14 +71,17 @@ def test_finetune_lowers_heldout_kl_and_keeps_codes():
     layers = {n: (w.codes, w.codebooks.astype(np.float32), w.scales.astype(np.float32)) for n, w in q.items()}
     train, held = random_tokens(64, 32, seed=1), random_tokens(8, 32, seed=2)
     before = _kl(model, _student(model, layers), held)
-    new, summary = finetune_codebooks(model, layers, train, FinetuneConfig(epochs=2, batch_windows=4, lr=1e-2,
+    new, floats, summary = finetune_codebooks(model, layers, train, FinetuneConfig(epochs=2, batch_windows=4, lr=1e-2,
                                                                            scale_lr=1e-2))
-    assert summary["steps"] == 32 and summary["kl_last_quarter_mean"] < summary["kl_first_quarter_mean"]
+    assert floats == {} and summary["steps"] == 32 and summary["tuned_norms"] == 0 and summary["kl_last_quarter_mean"] < summary["kl_first_quarter_mean"]
     tuned = {n: (layers[n][0], b.astype(np.float32), s.astype(np.float32)) for n, (b, s) in new.items()}
     after = _kl(model, _student(model, tuned), held)
     assert after < 0.93 * before, (before, after)  # measured 0.539 -> 0.482
     for n, (b, s) in new.items():
         assert b.shape == layers[n][1].shape and s.shape == layers[n][2].shape
+    _, floats, summary = finetune_codebooks(model, layers, train[:8], FinetuneConfig(epochs=1, norm_lr=1e-2))
+    assert summary["tuned_norms"] == 5 and sorted(floats)[-1] == "model.norm.weight"
+    assert floats["model.norm.weight"].shape == (64,) and not np.allclose(floats["model.norm.weight"], 1.0)
     # the teacher is untouched
     assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in LINEARS)
 
@@ -98,8 +101,10 @@ def test_pipeline_tune_step(tmp_path):
     opts = {"nbits": 4, "rounds": 1, "kmeans_iters": 4}
     plain = qcompile_compile(tiny, "aqlm-1x8", tmp_path / "plain", options=opts, **common)
     tuned = qcompile_compile(tiny, "aqlm-1x8", tmp_path / "tuned", **common,
-                             options={**opts, "finetune_epochs": 2, "finetune_lr": 1e-2})
-    assert "tune" not in plain and tuned["tune"]["steps"] == 8
+                             options={**opts, "finetune_epochs": 2, "finetune_lr": 1e-2, "finetune_norm_lr": 1e-2})
+    # The tiny model's norms are all ones, so the exporter merged them into one shared initializer: they must
+    # stay untuned (the real model's norms are distinct initializers and are tuned).
+    assert "tune" not in plain and tuned["tune"]["steps"] == 8 and tuned["tune"]["tuned_norms"] == 0
     assert tuned["bits_per_weight"] == pytest.approx(plain["bits_per_weight"])  # same storage
 
     def tensors(p):

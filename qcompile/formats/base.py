@@ -109,8 +109,10 @@ class Format:
     emits: tuple[str, ...] = ("native", "simulated")
     default_emit: str = "native"
     # Optional whole-model step once every layer is quantized (e.g. AQLM's codebook fine-tuning):
-    # tune(source, {layer: QuantizedWeight}, calib_windows, options, device, progress)
-    #   -> ({layer: new QuantizedWeight}, summary dict for the report), or None when the options disable it.
+    # tune(source, {layer: QuantizedWeight}, calib_windows, options, device, progress, float_names=set of
+    #      float initializers it may retune (read by one node only))
+    #   -> ({layer: new QuantizedWeight}, {float initializer name: new value}, summary dict for the report),
+    #   or None when the options disable it.
     tune: Callable[..., Any] | None = None
 
     def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:

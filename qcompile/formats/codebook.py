@@ -191,14 +191,19 @@ def _options(m: int, b: int, beam: int, rounds: int, kmeans_iters: int, finetune
                                   "calibration windows (0 = off; needs a transformers-loadable source)"),
         "finetune_lr": Option(float, 1e-3, "Adam learning rate of the codebooks and log-scales in fine-tuning"),
         "finetune_batch": Option(int, 4, "calibration windows per fine-tuning step"),
+        "finetune_norm_lr": Option(float, 0.0, "> 0: fine-tuning also adjusts the RMSNorm weights (float) "
+                                   "with this Adam learning rate"),
     }
 
 
 def tune_codebooks(source: Any, quantized: dict[str, QuantizedWeight], calib: np.ndarray, opts: dict[str, Any],
-                   device: str, progress: bool) -> tuple[dict[str, QuantizedWeight], dict[str, Any]] | None:
+                   device: str, progress: bool, float_names: set[str] | None = None
+                   ) -> tuple[dict[str, QuantizedWeight], dict[str, np.ndarray], dict[str, Any]] | None:
     """The format's whole-model step: :func:`qcompile.aqlm_finetune.finetune_codebooks` on every codebook layer.
 
     Skipped (with the reason in the report) when the source has no transformers model (a bare .onnx).
+    Norm weights are tuned only when they are in ``float_names`` (graph initializers of that name, private
+    to one node), so what is tuned is exactly what the graph can hold.
     """
     import sys
 
@@ -212,14 +217,16 @@ def tune_codebooks(source: Any, quantized: dict[str, QuantizedWeight], calib: np
         model = source.load_model("float32")
     except Exception as e:  # noqa: BLE001 - e.g. an .onnx source: compile still succeeds, untuned
         print(f"qcompile: aqlm fine-tuning skipped: {e}", file=sys.stderr)
-        return {}, {"skipped": str(e)}
+        return {}, {}, {"skipped": str(e)}
     cfg = FinetuneConfig(epochs=epochs, batch_windows=int(opts.get("finetune_batch", 4)),
                          lr=float(opts.get("finetune_lr", 1e-3)), scale_lr=float(opts.get("finetune_lr", 1e-3)),
-                         seed=int(opts.get("seed", 0)), progress=progress)
+                         norm_lr=float(opts.get("finetune_norm_lr", 0.0)), seed=int(opts.get("seed", 0)),
+                         tunable_floats=float_names,
+                         progress=progress)
     threads = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("QCOMPILE_TUNE_THREADS", str(os.cpu_count() or 1))))
     try:
-        new, summary = finetune_codebooks(
+        new, floats, summary = finetune_codebooks(
             model, {n: (q.codes, q.codebooks.astype(np.float32), q.scales.astype(np.float32)) for n, q in layers.items()},
             calib, cfg)
     finally:
@@ -229,7 +236,7 @@ def tune_codebooks(source: Any, quantized: dict[str, QuantizedWeight], calib: np
         q = layers[n]
         out[n] = CodebookQuantizedWeight(q.format_name, q.codes, np.clip(books, -65504, 65504),
                                          np.clip(scales, -65504, 65504), q.history)
-    return out, summary
+    return out, floats, summary
 
 
 def _register(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters: int, note: str,
