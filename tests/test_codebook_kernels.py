@@ -66,6 +66,11 @@ CASES = {
     "rows64-1x4-f16": (64, 64, 16, 1, 16, 8, np.float16, True),
     "rows3-3cb-size5-d4": (3, 12, 7, 3, 5, 4, np.float32, True),
     "uint16-codes": (2, 32, 9, 1, 300, 8, np.float32, False),
+    # byte-code LUT walk (lut_rows_u8): several 256-table super-slices plus a tail of 8 tables, two row
+    # tasks (the second partial); one codebook with a table tail; auto-selected at N >= 8*S with one row
+    "lut-u8-slices-tail-2tasks": (1, 1120, 600, 2, 256, 8, np.float32, True),
+    "lut-u8-1cb-tail-f16": (1, 320, 520, 1, 256, 8, np.float16, False),
+    "lut-u8-auto-wide": (1, 64, 2100, 2, 256, 8, np.float32, False),
 }
 
 

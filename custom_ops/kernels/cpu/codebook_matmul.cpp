@@ -555,6 +555,115 @@ inline float lut_slice(const C* codes, const float* lut, int64_t cnt, int64_t LS
   return (s0 + s1) + (s2 + s3);
 }
 
+// Byte codes over full 256-entry tables (no range check needed): the sum of 16 lookups in 16 consecutive
+// tables, codes taken from two 64-bit loads (register shifts instead of 16 byte loads) and added as a tree
+// (short dependency chains, each add folds its table load).
+inline float lut16_u8(const uint8_t* c, const float* L) {
+  uint64_t a, b;
+  std::memcpy(&a, c, 8);
+  std::memcpy(&b, c + 8, 8);
+  const float v0 = L[a & 255] + L[256 + ((a >> 8) & 255)];
+  const float v1 = L[512 + ((a >> 16) & 255)] + L[768 + ((a >> 24) & 255)];
+  const float v2 = L[1024 + ((a >> 32) & 255)] + L[1280 + ((a >> 40) & 255)];
+  const float v3 = L[1536 + ((a >> 48) & 255)] + L[1792 + (a >> 56)];
+  const float v4 = L[2048 + (b & 255)] + L[2304 + ((b >> 8) & 255)];
+  const float v5 = L[2560 + ((b >> 16) & 255)] + L[2816 + ((b >> 24) & 255)];
+  const float v6 = L[3072 + ((b >> 32) & 255)] + L[3328 + ((b >> 40) & 255)];
+  const float v7 = L[3584 + ((b >> 48) & 255)] + L[3840 + (b >> 56)];
+  return ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7));
+}
+
+#if QC_X86
+// The same sum with AVX2-era scalar code: BMI2 shifts (no register copies) pick the bytes, and half of the
+// adds are FMAs with 1.0 (exact, one rounding like an add) so they issue on the FMA pipes next to the adders.
+#define QC_LUT_ISA __attribute__((target("avx2,fma,bmi,bmi2")))
+QC_LUT_ISA inline float lut16_u8_avx2(const uint8_t* c, const float* L) {
+  uint64_t a, b;
+  std::memcpy(&a, c, 8);
+  std::memcpy(&b, c + 8, 8);
+  const __m128 one = _mm_set_ss(1.0f);
+#define QC_LD(t, v, sh) _mm_load_ss(L + (t) * 256 + (((v) >> (sh)) & 255))
+#define QC_FADD(acc, v) _mm_fmadd_ss((v), one, (acc))
+  const __m128 v0 = _mm_add_ss(QC_LD(0, a, 0), QC_LD(1, a, 8));
+  const __m128 v1 = QC_FADD(QC_LD(2, a, 16), QC_LD(3, a, 24));
+  const __m128 v2 = _mm_add_ss(QC_LD(4, a, 32), QC_LD(5, a, 40));
+  const __m128 v3 = QC_FADD(QC_LD(6, a, 48), QC_LD(7, a, 56));
+  const __m128 v4 = _mm_add_ss(QC_LD(8, b, 0), QC_LD(9, b, 8));
+  const __m128 v5 = QC_FADD(QC_LD(10, b, 16), QC_LD(11, b, 24));
+  const __m128 v6 = _mm_add_ss(QC_LD(12, b, 32), QC_LD(13, b, 40));
+  const __m128 v7 = QC_FADD(QC_LD(14, b, 48), QC_LD(15, b, 56));
+  return _mm_cvtss_f32(
+      _mm_add_ss(QC_FADD(_mm_add_ss(v0, v1), QC_FADD(v2, v3)), QC_FADD(_mm_add_ss(v4, v5), QC_FADD(v6, v7))));
+#undef QC_LD
+#undef QC_FADD
+}
+#endif
+
+constexpr int64_t kLutRowsPerTask = 512;  // the LUT (1 MB for 2x8 at K=4096) streams once per task
+
+// y[n] += sum_t lut[t][codes[n, t]] for rows [n0, n1), uint8 codes into 256-entry tables (LS == 256).
+// Codes are row-major with a row stride of T bytes (1 KB at K=4096), so walking 16-byte slices of many
+// rows would thrash the cache sets. Instead, per super-slice of up to kSuper tables, the task first copies
+// each row's codes (whole cache lines, prefetched ahead) into a slice-major buffer (L2-resident), then
+// walks 16 KB LUT slices of 16 tables, L1-resident, over the buffer read sequentially.
+constexpr int64_t kSuper = 256;
+template <float (*Lut16)(const uint8_t*, const float*)>
+__attribute__((always_inline)) inline void lut_rows_u8_impl(const uint8_t* codes, const float* lut, int64_t T,
+                                                            int64_t n0, int64_t n1, float* acc) {
+  thread_local std::vector<uint8_t> buf_store;
+  const int64_t R = n1 - n0;
+  const int64_t QS = R * 16 + 64;  // sub-slice stride, one line off a multiple of 4 KB (no set conflicts)
+  if (buf_store.size() < static_cast<size_t>(kSuper / 16 * QS)) buf_store.resize(static_cast<size_t>(kSuper / 16 * QS));
+  uint8_t* buf = buf_store.data();
+  const int64_t T16 = T / 16 * 16;
+  constexpr int64_t kAhead = 8;  // rows prefetched ahead of the copy
+  for (int64_t t0 = 0; t0 < T16; t0 += kSuper) {
+    const int64_t q_end = std::min<int64_t>(kSuper, T16 - t0) / 16;
+    const uint8_t* src = codes + n0 * T + t0;
+    for (int64_t r = 0; r < R; ++r, src += T) {
+      if (r + kAhead < R)
+        for (int64_t b = 0; b < 16 * q_end; b += 64) __builtin_prefetch(src + kAhead * T + b);
+      if (q_end == kSuper / 16) {  // the common case, fully unrolled
+        for (int64_t q = 0; q < kSuper / 16; ++q) std::memcpy(buf + q * QS + r * 16, src + 16 * q, 16);
+      } else {
+        for (int64_t q = 0; q < q_end; ++q) std::memcpy(buf + q * QS + r * 16, src + 16 * q, 16);
+      }
+    }
+    // While the rows pass over the first four sub-slices, prefetch the next super-slice's code lines (one
+    // line per row per pass), so the next copy finds them in cache.
+    const int64_t next = t0 + kSuper;
+    for (int64_t q = 0; q < q_end; ++q) {
+      const float* L = lut + (t0 + 16 * q) * 256;
+      const uint8_t* c = buf + q * QS;
+      if (q < 4 && next + 64 * q < T16) {
+        const uint8_t* pf = codes + n0 * T + next + 64 * q;
+        for (int64_t r = 0; r < R; ++r, c += 16, pf += T) {
+          __builtin_prefetch(pf, 0, 2);
+          acc[r] += Lut16(c, L);
+        }
+      } else {
+        for (int64_t r = 0; r < R; ++r, c += 16) acc[r] += Lut16(c, L);
+      }
+    }
+  }
+  if (T16 < T)
+    for (int64_t n = n0; n < n1; ++n) {
+      float s = 0.f;
+      for (int64_t t = T16; t < T; ++t) s += lut[t * 256 + codes[n * T + t]];
+      acc[n - n0] += s;
+    }
+}
+
+void lut_rows_u8(const uint8_t* codes, const float* lut, int64_t T, int64_t n0, int64_t n1, float* acc) {
+  lut_rows_u8_impl<lut16_u8>(codes, lut, T, n0, n1, acc);
+}
+#if QC_X86
+QC_LUT_ISA void lut_rows_u8_avx2(const uint8_t* codes, const float* lut, int64_t T, int64_t n0, int64_t n1,
+                                 float* acc) {
+  lut_rows_u8_impl<lut16_u8_avx2>(codes, lut, T, n0, n1, acc);
+}
+#endif
+
 template <typename C, bool kCheck>
 void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
              std::vector<uint32_t>& maxc) {
@@ -570,7 +679,9 @@ void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2,
   const C* codes = static_cast<const C*>(p.codes);
   const int64_t build_chunk = std::max<int64_t>(1, 16384 / (g.M * g.LS));  // ~64 KB of LUT per task
   const int64_t build_tasks = (g.G + build_chunk - 1) / build_chunk;
-  const int64_t gather_tasks = (g.N + kGemvRowsPerTask - 1) / kGemvRowsPerTask;
+  const bool fast_u8 = sizeof(C) == 1 && !kCheck && g.LS == 256;
+  const int64_t rows_per_task = fast_u8 ? kLutRowsPerTask : kGemvRowsPerTask;
+  const int64_t gather_tasks = (g.N + rows_per_task - 1) / rows_per_task;
   static const int64_t slice_bytes = [] {
     const char* e = std::getenv("QCOMPILE_CODEBOOK_LUT_SLICE_KB");
     return (e && std::atoi(e) > 0 ? std::atoi(e) : 16) * int64_t{1024};
@@ -592,15 +703,24 @@ void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2,
       // Walk the LUT in L1-sized slices of (group, codebook) entries, all of this task's rows per slice:
       // two loads per lookup (code, table entry), no gathers, and the table slice never leaves L1.
       thread_local std::vector<float> acc_buf;
-      const int64_t n0 = static_cast<int64_t>(t) * kGemvRowsPerTask, n1 = std::min(g.N, n0 + kGemvRowsPerTask);
+      const int64_t n0 = static_cast<int64_t>(t) * rows_per_task, n1 = std::min(g.N, n0 + rows_per_task);
       float* acc = scratch(acc_buf, static_cast<size_t>(n1 - n0));
       std::fill(acc, acc + (n1 - n0), 0.0f);
       uint32_t mx = 0;
-      for (int64_t t0 = 0; t0 < g.T; t0 += slice) {
-        const int64_t cnt = std::min(slice, g.T - t0);
-        const float* ls = lut + t0 * g.LS;
-        for (int64_t n = n0; n < n1; ++n)
-          acc[n - n0] += lut_slice<C, kCheck>(codes + n * g.T + t0, ls, cnt, g.LS, g.S, &mx);
+      if (fast_u8) {
+#if QC_X86
+        if (avx2)
+          lut_rows_u8_avx2(reinterpret_cast<const uint8_t*>(codes), lut, g.T, n0, n1, acc);
+        else
+#endif
+          lut_rows_u8(reinterpret_cast<const uint8_t*>(codes), lut, g.T, n0, n1, acc);
+      } else {
+        for (int64_t t0 = 0; t0 < g.T; t0 += slice) {
+          const int64_t cnt = std::min(slice, g.T - t0);
+          const float* ls = lut + t0 * g.LS;
+          for (int64_t n = n0; n < n1; ++n)
+            acc[n - n0] += lut_slice<C, kCheck>(codes + n * g.T + t0, ls, cnt, g.LS, g.S, &mx);
+        }
       }
       for (int64_t n = n0; n < n1; ++n) {
         float v = acc[n - n0] * in.scales[n];
@@ -697,10 +817,16 @@ void dispatch(const Problem& p, const Geometry& g, const Prepared& in, bool avx2
   Path path = forced_path();
   if (path == Path::kLut && !lut_ok) path = Path::kFused;
   if (path == Path::kAuto) {
-    // Measured on Zen3 (2x8, K=N=4096): fused decode-dot beats the LUT because the codebooks stay in L1
-    // while a 1 MB LUT does not fit L2; the LUT wins only when codewords are long and codebooks small.
+    // Measured on Zen3: in general the fused decode-dot wins, its codebooks staying in L1 while the LUT
+    // (G*M*S floats, 1 MB for 2x8 at K=4096) does not fit L2; the generic LUT wins only when codewords
+    // are long and codebooks small. Exception: one row with byte codes over full 256-entry codebooks
+    // (aqlm-2x8) and many output rows, where the slice-ordered walk (lut_rows_u8) does 2 scalar lookups
+    // per group against the fused path's 2 codeword loads, add and FMA (~1.3-1.5x faster at 4096x4096;
+    // slower on small layers, where building the table does not pay off).
     // Past a few rows, decoding each W tile once and reusing it (GEMM) beats re-decoding per row block.
-    const bool lut_wins = g.d > 8 && g.M * g.S <= 2 * g.N && lut_ok;
+    const bool lut_wins = (g.d > 8 && g.M * g.S <= 2 * g.N && lut_ok) ||
+                          (p.rows == 1 && sizeof(C) == 1 && !kCheck && g.LS == 256 && g.M >= 2 && g.N >= 8 * g.S &&
+                           lut_ok);
     if (p.rows <= kLutMaxRows && lut_wins) path = Path::kLut;
     else if (p.rows <= kFusedMaxRows) path = Path::kFused;
     else path = Path::kGemm;
@@ -719,13 +845,14 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   if (p.rows == 0) return Status::OK();
   const Geometry g = geometry(p.attrs);
   const bool avx2 = use_avx2();
-  Prepared in;
+  thread_local Prepared in;  // kept per calling thread: no allocation (nor page faults) per call
   in.Kp = (g.K + 7) / 8 * 8;
   in.x.assign(static_cast<size_t>(p.rows * in.Kp), 0.0f);
   for (int64_t r = 0; r < p.rows; ++r)
     for (int64_t k = 0; k < g.K; ++k) in.x[r * in.Kp + k] = load_elem(p.x, p.dtype, r * g.K + k);
   in.scales.resize(static_cast<size_t>(g.N));
   for (int64_t n = 0; n < g.N; ++n) in.scales[n] = load_elem(p.scales, p.scale_type, n);
+  in.bias.clear();
   if (p.bias) {
     in.bias.resize(static_cast<size_t>(g.N));
     for (int64_t n = 0; n < g.N; ++n) in.bias[n] = load_elem(p.bias, p.dtype, n);
@@ -735,7 +862,8 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
 
   const bool u8 = p.code_type == CodeType::kUint8;
   const bool check = u8 ? g.S < 256 : g.S < 65536;
-  std::vector<uint32_t> maxc(static_cast<size_t>(std::max<int64_t>((g.N + kNR - 1) / kNR, 1) + 64), 0);  // >= tasks of any path
+  thread_local std::vector<uint32_t> maxc;
+  maxc.assign(static_cast<size_t>(std::max<int64_t>((g.N + kNR - 1) / kNR, 1) + 64), 0);  // >= tasks of any path
   if (u8) {
     if (check) dispatch<uint8_t, true>(p, g, in, avx2, par, maxc);
     else dispatch<uint8_t, false>(p, g, in, avx2, par, maxc);
