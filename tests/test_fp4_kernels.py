@@ -141,6 +141,22 @@ def test_gemv_partial_last_block(ops_session, monkeypatch, case, simd):
     _run_case(ops_session, case, seed=17)
 
 
+PREFILL_TILES = [  # M > 1 shapes around the AVX2 prefill kernel's blocks: 16 + 8 rows of X, 6 and 12 rows of W
+    ((6,), 128, 13, 32, "e8m0", 0, F32, False, True),
+    ((20,), 192, 25, 32, "e8m0", 32, F32, True, False),    # 16-row block + 8-row tail
+    ((3, 9), 320, 7, 16, "e4m3", 0, F16, True, True),      # 27 rows: 16 + 8 + 8 (padded), N < 12
+    ((40,), 200, 37, 8, "e4m3", 8, F32, False, False),     # ragged K (partial last 64-block), N % 12 = 1
+]
+
+
+@pytest.mark.parametrize("simd", ["auto", "portable"])
+@pytest.mark.parametrize("case", PREFILL_TILES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-G{c[3]}")
+def test_prefill_tile_edges(ops_session, monkeypatch, case, simd):
+    if simd == "portable":
+        monkeypatch.setenv("QCOMPILE_FP4_NO_AVX2", "1")
+    _run_case(ops_session, case, seed=23)
+
+
 def test_cpu_multithreaded_and_intermediate_output(ops_session):
     _run_case(lambda m: ops_session(m, threads=2), ((9,), 384, 130, 32, "e8m0", 128, F32, False, True), seed=3,
               follow_with_add=True)

@@ -6,14 +6,16 @@
 //     SIMD decoder produces weights in (a dot product does not care about order, as long as both sides
 //     agree), so decoding never has to re-interleave nibbles.
 //  2. M == 1 (GEMV): tasks own contiguous row ranges of W; each row is streamed once, decoded 64 weights
-//     at a time into 8 float vectors and multiplied with X; the per-group scales are applied to partial
-//     sums, not to every weight.
-//  3. M > 1: a task owns 16 rows of W; for each K slice of 256 it decodes them (scale applied) into a
-//     float tile that stays in L1 and reuses it for all M rows: with AVX2 and M >= 6 the tile is
-//     transposed into a k-major panel for a 6x16 outer-product microkernel (12 accumulators, one
-//     broadcast per X element); otherwise a 3x4 dot-product microkernel reads the row-major tile.
-//     Buffer strides are padded so no power-of-two stride aliases cache sets. (Measured alternative:
-//     K slices as the outer loop with a shared [M, N] accumulator was ~25% slower at K = N = 4096.)
+//     at a time into 8 float vectors and multiplied with X; the per-group scales (decoded 8 at a time with
+//     bit arithmetic) are applied to partial sums, not to every weight.
+//  3. M > 1 with AVX2 (M >= 6): X is also packed transposed, in blocks of 16 rows ([Kx][16], once per
+//     call). A task owns 12 rows of W; for each K slice of 256 it decodes them (scale applied) into a
+//     row-major float tile in L1 and runs a 6x16 outer-product microkernel (12 accumulators, one broadcast
+//     per decoded weight, two vector loads of X^T) over every 16-row block of X^T; the next slice's W bytes
+//     are prefetched meanwhile. No per-tile transpose is needed, the tile is read as decoded.
+//  4. Otherwise (portable path, or M < 6): a task owns 16 rows of W, decodes each K slice into a tile and
+//     reuses it for all M rows with a 3x4 dot-product microkernel.
+//     Buffer strides are padded so no power-of-two stride aliases cache sets.
 //
 // SIMD decode (AVX2): E2M1 values are exactly representable in bfloat16, i.e. each one is a float whose
 // low 16 bits are zero. Two pshufb lookups per nibble vector give the top and second byte of that float,
@@ -44,12 +46,15 @@ namespace fp4 {
 namespace {
 
 constexpr int64_t kBlock = 64;   // weights per decode block (32 bytes of W)
-constexpr int64_t kTileRows = 16;  // W rows per task in the M > 1 path (multiple of kNR)
+constexpr int64_t kTileRows = 16;  // W rows per task in the dot-product M > 1 path (multiple of kNR)
 constexpr int64_t kKC = 256;     // K slice of the decoded tile (multiple of kBlock)
 constexpr int64_t kTileLd = kKC + 16;  // tile row stride (padded against cache-set aliasing)
 constexpr int64_t kMR = 3;       // dot-product microkernel: rows of X
 constexpr int64_t kNR = 4;       // dot-product microkernel: rows of W
-constexpr int64_t kMR6 = 6;      // AVX2 outer-product microkernel: rows of X (x 16 rows of W)
+constexpr int64_t kOuterRows = 12;  // AVX2 outer-product path: W rows per task (multiple of 6)
+constexpr int64_t kOuterKC = 256;   // its K slice (multiple of kBlock; 128 and 24 rows measured the same)
+constexpr int64_t kOuterLd = kOuterKC + 16;  // its tile row stride
+constexpr int64_t kXtLd = 16;      // columns (rows of X) per block of the transposed activations
 constexpr int64_t kOuterMinM = 6;  // use the outer-product kernel from this many rows of X
 
 // ---- tables --------------------------------------------------------------------------------------------
@@ -521,65 +526,45 @@ QC_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw
   _mm_storeu_ps(c + 2 * ldc, _mm_add_ps(_mm_loadu_ps(c + 2 * ldc), reduce4(a20, a21, a22, a23)));
 }
 
-// Row-major tile [16][kTileLd] -> k-major panel [len][16] (8x8 transposes), for the outer-product kernel.
-QC_AVX2 void tile_to_panel(const float* tile, int64_t len, float* panel) {
-  for (int64_t k = 0; k < len; k += 8) {
-    for (int rb = 0; rb < 16; rb += 8) {
-      __m256 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(tile + (rb + i) * kTileLd + k);
-      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-      float* dst = panel + k * 16 + rb;
-      _mm256_storeu_ps(dst + 0 * 16, _mm256_permute2f128_ps(u0, u4, 0x20));
-      _mm256_storeu_ps(dst + 1 * 16, _mm256_permute2f128_ps(u1, u5, 0x20));
-      _mm256_storeu_ps(dst + 2 * 16, _mm256_permute2f128_ps(u2, u6, 0x20));
-      _mm256_storeu_ps(dst + 3 * 16, _mm256_permute2f128_ps(u3, u7, 0x20));
-      _mm256_storeu_ps(dst + 4 * 16, _mm256_permute2f128_ps(u0, u4, 0x31));
-      _mm256_storeu_ps(dst + 5 * 16, _mm256_permute2f128_ps(u1, u5, 0x31));
-      _mm256_storeu_ps(dst + 6 * 16, _mm256_permute2f128_ps(u2, u6, 0x31));
-      _mm256_storeu_ps(dst + 7 * 16, _mm256_permute2f128_ps(u3, u7, 0x31));
-    }
-  }
-}
-
-// C[6][16] += X[6 rows, len] * panel[len][16]: 12 accumulators, one broadcast per X element.
-QC_AVX2 void micro6x16(const float* x, int64_t ldx, const float* panel, int64_t len, float* c, int64_t ldc) {
+// C[6][8*NV] += W[6 rows, len] * XT[len][16] (first 8*NV columns): 6*NV accumulators, one broadcast per
+// decoded weight. W is the decoded tile (row-major, stride ldw, L1), XT the transposed activations of one
+// block of 16 rows of X (k-major, packed once per call by pack_xt), so neither operand needs a transpose
+// per tile. C is the task's accumulator, [W row][X row] with stride ldc.
+// (Accumulators are named variables: GCC keeps an array of them in memory.)
+template <int NV>
+QC_AVX2 void micro6xN(const float* w, int64_t ldw, const float* xt, int64_t len, float* c, int64_t ldc) {
+  static_assert(NV == 1 || NV == 2, "8 or 16 columns");
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx, *x4 = x + 4 * ldx, *x5 = x + 5 * ldx;
-  for (int64_t k = 0; k < len; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(panel + k * 16), b1 = _mm256_loadu_ps(panel + k * 16 + 8);
-    __m256 a = _mm256_broadcast_ss(x0 + k);
+  const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw, *w4 = w + 4 * ldw, *w5 = w + 5 * ldw;
+  for (int64_t k = 0; k < len; ++k, xt += kXtLd) {
+    const __m256 b0 = _mm256_loadu_ps(xt);
+    const __m256 b1 = NV == 2 ? _mm256_loadu_ps(xt + 8) : b0;
+    __m256 a = _mm256_broadcast_ss(w0 + k);
     c00 = _mm256_fmadd_ps(a, b0, c00);
-    c01 = _mm256_fmadd_ps(a, b1, c01);
-    a = _mm256_broadcast_ss(x1 + k);
+    if (NV == 2) c01 = _mm256_fmadd_ps(a, b1, c01);
+    a = _mm256_broadcast_ss(w1 + k);
     c10 = _mm256_fmadd_ps(a, b0, c10);
-    c11 = _mm256_fmadd_ps(a, b1, c11);
-    a = _mm256_broadcast_ss(x2 + k);
+    if (NV == 2) c11 = _mm256_fmadd_ps(a, b1, c11);
+    a = _mm256_broadcast_ss(w2 + k);
     c20 = _mm256_fmadd_ps(a, b0, c20);
-    c21 = _mm256_fmadd_ps(a, b1, c21);
-    a = _mm256_broadcast_ss(x3 + k);
+    if (NV == 2) c21 = _mm256_fmadd_ps(a, b1, c21);
+    a = _mm256_broadcast_ss(w3 + k);
     c30 = _mm256_fmadd_ps(a, b0, c30);
-    c31 = _mm256_fmadd_ps(a, b1, c31);
-    a = _mm256_broadcast_ss(x4 + k);
+    if (NV == 2) c31 = _mm256_fmadd_ps(a, b1, c31);
+    a = _mm256_broadcast_ss(w4 + k);
     c40 = _mm256_fmadd_ps(a, b0, c40);
-    c41 = _mm256_fmadd_ps(a, b1, c41);
-    a = _mm256_broadcast_ss(x5 + k);
+    if (NV == 2) c41 = _mm256_fmadd_ps(a, b1, c41);
+    a = _mm256_broadcast_ss(w5 + k);
     c50 = _mm256_fmadd_ps(a, b0, c50);
-    c51 = _mm256_fmadd_ps(a, b1, c51);
+    if (NV == 2) c51 = _mm256_fmadd_ps(a, b1, c51);
   }
   const __m256 rows[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int i = 0; i < 6; ++i) {
-    float* ci = c + i * ldc;
-    _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), rows[i][0]));
-    _mm256_storeu_ps(ci + 8, _mm256_add_ps(_mm256_loadu_ps(ci + 8), rows[i][1]));
-  }
+  for (int i = 0; i < 6; ++i)
+    for (int v = 0; v < NV; ++v) {
+      float* ci = c + i * ldc + 8 * v;
+      _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), rows[i][v]));
+    }
 }
 
 #endif  // QC_X86
@@ -603,7 +588,7 @@ Status run_tasks(const Parallel& par, int64_t n, F&& fn) {
 }
 
 struct TaskScratch {
-  std::vector<float> scales, tile, panel, out;
+  std::vector<float> scales, tile, out;
 };
 
 TaskScratch& task_scratch() {
@@ -647,7 +632,6 @@ Status run_gemv(const Problem& p, const Geometry& g, bool avx2, const float* x, 
 // once overall; the tile stays in L1/L2 while the X slice streams past.
 Status run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x, int64_t Mpad,
                  const Parallel& par) {
-  const bool outer = avx2 && p.M >= kOuterMinM;  // Mpad is then a multiple of kMR6
   const int64_t tasks = (g.N + kTileRows - 1) / kTileRows;
   return run_tasks(par, tasks, [&](int64_t task) {
     TaskScratch& s = task_scratch();
@@ -655,7 +639,6 @@ Status run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x,
     const int64_t nc = std::min(kTileRows, g.N - n0);
     s.scales.resize(kTileRows * g.scale_len);
     s.tile.resize(kTileRows * kTileLd);
-    if (outer) s.panel.resize(kTileRows * kKC);
     s.out.assign(Mpad * kTileRows, 0.0f);
     float* acc = s.out.data();
     for (int64_t r = 0; r < nc; ++r) decode_scales(p, g, n0 + r, s.scales.data() + r * g.scale_len, avx2);
@@ -681,14 +664,6 @@ Status run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x,
 #endif
         decode_row_generic(row, sc, g, k0, len, dst);
       }
-#if QC_X86
-      if (outer) {
-        tile_to_panel(s.tile.data(), len, s.panel.data());
-        for (int64_t m = 0; m < Mpad; m += kMR6)
-          micro6x16(x + m * g.ldx + k0, g.ldx, s.panel.data(), len, acc + m * kTileRows, kTileRows);
-        continue;
-      }
-#endif
       for (int64_t m = 0; m < Mpad; m += kMR) {
         for (int64_t r = 0; r < nc; r += kNR) {
           const float* xs = x + m * g.ldx + k0;
@@ -708,6 +683,71 @@ Status run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x,
   });
 }
 
+#if QC_X86
+// Prefetches the bytes of W rows [r0, r1) that hold weights [k0, k0 + len): the decoder reads 12 rows
+// 2 KB apart 128 bytes at a time, a pattern the hardware prefetcher does not follow far enough ahead.
+inline void prefetch_rows(const Problem& p, const Geometry& g, int64_t r0, int64_t r1, int64_t k0, int64_t len) {
+  const int64_t b0 = k0 / 2, b1 = std::min(g.row_bytes, (k0 + len) / 2);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t b = b0; b < b1; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(p.w + r * g.row_bytes + b), _MM_HINT_T0);
+}
+
+// M >= kOuterMinM with AVX2. A task owns 12 W rows: per K slice it decodes them (scales applied) into a
+// row-major tile and multiplies it with every 16-row block of the transposed activations xt
+// ([Mpad/16][Kx][16]), accumulating C^T [12][Mpad]; the next slice's W bytes are prefetched meanwhile.
+Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t Mpad, const Parallel& par) {
+  const int64_t tasks = (g.N + kOuterRows - 1) / kOuterRows;
+  const int64_t ldc = Mpad + 8;  // accumulator row stride, off powers of two
+  return run_tasks(par, tasks, [&](int64_t task) {
+    TaskScratch& s = task_scratch();
+    const int64_t n0 = task * kOuterRows;
+    const int64_t nc = std::min(kOuterRows, g.N - n0);
+    s.scales.resize(kOuterRows * g.scale_len);
+    s.tile.resize(kOuterRows * kOuterLd);
+    s.out.assign(kOuterRows * ldc, 0.0f);
+    float* acc = s.out.data();
+    for (int64_t r = 0; r < nc; ++r) decode_scales(p, g, n0 + r, s.scales.data() + r * g.scale_len, true);
+    const Avx2Consts c = avx2_consts(g.G);
+    prefetch_rows(p, g, n0, n0 + nc, 0, kOuterKC);
+    for (int64_t k0 = 0; k0 < g.Kx; k0 += kOuterKC) {
+      const int64_t len = std::min(kOuterKC, g.Kx - k0);
+      for (int64_t r = 0; r < kOuterRows; ++r) {
+        float* dst = s.tile.data() + r * kOuterLd;
+        if (r >= nc) {
+          std::fill(dst, dst + len, 0.0f);
+          continue;
+        }
+        decode_row_avx2(p.w + (n0 + r) * g.row_bytes, s.scales.data() + r * g.scale_len, g, k0 / kBlock,
+                        (k0 + len) / kBlock, c, dst);
+      }
+      if (k0 + kOuterKC < g.Kx) prefetch_rows(p, g, n0, n0 + nc, k0 + kOuterKC, kOuterKC);
+      for (int64_t m = 0; m < Mpad; m += kXtLd) {
+        const float* xs = xt + m * g.Kx + k0 * kXtLd;
+        for (int64_t r = 0; r < nc; r += 6) {
+          const float* ws = s.tile.data() + r * kOuterLd;
+          if (Mpad - m >= 16) micro6xN<2>(ws, kOuterLd, xs, len, acc + r * ldc + m, ldc);
+          else micro6xN<1>(ws, kOuterLd, xs, len, acc + r * ldc + m, ldc);
+        }
+      }
+    }
+    float vals[kOuterRows];
+    for (int64_t m = 0; m < p.M; ++m) {
+      for (int64_t r = 0; r < nc; ++r) vals[r] = acc[r * ldc + m];
+      store_row(p, m, n0, nc, vals);
+    }
+  });
+}
+
+// Rows of the prepared X (stride ldx) -> blocks of 16 rows, k-major: element (m, k) at
+// xt[(m / 16) * Kx * 16 + k * 16 + m % 16]. Rows past Mpad's real rows are already zero.
+void pack_xt(const float* x, const Geometry& g, int64_t m0, float* xt) {
+  float* dst = xt + m0 * g.Kx;
+  for (int64_t k = 0; k < g.Kx; ++k)
+    for (int64_t j = 0; j < kXtLd; ++j) dst[k * kXtLd + j] = x[(m0 + j) * g.ldx + k];
+}
+#endif
+
 }  // namespace
 
 Status matmul_cpu(const Problem& p, const Parallel& par) {
@@ -717,23 +757,39 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   if (!p.x || !p.w || !p.scales || !p.y) return Status::Error("FP4MatMul: null operand");
   const Geometry g = geometry(p.attrs);
   const bool avx2 = use_avx2();
-  const int64_t mr = avx2 && p.M >= kOuterMinM ? kMR6 : kMR;
-  const int64_t Mpad = p.M == 1 ? 1 : (p.M + mr - 1) / mr * mr;
+  const bool outer = avx2 && p.M >= kOuterMinM;
+  const int64_t mr = outer ? 8 : kMR;
+  int64_t Mpad = p.M == 1 ? 1 : (p.M + mr - 1) / mr * mr;
+  const int64_t Mrows = outer ? (Mpad + kXtLd - 1) / kXtLd * kXtLd : Mpad;  // rows prepared (zero past M)
 
   thread_local std::vector<float> xbuf;  // reused across calls on this thread
   try {
-    xbuf.resize(static_cast<size_t>(Mpad * g.ldx));
+    xbuf.resize(static_cast<size_t>(Mrows * g.ldx));
   } catch (const std::bad_alloc&) {
     return Status::Error("FP4MatMul: out of memory for the activation buffer");
   }
   const int64_t rows_per_task = std::max<int64_t>(1, 16384 / g.Kx);
-  const int64_t prep_tasks = (Mpad + rows_per_task - 1) / rows_per_task;
+  const int64_t prep_tasks = (Mrows + rows_per_task - 1) / rows_per_task;
   float* xp = xbuf.data();
   Status st = run_tasks(par, prep_tasks, [&](int64_t t) {
     thread_local std::vector<float> tmp;
     const int64_t m0 = t * rows_per_task;
-    prepare_rows(p, g, avx2, m0, std::min(Mpad, m0 + rows_per_task), xp, tmp);
+    prepare_rows(p, g, avx2, m0, std::min(Mrows, m0 + rows_per_task), xp, tmp);
   });
+#if QC_X86
+  if (st.ok() && outer) {
+    thread_local std::vector<float> xtbuf;
+    try {
+      xtbuf.resize(static_cast<size_t>(Mrows * g.Kx));
+    } catch (const std::bad_alloc&) {
+      return Status::Error("FP4MatMul: out of memory for the activation buffer");
+    }
+    float* xt = xtbuf.data();
+    st = run_tasks(par, Mrows / kXtLd, [&](int64_t b) { pack_xt(xp, g, b * kXtLd, xt); });
+    if (st.ok()) st = run_outer(p, g, xt, Mpad, par);
+    if (xtbuf.capacity() > (size_t{16} << 20)) std::vector<float>().swap(xtbuf);
+  } else
+#endif
   if (st.ok()) st = p.M == 1 ? run_gemv(p, g, avx2, xp, par) : run_tiled(p, g, avx2, xp, Mpad, par);
   if (xbuf.capacity() > (size_t{16} << 20)) std::vector<float>().swap(xbuf);  // do not pin >64 MB per thread
   return st;
