@@ -79,6 +79,10 @@ CASES = [  # K, N, bits, group_size, stat_bits, stat_group, M (x leading shape),
     (72, 40, 3, 16, 3, 16, [1], True, True, F16, np.int16),
     (160, 24, 4, 16, 3, 16, [7], True, False, F16, np.int32),
     (48, 16, 3, 16, 1, 4, [64], False, True, F16, np.int16),
+    # M = 1 paths: odd chunk count (2-chunk unroll + tail), 1-bit stats over many row blocks (fused
+    # stats + zero-point pass, cached per block), 5-bit stats (per-row fallback) with 4-bit codes
+    (136, 29, 3, 16, 1, 4, [1], True, True, F32, np.int16),
+    (112, 21, 4, 16, 5, 5, [1], True, False, F32, np.int32),
 ]
 
 
@@ -108,6 +112,17 @@ def test_weights_as_graph_inputs_and_empty_outlier_table(ops_session):
     x = rng.standard_normal((5, 80)).astype(F32)
     sess = ops_session(spqr_model(packed, attrs, as_inputs=True))
     y = sess.run(None, feeds(x, packed, None, True))[0]
+    check(y, x, packed, attrs, None, F32)
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_outlier_heavy_rows(ops_session, rows):
+    """Rows with dozens of outliers each (8-wide gathers plus scalar tails) still match the reference."""
+    attrs = dict(K=176, N=40, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(176, 40, outlier_rate=0.4, with_perm=True, seed=5)
+    assert np.diff(packed["row_offsets"]).min() > 9
+    x = np.random.default_rng(2).standard_normal((rows, 176)).astype(F32)
+    y = ops_session(spqr_model(packed, attrs)).run(None, {"x": x})[0]
     check(y, x, packed, attrs, None, F32)
 
 

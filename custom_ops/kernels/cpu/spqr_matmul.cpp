@@ -193,6 +193,45 @@ QC_AVX2 void stats_avx2(const Call& c, int64_t n, float* scale, float* zero) {
   }
 }
 
+// M == 1 statistics of row n: scales into `scale` (room for Gp entries) and the zero-point term
+// sum_g scale_g * zero_g * xsum_g as a vector, in one pass. The second-level parameters of the row's
+// block are widened once per block into `pf` ([4][Gp] fp32, zero padded; *cached_rb tracks the block).
+QC_AVX2 __m256 stats_corr_m1(const Call& c, int64_t n, float* pf, int64_t* cached_rb, float* scale) {
+  const Attrs& s = *c.s;
+  const int64_t G = s.groups(), Gp = c.Gp, SW = s.stat_words();
+  const int sb = s.stat_bits;
+  const int64_t rb = n / s.stat_group;
+  if (rb != *cached_rb) {
+    const uint16_t* sp = row_params(c, n);
+    for (int f = 0; f < 4; ++f) {
+      float* dst = pf + f * Gp;
+      for (int64_t g = 0; g < G; ++g) dst[g] = _cvtsh_ss(sp[f * G + g]);
+      for (int64_t g = G; g < Gp; ++g) dst[g] = 0.f;
+    }
+    *cached_rb = rb;
+  }
+  const uint8_t* sbytes = (const uint8_t*)(c.w->stat_codes + n * 2 * SW);
+  const uint8_t* zbytes = sbytes + 4 * SW;
+  const __m256i sh = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(sb));
+  const __m256i mask = _mm256_set1_epi32((1 << sb) - 1);
+  const int64_t last = 4 * SW - 4;  // last byte offset a 32-bit load may start at (see stats_avx2)
+  __m256 corr = _mm256_setzero_ps();
+  for (int64_t g = 0; g < Gp; g += 8) {
+    const int64_t off = (g / 8) * sb;
+    const int64_t at = std::min(off, last);
+    const __m256i shift = _mm256_add_epi32(sh, _mm256_set1_epi32((int)(8 * (off - at))));
+    const __m256 sc = _mm256_cvtepi32_ps(
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)load_u32(sbytes + at)), shift), mask));
+    const __m256 zc = _mm256_cvtepi32_ps(
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)load_u32(zbytes + at)), shift), mask));
+    const __m256 scl = _mm256_fmadd_ps(sc, _mm256_loadu_ps(pf + g), _mm256_loadu_ps(pf + Gp + g));
+    const __m256 zer = _mm256_fmadd_ps(zc, _mm256_loadu_ps(pf + 2 * Gp + g), _mm256_loadu_ps(pf + 3 * Gp + g));
+    _mm256_storeu_ps(scale + g, scl);
+    corr = _mm256_fmadd_ps(_mm256_mul_ps(scl, zer), _mm256_loadu_ps(c.xsum + g), corr);
+  }
+  return corr;
+}
+
 QC_AVX2 inline __m256i load_idx8(const int16_t* p) {
   return _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)p));
 }
@@ -229,20 +268,49 @@ QC_AVX2 void rows_avx2_m1(const Call& c, int64_t r0, int64_t r1) {
   thread_local std::vector<float> scale, zero;
   scale.assign((size_t)Gp, 0.f);  // entries G..Gp-1 stay 0: padded groups contribute nothing
   zero.assign((size_t)Gp, 0.f);
+  thread_local std::vector<float> pf;
+  pf.resize((size_t)(4 * Gp));
+  int64_t cached_rb = -1;
+  const bool fused_stats = s.stat_bits <= 4;  // 8 stat codes fit one 32-bit load
   for (int64_t n = r0; n < r1; ++n) {
-    stats_avx2(c, n, scale.data(), zero.data());
     // zero-point term: sum_g scale_g * zero_g * sum(x_g)
     __m256 corr = _mm256_setzero_ps();
-    for (int64_t g = 0; g < Gp; g += 8)
-      corr = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scale.data() + g), _mm256_loadu_ps(zero.data() + g)),
-                             _mm256_loadu_ps(c.xsum + g), corr);
+    if (fused_stats) {
+      corr = stats_corr_m1(c, n, pf.data(), &cached_rb, scale.data());
+    } else {
+      stats_avx2(c, n, scale.data(), zero.data());
+      for (int64_t g = 0; g < Gp; g += 8)
+        corr = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scale.data() + g), _mm256_loadu_ps(zero.data() + g)),
+                               _mm256_loadu_ps(c.xsum + g), corr);
+    }
     const uint8_t* row = (const uint8_t*)c.w->codes + n * bpr;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     if (s.group_size == 16) {  // the paper's setting: a 32-code chunk is exactly two groups
       const int64_t chunks = c.Kc / 32;
       const uint8_t* chunk = row;
       const float* sc = scale.data();
-      for (int64_t ch = 0; ch < chunks; ++ch, chunk += 4 * BITS, sc += 2) {
+      // Two chunks per step into four accumulators: the scale FMAs no longer form two serial chains.
+      __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+      int64_t ch = 0;
+      for (; ch + 2 <= chunks; ch += 2, chunk += 8 * BITS, sc += 4) {
+        const float* xp = x + 32 * ch;
+        const uint8_t* nx = chunk + 4 * BITS;
+        const __m256 ta = _mm256_fmadd_ps(decode8q<BITS, 0>(chunk), _mm256_loadu_ps(xp),
+                                          _mm256_mul_ps(decode8q<BITS, 1>(chunk), _mm256_loadu_ps(xp + 8)));
+        const __m256 tb = _mm256_fmadd_ps(decode8q<BITS, 2>(chunk), _mm256_loadu_ps(xp + 16),
+                                          _mm256_mul_ps(decode8q<BITS, 3>(chunk), _mm256_loadu_ps(xp + 24)));
+        const __m256 tc = _mm256_fmadd_ps(decode8q<BITS, 0>(nx), _mm256_loadu_ps(xp + 32),
+                                          _mm256_mul_ps(decode8q<BITS, 1>(nx), _mm256_loadu_ps(xp + 40)));
+        const __m256 td = _mm256_fmadd_ps(decode8q<BITS, 2>(nx), _mm256_loadu_ps(xp + 48),
+                                          _mm256_mul_ps(decode8q<BITS, 3>(nx), _mm256_loadu_ps(xp + 56)));
+        acc0 = _mm256_fmadd_ps(ta, _mm256_broadcast_ss(sc), acc0);
+        acc1 = _mm256_fmadd_ps(tb, _mm256_broadcast_ss(sc + 1), acc1);
+        acc2 = _mm256_fmadd_ps(tc, _mm256_broadcast_ss(sc + 2), acc2);
+        acc3 = _mm256_fmadd_ps(td, _mm256_broadcast_ss(sc + 3), acc3);
+      }
+      acc0 = _mm256_add_ps(acc0, acc2);
+      acc1 = _mm256_add_ps(acc1, acc3);
+      for (; ch < chunks; ++ch, chunk += 4 * BITS, sc += 2) {
         const float* xp = x + 32 * ch;
         const __m256 ta = _mm256_fmadd_ps(decode8q<BITS, 0>(chunk), _mm256_loadu_ps(xp),
                                           _mm256_mul_ps(decode8q<BITS, 1>(chunk), _mm256_loadu_ps(xp + 8)));
@@ -494,7 +562,10 @@ int64_t rows_per_task(const Attrs& a, int64_t M) {
 void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
          const Parallel& par) {
   const int64_t Kc = s.chunks() * kChunk, G = s.groups(), Gp = round_up(G, 8);
-  std::vector<float> xk((size_t)(M * Kc), 0.f), xsum((size_t)(M * Gp), 0.f);
+  // Kept per calling thread: no allocation (nor page faults) per call.
+  thread_local std::vector<float> xk, xsum;
+  xk.assign((size_t)(M * Kc), 0.f);
+  xsum.assign((size_t)(M * Gp), 0.f);
   for (int64_t m = 0; m < M; ++m) {
     const float* src = xf + m * s.K;
     float* dst = xk.data() + m * Kc;
@@ -505,7 +576,8 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
     }
     for (int64_t p = 0; p < s.K; ++p) xsum[(size_t)(m * Gp + p / s.group_size)] += dst[p];
   }
-  std::vector<int32_t> inv;
+  thread_local std::vector<int32_t> inv;
+  inv.clear();
   if (w.perm && M > 1) {
     inv.resize((size_t)s.K);
     for (int64_t p = 0; p < s.K; ++p) inv[(size_t)w.perm[p]] = (int32_t)p;
