@@ -130,6 +130,7 @@ GEMV_TAILS = [  # M = 1 shapes whose W rows end in a partial 64-weight block (or
     ((1,), 136, 9, 8, "e4m3", 0, F32, True, False),
     ((1,), 48, 5, 16, "e4m3", 16, F16, True, True),
     ((1,), 96, 11, 32, "e8m0", 0, F32, False, True),
+    ((1,), 512, 9, 32, "e8m0", 256, F32, False, False),   # largest rotation block
 ]
 
 
@@ -142,7 +143,7 @@ def test_gemv_partial_last_block(ops_session, monkeypatch, case, simd):
 
 
 PREFILL_TILES = [  # M > 1 shapes around the AVX2 prefill kernel's blocks: 16 + 8 rows of X, 6 and 12 rows of W
-    ((6,), 128, 13, 32, "e8m0", 0, F32, False, True),
+    ((6,), 128, 13, 32, "e8m0", 4, F32, False, True),      # rotation block < 8 (scalar transform)
     ((20,), 192, 25, 32, "e8m0", 32, F32, True, False),    # 16-row block + 8-row tail
     ((3, 9), 320, 7, 16, "e4m3", 0, F16, True, True),      # 27 rows: 16 + 8 + 8 (padded), N < 12
     ((40,), 200, 37, 8, "e4m3", 8, F32, False, False),     # ragged K (partial last 64-block), N % 12 = 1

@@ -209,6 +209,36 @@ void fwht(float* x, int64_t K, int64_t b) {
   }
 }
 
+#if QC_X86
+// fwht for b >= 8, 8 lanes at a time: the butterflies of strides 1, 2, 4 inside each vector (lane swap,
+// add / subtract, blend), strides >= 8 between vectors. Same operations in the same order as fwht, so the
+// results are identical.
+QC_AVX2 void fwht_avx2(float* x, int64_t K, int64_t b) {
+  const __m256 norm = _mm256_set1_ps(1.0f / std::sqrt(static_cast<float>(b)));
+  for (int64_t i = 0; i < K; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i), t;
+    t = _mm256_permute_ps(v, 0xB1);  // stride 1: (a0, a1) -> (a0 + a1, a0 - a1)
+    v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xAA);
+    t = _mm256_permute_ps(v, 0x4E);  // stride 2
+    v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xCC);
+    t = _mm256_permute2f128_ps(v, v, 1);  // stride 4
+    v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xF0);
+    _mm256_storeu_ps(x + i, v);
+  }
+  for (int64_t base = 0; base < K; base += b) {
+    float* v = x + base;
+    for (int64_t h = 8; h < b; h *= 2)
+      for (int64_t i = 0; i < b; i += 2 * h)
+        for (int64_t j = i; j < i + h; j += 8) {
+          const __m256 a = _mm256_loadu_ps(v + j), c = _mm256_loadu_ps(v + j + h);
+          _mm256_storeu_ps(v + j, _mm256_add_ps(a, c));
+          _mm256_storeu_ps(v + j + h, _mm256_sub_ps(a, c));
+        }
+    for (int64_t j = 0; j < b; j += 8) _mm256_storeu_ps(v + j, _mm256_mul_ps(_mm256_loadu_ps(v + j), norm));
+  }
+}
+#endif
+
 void row_to_float(const Problem& p, int64_t m, float* out) {
   const int64_t K = p.attrs.K;
   if (p.dtype == DType::kFloat32) {
@@ -226,25 +256,35 @@ void row_to_float(const Problem& p, int64_t m, float* out) {
   for (; k < K; ++k) out[k] = half_to_float(h[k]);
 }
 
-// Activations for rows [m0, m1): float, rotated, zero-padded to Kx and (AVX2) block-permuted.
-void prepare_rows(const Problem& p, const Geometry& g, bool avx2, int64_t m0, int64_t m1, float* xp,
+// Activations for rows [m0, m1): float, rotated, zero-padded to Kx and (AVX2) block-permuted. Layout:
+// row-major with stride ldx (ldc = 1), or, for the prefill path, blocks of 16 rows stored k-major
+// (element (m, k) at xp[(m / 16) * Kx * 16 + k * 16 + m % 16]; ldc = 16).
+void prepare_rows(const Problem& p, const Geometry& g, bool avx2, int64_t m0, int64_t m1, float* xp, bool transposed,
                   std::vector<float>& tmp) {
-  tmp.assign(g.Kx, 0.0f);
+  tmp.resize(g.Kx);
   const int* perm = tables().perm;
   for (int64_t m = m0; m < m1; ++m) {
-    float* dst = xp + m * g.ldx;
-    std::fill(dst + g.Kx, dst + g.ldx, 0.0f);
+    const int64_t ld = transposed ? kXtLd : 1;
+    float* dst = transposed ? xp + (m / kXtLd) * g.Kx * kXtLd + m % kXtLd : xp + m * g.ldx;
+    if (!transposed) std::fill(dst + g.Kx, dst + g.ldx, 0.0f);
     if (m >= p.M) {
-      std::fill(dst, dst + g.Kx, 0.0f);
+      for (int64_t k = 0; k < g.Kx; ++k) dst[k * ld] = 0.0f;
       continue;
     }
     row_to_float(p, m, tmp.data());
-    if (p.attrs.hadamard_block > 1) fwht(tmp.data(), g.K, p.attrs.hadamard_block);
+    std::fill(tmp.begin() + g.K, tmp.end(), 0.0f);
+    if (p.attrs.hadamard_block > 1) {
+#if QC_X86
+      if (avx2 && p.attrs.hadamard_block >= 8) fwht_avx2(tmp.data(), g.K, p.attrs.hadamard_block);
+      else
+#endif
+        fwht(tmp.data(), g.K, p.attrs.hadamard_block);
+    }
     if (avx2) {
       for (int64_t b = 0; b < g.Kx; b += kBlock)
-        for (int q = 0; q < kBlock; ++q) dst[b + q] = tmp[b + perm[q]];
+        for (int q = 0; q < kBlock; ++q) dst[(b + q) * ld] = tmp[b + perm[q]];
     } else {
-      std::memcpy(dst, tmp.data(), g.Kx * sizeof(float));
+      std::memcpy(dst, tmp.data(), g.Kx * sizeof(float));  // portable path: never transposed
     }
   }
 }
@@ -259,6 +299,25 @@ void store_row(const Problem& p, int64_t m, int64_t n0, int64_t count, const flo
     uint16_t* y = static_cast<uint16_t*>(p.y) + m * N + n0;
     const uint16_t* b = p.bias ? static_cast<const uint16_t*>(p.bias) + n0 : nullptr;
     for (int64_t i = 0; i < count; ++i) y[i] = float_to_half(vals[i] + (b ? half_to_float(b[i]) : 0.0f));
+  }
+}
+
+// Y[m, n0 + r] = acc[r * ldc + m] (+ bias) for r < count, every m: the prefill path's C^T tile.
+void store_transposed(const Problem& p, int64_t n0, int64_t count, const float* acc, int64_t ldc) {
+  static_assert(kOuterRows <= kTileRows, "bias buffer");
+  const int64_t N = p.attrs.N;
+  float bias[kTileRows] = {};
+  for (int64_t r = 0; r < count && p.bias; ++r)
+    bias[r] = p.dtype == DType::kFloat32 ? static_cast<const float*>(p.bias)[n0 + r]
+                                         : half_to_float(static_cast<const uint16_t*>(p.bias)[n0 + r]);
+  for (int64_t m = 0; m < p.M; ++m) {
+    if (p.dtype == DType::kFloat32) {
+      float* y = static_cast<float*>(p.y) + m * N + n0;
+      for (int64_t r = 0; r < count; ++r) y[r] = acc[r * ldc + m] + bias[r];
+    } else {
+      uint16_t* y = static_cast<uint16_t*>(p.y) + m * N + n0;
+      for (int64_t r = 0; r < count; ++r) y[r] = float_to_half(acc[r * ldc + m] + bias[r]);
+    }
   }
 }
 
@@ -731,21 +790,10 @@ Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t M
         }
       }
     }
-    float vals[kOuterRows];
-    for (int64_t m = 0; m < p.M; ++m) {
-      for (int64_t r = 0; r < nc; ++r) vals[r] = acc[r * ldc + m];
-      store_row(p, m, n0, nc, vals);
-    }
+    store_transposed(p, n0, nc, acc, ldc);
   });
 }
 
-// Rows of the prepared X (stride ldx) -> blocks of 16 rows, k-major: element (m, k) at
-// xt[(m / 16) * Kx * 16 + k * 16 + m % 16]. Rows past Mpad's real rows are already zero.
-void pack_xt(const float* x, const Geometry& g, int64_t m0, float* xt) {
-  float* dst = xt + m0 * g.Kx;
-  for (int64_t k = 0; k < g.Kx; ++k)
-    for (int64_t j = 0; j < kXtLd; ++j) dst[k * kXtLd + j] = x[(m0 + j) * g.ldx + k];
-}
 #endif
 
 }  // namespace
@@ -762,35 +810,31 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   int64_t Mpad = p.M == 1 ? 1 : (p.M + mr - 1) / mr * mr;
   const int64_t Mrows = outer ? (Mpad + kXtLd - 1) / kXtLd * kXtLd : Mpad;  // rows prepared (zero past M)
 
-  thread_local std::vector<float> xbuf;  // reused across calls on this thread
+  // X prepared once per call: row-major with stride ldx, or transposed in 16-row blocks for the prefill
+  // path (buffer reused across calls on this thread)
+  const bool transposed = outer;
+  thread_local std::vector<float> xbuf;
   try {
-    xbuf.resize(static_cast<size_t>(Mrows * g.ldx));
+    xbuf.resize(static_cast<size_t>(transposed ? Mrows * g.Kx : Mrows * g.ldx));
   } catch (const std::bad_alloc&) {
     return Status::Error("FP4MatMul: out of memory for the activation buffer");
   }
-  const int64_t rows_per_task = std::max<int64_t>(1, 16384 / g.Kx);
+  int64_t rows_per_task = std::max<int64_t>(1, 16384 / g.Kx);
+  if (transposed) rows_per_task = (rows_per_task + kXtLd - 1) / kXtLd * kXtLd;  // no cache line shared by tasks
   const int64_t prep_tasks = (Mrows + rows_per_task - 1) / rows_per_task;
   float* xp = xbuf.data();
   Status st = run_tasks(par, prep_tasks, [&](int64_t t) {
     thread_local std::vector<float> tmp;
     const int64_t m0 = t * rows_per_task;
-    prepare_rows(p, g, avx2, m0, std::min(Mrows, m0 + rows_per_task), xp, tmp);
+    prepare_rows(p, g, avx2, m0, std::min(Mrows, m0 + rows_per_task), xp, transposed, tmp);
   });
+  if (st.ok()) {
 #if QC_X86
-  if (st.ok() && outer) {
-    thread_local std::vector<float> xtbuf;
-    try {
-      xtbuf.resize(static_cast<size_t>(Mrows * g.Kx));
-    } catch (const std::bad_alloc&) {
-      return Status::Error("FP4MatMul: out of memory for the activation buffer");
-    }
-    float* xt = xtbuf.data();
-    st = run_tasks(par, Mrows / kXtLd, [&](int64_t b) { pack_xt(xp, g, b * kXtLd, xt); });
-    if (st.ok()) st = run_outer(p, g, xt, Mpad, par);
-    if (xtbuf.capacity() > (size_t{16} << 20)) std::vector<float>().swap(xtbuf);
-  } else
+    if (outer) st = run_outer(p, g, xp, Mpad, par);
+    else
 #endif
-  if (st.ok()) st = p.M == 1 ? run_gemv(p, g, avx2, xp, par) : run_tiled(p, g, avx2, xp, Mpad, par);
+      st = p.M == 1 ? run_gemv(p, g, avx2, xp, par) : run_tiled(p, g, avx2, xp, Mpad, par);
+  }
   if (xbuf.capacity() > (size_t{16} << 20)) std::vector<float>().swap(xbuf);  // do not pin >64 MB per thread
   return st;
 }
