@@ -18,6 +18,13 @@ enum Input : size_t { kX = 0, kCodes = 1, kCodebooks = 2, kScales = 3, kBias = 4
 
 struct CodebookKernel : KernelBase<CodebookKernel> {
   static constexpr const char* kOpName = "CodebookMatMul";
+  static constexpr size_t kNumInputs = Input::kNumInputs;
+  static ONNXTensorElementDataType input_type(size_t i, ONNXTensorElementDataType t) {
+    if (i == kCodes || i == kScales) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // uint8|uint16 / fp16|fp32, checked in Compute
+    if (i == kCodebooks) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    return t;  // X and bias
+  }
+  static bool input_optional(size_t i) { return i == kBias; }
   codebook::Attrs attrs;
   bool on_cuda = false;
   bool codes_constant = false;
@@ -111,46 +118,9 @@ struct CodebookKernel : KernelBase<CodebookKernel> {
   }
 };
 
-template <ONNXTensorElementDataType T, bool kCuda>
-struct CodebookOp : OpBase<CodebookOp<T, kCuda>, CodebookKernel> {
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const { return kCuda ? kCudaEP : kCpuEP; }
-  bool on_cuda() const { return kCuda; }
-  size_t GetInputTypeCount() const { return kNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    switch (i) {
-      case kCodes:
-      case kScales:
-        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // uint8|uint16 / float16|float32, checked in Compute
-      case kCodebooks:
-        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-      default:
-        return T;  // X and bias
-    }
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == kBias ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return T; }
-};
-
-void AddCodebookOps(std::vector<const OrtCustomOp*>& ops) {
-  static CodebookOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false> cpu_f32;
-  static CodebookOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, false> cpu_f16;
-  ops.push_back(&cpu_f32);
-  ops.push_back(&cpu_f16);
-#if QCOMPILE_WITH_CUDA
-  static CodebookOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true> cuda_f32;
-  static CodebookOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, true> cuda_f16;
-  ops.push_back(&cuda_f32);
-  ops.push_back(&cuda_f16);
-#endif
-}
-
 }  // namespace
 
-QCOMPILE_REGISTER_ORT_OPS(AddCodebookOps);
+QCOMPILE_REGISTER_ORT_OPS(add_typed_ops<CodebookKernel>);
 
 }  // namespace ort
 }  // namespace qcompile

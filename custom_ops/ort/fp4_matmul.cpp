@@ -15,6 +15,17 @@ enum Input : size_t { kX = 0, kW = 1, kScales = 2, kTensorScale = 3, kBias = 4, 
 
 struct Fp4Kernel : KernelBase<Fp4Kernel> {
   static constexpr const char* kOpName = "FP4MatMul";
+  static constexpr size_t kNumInputs = Input::kNumInputs;
+  static ONNXTensorElementDataType input_type(size_t i, ONNXTensorElementDataType t) {
+    if (i == kW || i == kScales) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    if (i == kTensorScale) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return t;  // X and bias
+  }
+  static bool input_optional(size_t i) { return i >= kTensorScale; }
+  // The CUDA kernel reads tensor_scale on the host to fold it into its scale table.
+  static OrtMemType input_memory(size_t i, bool cuda) {
+    return (cuda && i == kTensorScale) ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+  }
   fp4::Attrs attrs;
   bool on_cuda = false;
 
@@ -78,50 +89,9 @@ struct Fp4Kernel : KernelBase<Fp4Kernel> {
   }
 };
 
-template <ONNXTensorElementDataType T, bool kCuda>
-struct Fp4Op : OpBase<Fp4Op<T, kCuda>, Fp4Kernel> {
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const { return kCuda ? kCudaEP : kCpuEP; }
-  bool on_cuda() const { return kCuda; }
-  size_t GetInputTypeCount() const { return kNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    switch (i) {
-      case kW:
-      case kScales:
-        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-      case kTensorScale:
-        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-      default:
-        return T;  // X and bias
-    }
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i >= kTensorScale ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  // The CUDA kernel reads tensor_scale on the host to fold it into its scale table.
-  OrtMemType GetInputMemoryType(size_t i) const {
-    return (kCuda && i == kTensorScale) ? OrtMemTypeCPUInput : OrtMemTypeDefault;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return T; }
-};
-
-void AddFp4Ops(std::vector<const OrtCustomOp*>& ops) {
-  static Fp4Op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false> cpu_f32;
-  static Fp4Op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, false> cpu_f16;
-  ops.push_back(&cpu_f32);
-  ops.push_back(&cpu_f16);
-#if QCOMPILE_WITH_CUDA
-  static Fp4Op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true> cuda_f32;
-  static Fp4Op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, true> cuda_f16;
-  ops.push_back(&cuda_f32);
-  ops.push_back(&cuda_f16);
-#endif
-}
-
 }  // namespace
 
-QCOMPILE_REGISTER_ORT_OPS(AddFp4Ops);
+QCOMPILE_REGISTER_ORT_OPS(add_typed_ops<Fp4Kernel>);
 
 }  // namespace ort
 }  // namespace qcompile

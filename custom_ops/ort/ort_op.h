@@ -122,7 +122,12 @@ struct OpBase : Ort::CustomOpBase<TOp, TKernel, /*WithStatus=*/true> {
   }
 };
 
-// Mix-in for kernels: ComputeV2 wraps Compute so that nothing escapes as an exception.
+// Mix-in for kernels: ComputeV2 wraps Compute so that nothing escapes as an exception. A kernel also
+// describes its op's schema for TypedOp below:
+//   static constexpr const char* kOpName;  static constexpr size_t kNumInputs;
+//   static ONNXTensorElementDataType input_type(size_t i, ONNXTensorElementDataType activation_type);
+//   static bool input_optional(size_t i);
+//   static OrtMemType input_memory(size_t i, bool cuda)   (optional; default: the EP's memory)
 template <typename TKernel>
 struct KernelBase {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -131,7 +136,41 @@ struct KernelBase {
       return static_cast<TKernel*>(this)->Compute(ctx);
     });
   }
+  static OrtMemType input_memory(size_t /*i*/, bool /*cuda*/) { return OrtMemTypeDefault; }
 };
+
+// The OrtCustomOp for one (activation type T, execution provider) of a kernel's schema: one output of
+// type T, inputs as the kernel describes them.
+template <typename TKernel, ONNXTensorElementDataType T, bool kCuda>
+struct TypedOp : OpBase<TypedOp<TKernel, T, kCuda>, TKernel> {
+  const char* GetName() const { return TKernel::kOpName; }
+  const char* GetExecutionProviderType() const { return kCuda ? kCudaEP : kCpuEP; }
+  bool on_cuda() const { return kCuda; }
+  size_t GetInputTypeCount() const { return TKernel::kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return TKernel::input_type(i, T); }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return TKernel::input_optional(i) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  OrtMemType GetInputMemoryType(size_t i) const { return TKernel::input_memory(i, kCuda); }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return T; }
+};
+
+// Appends the kernel's op for float32 and float16 activations on CPU, and on CUDA when built with it.
+// Use as QCOMPILE_REGISTER_ORT_OPS(add_typed_ops<MyKernel>).
+template <typename TKernel>
+void add_typed_ops(std::vector<const OrtCustomOp*>& ops) {
+  static TypedOp<TKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false> cpu_f32;
+  static TypedOp<TKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, false> cpu_f16;
+  ops.push_back(&cpu_f32);
+  ops.push_back(&cpu_f16);
+#if QCOMPILE_WITH_CUDA
+  static TypedOp<TKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true> cuda_f32;
+  static TypedOp<TKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, true> cuda_f16;
+  ops.push_back(&cuda_f32);
+  ops.push_back(&cuda_f16);
+#endif
+}
 
 }  // namespace ort
 }  // namespace qcompile

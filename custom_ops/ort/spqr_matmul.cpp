@@ -35,6 +35,24 @@ Status type_is(const Ort::ConstValue& v, const char* name, ONNXTensorElementData
 
 struct SpqrKernel : KernelBase<SpqrKernel> {
   static constexpr const char* kOpName = "SpQRMatMul";
+  static constexpr size_t kNumInputs = Input::kNumInputs;
+  static ONNXTensorElementDataType input_type(size_t i, ONNXTensorElementDataType t) {
+    switch (i) {
+      case kCodes:
+      case kStatCodes:
+      case kRowOffsets:
+      case kPerm:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+      case kStatParams:
+      case kValues:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+      case kColIndices:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // int16 or int32, checked in Compute
+      default:
+        return t;  // X and bias
+    }
+  }
+  static bool input_optional(size_t i) { return i >= kPerm; }
   spqr::Attrs attrs;
   bool on_cuda = false;
   bool indices_constant = false;  // row_offsets, col_indices (and perm if present) are initializers
@@ -216,51 +234,9 @@ struct SpqrKernel : KernelBase<SpqrKernel> {
   }
 };
 
-template <ONNXTensorElementDataType T, bool kCuda>
-struct SpqrOp : OpBase<SpqrOp<T, kCuda>, SpqrKernel> {
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const { return kCuda ? kCudaEP : kCpuEP; }
-  bool on_cuda() const { return kCuda; }
-  size_t GetInputTypeCount() const { return kNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    switch (i) {
-      case kCodes:
-      case kStatCodes:
-      case kRowOffsets:
-      case kPerm:
-        return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
-      case kStatParams:
-      case kValues:
-        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-      case kColIndices:
-        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // int16 or int32, checked in Compute
-      default:
-        return T;  // X and bias
-    }
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i >= kPerm ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return T; }
-};
-
-void AddSpqrOps(std::vector<const OrtCustomOp*>& ops) {
-  static SpqrOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false> cpu_f32;
-  static SpqrOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, false> cpu_f16;
-  ops.push_back(&cpu_f32);
-  ops.push_back(&cpu_f16);
-#if QCOMPILE_WITH_CUDA
-  static SpqrOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true> cuda_f32;
-  static SpqrOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, true> cuda_f16;
-  ops.push_back(&cuda_f32);
-  ops.push_back(&cuda_f16);
-#endif
-}
-
 }  // namespace
 
-QCOMPILE_REGISTER_ORT_OPS(AddSpqrOps);
+QCOMPILE_REGISTER_ORT_OPS(add_typed_ops<SpqrKernel>);
 
 }  // namespace ort
 }  // namespace qcompile
