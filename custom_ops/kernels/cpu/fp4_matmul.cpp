@@ -590,7 +590,7 @@ QC_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw
 // block of 16 rows of X (k-major, packed once per call by pack_xt), so neither operand needs a transpose
 // per tile. C is the task's accumulator, [W row][X row] with stride ldc.
 // (Accumulators are named variables: GCC keeps an array of them in memory.)
-template <int NV>
+template <int NV, bool kAccumulate>
 QC_AVX2 void micro6xN(const float* w, int64_t ldw, const float* xt, int64_t len, float* c, int64_t ldc) {
   static_assert(NV == 1 || NV == 2, "8 or 16 columns");
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
@@ -622,7 +622,7 @@ QC_AVX2 void micro6xN(const float* w, int64_t ldw, const float* xt, int64_t len,
   for (int i = 0; i < 6; ++i)
     for (int v = 0; v < NV; ++v) {
       float* ci = c + i * ldc + 8 * v;
-      _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), rows[i][v]));
+      _mm256_storeu_ps(ci, kAccumulate ? _mm256_add_ps(_mm256_loadu_ps(ci), rows[i][v]) : rows[i][v]);
     }
 }
 
@@ -758,19 +758,23 @@ inline void prefetch_rows(const Problem& p, const Geometry& g, int64_t r0, int64
 Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t Mpad, const Parallel& par) {
   const int64_t tasks = (g.N + kOuterRows - 1) / kOuterRows;
   const int64_t ldc = Mpad + 8;  // accumulator row stride, off powers of two
+  // K slices of at most kOuterKC, as even as whole blocks allow (576 -> 3 x 192, not 256 + 256 + 64: a short
+  // slice pays the microkernel's fixed cost for little work)
+  const int64_t nslices = (g.Kx + kOuterKC - 1) / kOuterKC;
+  const int64_t kc = (g.Kx / kBlock + nslices - 1) / nslices * kBlock;
   return run_tasks(par, tasks, [&](int64_t task) {
     TaskScratch& s = task_scratch();
     const int64_t n0 = task * kOuterRows;
     const int64_t nc = std::min(kOuterRows, g.N - n0);
     s.scales.resize(kOuterRows * g.scale_len);
     s.tile.resize(kOuterRows * kOuterLd);
-    s.out.assign(kOuterRows * ldc, 0.0f);
+    s.out.resize(kOuterRows * ldc);  // the first K slice stores, later ones accumulate: no zeroing
     float* acc = s.out.data();
     for (int64_t r = 0; r < nc; ++r) decode_scales(p, g, n0 + r, s.scales.data() + r * g.scale_len, true);
     const Avx2Consts c = avx2_consts(g.G);
-    prefetch_rows(p, g, n0, n0 + nc, 0, kOuterKC);
-    for (int64_t k0 = 0; k0 < g.Kx; k0 += kOuterKC) {
-      const int64_t len = std::min(kOuterKC, g.Kx - k0);
+    prefetch_rows(p, g, n0, n0 + nc, 0, kc);
+    for (int64_t k0 = 0; k0 < g.Kx; k0 += kc) {
+      const int64_t len = std::min(kc, g.Kx - k0);
       for (int64_t r = 0; r < kOuterRows; ++r) {
         float* dst = s.tile.data() + r * kOuterLd;
         if (r >= nc) {
@@ -780,13 +784,19 @@ Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t M
         decode_row_avx2(p.w + (n0 + r) * g.row_bytes, s.scales.data() + r * g.scale_len, g, k0 / kBlock,
                         (k0 + len) / kBlock, c, dst);
       }
-      if (k0 + kOuterKC < g.Kx) prefetch_rows(p, g, n0, n0 + nc, k0 + kOuterKC, kOuterKC);
+      if (k0 + kc < g.Kx) prefetch_rows(p, g, n0, n0 + nc, k0 + kc, kc);
       for (int64_t m = 0; m < Mpad; m += kXtLd) {
         const float* xs = xt + m * g.Kx + k0 * kXtLd;
         for (int64_t r = 0; r < nc; r += 6) {
           const float* ws = s.tile.data() + r * kOuterLd;
-          if (Mpad - m >= 16) micro6xN<2>(ws, kOuterLd, xs, len, acc + r * ldc + m, ldc);
-          else micro6xN<1>(ws, kOuterLd, xs, len, acc + r * ldc + m, ldc);
+          float* cs = acc + r * ldc + m;
+          if (Mpad - m >= 16) {
+            if (k0 == 0) micro6xN<2, false>(ws, kOuterLd, xs, len, cs, ldc);
+            else micro6xN<2, true>(ws, kOuterLd, xs, len, cs, ldc);
+          } else {
+            if (k0 == 0) micro6xN<1, false>(ws, kOuterLd, xs, len, cs, ldc);
+            else micro6xN<1, true>(ws, kOuterLd, xs, len, cs, ldc);
+          }
         }
       }
     }
