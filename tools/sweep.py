@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""The accuracy/size curve: compile one model with several formats at identical settings, then one table
+(perplexity vs bits per weight counted from each file's bytes), a JSON file and a plot.
+
+Why: a format is only better than another at a given size, so every comparison we quote is a point on
+this curve, produced by one command with one calibration set and one evaluation set for all rows.
+
+    python tools/sweep.py --out runs/sweep                                   # the default row list
+    python tools/sweep.py --out runs/sweep --row mxfp4-mr --row int2-gptq:simulated,group_size=64
+    python tools/sweep.py --out runs/sweep --reuse                           # only compile what is missing
+
+A row is ``FORMAT[:EMIT][,KEY=VALUE...]`` (options as ``qcompile compile -O``). Each row is compiled by the
+CLI in its own process (a crash or bad option fails that row only, with its log kept in OUT/<row>.log).
+``--reuse`` takes a row from OUT/<row>/report.json when that run used the same model and settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_ROWS = ["int4-rtn", "int4-gptq", "mxfp4-rtn", "mxfp4-gptq", "mxfp4-mr", "nvfp4-rtn", "nvfp4-mr",
+                "spqr-w3", "spqr-w4", "int3-gptq:simulated", "aqlm-2x8", "int2-gptq:simulated,group_size=64"]
+SETTINGS = ("calib_samples", "seq_len", "eval_samples", "eval_seq_len", "seed")
+
+
+@dataclass
+class Row:
+    """One point of the sweep: a format, its emit mode and options."""
+
+    spec: str
+    format: str
+    emit: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Row":
+        head, *opts = spec.split(",")
+        fmt, _, emit = head.partition(":")
+        options = {}
+        for opt in opts:
+            key, eq, value = opt.partition("=")
+            if not eq or not key:
+                raise SystemExit(f"sweep: bad option {opt!r} in row {spec!r} (expected KEY=VALUE)")
+            options[key] = value
+        return cls(spec, fmt, emit or None, options)
+
+    @property
+    def name(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.spec)
+
+    def cli_args(self) -> list[str]:
+        args = ["-f", self.format]
+        if self.emit:
+            args += ["--emit", self.emit]
+        for key, value in self.options.items():
+            args += ["-O", f"{key}={value}"]
+        return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--row", action="append", dest="rows", metavar="FORMAT[:EMIT][,K=V...]",
+                   help=f"a row (repeatable); default: {' '.join(DEFAULT_ROWS)}")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-samples", type=int, default=32)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="folder for the models, sweep.json, sweep.md, sweep.png")
+    p.add_argument("--reuse", action="store_true", help="keep rows whose OUT/<row>/report.json has the same settings")
+    return p.parse_args(argv)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"model": args.model, **{k: getattr(args, k) for k in SETTINGS}}
+
+
+def _report_settings(rep: dict[str, Any]) -> dict[str, Any]:
+    return {"model": rep.get("model"), "calib_samples": rep.get("calib_samples"), "seq_len": rep.get("seq_len"),
+            "eval_samples": rep.get("eval_samples"), "eval_seq_len": rep.get("eval_seq_len"), "seed": rep.get("seed")}
+
+
+def compile_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
+    """Compile one row (or reuse it); returns its report, or ``{"error": ...}``."""
+    out = args.out / row.name
+    report_path = out / "report.json"
+    if args.reuse and report_path.is_file():
+        rep = json.loads(report_path.read_text())
+        if _report_settings(rep) == _settings(args):
+            return rep
+    cmd = [sys.executable, "-m", "qcompile.cli", "compile", args.model, *row.cli_args(), "-o", str(out), "--force",
+           "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
+           "--eval-samples", str(args.eval_samples), "--eval-seq-len", str(args.eval_seq_len), "--seed", str(args.seed)]
+    log = args.out / f"{row.name}.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        return {"error": f"exit {rc}: {tail[0]} (log: {log})"}
+    rep = json.loads(report_path.read_text())
+    rep.setdefault("wall_seconds", time.perf_counter() - t0)
+    return rep
+
+
+def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table rows sorted by bits per weight, with the float model first."""
+    rows = []
+    ref = next((r["ppl_reference"] for r in results.values() if "ppl_reference" in r), None)
+    if ref is not None:
+        rows.append({"row": "float", "emit": "-", "bits_per_weight": 32.0, "ppl": ref, "vs_float": 0.0})
+    for spec, rep in results.items():
+        if "error" in rep:
+            rows.append({"row": spec, "error": rep["error"]})
+            continue
+        ppl = rep.get("ppl_quantized")
+        rows.append({"row": spec, "emit": rep.get("emit"), "bits_per_weight": rep["bits_per_weight"], "ppl": ppl,
+                     "vs_float": (ppl / rep["ppl_reference"] - 1) if ppl and rep.get("ppl_reference") else None,
+                     "compile_seconds": rep.get("compile_seconds"), "peak_memory_mib": rep.get("peak_memory_mib")})
+    return sorted(rows, key=lambda r: (-r.get("bits_per_weight", -1), r.get("ppl") or float("inf"), r["row"]))
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    lines = [f"# Accuracy/size sweep: {settings['model']}", "",
+             f"Calibration {settings['calib_samples']} x {settings['seq_len']} tokens, evaluation "
+             f"{settings['eval_samples']} x {settings['eval_seq_len']} tokens (bundled Wikipedia split), seed "
+             f"{settings['seed']}; {platform.node()} ({platform.machine()}). Bits per weight are counted from the "
+             "saved file's bytes (codes, scales, codebooks, outliers); the LM head and embeddings stay float.", "",
+             "| row | emit | bits/weight | perplexity | vs float | compile s | peak MiB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | FAILED: {r['error']} | | | | | |")
+            continue
+        change = "-" if r.get("vs_float") is None else f"{r['vs_float']:+.1%}"
+        lines.append(f"| {r['row']} | {r['emit']} | {r['bits_per_weight']:.3f} | {_fmt(r['ppl'], '.3f')} | {change} "
+                     f"| {_fmt(r.get('compile_seconds'), '.0f')} | {_fmt(r.get('peak_memory_mib'), '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Perplexity vs bits per weight (log y); returns False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return False
+    points = [r for r in rows if "error" not in r and r["row"] != "float" and r.get("ppl")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in points:
+        ax.scatter(r["bits_per_weight"], r["ppl"], s=18)
+        ax.annotate(r["row"], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ref = next((r["ppl"] for r in rows if r["row"] == "float"), None)
+    if ref:
+        ax.axhline(ref, color="gray", linestyle="--", linewidth=1, label=f"float ({ref:.2f})")
+        ax.legend(loc="upper right")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("bits per weight (from the file)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = [Row.parse(s) for s in (args.rows or DEFAULT_ROWS)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    for i, row in enumerate(rows, 1):
+        print(f"[{i}/{len(rows)}] {row.spec} ...", flush=True)
+        t0 = time.perf_counter()
+        results[row.spec] = rep = compile_row(row, args)
+        status = rep["error"] if "error" in rep else f"ppl {rep.get('ppl_quantized', float('nan')):.3f} at " \
+                                                     f"{rep['bits_per_weight']:.3f} bits/weight"
+        print(f"[{i}/{len(rows)}] {row.spec}: {status} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    settings = _settings(args)
+    table = table_rows(results)
+    _write(args.out / "sweep.json", json.dumps({"settings": settings, "rows": table}, indent=2) + "\n")
+    md = markdown(table, settings)
+    if plot(table, args.out / "sweep.png", f"{args.model}: perplexity vs bits per weight"):
+        md += "\n![perplexity vs bits per weight](sweep.png)\n"
+    _write(args.out / "sweep.md", md)
+    print(md)
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
