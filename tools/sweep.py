@@ -171,8 +171,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
         ax.axhline(ref, color="gray", linestyle="--", linewidth=1, label=f"float ({ref:.2f})")
         ax.legend(loc="upper right")
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    plain = matplotlib.ticker.FormatStrFormatter("%g")
+    ax.yaxis.set_major_formatter(plain)
+    ys = [r["ppl"] for r in points] + ([ref] if ref else [])
+    # less than a decade shows no major tick on a log axis: label the minor ones then
+    ax.yaxis.set_minor_formatter(plain if max(ys) < 10 * min(ys) else matplotlib.ticker.NullFormatter())
     ax.set_xlabel("bits per weight (from the file)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(title, fontsize=10)
