@@ -467,7 +467,7 @@ QC_AVX2 int64_t decode_scales_avx2(const uint8_t* s, int64_t n, ScaleFormat fmt,
   } else {
     // E4M3 |code| = eeee mmm: normal (e > 0) -> float exponent e + 120, mantissa m << 20;
     // subnormal (e = 0) -> m * 2^-9 (computed in floats: no subnormal intermediates); 0x7F -> NaN.
-    const __m256i m7f = _mm256_set1_epi32(0x7F), seven = _mm256_set1_epi32(7);
+    const __m256i m7f = _mm256_set1_epi32(0x7F);
     const __m256i bias = _mm256_set1_epi32(120 << 23), nan = _mm256_set1_epi32(0x7FC00000);
     const __m256 sub_unit = _mm256_set1_ps(1.0f / 512.0f);
     for (; i + 8 <= n; i += 8) {
@@ -479,7 +479,6 @@ QC_AVX2 int64_t decode_scales_avx2(const uint8_t* s, int64_t n, ScaleFormat fmt,
       bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpeq_epi32(mag, m7f));
       bits = _mm256_or_si256(bits, _mm256_slli_epi32(_mm256_srli_epi32(u, 7), 31));  // sign
       _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_castsi256_ps(bits), vts));
-      (void)seven;
     }
   }
   return i;
