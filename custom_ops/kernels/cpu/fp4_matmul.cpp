@@ -256,36 +256,98 @@ void row_to_float(const Problem& p, int64_t m, float* out) {
   for (; k < K; ++k) out[k] = half_to_float(h[k]);
 }
 
-// Activations for rows [m0, m1): float, rotated, zero-padded to Kx and (AVX2) block-permuted. Layout:
-// row-major with stride ldx (ldc = 1), or, for the prefill path, blocks of 16 rows stored k-major
-// (element (m, k) at xp[(m / 16) * Kx * 16 + k * 16 + m % 16]; ldc = 16).
+#if QC_X86
+// 64 activations in natural order -> the decoder's order (Tables::perm). Decoded vector v holds weights
+// base_v + {0, 4, 8, 12, 32, 36, 40, 44}: a 4x4 transpose of the 4-float groups in each 128-bit half.
+QC_AVX2 void permute_block_avx2(const float* src, float* dst) {
+  for (int half = 0; half < 2; ++half) {
+    __m256 y[4];
+    for (int j = 0; j < 4; ++j) {
+      const float* a = src + 16 * half + 4 * j;
+      y[j] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(a)), _mm_loadu_ps(a + 32), 1);
+    }
+    const __m256 t0 = _mm256_unpacklo_ps(y[0], y[1]), t1 = _mm256_unpackhi_ps(y[0], y[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(y[2], y[3]), t3 = _mm256_unpackhi_ps(y[2], y[3]);
+    float* d = dst + 32 * half;
+    _mm256_storeu_ps(d + 0, _mm256_shuffle_ps(t0, t2, 0x44));   // elements 0 of each group
+    _mm256_storeu_ps(d + 16, _mm256_shuffle_ps(t0, t2, 0xEE));  // elements 1
+    _mm256_storeu_ps(d + 8, _mm256_shuffle_ps(t1, t3, 0x44));   // elements 2
+    _mm256_storeu_ps(d + 24, _mm256_shuffle_ps(t1, t3, 0xEE));  // elements 3
+  }
+}
+#endif
+
+// One activation row: float, rotated, zero-padded to Kx and (AVX2) block-permuted into out[0..Kx).
+void prepare_row(const Problem& p, const Geometry& g, bool avx2, int64_t m, float* tmp, float* out) {
+  if (m >= p.M) {
+    std::fill(out, out + g.Kx, 0.0f);
+    return;
+  }
+  float* row = avx2 ? tmp : out;
+  row_to_float(p, m, row);
+  std::fill(row + g.K, row + g.Kx, 0.0f);
+  if (p.attrs.hadamard_block > 1) {
+#if QC_X86
+    if (avx2 && p.attrs.hadamard_block >= 8) fwht_avx2(row, g.K, p.attrs.hadamard_block);
+    else
+#endif
+      fwht(row, g.K, p.attrs.hadamard_block);
+  }
+#if QC_X86
+  if (avx2) {
+    for (int64_t b = 0; b < g.Kx; b += kBlock) permute_block_avx2(tmp + b, out + b);
+  }
+#endif
+}
+
+#if QC_X86
+// rows[r][k] (8 rows, stride ld) -> dst[k * kXtLd + r] for k < len (a multiple of 8): 8x8 transposes.
+QC_AVX2 void transpose8_store(const float* rows, int64_t ld, int64_t len, float* dst) {
+  for (int64_t k = 0; k < len; k += 8) {
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows + i * ld + k);
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    float* d = dst + k * kXtLd;
+    _mm256_storeu_ps(d + 0 * kXtLd, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(d + 1 * kXtLd, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(d + 2 * kXtLd, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(d + 3 * kXtLd, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(d + 4 * kXtLd, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(d + 5 * kXtLd, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(d + 6 * kXtLd, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(d + 7 * kXtLd, _mm256_permute2f128_ps(u3, u7, 0x31));
+  }
+}
+#endif
+
+// Activations for rows [m0, m1) (see prepare_row). Layout: row-major with stride ldx, or, for the AVX2
+// prefill path (`transposed`; m0 and m1 multiples of 8), blocks of 16 rows stored k-major: element (m, k)
+// at xp[(m / 16) * Kx * 16 + k * 16 + m % 16], written 8 rows at a time through 8x8 transposes.
 void prepare_rows(const Problem& p, const Geometry& g, bool avx2, int64_t m0, int64_t m1, float* xp, bool transposed,
                   std::vector<float>& tmp) {
-  tmp.resize(g.Kx);
-  const int* perm = tables().perm;
-  for (int64_t m = m0; m < m1; ++m) {
-    const int64_t ld = transposed ? kXtLd : 1;
-    float* dst = transposed ? xp + (m / kXtLd) * g.Kx * kXtLd + m % kXtLd : xp + m * g.ldx;
-    if (!transposed) std::fill(dst + g.Kx, dst + g.ldx, 0.0f);
-    if (m >= p.M) {
-      for (int64_t k = 0; k < g.Kx; ++k) dst[k * ld] = 0.0f;
-      continue;
-    }
-    row_to_float(p, m, tmp.data());
-    std::fill(tmp.begin() + g.K, tmp.end(), 0.0f);
-    if (p.attrs.hadamard_block > 1) {
 #if QC_X86
-      if (avx2 && p.attrs.hadamard_block >= 8) fwht_avx2(tmp.data(), g.K, p.attrs.hadamard_block);
-      else
+  if (transposed) {
+    tmp.resize(9 * g.Kx);  // scratch row + 8 prepared rows
+    float* rows = tmp.data() + g.Kx;
+    for (int64_t m = m0; m < m1; m += 8) {
+      for (int64_t r = 0; r < 8; ++r) prepare_row(p, g, true, m + r, tmp.data(), rows + r * g.Kx);
+      transpose8_store(rows, g.Kx, g.Kx, xp + (m / kXtLd) * g.Kx * kXtLd + m % kXtLd);
+    }
+    return;
+  }
 #endif
-        fwht(tmp.data(), g.K, p.attrs.hadamard_block);
-    }
-    if (avx2) {
-      for (int64_t b = 0; b < g.Kx; b += kBlock)
-        for (int q = 0; q < kBlock; ++q) dst[(b + q) * ld] = tmp[b + perm[q]];
-    } else {
-      std::memcpy(dst, tmp.data(), g.Kx * sizeof(float));  // portable path: never transposed
-    }
+  tmp.resize(g.Kx);
+  for (int64_t m = m0; m < m1; ++m) {
+    float* dst = xp + m * g.ldx;
+    std::fill(dst + g.Kx, dst + g.ldx, 0.0f);
+    prepare_row(p, g, avx2, m, tmp.data(), dst);
   }
 }
 
