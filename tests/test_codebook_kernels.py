@@ -71,6 +71,11 @@ CASES = {
     "lut-u8-slices-tail-2tasks": (1, 1120, 600, 2, 256, 8, np.float32, True),
     "lut-u8-1cb-tail-f16": (1, 320, 520, 1, 256, 8, np.float16, False),
     "lut-u8-auto-wide": (1, 64, 2100, 2, 256, 8, np.float32, False),
+    # constant codes of a layer the byte walk serves (N >= 8*S) are copied once into its slice order:
+    # a table tail (T = 280), five row blocks (the last partial), and S < 256 (codes checked once, not
+    # per call)
+    "lut-u8-sliced-tail-5blocks": (1, 1120, 2100, 2, 256, 8, np.float32, True),
+    "lut-u8-sliced-s250-f16": (1, 128, 2048, 2, 250, 8, np.float16, False),
 }
 
 
@@ -102,13 +107,36 @@ def test_empty_batch(ops_session):
 @pytest.mark.parametrize("path", ["lut", "fused", "gemm"])
 @pytest.mark.parametrize("rows", [1, 9])
 @pytest.mark.parametrize("S", [16, 300])
-def test_out_of_range_code_is_an_error(ops_session, monkeypatch, path, rows, S):
+@pytest.mark.parametrize("codes_as_input", [False, True], ids=["initializer", "graph-input"])
+def test_out_of_range_code_is_an_error(ops_session, monkeypatch, path, rows, S, codes_as_input):
+    # constant codes are checked once when the session is created; codes fed at run time by the kernel
     monkeypatch.setenv("QCOMPILE_CODEBOOK_PATH", path)
     x, codes, books, scales, b, attrs = make_case(rows, 64, 40, 2, S)
     codes[17, 3, 1] = S  # one past the end of codebook 1
-    sess = ops_session(make_model(x.dtype, codes, books, scales, b, attrs))
+    feeds = {"x": x, "codes": codes} if codes_as_input else {"x": x}
     with pytest.raises(Exception, match=rf"code {S} at \[17, 3, 1\] is out of range"):
-        sess.run(None, {"x": x})
+        sess = ops_session(make_model(x.dtype, codes, books, scales, b, attrs, codes_as_input=codes_as_input))
+        sess.run(None, feeds)
+
+
+@pytest.mark.parametrize("S", [250, 256])
+def test_constant_codes_prepared_once_match_codes_fed_at_run_time(ops_session, S):
+    # the same weight through the prepared (slice-ordered, checked once) and the per-call path
+    x, codes, books, scales, b, attrs = make_case(1, 192, 2048, 2, S, bias=True, seed=3)
+    const = ops_session(make_model(x.dtype, codes, books, scales, b, attrs)).run(None, {"x": x})[0]
+    fed = ops_session(make_model(x.dtype, codes, books, scales, b, attrs, codes_as_input=True)).run(
+        None, {"x": x, "codes": codes})[0]
+    check(const, (x, codes, books, scales, b, attrs))
+    check(fed, (x, codes, books, scales, b, attrs))  # S < 256: fed codes take another path (checked per call)
+    if S == 256:  # same walk, same summation order
+        np.testing.assert_array_equal(const, fed)
+
+
+def test_bad_constant_code_fails_session_creation(ops_session):
+    x, codes, books, scales, b, attrs = make_case(1, 64, 2048, 2, 250)
+    codes[2047, 7, 0] = 255
+    with pytest.raises(Exception, match=r"code 255 at \[2047, 7, 0\] is out of range"):
+        ops_session(make_model(x.dtype, codes, books, scales, b, attrs))
 
 
 def test_codes_fed_at_run_time_are_checked_every_call(ops_session):

@@ -2,7 +2,9 @@
 // activations. codes (uint8 | uint16) and scales (float16 | float32) accept either type and are checked
 // here, so one op object per (activation dtype, EP) serves every combination. Attributes are validated
 // when the session is created, shapes and code dtypes on every call, and every code index against
-// codebook_size (a bad code is an ORT error, never an out-of-bounds read).
+// codebook_size (a bad code is an ORT error, never an out-of-bounds read). Constant codes on CPU are
+// checked once at session creation and, for layers the batch-1 lookup walk serves, copied once into its
+// slice order (codebook::PreparedCodes), which removes a per-call reordering copy.
 #include <atomic>
 #include <vector>
 
@@ -45,16 +47,32 @@ struct CodebookKernel : KernelBase<CodebookKernel> {
     k->attrs = a;
     k->on_cuda = cuda;
     int is_constant = 0;
+    Ort::ConstValue cv{nullptr};
     try {
       Ort::ConstKernelInfo ki(info);
-      (void)ki.GetTensorConstantInput(kCodes, &is_constant);
+      cv = ki.GetTensorConstantInput(kCodes, &is_constant);
     } catch (const Ort::Exception&) {
       is_constant = 0;  // unknown: check on every call
     }
-    k->codes_constant = is_constant != 0;
+    k->codes_constant = is_constant != 0 && cv;
+    if (k->codes_constant && !cuda) {
+      // Host data available now: check every code once (a bad code fails session creation) and prepare the
+      // CPU kernel's layout. A wrong shape or type is left to Compute, which reports it.
+      const auto ct = elem_type_of(cv);
+      const codebook::CodeType want = codebook::required_code_type(a.codebook_size);
+      const auto want_t = want == codebook::CodeType::kUint8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+                                                              : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16;
+      if (ct == want_t && shape_of(cv) == std::vector<int64_t>{a.N, a.K / a.in_group_size, a.num_codebooks}) {
+        if (Status s2 = codebook::prepare_constant_codes(a, cv.GetTensorRawData(), want, &k->prepared); !s2.ok()) {
+          delete k;
+          return to_ort(s2);
+        }
+      }
+    }
     *out = k;
     return nullptr;
   }
+  codebook::PreparedCodes prepared;  // CPU, constant codes: checked once, walk layout (see the header)
 
   OrtStatus* Compute(Ort::KernelContext& ctx) {
     Ort::ConstValue x = ctx.GetInput(kX);
@@ -113,7 +131,9 @@ struct CodebookKernel : KernelBase<CodebookKernel> {
       return make_error("CodebookMatMul: library built without CUDA", ORT_FAIL);
 #endif
     }
-    // The CPU kernel checks every code as it reads it (clamped index + error), at no extra pass.
+    // The CPU kernel checks every code as it reads it (clamped index + error), at no extra pass, unless
+    // these are the constant codes checked at session creation.
+    if (prepared.source) p.prepared = &prepared;
     return to_ort(codebook::matmul_cpu(p, OrtParallel(ctx)));
   }
 };

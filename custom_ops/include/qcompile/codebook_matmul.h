@@ -34,6 +34,18 @@ Status validate_shapes(const Attrs& a, const std::vector<int64_t>& x, const std:
                        const std::vector<int64_t>& codebooks, const std::vector<int64_t>& scales,
                        const std::vector<int64_t>* bias, int64_t* rows);
 
+// Constant codes prepared once (at session creation) by prepare_constant_codes for the CPU kernel.
+// `sliced`, when not empty, holds the codes in the order the batch-1 lookup walk reads them: output rows
+// in blocks of `block_rows`; inside a block, for each slice q of 16 codes (codes[n, 16q .. 16q+15] in the
+// flattened [K/d * M] row), the block's rows one after another, 16 bytes each. Only the first
+// T16 = (K/d*M) / 16 * 16 codes of a row are there; the kernel reads the rest from the original tensor.
+struct PreparedCodes {
+  const void* source = nullptr;  // the codes this was prepared from (used only while the call's match)
+  bool checked = false;          // every code of `source` is < codebook_size
+  int64_t block_rows = 0;
+  std::vector<uint8_t> sliced;
+};
+
 // One call's operands; all pointers are in the kernel's device memory. fp16 values are raw bits.
 struct Problem {
   Attrs attrs;
@@ -47,6 +59,7 @@ struct Problem {
   DType scale_type = DType::kFloat16;
   const void* bias = nullptr;            // [N] of dtype, or null
   void* y = nullptr;                     // [rows, N]
+  const PreparedCodes* prepared = nullptr;  // CPU: used when prepared->source == codes, else ignored
 };
 
 // CPU kernel. Every code is checked against S: indices are clamped before any read (never out of
@@ -56,6 +69,11 @@ Status matmul_cpu(const Problem& p, const Parallel& parallel);
 
 // Host-side check of every code (for adapters that validate constant codes once at load time).
 Status check_codes_host(const Attrs& a, const void* codes, CodeType code_type);
+
+// For constant codes (host memory, shape [N, K/d, M] of code_type already checked): checks every code
+// against S (the error names the first bad one) and, when the CPU batch-1 lookup walk serves this layer,
+// copies the codes into its slice order (N * T16 extra bytes). On success out->source = codes.
+Status prepare_constant_codes(const Attrs& a, const void* codes, CodeType code_type, PreparedCodes* out);
 
 #if QCOMPILE_WITH_CUDA
 // CUDA kernel, enqueued on `stream` (cudaStream_t; null = legacy default). Indices are clamped in the

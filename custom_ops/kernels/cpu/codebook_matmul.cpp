@@ -654,13 +654,37 @@ __attribute__((always_inline)) inline void lut_rows_u8_impl(const uint8_t* codes
     }
 }
 
-void lut_rows_u8(const uint8_t* codes, const float* lut, int64_t T, int64_t n0, int64_t n1, float* acc) {
-  lut_rows_u8_impl<lut16_u8>(codes, lut, T, n0, n1, acc);
+// The same sums over codes prepared once in slice order (PreparedCodes::sliced; `blk` is this block of
+// rows): the walk reads them strictly sequentially, no per-call copy.
+template <float (*Lut16)(const uint8_t*, const float*)>
+__attribute__((always_inline)) inline void lut_rows_u8_sliced_impl(const uint8_t* codes, const uint8_t* blk,
+                                                                   const float* lut, int64_t T, int64_t n0,
+                                                                   int64_t n1, float* acc) {
+  const int64_t R = n1 - n0;
+  const int64_t T16 = T / 16 * 16;
+  const uint8_t* c = blk;
+  for (int64_t t0 = 0; t0 < T16; t0 += 16) {
+    const float* L = lut + t0 * 256;
+    for (int64_t r = 0; r < R; ++r, c += 16) acc[r] += Lut16(c, L);
+  }
+  if (T16 < T)
+    for (int64_t n = n0; n < n1; ++n) {
+      float s = 0.f;
+      for (int64_t t = T16; t < T; ++t) s += lut[t * 256 + codes[n * T + t]];
+      acc[n - n0] += s;
+    }
+}
+
+void lut_rows_u8(const uint8_t* codes, const uint8_t* blk, const float* lut, int64_t T, int64_t n0, int64_t n1,
+                 float* acc) {
+  if (blk) lut_rows_u8_sliced_impl<lut16_u8>(codes, blk, lut, T, n0, n1, acc);
+  else lut_rows_u8_impl<lut16_u8>(codes, lut, T, n0, n1, acc);
 }
 #if QC_X86
-QC_LUT_ISA void lut_rows_u8_avx2(const uint8_t* codes, const float* lut, int64_t T, int64_t n0, int64_t n1,
-                                 float* acc) {
-  lut_rows_u8_impl<lut16_u8_avx2>(codes, lut, T, n0, n1, acc);
+QC_LUT_ISA void lut_rows_u8_avx2(const uint8_t* codes, const uint8_t* blk, const float* lut, int64_t T, int64_t n0,
+                                 int64_t n1, float* acc) {
+  if (blk) lut_rows_u8_sliced_impl<lut16_u8_avx2>(codes, blk, lut, T, n0, n1, acc);
+  else lut_rows_u8_impl<lut16_u8_avx2>(codes, lut, T, n0, n1, acc);
 }
 #endif
 
@@ -681,6 +705,11 @@ void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2,
   const int64_t build_tasks = (g.G + build_chunk - 1) / build_chunk;
   const bool fast_u8 = sizeof(C) == 1 && !kCheck && g.LS == 256;
   const int64_t rows_per_task = fast_u8 ? kLutRowsPerTask : kGemvRowsPerTask;
+  // codes prepared in slice order for exactly this walk (same row blocks), when the call's codes match
+  const uint8_t* sliced = fast_u8 && p.prepared && p.prepared->source == p.codes && !p.prepared->sliced.empty() &&
+                                  p.prepared->block_rows == kLutRowsPerTask
+                              ? p.prepared->sliced.data()
+                              : nullptr;
   const int64_t gather_tasks = (g.N + rows_per_task - 1) / rows_per_task;
   static const int64_t slice_bytes = [] {
     const char* e = std::getenv("QCOMPILE_CODEBOOK_LUT_SLICE_KB");
@@ -708,12 +737,13 @@ void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2,
       std::fill(acc, acc + (n1 - n0), 0.0f);
       uint32_t mx = 0;
       if (fast_u8) {
+        const uint8_t* blk = sliced ? sliced + n0 * (g.T / 16 * 16) : nullptr;
 #if QC_X86
         if (avx2)
-          lut_rows_u8_avx2(reinterpret_cast<const uint8_t*>(codes), lut, g.T, n0, n1, acc);
+          lut_rows_u8_avx2(reinterpret_cast<const uint8_t*>(codes), blk, lut, g.T, n0, n1, acc);
         else
 #endif
-          lut_rows_u8(reinterpret_cast<const uint8_t*>(codes), lut, g.T, n0, n1, acc);
+          lut_rows_u8(reinterpret_cast<const uint8_t*>(codes), blk, lut, g.T, n0, n1, acc);
       } else {
         for (int64_t t0 = 0; t0 < g.T; t0 += slice) {
           const int64_t cnt = std::min(slice, g.T - t0);
@@ -799,6 +829,12 @@ void run_fused(const Problem& p, const Geometry& g, const Prepared& in, bool avx
   });
 }
 
+// One row, byte codes over full 256-entry tables (aqlm-2x8) and many output rows: the slice-ordered
+// walk (lut_rows_u8) is the automatic choice (see dispatch).
+bool byte_walk_wins(const Geometry& g) {
+  return g.LS == 256 && g.M >= 2 && g.N >= 8 * g.S && g.T * g.LS < (int64_t{1} << 30);
+}
+
 enum class Path { kAuto, kLut, kFused, kGemm };
 
 Path forced_path() {
@@ -825,8 +861,7 @@ void dispatch(const Problem& p, const Geometry& g, const Prepared& in, bool avx2
     // slower on small layers, where building the table does not pay off).
     // Past a few rows, decoding each W tile once and reusing it (GEMM) beats re-decoding per row block.
     const bool lut_wins = (g.d > 8 && g.M * g.S <= 2 * g.N && lut_ok) ||
-                          (p.rows == 1 && sizeof(C) == 1 && !kCheck && g.LS == 256 && g.M >= 2 && g.N >= 8 * g.S &&
-                           lut_ok);
+                          (p.rows == 1 && sizeof(C) == 1 && !kCheck && byte_walk_wins(g));
     if (p.rows <= kLutMaxRows && lut_wins) path = Path::kLut;
     else if (p.rows <= kFusedMaxRows) path = Path::kFused;
     else path = Path::kGemm;
@@ -839,6 +874,27 @@ void dispatch(const Problem& p, const Geometry& g, const Prepared& in, bool avx2
 }
 
 }  // namespace
+
+Status prepare_constant_codes(const Attrs& a, const void* codes, CodeType code_type, PreparedCodes* out) {
+  QCOMPILE_RETURN_IF_ERROR(validate_attrs(a));
+  QCOMPILE_RETURN_IF_ERROR(check_codes_host(a, codes, code_type));
+  out->source = codes;
+  out->checked = true;
+  out->block_rows = kLutRowsPerTask;
+  out->sliced.clear();
+  const Geometry g = geometry(a);
+  if (code_type != CodeType::kUint8 || !byte_walk_wins(g)) return Status::OK();
+  const int64_t T16 = g.T / 16 * 16;
+  out->sliced.resize(static_cast<size_t>(g.N * T16));
+  const uint8_t* src = static_cast<const uint8_t*>(codes);
+  for (int64_t n0 = 0; n0 < g.N; n0 += kLutRowsPerTask) {
+    const int64_t R = std::min(kLutRowsPerTask, g.N - n0);
+    uint8_t* blk = out->sliced.data() + n0 * T16;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t q = 0; q < T16 / 16; ++q) std::memcpy(blk + (q * R + r) * 16, src + (n0 + r) * g.T + 16 * q, 16);
+  }
+  return Status::OK();
+}
 
 Status matmul_cpu(const Problem& p, const Parallel& par) {
   QCOMPILE_RETURN_IF_ERROR(validate_attrs(p.attrs));
@@ -861,7 +917,8 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   for (size_t i = 0; i < in.cb.size(); ++i) in.cb[i] = half_to_float(p.codebooks[i]);
 
   const bool u8 = p.code_type == CodeType::kUint8;
-  const bool check = u8 ? g.S < 256 : g.S < 65536;
+  const bool checked_once = p.prepared && p.prepared->checked && p.prepared->source == p.codes;
+  const bool check = !checked_once && (u8 ? g.S < 256 : g.S < 65536);
   thread_local std::vector<uint32_t> maxc;
   maxc.assign(static_cast<size_t>(std::max<int64_t>((g.N + kNR - 1) / kNR, 1) + 64), 0);  // >= tasks of any path
   if (u8) {
