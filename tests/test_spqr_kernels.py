@@ -138,6 +138,22 @@ def test_many_threads_same_result(ops_session):
     check(y1, x, packed, attrs, None, F32)
 
 
+@pytest.mark.parametrize("k,bits", [(400, 3), (1000, 3), (4096, 3), (1000, 4), (232, 4)])
+def test_constant_codes_lane_layout_matches_codes_fed_at_run_time(ops_session, k, bits):
+    """Constant codes are copied once into the kernel's lane layout (whole blocks of 80 | 64 positions, the
+    rest read from the original codes); codes fed at run time take the original path: both agree."""
+    n = 24
+    attrs = dict(K=k, N=n, bits=bits, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(k, n, bits=bits, outlier_rate=0.02, with_perm=True, seed=k)
+    rng = np.random.default_rng(k)
+    bias = rng.standard_normal(n).astype(F32)
+    x = rng.standard_normal((1, k)).astype(F32)
+    const = ops_session(spqr_model(packed, attrs, bias=bias)).run(None, {"x": x})[0]
+    fed = ops_session(spqr_model(packed, attrs, bias=bias, as_inputs=True)).run(None, feeds(x, packed, bias, True))[0]
+    check(const, x, packed, attrs, bias, F32)
+    check(fed, x, packed, attrs, bias, F32)
+
+
 # ---- malformed inputs: always an exception, never a crash ----------------------------------------------
 
 def _corrupt(packed: dict, what: str) -> dict:

@@ -2,7 +2,8 @@
 // (four OrtCustomOp objects sharing one schema). Attributes are validated when the session is created;
 // shapes and element types on every call. The outlier table and the permutation (every index a kernel
 // reads) are validated once when they are constant initializers (at session creation on CPU, on the first
-// run on CUDA), otherwise on every call. All failures come back to Python as ORT errors.
+// run on CUDA), otherwise on every call. Constant codes on CPU are also copied once, at session creation,
+// into the kernel's batch-1 lane layout (spqr::PreparedCodes). All failures come back to Python as ORT errors.
 #include <mutex>
 #include <string>
 #include <vector>
@@ -113,9 +114,21 @@ struct SpqrKernel : KernelBase<SpqrKernel> {
         return e;
       }
     }
+    Ort::ConstValue cv{nullptr};
+    if (!cuda && is_constant_input(info, kCodes, &cv) &&
+        elem_type_of(cv) == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 &&
+        shape_of(cv) == std::vector<int64_t>{a.N, a.code_words()}) {  // else Compute reports the shape
+      if (Status s2 = spqr::prepare_constant_codes(a, static_cast<const uint32_t*>(cv.GetTensorRawData()),
+                                                   &k->prepared);
+          !s2.ok()) {
+        delete k;
+        return to_ort(s2);
+      }
+    }
     *out = k;
     return nullptr;
   }
+  spqr::PreparedCodes prepared;  // CPU, constant codes: the batch-1 lane layout (see the header)
 
   // Shapes/types of the index tensors plus validate_indices on host data; records them as validated.
   OrtStatus* check_indices_host(const Ort::ConstValue& ro, const Ort::ConstValue& ci, const Ort::ConstValue& va,
@@ -230,6 +243,7 @@ struct SpqrKernel : KernelBase<SpqrKernel> {
       return make_error("SpQRMatMul: library built without CUDA", ORT_FAIL);
 #endif
     }
+    if (prepared.source) p.prepared = &prepared;
     return to_ort(spqr::matmul_cpu(p, OrtParallel(ctx)), ORT_FAIL);
   }
 };

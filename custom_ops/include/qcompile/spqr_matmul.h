@@ -53,6 +53,19 @@ struct Weights {
   const int32_t* perm = nullptr;          // [K] or nullptr
 };
 
+// Constant codes prepared once (at session creation) for the CPU kernel's batch-1 loop by
+// prepare_constant_codes. Each row is cut into blocks of 8·L stored positions, L = 32 / bits codes per
+// 32-bit lane (10 for 3 bits, 8 for 4 bits); a block is 8 lanes, and position 8·i + j of the block is bits
+// [bits·i, bits·(i+1)) of lane j. So one 256-bit load holds 8·L codes and every 8 consecutive positions
+// are one immediate shift and a mask away (no straddling words, no broadcast). Only whole blocks are
+// stored; positions from blocks·8·L on are read from the original codes.
+struct PreparedCodes {
+  const uint32_t* source = nullptr;  // the codes this was prepared from (used only while a call's match)
+  int per_lane = 0;                  // L
+  int64_t blocks = 0;                // whole blocks per row
+  std::vector<uint32_t> lanes;       // [N, blocks, 8]
+};
+
 struct Problem {
   Attrs attrs;
   int64_t M = 0;  // rows of X (leading dims flattened)
@@ -61,6 +74,7 @@ struct Problem {
   Weights w;
   const void* bias = nullptr;  // [N] of dtype, or null
   void* y = nullptr;           // [M, N] of dtype
+  const PreparedCodes* prepared = nullptr;  // CPU: used when prepared->source == w.codes, else ignored
 };
 
 // ---- validation (kernels/common/spqr_validate.cpp) ----
@@ -156,6 +170,10 @@ QC_SPQR_HD int64_t col_at(const Weights& w, int64_t o) {
 }
 
 // ---- kernels ----
+// Fills *out from host codes [N, code_words] (shape already checked) when the CPU kernel has a use for it
+// (x86 with AVX2, group_size 16); otherwise leaves out->lanes empty. Costs N·blocks·32 bytes.
+Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, PreparedCodes* out);
+
 // CPU kernel (kernels/cpu/spqr_matmul.cpp). Requires validated attrs, shapes and indices.
 Status matmul_cpu(const Problem& p, const Parallel& parallel);
 

@@ -13,6 +13,7 @@
 // Rows are split into tasks for the caller's Parallel (ORT's intra-op pool). A portable scalar path (no
 // SIMD) serves other CPUs and the tests (QCOMPILE_SPQR_SCALAR=1 forces it).
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -32,6 +33,9 @@ namespace {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// Power of two that slot i of the prepared lanes carries (lane_slot): bits·i, except the slot holding bit 31.
+inline int slot_exponent(int bits, int i) { return bits * (i + 1) == 32 ? 0 : bits * i; }
+
 struct Call {
   const Attrs* s;
   const Weights* w;
@@ -44,6 +48,8 @@ struct Call {
   const float* bias;   // [N] fp32 or nullptr
   float* y;            // [M, N]
   const int32_t* inv_perm;  // [K] stored position of each input feature (M > 1 with perm), else nullptr
+  const PreparedCodes* prep;  // lane layout of these codes (M == 1 AVX2 path), else nullptr
+  const float* xl;            // with prep: xk over whole blocks, slot i scaled by 2^-(bits·i) (lanes_dot_g16)
 };
 
 inline const uint16_t* row_params(const Call& c, int64_t n) {
@@ -258,6 +264,42 @@ QC_AVX2 inline float outliers_avx2(const Call& c, int64_t n, int64_t m) {
                         : outlier_sum_f16c(c, (const int32_t*)c.w->col_indices, n, xo);
 }
 
+// M == 1, group_size 16, codes in the prepared lane layout (PreparedCodes): per block of 8·L positions one
+// 256-bit load; slot i (8 positions) is a mask and a conversion, without a shift: the masked lane is
+// code·2^(BITS·i) (exact in fp32, at most 3-4 significant bits) and the activations `xl` come pre-scaled
+// by 2^-(BITS·i) (exact unless |x| < 2^-99 underflows; see slot_exponent), so every product is code·x. L/2 groups per block, each with its own
+// accumulator. Returns the vector sum of scale_g · dot(x_g, codes_g) over whole blocks.
+// Slot I of the lanes as floats code·2^(BITS·I); the slot holding bit 31 (4-bit codes) is shifted down
+// instead (a signed conversion would read that bit as a sign), and its activations are not scaled.
+template <int BITS, int I>
+QC_AVX2 inline __m256 lane_slot(__m256i v) {
+  if constexpr (BITS * (I + 1) == 32) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, BITS * I));
+  return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)(((1u << BITS) - 1u) << (BITS * I)))));
+}
+
+template <int BITS>
+QC_AVX2 inline __m256 lanes_dot_g16(const uint32_t* lanes, int64_t blocks, const float* x, const float* scale) {
+  constexpr int L = 32 / BITS, G = L / 2;  // codes per lane; 16-position groups per block
+  static_assert(L % 2 == 0, "whole groups per block");
+  __m256 acc[G];
+  for (int i = 0; i < G; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b, lanes += 8, x += 8 * L, scale += G) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)lanes);
+#define QC_LANE(i) lane_slot<BITS, (i)>(v)
+#define QC_GROUP(i)                                                                                        \
+  acc[i] = _mm256_fmadd_ps(_mm256_fmadd_ps(QC_LANE(2 * (i)), _mm256_loadu_ps(x + 16 * (i)),             \
+                                           _mm256_mul_ps(QC_LANE(2 * (i) + 1), _mm256_loadu_ps(x + 16 * (i) + 8))), \
+                           _mm256_broadcast_ss(scale + (i)), acc[i]);
+    QC_GROUP(0) QC_GROUP(1) QC_GROUP(2) QC_GROUP(3)
+    if constexpr (G > 4) { QC_GROUP(4) }
+#undef QC_GROUP
+#undef QC_LANE
+  }
+  __m256 sum = acc[0];
+  for (int i = 1; i < G; ++i) sum = _mm256_add_ps(sum, acc[i]);
+  return sum;
+}
+
 // M == 1: fused decode + dot, one pass over each packed row.
 template <int BITS>
 QC_AVX2 void rows_avx2_m1(const Call& c, int64_t r0, int64_t r1) {
@@ -285,7 +327,16 @@ QC_AVX2 void rows_avx2_m1(const Call& c, int64_t r0, int64_t r1) {
     }
     const uint8_t* row = (const uint8_t*)c.w->codes + n * bpr;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    if (s.group_size == 16) {  // the paper's setting: a 32-code chunk is exactly two groups
+    if (c.prep && s.group_size == 16) {  // prepared lanes, then the last positions from the packed row
+      constexpr int64_t kBlock = 8 * (32 / BITS);
+      const int64_t blocks = c.prep->blocks;
+      acc0 = lanes_dot_g16<BITS>(c.prep->lanes.data() + n * blocks * 8, blocks, c.xl, scale.data());
+      for (int64_t j = blocks * kBlock / 8; j < c.Kc / 8; j += 2) {  // whole groups of 16 positions
+        const __m256 t = _mm256_fmadd_ps(decode8<BITS>(row, j), _mm256_loadu_ps(x + 8 * j),
+                                         _mm256_mul_ps(decode8<BITS>(row, j + 1), _mm256_loadu_ps(x + 8 * j + 8)));
+        acc1 = _mm256_fmadd_ps(t, _mm256_broadcast_ss(scale.data() + j / 2), acc1);
+      }
+    } else if (s.group_size == 16) {  // the paper's setting: a 32-code chunk is exactly two groups
       const int64_t chunks = c.Kc / 32;
       const uint8_t* chunk = row;
       const float* sc = scale.data();
@@ -560,7 +611,7 @@ int64_t rows_per_task(const Attrs& a, int64_t M) {
 
 // Shared driver: xf is fp32 [M, K] in original order; y fp32 [M, N].
 void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
-         const Parallel& par) {
+         const PreparedCodes* prep, const Parallel& par) {
   const int64_t Kc = s.chunks() * kChunk, G = s.groups(), Gp = round_up(G, 8);
   // Kept per calling thread: no allocation (nor page faults) per call.
   thread_local std::vector<float> xk, xsum;
@@ -582,7 +633,21 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
     inv.resize((size_t)s.K);
     for (int64_t p = 0; p < s.K; ++p) inv[(size_t)w.perm[p]] = (int32_t)p;
   }
-  const Call c{&s, &w, M, xk.data(), Kc, xf, xsum.data(), Gp, bias, y, inv.empty() ? nullptr : inv.data()};
+  thread_local std::vector<float> xl;
+  if (prep) {  // M == 1
+    const int64_t L = prep->per_lane;
+    float f[16];  // 2^-(bits·i), exact
+    for (int64_t i = 0; i < L; ++i) f[i] = std::ldexp(1.0f, -slot_exponent(s.bits, (int)i));
+    xl.resize((size_t)(prep->blocks * 8 * L));
+    for (int64_t b = 0; b < prep->blocks; ++b)
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t j = 0; j < 8; ++j) {
+          const size_t p = (size_t)((b * L + i) * 8 + j);
+          xl[p] = xk[p] * f[i];
+        }
+  }
+  const Call c{&s, &w, M, xk.data(), Kc, xf, xsum.data(), Gp, bias, y, inv.empty() ? nullptr : inv.data(),
+               prep, prep ? xl.data() : nullptr};
   const int64_t rpt = rows_per_task(s, M);
   const size_t tasks = (size_t)((s.N + rpt - 1) / rpt);
   void (*rows)(const Call&, int64_t, int64_t) = rows_scalar;
@@ -602,11 +667,44 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
 
 }  // namespace
 
+Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, PreparedCodes* out) {
+  QCOMPILE_RETURN_IF_ERROR(validate_attrs(a));
+  out->source = codes;
+  out->lanes.clear();
+  out->per_lane = 32 / a.bits;
+  const int64_t block = 8 * out->per_lane;
+  out->blocks = (a.chunks() * kChunk) / block;
+#if QC_SPQR_X86
+  const bool useful = have_avx2() && a.group_size == 16;
+#else
+  const bool useful = false;
+#endif
+  if (!useful || out->blocks == 0) {
+    out->source = nullptr;
+    return Status::OK();
+  }
+  out->lanes.assign((size_t)(a.N * out->blocks * 8), 0u);
+  for (int64_t n = 0; n < a.N; ++n) {
+    const uint32_t* row = codes + n * a.code_words();
+    uint32_t* dst = out->lanes.data() + n * out->blocks * 8;
+    for (int64_t b = 0; b < out->blocks; ++b)
+      for (int i = 0; i < out->per_lane; ++i)
+        for (int j = 0; j < 8; ++j)
+          dst[b * 8 + j] |= code_at(row, b * block + 8 * i + j, a.bits) << (a.bits * i);
+  }
+  return Status::OK();
+}
+
 Status matmul_cpu(const Problem& p, const Parallel& par) {
   const Attrs& a = p.attrs;
   if (p.M <= 0) return Status::OK();
+  // prepared lanes only for the batch-1 AVX2 path, and only when they were made from these codes
+  const PreparedCodes* prep = p.prepared && p.prepared->source == p.w.codes && !p.prepared->lanes.empty() &&
+                                      p.prepared->per_lane == 32 / a.bits && p.M == 1 && !force_scalar()
+                                  ? p.prepared
+                                  : nullptr;
   if (p.dtype == DType::kFloat32) {
-    run((const float*)p.x, p.M, a, p.w, (const float*)p.bias, (float*)p.y, par);
+    run((const float*)p.x, p.M, a, p.w, (const float*)p.bias, (float*)p.y, prep, par);
     return Status::OK();
   }
   const uint16_t* x = (const uint16_t*)p.x;
@@ -616,7 +714,7 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
     bf.resize((size_t)a.N);
     for (int64_t n = 0; n < a.N; ++n) bf[(size_t)n] = half_to_float(((const uint16_t*)p.bias)[n]);
   }
-  run(xf.data(), p.M, a, p.w, p.bias ? bf.data() : nullptr, yf.data(), par);
+  run(xf.data(), p.M, a, p.w, p.bias ? bf.data() : nullptr, yf.data(), prep, par);
   uint16_t* y = (uint16_t*)p.y;
   for (size_t i = 0; i < yf.size(); ++i) y[i] = float_to_half(yf[i]);
   return Status::OK();
