@@ -23,6 +23,7 @@ def test_row_spec_becomes_cli_arguments(sweep):
     assert (row.format, row.emit, row.options) == ("int2-gptq", "simulated", {"group_size": "64"})
     assert row.cli_args() == ["-f", "int2-gptq", "--emit", "simulated", "-O", "group_size=64"]
     assert row.name == "int2-gptq_simulated_group_size_64"
+    assert sweep.Row.parse("spqr-w3,--sequential").cli_args() == ["-f", "spqr-w3", "--sequential"]
     with pytest.raises(SystemExit, match="bad option"):
         sweep.Row.parse("int4-gptq,group_size")
 

@@ -9,7 +9,8 @@ this curve, produced by one command with one calibration set and one evaluation 
     python tools/sweep.py --out runs/sweep --row mxfp4-mr --row int2-gptq:simulated,group_size=64
     python tools/sweep.py --out runs/sweep --reuse                           # only compile what is missing
 
-A row is ``FORMAT[:EMIT][,KEY=VALUE...]`` (options as ``qcompile compile -O``). Each row is compiled by the
+A row is ``FORMAT[:EMIT][,KEY=VALUE...][,--FLAG...]`` (options as ``qcompile compile -O``, flags such as
+``--sequential`` as they are). Each row is compiled by the
 CLI in its own process (a crash or bad option fails that row only, with its log kept in OUT/<row>.log).
 ``--reuse`` takes a row from OUT/<row>/report.json when that run used the same model and settings.
 """
@@ -39,18 +40,22 @@ class Row:
     format: str
     emit: str | None = None
     options: dict[str, str] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
 
     @classmethod
     def parse(cls, spec: str) -> "Row":
         head, *opts = spec.split(",")
         fmt, _, emit = head.partition(":")
-        options = {}
+        options, flags = {}, []
         for opt in opts:
+            if opt.startswith("--"):
+                flags.append(opt)
+                continue
             key, eq, value = opt.partition("=")
             if not eq or not key:
                 raise SystemExit(f"sweep: bad option {opt!r} in row {spec!r} (expected KEY=VALUE)")
             options[key] = value
-        return cls(spec, fmt, emit or None, options)
+        return cls(spec, fmt, emit or None, options, flags)
 
     @property
     def name(self) -> str:
@@ -62,13 +67,13 @@ class Row:
             args += ["--emit", self.emit]
         for key, value in self.options.items():
             args += ["-O", f"{key}={value}"]
-        return args
+        return args + self.flags
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--row", action="append", dest="rows", metavar="FORMAT[:EMIT][,K=V...]",
+    p.add_argument("--row", action="append", dest="rows", metavar="FORMAT[:EMIT][,K=V...][,--FLAG...]",
                    help=f"a row (repeatable); default: {' '.join(DEFAULT_ROWS)}")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
