@@ -599,6 +599,23 @@ QC_LUT_ISA inline float lut16_u8_avx2(const uint8_t* c, const float* L) {
 }
 #endif
 
+// The same sum, codes 0-7 extracted from one 64-bit load by shifts and codes 8-15 read by their own byte
+// loads (movzx from memory, no ALU work): spreads the work over the ALUs and the load ports, ~7% faster
+// on the prepared walk than extracting all 16 by shifts on Zen 3 (bound by the instructions per lookup).
+QC_LUT_ISA inline float lut16_u8_mixed(const uint8_t* c, const float* L) {
+  uint64_t a;
+  std::memcpy(&a, c, 8);
+  const float v0 = L[a & 255] + L[256 + ((a >> 8) & 255)];
+  const float v1 = L[512 + ((a >> 16) & 255)] + L[768 + ((a >> 24) & 255)];
+  const float v2 = L[1024 + ((a >> 32) & 255)] + L[1280 + ((a >> 40) & 255)];
+  const float v3 = L[1536 + ((a >> 48) & 255)] + L[1792 + (a >> 56)];
+#define QC_LB(t) L[(t) * 256 + c[t]]
+  const float v4 = QC_LB(8) + QC_LB(9), v5 = QC_LB(10) + QC_LB(11), v6 = QC_LB(12) + QC_LB(13),
+              v7 = QC_LB(14) + QC_LB(15);
+#undef QC_LB
+  return ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7));
+}
+
 constexpr int64_t kLutRowsPerTask = 512;  // the LUT (1 MB for 2x8 at K=4096) streams once per task
 
 // y[n] += sum_t lut[t][codes[n, t]] for rows [n0, n1), uint8 codes into 256-entry tables (LS == 256).
@@ -683,7 +700,8 @@ void lut_rows_u8(const uint8_t* codes, const uint8_t* blk, const float* lut, int
 #if QC_X86
 QC_LUT_ISA void lut_rows_u8_avx2(const uint8_t* codes, const uint8_t* blk, const float* lut, int64_t T, int64_t n0,
                                  int64_t n1, float* acc) {
-  if (blk) lut_rows_u8_sliced_impl<lut16_u8_avx2>(codes, blk, lut, T, n0, n1, acc);
+  // (the copying walk gains nothing from the mixed form: measured equal)
+  if (blk) lut_rows_u8_sliced_impl<lut16_u8_mixed>(codes, blk, lut, T, n0, n1, acc);
   else lut_rows_u8_impl<lut16_u8_avx2>(codes, lut, T, n0, n1, acc);
 }
 #endif
