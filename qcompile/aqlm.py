@@ -27,8 +27,8 @@ Algorithm (Egiazarian et al., "Extreme Compression of LLMs via Additive Quantiza
 Finally codebooks and scales are rounded to fp16 (what the op stores), scales re-fitted to the rounded
 codebooks, and one more code sweep adapts codes to exactly the stored values.
 
-Not implemented: AQLM's block-level fine-tuning of codebooks/scales against the float transformer
-block's outputs (it needs the block, not one linear; see the format's docs).
+Fine-tuning of codebooks/scales against the float model needs the whole model, not one linear: it is a
+separate whole-model step, :mod:`qcompile.aqlm_finetune` (format option ``finetune_epochs``).
 """
 from __future__ import annotations
 

@@ -177,14 +177,15 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
         elif done_before:
             print(f"qcompile: resuming: {len(done_before)} of {len(matches)} layers already quantized "
                   f"({ckpt.directory})", file=sys.stderr)
-        layer_seconds: dict[str, float] = {}
+        layer_seconds: dict[str, float | None] = {}
         resumed: set[str] = set()
 
         def quantize_layer(m: LinearMatch, h: torch.Tensor | None) -> QuantizedWeight:
             hit = ckpt.get_entry(m.name) if m.name in done_before else None
             if hit is not None:
                 resumed.add(m.name)
-                layer_seconds[m.name] = float(hit[1].get("seconds", float("nan")))
+                secs = hit[1].get("seconds")
+                layer_seconds[m.name] = float(secs) if isinstance(secs, (int, float)) else None
                 return hit[0]
             t0 = time.perf_counter()
             with quantization_threads(device):

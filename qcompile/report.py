@@ -175,6 +175,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             if report.get("resumed_layers") else "")),
         ("peak memory (MiB)", f"{report.get('peak_memory_mib', 0):.0f}"),
     ]
+    tune = report.get("tune")
+    if tune and "steps" in tune:
+        head.append(("fine-tuning (whole model)", f"{tune['steps']} steps x {tune['windows_per_step']} windows, KL to "
+                     f"float {tune['kl_first_quarter_mean']:.3f} -> {tune['kl_last_quarter_mean']:.3f} (first/last "
+                     f"quarter of steps), {tune['seconds']:.0f} s"))
+    elif tune:
+        head.append(("fine-tuning (whole model)", f"skipped: {tune.get('skipped')}"))
     if report.get("emit") == "simulated":
         head.insert(4, ("note", "simulated emit: the file holds dequantized floats; bits per weight is what the "
                                 "format's native storage takes"))
