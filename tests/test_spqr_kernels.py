@@ -138,10 +138,11 @@ def test_many_threads_same_result(ops_session):
     check(y1, x, packed, attrs, None, F32)
 
 
-@pytest.mark.parametrize("k,bits", [(400, 3), (1000, 3), (4096, 3), (1000, 4), (232, 4)])
+@pytest.mark.parametrize("k,bits", [(400, 3), (1000, 3), (1280, 3), (4096, 3), (1000, 4), (232, 4)])
 def test_constant_codes_lane_layout_matches_codes_fed_at_run_time(ops_session, k, bits):
-    """Constant codes are copied once into the kernel's lane layout (whole blocks of 80 | 64 positions, the
-    rest read from the original codes); codes fed at run time take the original path: both agree."""
+    """Constant codes (and 3-bit stat codes) are copied once into the kernel's lane layout (whole blocks of
+    80 | 64 positions, the rest read from the original codes; stat blocks of 80 groups, the last one partial
+    or not); codes fed at run time take the original path: both agree."""
     n = 24
     attrs = dict(K=k, N=n, bits=bits, group_size=16, stat_bits=3, stat_group=16)
     packed = ref.random_packed(k, n, bits=bits, outlier_rate=0.02, with_perm=True, seed=k)

@@ -114,11 +114,14 @@ struct SpqrKernel : KernelBase<SpqrKernel> {
         return e;
       }
     }
-    Ort::ConstValue cv{nullptr};
-    if (!cuda && is_constant_input(info, kCodes, &cv) &&
+    Ort::ConstValue cv{nullptr}, scv{nullptr};
+    if (!cuda && is_constant_input(info, kCodes, &cv) && is_constant_input(info, kStatCodes, &scv) &&
         elem_type_of(cv) == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 &&
-        shape_of(cv) == std::vector<int64_t>{a.N, a.code_words()}) {  // else Compute reports the shape
+        shape_of(cv) == std::vector<int64_t>{a.N, a.code_words()} &&
+        elem_type_of(scv) == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 &&
+        shape_of(scv) == std::vector<int64_t>{a.N, 2 * a.stat_words()}) {  // else Compute reports the shape
       if (Status s2 = spqr::prepare_constant_codes(a, static_cast<const uint32_t*>(cv.GetTensorRawData()),
+                                                   static_cast<const uint32_t*>(scv.GetTensorRawData()),
                                                    &k->prepared);
           !s2.ok()) {
         delete k;

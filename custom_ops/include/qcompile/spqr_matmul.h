@@ -60,10 +60,15 @@ struct Weights {
 // are one immediate shift and a mask away (no straddling words, no broadcast). Only whole blocks are
 // stored; positions from blocks·8·L on are read from the original codes.
 struct PreparedCodes {
-  const uint32_t* source = nullptr;  // the codes this was prepared from (used only while a call's match)
+  const uint32_t* source = nullptr;       // the codes and stat codes this was prepared from (used only
+  const uint32_t* stat_source = nullptr;  // while a call's match)
   int per_lane = 0;                  // L
   int64_t blocks = 0;                // whole blocks per row
   std::vector<uint32_t> lanes;       // [N, blocks, 8]
+  // stat_bits == 3 only: the scale and zero codes in the same lane layout (10 groups per lane, 80 per
+  // block, zero padded): [N, 2 (scale, zero), stat_blocks, 8]. Empty otherwise.
+  int64_t stat_blocks = 0;
+  std::vector<uint32_t> stat_lanes;
 };
 
 struct Problem {
@@ -170,9 +175,11 @@ QC_SPQR_HD int64_t col_at(const Weights& w, int64_t o) {
 }
 
 // ---- kernels ----
-// Fills *out from host codes [N, code_words] (shape already checked) when the CPU kernel has a use for it
-// (x86 with AVX2, group_size 16); otherwise leaves out->lanes empty. Costs N·blocks·32 bytes.
-Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, PreparedCodes* out);
+// Fills *out from host codes [N, code_words] and stat_codes [N, 2·stat_words] (shapes already checked)
+// when the CPU kernel has a use for it (x86 with AVX2, group_size 16); otherwise leaves out->lanes empty.
+// Costs N·blocks·32 (+ N·stat_blocks·64) bytes.
+Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, const uint32_t* stat_codes,
+                              PreparedCodes* out);
 
 // CPU kernel (kernels/cpu/spqr_matmul.cpp). Requires validated attrs, shapes and indices.
 Status matmul_cpu(const Problem& p, const Parallel& parallel);

@@ -10,6 +10,8 @@
 //          precomputed; with M > 1 a 16-row panel is dequantized K-slice by K-slice into a transposed,
 //          cache-resident buffer that an outer-product micro-kernel (6 rows of X x 16 rows of W) reuses.
 //   then the row's CSR outliers add value * x[col] (original feature order).
+// With M == 1 and constant codes, pass 2 (and pass 1 for 3-bit stats) read the lane layout prepared once
+// at session creation (PreparedCodes): 8 codes are a mask and a conversion away, no broadcast or shift.
 // Rows are split into tasks for the caller's Parallel (ORT's intra-op pool). A portable scalar path (no
 // SIMD) serves other CPUs and the tests (QCOMPILE_SPQR_SCALAR=1 forces it).
 #include <algorithm>
@@ -199,6 +201,75 @@ QC_AVX2 void stats_avx2(const Call& c, int64_t n, float* scale, float* zero) {
   }
 }
 
+// Slot I of the lanes as floats code·2^(BITS·I); the slot holding bit 31 (4-bit codes) is shifted down
+// instead (a signed conversion would read that bit as a sign), and its activations are not scaled.
+template <int BITS, int I>
+QC_AVX2 inline __m256 lane_slot(__m256i v) {
+  if constexpr (BITS * (I + 1) == 32) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, BITS * I));
+  return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)(((1u << BITS) - 1u) << (BITS * I)))));
+}
+
+// stats_corr_m1 over the prepared stat lanes (stat_bits 3): per 8 groups two masks and conversions, no
+// broadcast or variable shift. The second-level steps of group g are widened pre-scaled by
+// 2^-(3·slot(g)) (exact), matching lane_slot's code·2^(3·slot).
+QC_AVX2 __m256 stats_corr_m1_lanes(const Call& c, int64_t n, float* pf, int64_t* cached_rb, float* scale) {
+  const Attrs& s = *c.s;
+  const int64_t G = s.groups(), Gp = c.Gp, SB = c.prep->stat_blocks;
+  const int64_t rb = n / s.stat_group;
+  if (rb != *cached_rb) {  // widen 8 groups (one slot) per step
+    const uint16_t* sp = row_params(c, n);
+    static const float kSlotScale[10] = {1.0f, 0x1p-3f, 0x1p-6f, 0x1p-9f, 0x1p-12f, 0x1p-15f,
+                                         0x1p-18f, 0x1p-21f, 0x1p-24f, 0x1p-27f};  // 2^-slot_exponent(3, i)
+    for (int fi = 0; fi < 4; ++fi) {
+      float* dst = pf + fi * Gp;
+      const uint16_t* src = sp + fi * G;
+      int64_t g = 0;
+      for (; g + 8 <= G; g += 8) {
+        __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + g)));
+        if (!(fi & 1)) v = _mm256_mul_ps(v, _mm256_set1_ps(kSlotScale[(g % 80) / 8]));
+        _mm256_storeu_ps(dst + g, v);
+      }
+      for (; g < G; ++g) dst[g] = _cvtsh_ss(src[g]) * ((fi & 1) ? 1.0f : kSlotScale[(g % 80) / 8]);
+      for (; g < Gp; ++g) dst[g] = 0.f;
+    }
+    *cached_rb = rb;
+  }
+  const uint32_t* lanes = c.prep->stat_lanes.data() + n * 2 * SB * 8;
+  __m256 corr = _mm256_setzero_ps();
+  const float* xs = c.xsum;
+#define QC_STAT(cs, cz, i)                                                                                  \
+  {                                                                                                         \
+    const __m256 scl = _mm256_fmadd_ps(cs, _mm256_loadu_ps(pf + 8 * (i)), _mm256_loadu_ps(pf + Gp + 8 * (i))); \
+    const __m256 zer =                                                                                      \
+        _mm256_fmadd_ps(cz, _mm256_loadu_ps(pf + 2 * Gp + 8 * (i)), _mm256_loadu_ps(pf + 3 * Gp + 8 * (i))); \
+    _mm256_storeu_ps(scale + 8 * (i), scl);                                                                 \
+    corr = _mm256_fmadd_ps(_mm256_mul_ps(scl, zer), _mm256_loadu_ps(xs + 8 * (i)), corr);                   \
+  }
+#define QC_SLOT(i)                                                                  \
+  {                                                                                 \
+    const __m256 cs_ = lane_slot<3, i>(vs), cz_ = lane_slot<3, i>(vz);              \
+    QC_STAT(cs_, cz_, i)                                                            \
+  }
+  const int64_t full = Gp / 80;  // whole blocks; then the slots of the last one up to Gp
+  int64_t b = 0;
+  for (; b < full; ++b, lanes += 8, pf += 80, scale += 80, xs += 80) {
+    const __m256i vs = _mm256_loadu_si256((const __m256i*)lanes);
+    const __m256i vz = _mm256_loadu_si256((const __m256i*)(lanes + SB * 8));
+    QC_SLOT(0) QC_SLOT(1) QC_SLOT(2) QC_SLOT(3) QC_SLOT(4) QC_SLOT(5) QC_SLOT(6) QC_SLOT(7) QC_SLOT(8) QC_SLOT(9)
+  }
+  if (b < SB) {
+    const __m256i vs = _mm256_loadu_si256((const __m256i*)lanes);
+    const __m256i vz = _mm256_loadu_si256((const __m256i*)(lanes + SB * 8));
+    for (int64_t i = 0; 80 * b + 8 * i < Gp; ++i) {
+      const __m256i m = _mm256_set1_epi32((int)(7u << (3 * i)));
+      QC_STAT(_mm256_cvtepi32_ps(_mm256_and_si256(vs, m)), _mm256_cvtepi32_ps(_mm256_and_si256(vz, m)), i)
+    }
+  }
+#undef QC_SLOT
+#undef QC_STAT
+  return corr;
+}
+
 // M == 1 statistics of row n: scales into `scale` (room for Gp entries) and the zero-point term
 // sum_g scale_g * zero_g * xsum_g as a vector, in one pass. The second-level parameters of the row's
 // block are widened once per block into `pf` ([4][Gp] fp32, zero padded; *cached_rb tracks the block).
@@ -269,14 +340,6 @@ QC_AVX2 inline float outliers_avx2(const Call& c, int64_t n, int64_t m) {
 // code·2^(BITS·i) (exact in fp32, at most 3-4 significant bits) and the activations `xl` come pre-scaled
 // by 2^-(BITS·i) (exact unless |x| < 2^-99 underflows; see slot_exponent), so every product is code·x. L/2 groups per block, each with its own
 // accumulator. Returns the vector sum of scale_g · dot(x_g, codes_g) over whole blocks.
-// Slot I of the lanes as floats code·2^(BITS·I); the slot holding bit 31 (4-bit codes) is shifted down
-// instead (a signed conversion would read that bit as a sign), and its activations are not scaled.
-template <int BITS, int I>
-QC_AVX2 inline __m256 lane_slot(__m256i v) {
-  if constexpr (BITS * (I + 1) == 32) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, BITS * I));
-  return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)(((1u << BITS) - 1u) << (BITS * I)))));
-}
-
 template <int BITS>
 QC_AVX2 inline __m256 lanes_dot_g16(const uint32_t* lanes, int64_t blocks, const float* x, const float* scale) {
   constexpr int L = 32 / BITS, G = L / 2;  // codes per lane; 16-position groups per block
@@ -317,7 +380,9 @@ QC_AVX2 void rows_avx2_m1(const Call& c, int64_t r0, int64_t r1) {
   for (int64_t n = r0; n < r1; ++n) {
     // zero-point term: sum_g scale_g * zero_g * sum(x_g)
     __m256 corr = _mm256_setzero_ps();
-    if (fused_stats) {
+    if (c.prep && !c.prep->stat_lanes.empty()) {
+      corr = stats_corr_m1_lanes(c, n, pf.data(), &cached_rb, scale.data());
+    } else if (fused_stats) {
       corr = stats_corr_m1(c, n, pf.data(), &cached_rb, scale.data());
     } else {
       stats_avx2(c, n, scale.data(), zero.data());
@@ -667,10 +732,14 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
 
 }  // namespace
 
-Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, PreparedCodes* out) {
+Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, const uint32_t* stat_codes,
+                              PreparedCodes* out) {
   QCOMPILE_RETURN_IF_ERROR(validate_attrs(a));
   out->source = codes;
+  out->stat_source = stat_codes;
   out->lanes.clear();
+  out->stat_lanes.clear();
+  out->stat_blocks = 0;
   out->per_lane = 32 / a.bits;
   const int64_t block = 8 * out->per_lane;
   out->blocks = (a.chunks() * kChunk) / block;
@@ -682,6 +751,23 @@ Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, PreparedCod
   if (!useful || out->blocks == 0) {
     out->source = nullptr;
     return Status::OK();
+  }
+  if (a.stat_bits == 3) {
+    const int64_t G = a.groups();
+    out->stat_blocks = (G + 79) / 80;
+    const int64_t SB = out->stat_blocks;
+    out->stat_lanes.assign((size_t)(a.N * 2 * SB * 8), 0u);
+    for (int64_t n = 0; n < a.N; ++n) {
+      const uint32_t* srow = stat_codes + n * 2 * a.stat_words();
+      uint32_t* dst = out->stat_lanes.data() + n * 2 * SB * 8;
+      for (int64_t g = 0; g < G; ++g) {
+        uint32_t sc, zc;
+        stat_codes_at(a, srow, g, &sc, &zc);
+        const int64_t b = g / 80, i = (g % 80) / 8, j = g % 8;
+        dst[b * 8 + j] |= sc << (3 * i);
+        dst[(SB + b) * 8 + j] |= zc << (3 * i);
+      }
+    }
   }
   out->lanes.assign((size_t)(a.N * out->blocks * 8), 0u);
   for (int64_t n = 0; n < a.N; ++n) {
@@ -699,7 +785,8 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   const Attrs& a = p.attrs;
   if (p.M <= 0) return Status::OK();
   // prepared lanes only for the batch-1 AVX2 path, and only when they were made from these codes
-  const PreparedCodes* prep = p.prepared && p.prepared->source == p.w.codes && !p.prepared->lanes.empty() &&
+  const PreparedCodes* prep = p.prepared && p.prepared->source == p.w.codes &&
+                                      p.prepared->stat_source == p.w.stat_codes && !p.prepared->lanes.empty() &&
                                       p.prepared->per_lane == 32 / a.bits && p.M == 1 && !force_scalar()
                                   ? p.prepared
                                   : nullptr;
