@@ -8,8 +8,9 @@ session creation, so what a user saves on disk is not what the process holds. Th
     python tools/portable_memory.py                      # 4096x4096, mxfp4-mr spqr-w3 aqlm-2x8
     python tools/portable_memory.py --shape 1024x1024 --format mxfp4-mr
 
-Each measurement runs in a fresh process (resident memory only ever grows inside one). The weight is
-random and the calibration Hessian the identity: this measures memory, not accuracy.
+Each session is measured in a fresh process that loads the model from a file (inside one process freed
+memory is reused unseen). The weight is random and the calibration Hessian the identity: this measures
+memory, not accuracy.
 """
 from __future__ import annotations
 
@@ -26,64 +27,76 @@ def _rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
 
 
-def measure(fmt_name: str, mode: str, k: int, n: int) -> tuple[int, float]:
-    """(serialized model bytes, resident MiB added by creating a session and running it once)."""
-    import gc
-
+def one_layer_models(fmt_name: str, k: int, n: int) -> dict[str, bytes]:
+    """Serialized one-layer models: ``{"native": ..., "portable": ...}``, or ``{"float": ...}`` for "-"."""
     import numpy as np
     import onnx
     import torch
     from onnx import TensorProto, helper
 
     from qcompile.formats import get_format
-    from qcompile.runtime import make_session
 
     w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32) * 0.02
-    if mode == "float":
-        nodes, inits, domains = [helper.make_node("MatMul", ["x", "W"], ["y"])], [onnx.numpy_helper.from_array(w, "W")], {}
-    else:
-        fmt = get_format(fmt_name)
-        opts = fmt.resolve_options({})
-        if fmt_name.startswith("aqlm"):
-            opts.update(rounds=0, kmeans_iters=1, cg_iters=1, beam_size=1)  # memory only: the cheapest fit
-        qw = fmt.quantize(w, torch.eye(k), device="cpu", **opts)
-        lower = qw.lower_native if mode == "native" else qw.lower_portable
+    x = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])]
+    y = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])]
+
+    def model(nodes, inits, domains) -> bytes:
+        opsets = [helper.make_opsetid("", 20)] + [helper.make_opsetid(d, v) for d, v in domains.items() if d]
+        return helper.make_model(helper.make_graph(nodes, "one_layer", x, y, inits), opset_imports=opsets).SerializeToString()
+
+    if fmt_name == "-":
+        return {"float": model([helper.make_node("MatMul", ["x", "W"], ["y"])], [onnx.numpy_helper.from_array(w, "W")], {})}
+    fmt = get_format(fmt_name)
+    opts = fmt.resolve_options({})
+    if fmt_name.startswith("aqlm"):
+        opts.update(rounds=0, kmeans_iters=1, cg_iters=1, beam_size=1)  # memory only: the cheapest fit
+    qw = fmt.quantize(w, torch.eye(k), device="cpu", **opts)
+    out = {}
+    for mode, lower in (("native", qw.lower_native), ("portable", qw.lower_portable)):
         low = lower("x", "y", "layer", TensorProto.FLOAT)
-        nodes, inits, domains = low.nodes, low.initializers, low.opset_imports
-    graph = helper.make_graph(nodes, "one_layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], inits)
-    opsets = [helper.make_opsetid("", 20)] + [helper.make_opsetid(d, v) for d, v in domains.items() if d]
-    data = helper.make_model(graph, opset_imports=opsets).SerializeToString()
-    del w, nodes, inits, graph
-    gc.collect()
+        out[mode] = model(low.nodes, low.initializers, low.opset_imports)
+    return out
+
+
+def session_rss(path: str, k: int) -> float:
+    """Resident MiB added by creating a session for the model file ``path`` and running it once
+    (run in a fresh process, which holds nothing else: freed memory would otherwise be reused unseen)."""
+    import numpy as np
+
+    from qcompile.runtime import make_session
+
     before = _rss_mib()
-    make_session(data, ["CPUExecutionProvider"]).run(None, {"x": np.ones((1, k), np.float32)})
-    return len(data), _rss_mib() - before
+    session = make_session(path, ["CPUExecutionProvider"])
+    session.run(None, {"x": np.ones((1, k), np.float32)})
+    return _rss_mib() - before  # while the session is alive
 
 
 def main(argv: list[str] | None = None) -> int:
+    import tempfile
+    from pathlib import Path
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="4096x4096", help="KxN of the layer")
     p.add_argument("--format", action="append", dest="formats", help="repeatable; default mxfp4-mr spqr-w3 aqlm-2x8")
-    p.add_argument("--one", nargs=2, metavar=("FORMAT", "MODE"), help=argparse.SUPPRESS)  # child process
+    p.add_argument("--session-rss", metavar="MODEL", help=argparse.SUPPRESS)  # the child process's job
     args = p.parse_args(argv)
     k, n = (int(v) for v in args.shape.lower().split("x"))
-    if args.one:
-        size, rss = measure(args.one[0], args.one[1], k, n)
-        print(f"{size} {rss}")
+    if args.session_rss:
+        print(session_rss(args.session_rss, k))
         return 0
-    rows = [("fp32 MatMul", "-", "float")]
-    for fmt in args.formats or ["mxfp4-mr", "spqr-w3", "aqlm-2x8"]:
-        rows += [(fmt, fmt, "native"), (fmt, fmt, "portable")]
     print(f"| one {k} x {n} layer | emit | file MiB | resident MiB |\n|---|---|---:|---:|", flush=True)
-    for label, fmt, mode in rows:
-        res = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--one", fmt, mode],
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"| {label} | {mode} | failed: {(res.stderr.strip().splitlines() or ['?'])[-1]} | |", flush=True)
-            continue
-        size, rss = res.stdout.split()
-        print(f"| {label} | {mode if mode != 'float' else '-'} | {int(size) / 2**20:.1f} | {float(rss):.1f} |", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in ["-"] + (args.formats or ["mxfp4-mr", "spqr-w3", "aqlm-2x8"]):
+            for mode, data in one_layer_models(fmt, k, n).items():
+                path = Path(tmp) / f"{fmt}-{mode}.onnx"
+                path.write_bytes(data)
+                res = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--session-rss", str(path)], capture_output=True, text=True)
+                label = "fp32 MatMul" if fmt == "-" else fmt
+                if res.returncode != 0:
+                    print(f"| {label} | {mode} | failed: {(res.stderr.strip().splitlines() or ['?'])[-1]} | |", flush=True)
+                    continue
+                print(f"| {label} | {'-' if fmt == '-' else mode} | {len(data) / 2**20:.1f} | {float(res.stdout):.1f} |",
+                      flush=True)
     return 0
 
 
