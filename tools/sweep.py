@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The README's table: the integer baselines, then each family's methods at its size.
 DEFAULT_ROWS = ["int4-rtn", "int4-gptq", "mxfp4-rtn", "mxfp4-gptq", "mxfp4-mr", "nvfp4-rtn", "nvfp4-mr",
-                "spqr-w3", "spqr-w4", "int3-gptq:simulated", "aqlm-2x8", "int2-gptq:simulated,group_size=64"]
+                "spqr-w3", "spqr-w4", "aqlm-2x8", "aqlm-2x8,finetune_epochs=1,finetune_norm_lr=1e-3",
+                "int2-gptq:simulated,group_size=64"]
 SETTINGS = ("calib_samples", "seq_len", "eval_samples", "eval_seq_len", "seed")
 
 
@@ -167,24 +169,27 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     except ImportError:
         return False
     points = [r for r in rows if "error" not in r and r["row"] != "float" and r.get("ppl")]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in points:
-        ax.scatter(r["bits_per_weight"], r["ppl"], s=18)
-        ax.annotate(r["row"], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ref = next((r["ppl"] for r in rows if r["row"] == "float"), None)
-    if ref:
-        ax.axhline(ref, color="gray", linestyle="--", linewidth=1, label=f"float ({ref:.2f})")
-        ax.legend(loc="upper right")
-    ax.set_yscale("log")
-    plain = matplotlib.ticker.FormatStrFormatter("%g")
-    ax.yaxis.set_major_formatter(plain)
-    ys = [r["ppl"] for r in points] + ([ref] if ref else [])
-    # less than a decade shows no major tick on a log axis: label the minor ones then
-    ax.yaxis.set_minor_formatter(plain if max(ys) < 10 * min(ys) else matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("bits per weight (from the file)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
+    near = [r for r in points if ref and r["ppl"] < 2 * ref]  # the crowded region gets its own linear panel
+    fig, axes = plt.subplots(1, 2 if near and len(near) < len(points) else 1, figsize=(12, 5), squeeze=False)
+    for ax, subset, log in zip(axes[0], [points, near], [True, False]):
+        for r in subset:
+            ax.scatter(r["bits_per_weight"], r["ppl"], s=18)
+            ax.annotate(r["row"], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if ref:
+            ax.axhline(ref, color="gray", linestyle="--", linewidth=1, label=f"float ({ref:.2f})")
+            ax.legend(loc="upper right")
+        plain = matplotlib.ticker.FormatStrFormatter("%g")
+        if log:
+            ax.set_yscale("log")
+            ys = [r["ppl"] for r in subset] + ([ref] if ref else [])
+            # less than a decade shows no major tick on a log axis: label the minor ones then
+            ax.yaxis.set_minor_formatter(plain if max(ys) < 10 * min(ys) else matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_major_formatter(plain)
+        ax.set_xlabel("bits per weight (from the file)")
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.set_title(title if log else "within 2x of float", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
