@@ -618,6 +618,17 @@ QC_LUT_ISA inline float lut16_u8_mixed(const uint8_t* c, const float* L) {
 
 constexpr int64_t kLutRowsPerTask = 512;  // the LUT (1 MB for 2x8 at K=4096) streams once per task
 
+// Tables T16..T-1 (fewer than a slice of 16) for rows n0..n1-1, read from the file-order codes.
+inline void lut_rows_u8_tail(const uint8_t* codes, const float* lut, int64_t T, int64_t T16, int64_t n0, int64_t n1,
+                             float* acc) {
+  if (T16 >= T) return;
+  for (int64_t n = n0; n < n1; ++n) {
+    float s = 0.f;
+    for (int64_t t = T16; t < T; ++t) s += lut[t * 256 + codes[n * T + t]];
+    acc[n - n0] += s;
+  }
+}
+
 // y[n] += sum_t lut[t][codes[n, t]] for rows [n0, n1), uint8 codes into 256-entry tables (LS == 256).
 // Codes are row-major with a row stride of T bytes (1 KB at K=4096), so walking 16-byte slices of many
 // rows would thrash the cache sets. Instead, per super-slice of up to kSuper tables, the task first copies
@@ -663,12 +674,7 @@ __attribute__((always_inline)) inline void lut_rows_u8_impl(const uint8_t* codes
       }
     }
   }
-  if (T16 < T)
-    for (int64_t n = n0; n < n1; ++n) {
-      float s = 0.f;
-      for (int64_t t = T16; t < T; ++t) s += lut[t * 256 + codes[n * T + t]];
-      acc[n - n0] += s;
-    }
+  lut_rows_u8_tail(codes, lut, T, T16, n0, n1, acc);
 }
 
 // The same sums over codes prepared once in slice order (PreparedCodes::sliced; `blk` is this block of
@@ -684,12 +690,7 @@ __attribute__((always_inline)) inline void lut_rows_u8_sliced_impl(const uint8_t
     const float* L = lut + t0 * 256;
     for (int64_t r = 0; r < R; ++r, c += 16) acc[r] += Lut16(c, L);
   }
-  if (T16 < T)
-    for (int64_t n = n0; n < n1; ++n) {
-      float s = 0.f;
-      for (int64_t t = T16; t < T; ++t) s += lut[t * 256 + codes[n * T + t]];
-      acc[n - n0] += s;
-    }
+  lut_rows_u8_tail(codes, lut, T, T16, n0, n1, acc);
 }
 
 void lut_rows_u8(const uint8_t* codes, const uint8_t* blk, const float* lut, int64_t T, int64_t n0, int64_t n1,

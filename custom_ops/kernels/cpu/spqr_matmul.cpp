@@ -155,6 +155,30 @@ QC_AVX2 inline __m256 decode8(const uint8_t* row, int64_t j) {
   }
 }
 
+// The scale and zero codes of groups g..g+7 (sb <= 4 bits each, packed LSB-first in the byte streams
+// sbytes / zbytes of SW 32-bit words) as floats. Near a stream's end the 32-bit load starts at its last 4
+// bytes and the shift makes up the difference (the stream covers these groups' bits, so all are inside).
+struct StatCodeReader {
+  const uint8_t* sbytes;
+  const uint8_t* zbytes;
+  int sb;
+  int64_t last;  // last byte offset a 32-bit load may start at
+  __m256i sh, mask;
+  QC_AVX2 StatCodeReader(const uint8_t* s, const uint8_t* z, int bits, int64_t stat_words)
+      : sbytes(s), zbytes(z), sb(bits), last(4 * stat_words - 4),
+        sh(_mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits))),
+        mask(_mm256_set1_epi32((1 << bits) - 1)) {}
+  QC_AVX2 inline void read8(int64_t g, __m256* sc, __m256* zc) const {
+    const int64_t off = (g / 8) * sb;
+    const int64_t at = std::min(off, last);
+    const __m256i shift = _mm256_add_epi32(sh, _mm256_set1_epi32((int)(8 * (off - at))));
+    *sc = _mm256_cvtepi32_ps(
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)load_u32(sbytes + at)), shift), mask));
+    *zc = _mm256_cvtepi32_ps(
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)load_u32(zbytes + at)), shift), mask));
+  }
+};
+
 // Statistics of row n into scale/zero (both with room for round_up(G, 8) entries), 8 groups per step.
 QC_AVX2 void stats_avx2(const Call& c, int64_t n, float* scale, float* zero) {
   const Attrs& s = *c.s;
@@ -166,21 +190,11 @@ QC_AVX2 void stats_avx2(const Call& c, int64_t n, float* scale, float* zero) {
     return;
   }
   const uint8_t* sbytes = (const uint8_t*)(c.w->stat_codes + n * 2 * SW);
-  const uint8_t* zbytes = sbytes + 4 * SW;
+  const StatCodeReader codes(sbytes, sbytes + 4 * SW, sb, SW);
   const uint16_t* sp = row_params(c, n);
-  const __m256i sh = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(sb));
-  const __m256i mask = _mm256_set1_epi32((1 << sb) - 1);
-  const int64_t last = 4 * SW - 4;  // last byte offset a 32-bit load may start at
   for (int64_t g = 0; g < G; g += 8) {
-    // 8 groups of sb bits start on byte off; near the stream's end, load the stream's last 4 bytes
-    // and shift (the stream covers these groups' bits, so they are all inside).
-    const int64_t off = (g / 8) * sb;
-    const int64_t at = std::min(off, last);
-    const __m256i shift = _mm256_add_epi32(sh, _mm256_set1_epi32((int)(8 * (off - at))));
-    const __m256 sc = _mm256_cvtepi32_ps(
-        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)load_u32(sbytes + at)), shift), mask));
-    const __m256 zc = _mm256_cvtepi32_ps(
-        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)load_u32(zbytes + at)), shift), mask));
+    __m256 sc, zc;
+    codes.read8(g, &sc, &zc);
     __m256 ss, sm, zs, zm;
     if (g + 8 <= G) {
       ss = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sp + g)));
@@ -288,19 +302,11 @@ QC_AVX2 __m256 stats_corr_m1(const Call& c, int64_t n, float* pf, int64_t* cache
     *cached_rb = rb;
   }
   const uint8_t* sbytes = (const uint8_t*)(c.w->stat_codes + n * 2 * SW);
-  const uint8_t* zbytes = sbytes + 4 * SW;
-  const __m256i sh = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(sb));
-  const __m256i mask = _mm256_set1_epi32((1 << sb) - 1);
-  const int64_t last = 4 * SW - 4;  // last byte offset a 32-bit load may start at (see stats_avx2)
+  const StatCodeReader codes(sbytes, sbytes + 4 * SW, sb, SW);
   __m256 corr = _mm256_setzero_ps();
   for (int64_t g = 0; g < Gp; g += 8) {
-    const int64_t off = (g / 8) * sb;
-    const int64_t at = std::min(off, last);
-    const __m256i shift = _mm256_add_epi32(sh, _mm256_set1_epi32((int)(8 * (off - at))));
-    const __m256 sc = _mm256_cvtepi32_ps(
-        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)load_u32(sbytes + at)), shift), mask));
-    const __m256 zc = _mm256_cvtepi32_ps(
-        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)load_u32(zbytes + at)), shift), mask));
+    __m256 sc, zc;
+    codes.read8(g, &sc, &zc);
     const __m256 scl = _mm256_fmadd_ps(sc, _mm256_loadu_ps(pf + g), _mm256_loadu_ps(pf + Gp + g));
     const __m256 zer = _mm256_fmadd_ps(zc, _mm256_loadu_ps(pf + 2 * Gp + g), _mm256_loadu_ps(pf + 3 * Gp + g));
     _mm256_storeu_ps(scale + g, scl);
