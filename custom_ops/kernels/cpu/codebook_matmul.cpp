@@ -23,15 +23,8 @@
 #include <vector>
 
 #include "qcompile/codebook_matmul.h"
+#include "qcompile/cpu_features.h"
 #include "qcompile/half.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define QC_X86 1
-#define QC_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define QC_X86 0
-#endif
 
 namespace qcompile {
 namespace codebook {
@@ -44,16 +37,7 @@ constexpr int64_t kGemvRowsPerTask = 64;
 constexpr int64_t kFusedRows = 4;     // X rows sharing one decode in the fused path
 constexpr int64_t kFusedMaxRows = 8;  // up to this many X rows use the fused path
 
-bool use_avx2() {
-#if QC_X86
-  static const bool cpu =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  const char* off = std::getenv("QCOMPILE_CODEBOOK_NO_AVX2");  // read per call so tests can flip it
-  return cpu && !(off && off[0] && off[0] != '0');
-#else
-  return false;
-#endif
-}
+bool use_avx2() { return cpu_has_avx2() && !env_flag("QCOMPILE_CODEBOOK_NO_AVX2"); }
 
 // Per-thread scratch that survives across calls (ORT pool threads persist), so tasks do not page-fault
 // fresh allocations every call.

@@ -30,16 +30,9 @@
 #include <cstring>
 #include <vector>
 
+#include "qcompile/cpu_features.h"
 #include "qcompile/fp4_matmul.h"
 #include "qcompile/half.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define QC_X86 1
-#define QC_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define QC_X86 0
-#endif
 
 namespace qcompile {
 namespace fp4 {
@@ -139,16 +132,7 @@ bool scale_lanes(int64_t G, int idx[2][8]) {
 QC_AVX2 void half_to_float_avx2(const uint16_t* h, float* out, int64_t n);
 #endif
 
-bool use_avx2() {
-#if QC_X86
-  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  const char* off = std::getenv("QCOMPILE_FP4_NO_AVX2");
-  return cpu && tables().perm_ok && !(off && off[0] && off[0] != '0');
-#else
-  return false;
-#endif
-}
+bool use_avx2() { return cpu_has_avx2() && tables().perm_ok && !env_flag("QCOMPILE_FP4_NO_AVX2"); }
 
 // ---- shared helpers ------------------------------------------------------------------------------------
 

@@ -20,13 +20,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define QC_SPQR_X86 1
-#else
-#define QC_SPQR_X86 0
-#endif
-
+#include "qcompile/cpu_features.h"
 #include "qcompile/spqr_matmul.h"
 
 namespace qcompile {
@@ -113,9 +107,8 @@ void rows_scalar(const Call& c, int64_t r0, int64_t r1) {
   }
 }
 
-#if QC_SPQR_X86
+#if QC_X86
 // ---- AVX2 + FMA + F16C path ----
-#define QC_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 QC_AVX2 inline float hsum(__m256 v) {
   __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -660,17 +653,9 @@ QC_AVX2 void rows_avx2_mm(const Call& c, int64_t r0, int64_t r1) {
   }
 }
 
-bool have_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
 #endif
 
-bool force_scalar() {
-  const char* v = std::getenv("QCOMPILE_SPQR_SCALAR");
-  return v && *v && *v != '0';
-}
+bool force_scalar() { return env_flag("QCOMPILE_SPQR_SCALAR"); }
 
 // Rows per task: whole 16-row panels, about 256K weight-ops per task so the pool's per-task cost
 // stays small while every thread still gets several tasks.
@@ -722,8 +707,8 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
   const int64_t rpt = rows_per_task(s, M);
   const size_t tasks = (size_t)((s.N + rpt - 1) / rpt);
   void (*rows)(const Call&, int64_t, int64_t) = rows_scalar;
-#if QC_SPQR_X86
-  if (have_avx2() && !force_scalar()) {
+#if QC_X86
+  if (cpu_has_avx2() && !force_scalar()) {
     if (M == 1)
       rows = s.bits == 4 ? rows_avx2_m1<4> : rows_avx2_m1<3>;
     else
@@ -749,8 +734,8 @@ Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, const uint3
   out->per_lane = 32 / a.bits;
   const int64_t block = 8 * out->per_lane;
   out->blocks = (a.chunks() * kChunk) / block;
-#if QC_SPQR_X86
-  const bool useful = have_avx2() && a.group_size == 16;
+#if QC_X86
+  const bool useful = cpu_has_avx2() && a.group_size == 16;
 #else
   const bool useful = false;
 #endif

@@ -1,0 +1,35 @@
+// What the CPU kernels need to pick a code path at run time: the AVX2 target attribute, whether this CPU
+// has AVX2 + FMA + F16C, and the environment switches tests use to pin the portable path.
+#pragma once
+
+#include <cstdlib>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define QC_X86 1
+// Functions compiled for AVX2 + FMA + F16C; call them only when cpu_has_avx2() is true.
+#define QC_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define QC_X86 0
+#endif
+
+namespace qcompile {
+
+// AVX2, FMA and F16C together (the set every QC_AVX2 function assumes), checked once per process.
+inline bool cpu_has_avx2() {
+#if QC_X86
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Environment variable `name` is set to anything but "" or "0". Read on every call, so tests can flip it.
+inline bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v && v[0] && v[0] != '0';
+}
+
+}  // namespace qcompile
