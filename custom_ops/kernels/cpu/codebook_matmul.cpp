@@ -214,6 +214,21 @@ QC_AVX2 float lut_row_avx2(const C* codes, const float* lut, const Geometry& g, 
 
 // ---- decode: up to 16 output channels into a row-major tile wt[i*Kp + k] (zero-padded) -------------------
 
+// w[0..d) += the group's M codewords (codes: its M codes). With kCheck, a code past the codebook is
+// clamped for the read and recorded in *mx, so the caller can report it after the pass.
+template <typename C, bool kCheck>
+inline void add_codewords(const C* codes, const float* cb, const Geometry& g, uint32_t last, float* w, uint32_t* mx) {
+  for (int64_t m = 0; m < g.M; ++m) {
+    uint32_t c = codes[m];
+    if (kCheck) {
+      *mx = std::max(*mx, c);
+      c = std::min(c, last);
+    }
+    const float* cw = cb + (m * g.S + c) * g.d;
+    for (int64_t j = 0; j < g.d; ++j) w[j] += cw[j];
+  }
+}
+
 template <typename C, bool kCheck>
 void decode_tile_ref(const C* codes, const float* cb, const Geometry& g, int64_t n0, int64_t nb, int64_t Kp,
                      float* wt, uint32_t* maxc) {
@@ -224,18 +239,7 @@ void decode_tile_ref(const C* codes, const float* cb, const Geometry& g, int64_t
     std::fill(dst, dst + Kp, 0.0f);
     if (i >= nb) continue;  // padding channel of a partial tile
     const C* row = codes + (n0 + i) * g.T;
-    for (int64_t gi = 0; gi < g.G; ++gi) {
-      float* w = dst + gi * g.d;
-      for (int64_t m = 0; m < g.M; ++m) {
-        uint32_t c = row[gi * g.M + m];
-        if (kCheck) {
-          mx = std::max(mx, c);
-          c = std::min(c, last);
-        }
-        const float* cw = cb + (m * g.S + c) * g.d;
-        for (int64_t j = 0; j < g.d; ++j) w[j] += cw[j];
-      }
-    }
+    for (int64_t gi = 0; gi < g.G; ++gi) add_codewords<C, kCheck>(row + gi * g.M, cb, g, last, dst + gi * g.d, &mx);
   }
   if (kCheck) *maxc = std::max(*maxc, mx);
 }
@@ -343,15 +347,7 @@ void fused_rows_ref(const C* codes, const float* cb, const Geometry& g, const fl
     float acc[R] = {};
     for (int64_t gi = 0; gi < g.G; ++gi) {
       for (int64_t j = 0; j < g.d; ++j) w[j] = 0.0f;
-      for (int64_t m = 0; m < g.M; ++m) {
-        uint32_t c = row[gi * g.M + m];
-        if (kCheck) {
-          mx = std::max(mx, c);
-          c = std::min(c, last);
-        }
-        const float* cw = cb + (m * g.S + c) * g.d;
-        for (int64_t j = 0; j < g.d; ++j) w[j] += cw[j];
-      }
+      add_codewords<C, kCheck>(row + gi * g.M, cb, g, last, w, &mx);
       for (int r = 0; r < R; ++r) {
         const float* xg = x + r * ldx + gi * g.d;
         float dot = 0.0f;
