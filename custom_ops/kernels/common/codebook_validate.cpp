@@ -3,18 +3,12 @@
 #include <sstream>
 
 #include "qcompile/codebook_matmul.h"
+#include "qcompile/shape_check.h"
 
 namespace qcompile {
 namespace codebook {
 namespace {
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
 
 template <typename C>
 Status check_codes_typed(const Attrs& a, const C* codes) {
@@ -59,17 +53,9 @@ Status validate_shapes(const Attrs& a, const std::vector<int64_t>& x, const std:
                        const std::vector<int64_t>& codebooks, const std::vector<int64_t>& scales,
                        const std::vector<int64_t>* bias, int64_t* rows) {
   QCOMPILE_RETURN_IF_ERROR(validate_attrs(a));
+  int64_t m = 0;
+  QCOMPILE_RETURN_IF_ERROR(activation_rows("CodebookMatMul", x, a.K, &m));
   std::ostringstream o;
-  if (x.empty() || x.back() != a.K) {
-    o << "CodebookMatMul: X last dimension must be K=" << a.K << ", got shape " << shape_str(x);
-    return Status::Error(o.str());
-  }
-  int64_t m = 1;
-  for (size_t i = 0; i + 1 < x.size(); ++i) {
-    if (x[i] < 0) return Status::Error("CodebookMatMul: X has a negative dim " + shape_str(x));
-    if (x[i] != 0 && m > (int64_t{1} << 40) / x[i]) return Status::Error("CodebookMatMul: X is too large " + shape_str(x));
-    m *= x[i];
-  }
   const int64_t g = a.K / a.in_group_size;
   if (codes.size() != 3 || codes[0] != a.N || codes[1] != g || codes[2] != a.num_codebooks) {
     o << "CodebookMatMul: codes shape must be [N, K/in_group_size, num_codebooks] = [" << a.N << ", " << g << ", "

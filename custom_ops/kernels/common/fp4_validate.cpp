@@ -3,6 +3,7 @@
 #include <sstream>
 
 #include "qcompile/fp4_matmul.h"
+#include "qcompile/shape_check.h"
 
 namespace qcompile {
 namespace fp4 {
@@ -10,13 +11,6 @@ namespace {
 
 bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
 
 }  // namespace
 
@@ -56,17 +50,9 @@ Status validate_shapes(const Attrs& a, const std::vector<int64_t>& x, const std:
                        const std::vector<int64_t>* bias, int64_t* M) {
   QCOMPILE_RETURN_IF_ERROR(validate_attrs(a));
   const int64_t kp = padded_k(a.K, a.group_size);
+  int64_t m = 0;
+  QCOMPILE_RETURN_IF_ERROR(activation_rows("FP4MatMul", x, a.K, &m));
   std::ostringstream o;
-  if (x.empty() || x.back() != a.K) {
-    o << "FP4MatMul: X last dim must be K=" << a.K << ", got shape " << shape_str(x);
-    return Status::Error(o.str());
-  }
-  int64_t m = 1;
-  for (size_t i = 0; i + 1 < x.size(); ++i) {
-    if (x[i] < 0) return Status::Error("FP4MatMul: X has a negative dim " + shape_str(x));
-    if (x[i] != 0 && m > (int64_t{1} << 40) / x[i]) return Status::Error("FP4MatMul: X is too large " + shape_str(x));
-    m *= x[i];
-  }
   if (w.size() != 2 || w[0] != a.N || w[1] != kp / 2) {
     o << "FP4MatMul: W shape must be [N, Kp/2] = [" << a.N << ", " << kp / 2 << "] (Kp = ceil(K/G)*G = " << kp
       << "), got " << shape_str(w);

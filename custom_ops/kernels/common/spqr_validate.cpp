@@ -4,19 +4,13 @@
 #include <string>
 #include <vector>
 
+#include "qcompile/shape_check.h"
 #include "qcompile/spqr_matmul.h"
 
 namespace qcompile {
 namespace spqr {
 namespace {
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
 
 Status err(const std::string& m) { return Status::Error("SpQRMatMul: " + m); }
 
@@ -53,13 +47,8 @@ Status validate_shapes(const Attrs& a, const std::vector<int64_t>& x, const std:
                        const std::vector<int64_t>& values, const std::vector<int64_t>* perm,
                        const std::vector<int64_t>* bias, int64_t* M) {
   QCOMPILE_RETURN_IF_ERROR(validate_attrs(a));
-  if (x.empty() || x.back() != a.K) return err("X last dim must be K=" + std::to_string(a.K) + ", got shape " + shape_str(x));
-  int64_t m = 1;
-  for (size_t i = 0; i + 1 < x.size(); ++i) {
-    if (x[i] < 0) return err("X has a negative dim " + shape_str(x));
-    if (x[i] != 0 && m > (int64_t{1} << 40) / x[i]) return err("X is too large " + shape_str(x));
-    m *= x[i];
-  }
+  int64_t m = 0;
+  QCOMPILE_RETURN_IF_ERROR(activation_rows("SpQRMatMul", x, a.K, &m));
   QCOMPILE_RETURN_IF_ERROR(expect("codes", codes, {a.N, a.code_words()}, "[N, ceil(K/32)*bits]"));
   QCOMPILE_RETURN_IF_ERROR(expect("stat_codes", stat_codes, {a.N, 2 * a.stat_words()},
                                   "[N, 2*ceil(ceil(K/group_size)*stat_bits/32)]"));
