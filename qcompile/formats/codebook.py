@@ -14,7 +14,6 @@ Codes cost ``M*B/8`` bits per weight (2 for 2x8); codebooks are a per-layer cons
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.aqlm import AQLMConfig, aqlm_quantize
 from qcompile.errors import FormatError
+from qcompile.finetune import finetune_options, tune_format_layers
 from qcompile.formats.base import Format, Lowered, Option, QuantizedWeight, register
 from qcompile.reference import codebook as ref
 
@@ -186,54 +186,32 @@ def _options(m: int, b: int, beam: int, rounds: int, kmeans_iters: int, finetune
         "damp": Option(float, 0.01, "added to the Hessian diagonal, relative to its mean"),
         "seed": Option(int, 0, "seed of k-means sampling and init"),
         "progress": Option(bool, False, "per-layer progress bar with the running error"),
-        "finetune_epochs": Option(float, finetune_epochs, "after all layers: epochs of tuning codebooks+scales "
-                                  "(codes fixed) against the float model's next-token distribution on the "
-                                  "calibration windows (0 = off; needs a transformers-loadable source)"),
-        "finetune_lr": Option(float, 1e-3, "Adam learning rate of the codebooks and log-scales in fine-tuning"),
-        "finetune_batch": Option(int, 4, "calibration windows per fine-tuning step"),
-        "finetune_norm_lr": Option(float, 0.0, "> 0: fine-tuning also adjusts the RMSNorm weights (float) "
-                                   "with this Adam learning rate"),
+        **finetune_options(finetune_epochs),
     }
 
 
 def tune_codebooks(source: Any, quantized: dict[str, QuantizedWeight], calib: np.ndarray, opts: dict[str, Any],
                    device: str, progress: bool, float_names: set[str] | None = None
                    ) -> tuple[dict[str, QuantizedWeight], dict[str, np.ndarray], dict[str, Any]] | None:
-    """The format's whole-model step: :func:`qcompile.aqlm_finetune.finetune_codebooks` on every codebook layer.
+    """The format's whole-model step: codebooks and scales of every codebook layer tuned by
+    :func:`qcompile.finetune.tune_format_layers` (codes fixed), then rounded to fp16 as the op stores them."""
+    from qcompile.aqlm_finetune import CodebookLinear
 
-    Skipped (with the reason in the report) when the source has no transformers model (a bare .onnx).
-    Norm weights are tuned only when they are in ``float_names`` (graph initializers of that name, private
-    to one node), so what is tuned is exactly what the graph can hold.
-    """
-    import sys
-
-    from qcompile.aqlm_finetune import FinetuneConfig, finetune_codebooks
-
-    epochs = float(opts.get("finetune_epochs", 0.0))
-    if epochs <= 0:
-        return None
     layers = {n: q for n, q in quantized.items() if isinstance(q, CodebookQuantizedWeight)}
-    try:
-        model = source.load_model("float32")
-    except Exception as e:  # noqa: BLE001 - e.g. an .onnx source: compile still succeeds, untuned
-        print(f"qcompile: aqlm fine-tuning skipped: {e}", file=sys.stderr)
-        return {}, {}, {"skipped": str(e)}
-    cfg = FinetuneConfig(epochs=epochs, batch_windows=int(opts.get("finetune_batch", 4)),
-                         lr=float(opts.get("finetune_lr", 1e-3)), scale_lr=float(opts.get("finetune_lr", 1e-3)),
-                         norm_lr=float(opts.get("finetune_norm_lr", 0.0)), seed=int(opts.get("seed", 0)),
-                         tunable_floats=float_names,
-                         progress=progress)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("QCOMPILE_TUNE_THREADS", str(os.cpu_count() or 1))))
-    try:
-        new, floats, summary = finetune_codebooks(
-            model, {n: (q.codes, q.codebooks.astype(np.float32), q.scales.astype(np.float32)) for n, q in layers.items()},
-            calib, cfg)
-    finally:
-        torch.set_num_threads(threads)
+
+    def modules() -> dict[str, CodebookLinear]:
+        return {n: CodebookLinear(torch.from_numpy(q.codes.astype(np.int64)),
+                                  torch.from_numpy(q.codebooks.astype(np.float32)),
+                                  torch.from_numpy(q.scales.astype(np.float32))) for n, q in layers.items()}
+
+    tuned = tune_format_layers(source, calib, opts, progress, float_names, modules, desc="aqlm finetune")
+    if tuned is None:
+        return None
+    mods, floats, summary = tuned
     out: dict[str, QuantizedWeight] = {}
-    for n, (books, scales) in new.items():
+    for n, mod in mods.items():
         q = layers[n]
+        books, scales = mod.stored()
         out[n] = CodebookQuantizedWeight(q.format_name, q.codes, np.clip(books, -65504, 65504),
                                          np.clip(scales, -65504, 65504), q.history)
     return out, floats, summary

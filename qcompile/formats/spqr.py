@@ -14,6 +14,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.errors import FormatError
+from qcompile.finetune import finetune_options, tune_format_layers
 from qcompile.formats.base import Format, Lowered, Option, QuantizedWeight, register
 from qcompile.reference import spqr as ref
 from qcompile.spqr import SpQRConfig, spqr_quantize
@@ -169,8 +170,13 @@ def _portable(qw: SpQRQuantizedWeight, x: str, y: str, prefix: str, dtype: int) 
 def quantize_spqr(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, name: str, bits: int, group_size: int,
                   stat_bits: int, stat_group: int, outlier_threshold: float, act_order: bool, damp: float,
                   block_size: int, loo_outliers: bool, range_search: bool = True,
-                  device: str = "cpu") -> SpQRQuantizedWeight:
-    """Quantize one ``[K, N]`` weight with SpQR. Without a Hessian, H = I (data-free, saliency = error²)."""
+                  device: str = "cpu", **whole_model: Any) -> SpQRQuantizedWeight:
+    """Quantize one ``[K, N]`` weight with SpQR. Without a Hessian, H = I (data-free, saliency = error²).
+
+    ``whole_model`` takes the ``finetune_*`` options, which act later (:func:`tune_spqr`)."""
+    unknown = [k for k in whole_model if not k.startswith("finetune")]
+    if unknown:
+        raise FormatError(f"{name}: unknown option(s) {', '.join(unknown)}")
     try:
         ref.validate_attributes(K=weight_kn.shape[0], N=weight_kn.shape[1], bits=bits, group_size=group_size,
                                 stat_bits=stat_bits, stat_group=stat_group)
@@ -209,7 +215,32 @@ def _options(bits: int, outlier_threshold: float) -> dict[str, Option]:
         "block_size": Option(int, 128, "columns per lazy GPTQ update block"),
         "loo_outliers": Option(bool, True, "leave-one-out screening keeps likely outliers out of group ranges"),
         "range_search": Option(bool, True, "per row, shrink a group's range when that lowers its weighted error"),
+        **finetune_options(0.0, lr=1e-3, scale_lr=1e-3),
     }
+
+
+def tune_spqr(source: Any, quantized: dict[str, QuantizedWeight], calib: np.ndarray, opts: dict[str, Any],
+              device: str, progress: bool, float_names: set[str] | None = None
+              ) -> tuple[dict[str, QuantizedWeight], dict[str, np.ndarray], dict[str, Any]] | None:
+    """The format's whole-model step: the fp16 statistics and outlier values of every SpQR layer tuned by
+    :func:`qcompile.finetune.tune_format_layers`; every code and outlier position stays as it is."""
+    from qcompile.spqr_finetune import SpQRLinear
+
+    layers = {n: q for n, q in quantized.items() if isinstance(q, SpQRQuantizedWeight)}
+
+    def modules() -> dict[str, SpQRLinear]:
+        return {n: SpQRLinear(q.tensors, **q.attrs) for n, q in layers.items()}
+
+    tuned = tune_format_layers(source, calib, opts, progress, float_names, modules, desc="spqr finetune")
+    if tuned is None:
+        return None
+    mods, floats, summary = tuned
+    out: dict[str, QuantizedWeight] = {}
+    for n, mod in mods.items():
+        q = layers[n]
+        out[n] = SpQRQuantizedWeight(q.format_name, k=q.k, n=q.n, **{a: v for a, v in q.attrs.items() if a not in ("K", "N")},
+                                     tensors={**q.tensors, **mod.stored()})
+    return out, floats, summary
 
 
 def _register(name: str, bits: int, outlier_threshold: float) -> None:
@@ -224,6 +255,7 @@ def _register(name: str, bits: int, outlier_threshold: float) -> None:
         options=_options(bits, outlier_threshold),
         needs_calibration=True,
         emits=("native", "simulated", "portable"),
+        tune=tune_spqr,
     ))
 
 

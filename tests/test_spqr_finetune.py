@@ -1,0 +1,130 @@
+"""SpQR fine-tuning of the fp16 side parameters (statistics, outlier values) with every code fixed.
+
+Independent references: SpQRLinear decodes exactly to the numpy reference dequantization (with and without a
+permutation, K not a multiple of the group); its stored() round-trips; tuning lowers the KL to the float
+model on held-out windows; the compiled file keeps every code and the size, and its logits move closer to
+the float model's.
+"""
+import numpy as np
+import pytest
+import torch
+
+from qcompile.finetune import FinetuneConfig, distill, kl_to_teacher
+from qcompile.formats import get_format
+from qcompile.reference import spqr as ref
+from qcompile.spqr_finetune import SpQRLinear
+from tiny_model import build_tiny_model, random_tokens, save_tiny_hf_dir
+
+LINEARS = [f"model.layers.{i}.{p}" for i in range(2) for p in
+           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bits,with_perm,k", [(3, True, 80), (4, False, 64), (3, False, 48)])
+def test_spqr_linear_matches_reference_dequantize(bits, with_perm, k):
+    n = 40
+    attrs = dict(K=k, N=n, bits=bits, group_size=16, stat_bits=3, stat_group=16)
+    t = ref.random_packed(k, n, bits=bits, outlier_rate=0.05, with_perm=with_perm, seed=3)
+    lin = SpQRLinear(t, **attrs)
+    want = ref.dequantize(t["codes"], t["stat_codes"], t["stat_params"], t["row_offsets"], t["col_indices"],
+                          t["values"], t.get("perm"), **attrs)  # [K, N]
+    np.testing.assert_allclose(lin.weight().detach().numpy(), want.T, rtol=1e-5, atol=1e-6)
+    stored = lin.stored()
+    assert np.array_equal(stored["stat_params"], t["stat_params"]) and np.array_equal(stored["values"], t["values"])
+    x = torch.randn(3, k)
+    np.testing.assert_allclose(lin(x).detach().numpy(), x.numpy() @ want, rtol=1e-4, atol=1e-5)
+
+
+def _quantize_all(model):
+    fmt = get_format("spqr-w3")
+    opts = fmt.resolve_options({})
+    out = {}
+    for name in LINEARS:
+        w = model.get_submodule(name).weight.detach().numpy()
+        out[name] = fmt.quantize(np.ascontiguousarray(w.T), None, device="cpu", **opts)
+    return out
+
+
+@torch.no_grad()
+def _kl(teacher, mods, ids):
+    import copy
+
+    from qcompile.finetune import set_module
+
+    student = copy.deepcopy(teacher)
+    for name, m in mods.items():
+        set_module(student, name, m)
+    t = torch.log_softmax(teacher(input_ids=torch.from_numpy(ids)).logits, -1)
+    return float(kl_to_teacher(student(input_ids=torch.from_numpy(ids)).logits, t))
+
+
+def test_finetune_lowers_heldout_kl_and_keeps_codes():
+    model = build_tiny_model(seed=1)
+    q = _quantize_all(model)
+
+    def mods():
+        return {n: SpQRLinear(w.tensors, **w.attrs) for n, w in q.items()}
+
+    train, held = random_tokens(64, 32, seed=1), random_tokens(8, 32, seed=2)
+    before = _kl(model, mods(), held)
+    tuned, floats, summary = distill(model, mods(), train, FinetuneConfig(epochs=8, lr=1e-3, scale_lr=1e-3))
+    assert floats == {} and summary["steps"] == 128
+    after = _kl(model, tuned, held)
+    assert after < 0.97 * before, (before, after)  # measured 0.0573 -> 0.0542 (random tiny model: little to gain)
+    for n, m in tuned.items():
+        s = m.stored()
+        assert s["stat_params"].shape == q[n].tensors["stat_params"].shape
+        assert s["values"].shape == q[n].tensors["values"].shape
+        assert np.array_equal(m.codes[:, :q[n].k].numpy(), ref.unpack_codes(q[n].tensors["codes"], 3, q[n].k))
+
+
+def test_pipeline_tune_step(tmp_path):
+    """The compiled tuned model keeps every code and the size, and is closer to the float model (stock ORT,
+    portable lowering, held-out text)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from qcompile import data as qdata
+    from qcompile.api import compile as qcompile_compile
+    from qcompile.models.export import export_onnx
+    from qcompile.models.sources import resolve_source
+
+    tiny = str(save_tiny_hf_dir())
+    common = dict(calib_samples=16, seq_len=32, evaluate=False, progress=False, emit="portable")
+    plain = qcompile_compile(tiny, "spqr-w3", tmp_path / "plain", **common)
+    tuned = qcompile_compile(tiny, "spqr-w3", tmp_path / "tuned", **common,
+                             options={"finetune_epochs": 8, "finetune_lr": 1e-3, "finetune_scale_lr": 1e-3,
+                                      "finetune_windows": 32})
+    assert "tune" not in plain and tuned["tune"]["steps"] == 64 and tuned["tune"]["windows"] == 32
+    assert tuned["bits_per_weight"] == pytest.approx(plain["bits_per_weight"])
+
+    def tensors(p):
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(p / "model.onnx")).graph.initializer}
+
+    a, b = tensors(tmp_path / "plain"), tensors(tmp_path / "tuned")
+    fixed = [k for k in a if k.endswith((".codes_u4", ".scale_codes", ".zero_codes", ".outlier_idx"))]
+    assert len(fixed) >= 3 * 14 and all(np.array_equal(a[k], b[k]) for k in fixed)
+    assert any(not np.array_equal(a[k], b[k]) for k in a if k.endswith(".stat_params"))
+
+    ids = qdata.eval_windows(resolve_source(tiny).load_tokenizer(), 32, 8)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def logp(path):
+        out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        return torch.log_softmax(torch.from_numpy(out).double(), -1)
+
+    ref_lp = logp(export_onnx(resolve_source(tiny)))
+
+    def kl(path):
+        return float((ref_lp.exp() * (ref_lp - logp(path / "model.onnx"))).sum(-1).mean())
+
+    assert kl(tmp_path / "tuned") < 0.97 * kl(tmp_path / "plain")  # measured 0.00950 vs 0.01014
