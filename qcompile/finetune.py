@@ -41,6 +41,7 @@ class FinetuneConfig:
     seed: int = 0
     progress: bool = False
     desc: str = "finetune"
+    warmup: float = 0.1  # fraction of the steps over which the learning rates ramp up from 0 (then cosine to 0)
 
 
 class TunableLinear(torch.nn.Module):
@@ -53,6 +54,17 @@ class TunableLinear(torch.nn.Module):
 
     def weight(self) -> torch.Tensor:
         raise NotImplementedError
+
+
+def warmup_cosine(step: int, steps: int, warmup: float) -> float:
+    """Learning-rate factor at ``step``: linear ramp over the first ``warmup`` of the steps, then cosine to 0.
+
+    Why: Adam's first updates move every side parameter by about the full learning rate at once, which
+    measurably raised the KL for the first steps; the decay lets the last steps settle instead of jitter."""
+    ramp = max(1, int(round(warmup * steps)))
+    if step < ramp:
+        return (step + 1) / ramp
+    return 0.5 * (1 + math.cos(math.pi * (step - ramp) / max(1, steps - ramp)))
 
 
 def set_module(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
@@ -109,6 +121,7 @@ def distill(model: torch.nn.Module, modules: Mapping[str, TunableLinear], window
     gen = np.random.default_rng(cfg.seed)
     bw = max(1, min(cfg.batch_windows, len(windows)))
     steps = max(1, int(math.ceil(cfg.epochs * len(windows) / bw)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_cosine(i, steps, cfg.warmup))
     order: list[int] = []
     losses: list[float] = []
     bar = tqdm(range(steps), desc=cfg.desc, unit="step", leave=False, disable=not cfg.progress)
@@ -123,6 +136,7 @@ def distill(model: torch.nn.Module, modules: Mapping[str, TunableLinear], window
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(float(loss.detach()))
         bar.set_postfix_str(f"kl={losses[-1]:.4f}")
         if log is not None and (step == 0 or step == steps - 1):
@@ -132,14 +146,22 @@ def distill(model: torch.nn.Module, modules: Mapping[str, TunableLinear], window
         mod.requires_grad_(False)
     floats = {n: p.detach().numpy().copy() for n, p in norms.items()}
     k = max(1, len(losses) // 4)
-    summary = {"steps": steps, "windows": int(len(windows)), "windows_per_step": bw, "lr": cfg.lr,
+    summary = {"steps": steps, "windows": int(len(windows)), "windows_per_step": bw, "lr": cfg.lr, "warmup": cfg.warmup,
                "scale_lr": cfg.scale_lr, "norm_lr": cfg.norm_lr, "tuned_norms": len(norms),
                "kl_first": losses[0], "kl_last_quarter_mean": float(np.mean(losses[-k:])),
                "kl_first_quarter_mean": float(np.mean(losses[:k])), "seconds": time.perf_counter() - t0}
     return dict(modules), floats, summary
 
 
-def finetune_options(epochs: float, lr: float = 1e-3, scale_lr: float | None = None) -> dict[str, Any]:
+#: Preset defaults: one pass over 256 windows of 256 calibration-split tokens (64 steps of 4 windows), RMSNorm
+#: weights tuned too. Measured on SmolLM2-135M (2 CPU cores, near idle): spqr-w3 27.48 -> 25.53 perplexity
+#: (~11 min of tuning), aqlm-2x8 76.97 -> 44.62 (~15 min; its whole compile 29.3 min). ``-O
+#: finetune_epochs=0`` turns it off (the papers' layer-wise methods alone).
+DEFAULT_EPOCHS, DEFAULT_WINDOWS, DEFAULT_NORM_LR = 1.0, 256, 1e-3
+
+
+def finetune_options(epochs: float = DEFAULT_EPOCHS, lr: float = 1e-3, scale_lr: float | None = None,
+                     windows: int = DEFAULT_WINDOWS, norm_lr: float = DEFAULT_NORM_LR) -> dict[str, Any]:
     """The ``finetune_*`` options every tunable format shares (defaults per format)."""
     from qcompile.formats.base import Option  # formats import this module
 
@@ -149,9 +171,9 @@ def finetune_options(epochs: float, lr: float = 1e-3, scale_lr: float | None = N
                                   "(0 = off; needs a transformers-loadable source)"),
         "finetune_lr": Option(float, lr, "Adam learning rate of the tuned side parameters"),
         "finetune_batch": Option(int, 4, "windows per fine-tuning step"),
-        "finetune_norm_lr": Option(float, 0.0, "> 0: fine-tuning also adjusts the RMSNorm weights (float) "
+        "finetune_norm_lr": Option(float, norm_lr, "> 0: fine-tuning also adjusts the RMSNorm weights (float) "
                                    "with this Adam learning rate"),
-        "finetune_windows": Option(int, 0, "windows of calibration-split text to tune on, drawn with another "
+        "finetune_windows": Option(int, windows, "windows of calibration-split text to tune on, drawn with another "
                                    "seed than the Hessian windows (0 = the calibration windows themselves)"),
     }
     if scale_lr is not None:

@@ -29,7 +29,7 @@ def one_thread():
 
 def _quantize_all(model):
     fmt = get_format("aqlm-1x8")
-    opts = fmt.resolve_options({"rounds": 1, "kmeans_iters": 4, "nbits": 4})
+    opts = fmt.resolve_options({"rounds": 1, "kmeans_iters": 4, "nbits": 4, "finetune_epochs": 0})
     out = {}
     for name in LINEARS:
         w = model.get_submodule(name).weight.detach().numpy()  # [N, K]
@@ -71,12 +71,12 @@ def test_finetune_lowers_heldout_kl_and_keeps_codes():
     layers = {n: (w.codes, w.codebooks.astype(np.float32), w.scales.astype(np.float32)) for n, w in q.items()}
     train, held = random_tokens(64, 32, seed=1), random_tokens(8, 32, seed=2)
     before = _kl(model, _student(model, layers), held)
-    new, floats, summary = finetune_codebooks(model, layers, train, FinetuneConfig(epochs=2, batch_windows=4, lr=1e-2,
+    new, floats, summary = finetune_codebooks(model, layers, train, FinetuneConfig(epochs=2, batch_windows=4, lr=3e-2,
                                                                            scale_lr=1e-2))
     assert floats == {} and summary["steps"] == 32 and summary["tuned_norms"] == 0 and summary["kl_last_quarter_mean"] < summary["kl_first_quarter_mean"]
     tuned = {n: (layers[n][0], b.astype(np.float32), s.astype(np.float32)) for n, (b, s) in new.items()}
     after = _kl(model, _student(model, tuned), held)
-    assert after < 0.93 * before, (before, after)  # measured 0.539 -> 0.482
+    assert after < 0.93 * before, (before, after)  # measured 0.539 -> 0.477 (warmup + cosine schedule)
     for n, (b, s) in new.items():
         assert b.shape == layers[n][1].shape and s.shape == layers[n][2].shape
     _, floats, summary = finetune_codebooks(model, layers, train[:8], FinetuneConfig(epochs=1, norm_lr=1e-2))
@@ -98,10 +98,11 @@ def test_pipeline_tune_step(tmp_path):
 
     tiny = str(save_tiny_hf_dir())
     common = dict(calib_samples=16, seq_len=32, evaluate=False, progress=False, emit="portable")
-    opts = {"nbits": 4, "rounds": 1, "kmeans_iters": 4}
+    opts = {"nbits": 4, "rounds": 1, "kmeans_iters": 4, "finetune_epochs": 0}
     plain = qcompile_compile(tiny, "aqlm-1x8", tmp_path / "plain", options=opts, **common)
     tuned = qcompile_compile(tiny, "aqlm-1x8", tmp_path / "tuned", **common,
-                             options={**opts, "finetune_epochs": 2, "finetune_lr": 1e-2, "finetune_norm_lr": 1e-2})
+                             options={**opts, "finetune_epochs": 2, "finetune_lr": 1e-2, "finetune_norm_lr": 1e-2,
+                                                "finetune_windows": 0})
     # The tiny model's norms are all ones, so the exporter merged them into one shared initializer: they must
     # stay untuned (the real model's norms are distinct initializers and are tuned).
     assert "tune" not in plain and tuned["tune"]["steps"] == 8 and tuned["tune"]["tuned_norms"] == 0

@@ -17,7 +17,8 @@ def compiled(tmp_path_factory, ops_library):
     tiny = str(save_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf"))
     root = tmp_path_factory.mktemp("out")
     return {emit: (root / emit, qcompile_compile(tiny, "spqr-w3", root / emit, emit=emit, evaluate=emit == "native",
-                                                 options={"outlier_threshold": 0.2}, **SMALL))
+                                                 options={"outlier_threshold": 0.2, "finetune_epochs": 0},  # tuning: test_spqr_finetune
+                                                 **SMALL))
             for emit in ("native", "portable")}
 
 

@@ -174,7 +174,7 @@ def quantize_codebook(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, na
                                    res.history)
 
 
-def _options(m: int, b: int, beam: int, rounds: int, kmeans_iters: int, finetune_epochs: float) -> dict[str, Option]:
+def _options(m: int, b: int, beam: int, rounds: int, kmeans_iters: int) -> dict[str, Option]:
     return {
         "num_codebooks": Option(int, m, "M: codebooks summed per group"),
         "nbits": Option(int, b, "B: each codebook has 2^B codewords (codes are uint8 up to 8, uint16 up to 16)"),
@@ -186,7 +186,7 @@ def _options(m: int, b: int, beam: int, rounds: int, kmeans_iters: int, finetune
         "damp": Option(float, 0.01, "added to the Hessian diagonal, relative to its mean"),
         "seed": Option(int, 0, "seed of k-means sampling and init"),
         "progress": Option(bool, False, "per-layer progress bar with the running error"),
-        **finetune_options(finetune_epochs),
+        **finetune_options(),  # on by default: see qcompile.finetune
     }
 
 
@@ -217,8 +217,7 @@ def tune_codebooks(source: Any, quantized: dict[str, QuantizedWeight], calib: np
     return out, floats, summary
 
 
-def _register(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters: int, note: str,
-              finetune_epochs: float = 0.0) -> None:
+def _register(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters: int, note: str) -> None:
     def quantize(weight_kn, hessian, **opts):
         return quantize_codebook(weight_kn, hessian, name=name, **opts)
 
@@ -228,7 +227,7 @@ def _register(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters: i
                     f"per-channel fp16 scale; {note}",
         runtime="onnxruntime + qcompile_ops (qcompile.CodebookMatMul)",
         quantize=quantize,
-        options=_options(m, b, beam, rounds, kmeans_iters, finetune_epochs),
+        options=_options(m, b, beam, rounds, kmeans_iters),
         needs_calibration=True,
         emits=("native", "simulated", "portable"),
         default_emit="native",

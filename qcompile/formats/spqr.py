@@ -215,7 +215,7 @@ def _options(bits: int, outlier_threshold: float) -> dict[str, Option]:
         "block_size": Option(int, 128, "columns per lazy GPTQ update block"),
         "loo_outliers": Option(bool, True, "leave-one-out screening keeps likely outliers out of group ranges"),
         "range_search": Option(bool, True, "per row, shrink a group's range when that lowers its weighted error"),
-        **finetune_options(0.0, lr=1e-3, scale_lr=1e-3),
+        **finetune_options(lr=1e-3, scale_lr=1e-3),  # on by default: see qcompile.finetune
     }
 
 
