@@ -29,7 +29,8 @@ from typing import Any
 
 # The README's table: the integer baselines, then each family's methods at its size.
 DEFAULT_ROWS = ["int4-rtn", "int4-gptq", "mxfp4-rtn", "mxfp4-gptq", "mxfp4-mr", "nvfp4-rtn", "nvfp4-mr",
-                "spqr-w3", "spqr-w3,--sequential", "spqr-w4", "aqlm-2x8", "aqlm-2x8,finetune_epochs=1,finetune_norm_lr=1e-3",
+                "spqr-w3", "spqr-w3,finetune_epochs=0", "spqr-w3,finetune_epochs=0,--sequential",
+                "spqr-w4", "spqr-w4,finetune_epochs=0", "aqlm-2x8", "aqlm-2x8,finetune_epochs=0",
                 "int2-gptq:simulated,group_size=64"]
 SETTINGS = ("calib_samples", "seq_len", "eval_samples", "eval_seq_len", "seed")
 
