@@ -182,10 +182,13 @@ def finetune_options(epochs: float = DEFAULT_EPOCHS, lr: float = 1e-3, scale_lr:
 
 
 def tune_format_layers(source: Any, calib: np.ndarray, opts: dict[str, Any], progress: bool,
-                       float_names: set[str] | None, make_modules: Callable[[], dict[str, TunableLinear]],
-                       desc: str) -> tuple[dict[str, TunableLinear], dict[str, np.ndarray], dict[str, Any]] | None:
+                       float_names: set[str] | None, layers: Mapping[str, Any],
+                       to_module: Callable[[Any], TunableLinear], from_module: Callable[[Any, TunableLinear], Any],
+                       desc: str) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]] | None:
     """The shared body of a format's ``tune`` hook: read the ``finetune_*`` options, load the float model,
-    choose the windows, :func:`distill`. ``None`` when ``finetune_epochs`` is 0.
+    choose the windows, :func:`distill` ``{name: to_module(layer)}``, and return ``{name: from_module(layer,
+    tuned module)}`` (the format's packed weight with the tuned parameters), the tuned norm weights and the
+    summary. ``None`` when ``finetune_epochs`` is 0.
 
     Skipped (with the reason in the summary) when the source has no transformers model (a bare .onnx).
     Norm weights are tuned only when they are in ``float_names`` (graph initializers of that name, private
@@ -214,9 +217,10 @@ def tune_format_layers(source: Any, calib: np.ndarray, opts: dict[str, Any], pro
     threads = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("QCOMPILE_TUNE_THREADS", str(os.cpu_count() or 1))))
     try:
-        return distill(model, make_modules(), windows, cfg)
+        mods, floats, summary = distill(model, {n: to_module(q) for n, q in layers.items()}, windows, cfg)
     finally:
         torch.set_num_threads(threads)
+    return {n: from_module(layers[n], m) for n, m in mods.items()}, floats, summary
 
 
 __all__ = ["FinetuneConfig", "TunableLinear", "distill", "finetune_options", "kl_to_teacher", "set_module",

@@ -165,3 +165,25 @@ def random_tokens(n: int, seq: int, seed: int = 0):
     """``[n, seq]`` int64 numpy token ids below 256 (plain bytes)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, seq), generator=g, dtype=torch.int64).numpy()
+
+
+def heldout_kl_to_float(hf_dir: str, *models: Path, windows: int = 8, seq: int = 32) -> list[float]:
+    """KL(float || compiled) per compiled ``model.onnx`` in stock onnxruntime, on held-out text (the bundled
+    evaluation split), with the float reference exported from ``hf_dir``: how far each artifact drifted."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from qcompile import data as qdata
+    from qcompile.models.export import export_onnx
+    from qcompile.models.sources import resolve_source
+
+    source = resolve_source(hf_dir)
+    ids = qdata.eval_windows(source.load_tokenizer(), seq, windows)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def logp(path):
+        out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        return torch.log_softmax(torch.from_numpy(out).double(), -1)
+
+    ref = logp(export_onnx(source))
+    return [float((ref.exp() * (ref - logp(m))).sum(-1).mean()) for m in models]

@@ -199,22 +199,17 @@ def tune_codebooks(source: Any, quantized: dict[str, QuantizedWeight], calib: np
 
     layers = {n: q for n, q in quantized.items() if isinstance(q, CodebookQuantizedWeight)}
 
-    def modules() -> dict[str, CodebookLinear]:
-        return {n: CodebookLinear(torch.from_numpy(q.codes.astype(np.int64)),
-                                  torch.from_numpy(q.codebooks.astype(np.float32)),
-                                  torch.from_numpy(q.scales.astype(np.float32))) for n, q in layers.items()}
+    def to_module(q: CodebookQuantizedWeight) -> CodebookLinear:
+        return CodebookLinear(torch.from_numpy(q.codes.astype(np.int64)), torch.from_numpy(q.codebooks.astype(np.float32)),
+                              torch.from_numpy(q.scales.astype(np.float32)))
 
-    tuned = tune_format_layers(source, calib, opts, progress, float_names, modules, desc="aqlm finetune")
-    if tuned is None:
-        return None
-    mods, floats, summary = tuned
-    out: dict[str, QuantizedWeight] = {}
-    for n, mod in mods.items():
-        q = layers[n]
+    def from_module(q: CodebookQuantizedWeight, mod: CodebookLinear) -> CodebookQuantizedWeight:
         books, scales = mod.stored()
-        out[n] = CodebookQuantizedWeight(q.format_name, q.codes, np.clip(books, -65504, 65504),
-                                         np.clip(scales, -65504, 65504), q.history)
-    return out, floats, summary
+        return CodebookQuantizedWeight(q.format_name, q.codes, np.clip(books, -65504, 65504),
+                                       np.clip(scales, -65504, 65504), q.history)
+
+    return tune_format_layers(source, calib, opts, progress, float_names, layers, to_module, from_module,
+                              desc="aqlm finetune")
 
 
 def _register(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters: int, note: str) -> None:

@@ -228,19 +228,12 @@ def tune_spqr(source: Any, quantized: dict[str, QuantizedWeight], calib: np.ndar
 
     layers = {n: q for n, q in quantized.items() if isinstance(q, SpQRQuantizedWeight)}
 
-    def modules() -> dict[str, SpQRLinear]:
-        return {n: SpQRLinear(q.tensors, **q.attrs) for n, q in layers.items()}
+    def from_module(q: SpQRQuantizedWeight, mod: SpQRLinear) -> SpQRQuantizedWeight:
+        attrs = {a: v for a, v in q.attrs.items() if a not in ("K", "N")}
+        return SpQRQuantizedWeight(q.format_name, k=q.k, n=q.n, **attrs, tensors={**q.tensors, **mod.stored()})
 
-    tuned = tune_format_layers(source, calib, opts, progress, float_names, modules, desc="spqr finetune")
-    if tuned is None:
-        return None
-    mods, floats, summary = tuned
-    out: dict[str, QuantizedWeight] = {}
-    for n, mod in mods.items():
-        q = layers[n]
-        out[n] = SpQRQuantizedWeight(q.format_name, k=q.k, n=q.n, **{a: v for a, v in q.attrs.items() if a not in ("K", "N")},
-                                     tensors={**q.tensors, **mod.stored()})
-    return out, floats, summary
+    return tune_format_layers(source, calib, opts, progress, float_names, layers,
+                              lambda q: SpQRLinear(q.tensors, **q.attrs), from_module, desc="spqr finetune")
 
 
 def _register(name: str, bits: int, outlier_threshold: float) -> None:
