@@ -219,7 +219,8 @@ def _register(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters: i
     register(Format(
         name=name,
         description=f"AQLM additive codebooks: {m} codebook(s) x 2^{b} codewords over groups of 8 inputs, "
-                    f"per-channel fp16 scale; {note}",
+                    f"per-channel fp16 scale; {note}; then codebooks, scales and norms are fine-tuned against "
+                    "the float model (finetune_*)",
         runtime="onnxruntime + qcompile_ops (qcompile.CodebookMatMul)",
         quantize=quantize,
         options=_options(m, b, beam, rounds, kmeans_iters),

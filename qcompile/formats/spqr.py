@@ -242,7 +242,8 @@ def _register(name: str, bits: int, outlier_threshold: float) -> None:
 
     register(Format(
         name=name,
-        description=f"SpQR: {bits}-bit codes in groups of 16, 3-bit bi-level statistics, fp16 outliers (CSR)",
+        description=f"SpQR: {bits}-bit codes in groups of 16, 3-bit bi-level statistics, fp16 outliers (CSR); "
+                    "then the fp16 side parameters and norms are fine-tuned against the float model (finetune_*)",
         runtime="qcompile_ops custom-op library (qcompile.SpQRMatMul)",
         quantize=quantize,
         options=_options(bits, outlier_threshold),
