@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import onnxruntime as ort
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -88,3 +89,13 @@ def cuda_session(ops_library: Path) -> SessionFactory:
     if not HAS_CUDA_EP:
         pytest.skip("onnxruntime has no CUDAExecutionProvider")
     return _factory(ops_library, ["CUDAExecutionProvider", "CPUExecutionProvider"], strict=True)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tests of many tiny torch ops (a GPTQ column sweep, a tiny model's fine-tuning): extra intra-op threads
+    only add contention on a shared machine (measured 20x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

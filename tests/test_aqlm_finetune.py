@@ -8,49 +8,30 @@ import numpy as np
 import pytest
 import torch
 
-from qcompile.aqlm_finetune import CodebookLinear, FinetuneConfig, finetune_codebooks, kl_to_teacher, _set_module
+from qcompile.aqlm_finetune import CodebookLinear, FinetuneConfig, finetune_codebooks
 from qcompile.formats import get_format
 from qcompile.reference import codebook as ref
-from tiny_model import build_tiny_model, heldout_kl_to_float, random_tokens, save_tiny_hf_dir
+from tiny_model import (TINY_LINEARS, build_tiny_model, heldout_kl_to_float, random_tokens, save_tiny_hf_dir,
+                        student_kl, with_modules)
 
-LINEARS = [f"model.layers.{i}.{p}" for i in range(2) for p in
-           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a shared machine (measured 20x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _quantize_all(model):
     fmt = get_format("aqlm-1x8")
     opts = fmt.resolve_options({"rounds": 1, "kmeans_iters": 4, "nbits": 4, "finetune_epochs": 0})
     out = {}
-    for name in LINEARS:
+    for name in TINY_LINEARS:
         w = model.get_submodule(name).weight.detach().numpy()  # [N, K]
         out[name] = fmt.quantize(np.ascontiguousarray(w.T), None, device="cpu", **opts)
     return out
 
 
 def _student(model, layers):
-    import copy
-
-    s = copy.deepcopy(model)
-    for name, (codes, books, scales) in layers.items():
-        _set_module(s, name, CodebookLinear(torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(books),
-                                            torch.from_numpy(scales)))
-    return s
-
-
-@torch.no_grad()
-def _kl(teacher, student, ids):
-    t = torch.log_softmax(teacher(input_ids=torch.from_numpy(ids)).logits, -1)
-    return float(kl_to_teacher(student(input_ids=torch.from_numpy(ids)).logits, t))
+    return with_modules(model, {name: CodebookLinear(torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(books),
+                                                     torch.from_numpy(scales))
+                                for name, (codes, books, scales) in layers.items()})
 
 
 def test_codebook_linear_matches_reference_dequantize():
@@ -90,12 +71,12 @@ def test_finetune_lowers_heldout_kl_and_keeps_codes():
     q = _quantize_all(model)
     layers = {n: (w.codes, w.codebooks.astype(np.float32), w.scales.astype(np.float32)) for n, w in q.items()}
     train, held = random_tokens(64, 32, seed=1), random_tokens(8, 32, seed=2)
-    before = _kl(model, _student(model, layers), held)
+    before = student_kl(model, _student(model, layers), held)
     new, floats, summary = finetune_codebooks(model, layers, train, FinetuneConfig(epochs=2, batch_windows=4, lr=3e-2,
                                                                            scale_lr=1e-2))
     assert floats == {} and summary["steps"] == 32 and summary["tuned_norms"] == 0 and summary["kl_last_quarter_mean"] < summary["kl_first_quarter_mean"]
     tuned = {n: (layers[n][0], b.astype(np.float32), s.astype(np.float32)) for n, (b, s) in new.items()}
-    after = _kl(model, _student(model, tuned), held)
+    after = student_kl(model, _student(model, tuned), held)
     assert after < 0.93 * before, (before, after)  # measured 0.539 -> 0.477 (warmup + cosine schedule)
     for n, (b, s) in new.items():
         assert b.shape == layers[n][1].shape and s.shape == layers[n][2].shape
@@ -103,7 +84,7 @@ def test_finetune_lowers_heldout_kl_and_keeps_codes():
     assert summary["tuned_norms"] == 5 and sorted(floats)[-1] == "model.norm.weight"
     assert floats["model.norm.weight"].shape == (64,) and not np.allclose(floats["model.norm.weight"], 1.0)
     # the teacher is untouched
-    assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in LINEARS)
+    assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in TINY_LINEARS)
 
 
 def test_pipeline_tune_step(tmp_path):

@@ -9,23 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from qcompile.finetune import FinetuneConfig, distill, kl_to_teacher
+from qcompile.finetune import FinetuneConfig, distill
 from qcompile.formats import get_format
 from qcompile.reference import spqr as ref
 from qcompile.spqr_finetune import SpQRLinear
-from tiny_model import build_tiny_model, heldout_kl_to_float, random_tokens, save_tiny_hf_dir
+from tiny_model import (TINY_LINEARS, build_tiny_model, heldout_kl_to_float, random_tokens, save_tiny_hf_dir,
+                        student_kl, with_modules)
 
-LINEARS = [f"model.layers.{i}.{p}" for i in range(2) for p in
-           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("bits,with_perm,k", [(3, True, 80), (4, False, 64), (3, False, 48)])
@@ -47,23 +39,10 @@ def _quantize_all(model):
     fmt = get_format("spqr-w3")
     opts = fmt.resolve_options({"finetune_epochs": 0})
     out = {}
-    for name in LINEARS:
+    for name in TINY_LINEARS:
         w = model.get_submodule(name).weight.detach().numpy()
         out[name] = fmt.quantize(np.ascontiguousarray(w.T), None, device="cpu", **opts)
     return out
-
-
-@torch.no_grad()
-def _kl(teacher, mods, ids):
-    import copy
-
-    from qcompile.finetune import set_module
-
-    student = copy.deepcopy(teacher)
-    for name, m in mods.items():
-        set_module(student, name, m)
-    t = torch.log_softmax(teacher(input_ids=torch.from_numpy(ids)).logits, -1)
-    return float(kl_to_teacher(student(input_ids=torch.from_numpy(ids)).logits, t))
 
 
 def test_finetune_lowers_heldout_kl_and_keeps_codes():
@@ -74,10 +53,10 @@ def test_finetune_lowers_heldout_kl_and_keeps_codes():
         return {n: SpQRLinear(w.tensors, **w.attrs) for n, w in q.items()}
 
     train, held = random_tokens(64, 32, seed=1), random_tokens(8, 32, seed=2)
-    before = _kl(model, mods(), held)
+    before = student_kl(model, with_modules(model, mods()), held)
     tuned, floats, summary = distill(model, mods(), train, FinetuneConfig(epochs=8, lr=1e-3, scale_lr=1e-3))
     assert floats == {} and summary["steps"] == 128
-    after = _kl(model, tuned, held)
+    after = student_kl(model, with_modules(model, tuned), held)
     assert after < 0.97 * before, (before, after)  # measured 0.0573 -> 0.0542 (random tiny model: little to gain)
     for n, m in tuned.items():
         s = m.stored()

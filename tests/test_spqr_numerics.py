@@ -22,13 +22,7 @@ from qcompile.spqr import SpQRConfig, spqr_quantize
 KEYS = ("codes", "stat_codes", "stat_params", "row_offsets", "col_indices", "values", "perm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The column sweep runs thousands of tiny ops: extra intra-op threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic_layer(k: int, n: int, seed: int = 0):

@@ -167,6 +167,33 @@ def random_tokens(n: int, seq: int, seed: int = 0):
     return torch.randint(0, 256, (n, seq), generator=g, dtype=torch.int64).numpy()
 
 
+#: The tiny model's quantizable linears (both blocks, every projection).
+TINY_LINEARS = [f"model.layers.{i}.{p}" for i in range(LAYERS) for p in
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+def with_modules(model, modules: dict):
+    """A copy of ``model`` with the named submodules replaced (the fine-tuning student)."""
+    import copy
+
+    from qcompile.finetune import set_module
+
+    student = copy.deepcopy(model)
+    for name, module in modules.items():
+        set_module(student, name, module)
+    return student
+
+
+@torch.no_grad()
+def student_kl(teacher, student, ids) -> float:
+    """KL(teacher || student) per token on the token windows ``ids`` (numpy ``[n, seq]``)."""
+    from qcompile.finetune import kl_to_teacher
+
+    t = torch.log_softmax(teacher(input_ids=torch.from_numpy(ids)).logits, -1)
+    return float(kl_to_teacher(student(input_ids=torch.from_numpy(ids)).logits, t))
+
+
 def heldout_kl_to_float(hf_dir: str, *models: Path, windows: int = 8, seq: int = 32) -> list[float]:
     """KL(float || compiled) per compiled ``model.onnx`` in stock onnxruntime, on held-out text (the bundled
     evaluation split), with the float reference exported from ``hf_dir``: how far each artifact drifted."""
