@@ -11,8 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qcompile.finetune import FinetuneConfig, TunableLinear, distill, kl_to_teacher
-from qcompile.finetune import set_module as _set_module
+from qcompile.finetune import FinetuneConfig, TunableLinear, distill
 
 
 class _DecodeGroups(torch.autograd.Function):
@@ -95,4 +94,4 @@ def finetune_codebooks(model: torch.nn.Module, layers: dict[str, tuple[np.ndarra
     return {name: m.stored() for name, m in tuned.items()}, floats, summary
 
 
-__all__ = ["CodebookLinear", "FinetuneConfig", "finetune_codebooks", "kl_to_teacher"]
+__all__ = ["CodebookLinear", "FinetuneConfig", "finetune_codebooks"]

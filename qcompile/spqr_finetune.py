@@ -52,9 +52,9 @@ class SpQRLinear(TunableLinear):
         self.register_buffer("out_cols", torch.from_numpy(cols), persistent=False)
         # each outlier in units of the dense scale at its position (stored position of column c: inv_perm[c])
         with torch.no_grad():
-            scale = self._scale()
-            pos = cols if perm is None else np.argsort(perm.astype(np.int64))[cols]
-            unit = scale[torch.from_numpy(rows), torch.from_numpy(pos // group_size)].abs()
+            scale, _ = self._scale_zero()
+            pos = self.out_cols if self.inv_perm is None else self.inv_perm[self.out_cols]
+            unit = scale[self.out_rows, pos // group_size].abs()
         self.register_buffer("out_unit", torch.where(unit > 0, unit, torch.ones_like(unit)), persistent=False)
         self.out_params = torch.nn.Parameter(torch.from_numpy(tensors["values"].astype(np.float32)) / self.out_unit)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -66,14 +66,13 @@ class SpQRLinear(TunableLinear):
         """``[NB, 4, G]``: scale step, scale min, zero step, zero min (the file's stat_params)."""
         return torch.cat([self.scale_params * self.scale_ref[:, None], self.zero_params], dim=1)
 
-    def _scale(self) -> torch.Tensor:
+    def _scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's first-level ``(scale [N, G], zero [N, G])`` decoded from its stat codes."""
         sp = self._stat_params()[self.row_block]  # [N, 4, G]
-        return self.sc * sp[:, 0] + sp[:, 1]
+        return self.sc * sp[:, 0] + sp[:, 1], self.zc * sp[:, 2] + sp[:, 3]
 
     def weight(self) -> torch.Tensor:
-        sp = self._stat_params()[self.row_block]  # [N, 4, G]
-        scale = self.sc * sp[:, 0] + sp[:, 1]
-        zero = self.zc * sp[:, 2] + sp[:, 3]
+        scale, zero = self._scale_zero()
         codes = self.codes.view(self.n, self.groups, self.gs).float()
         dense = ((codes - zero[:, :, None]) * scale[:, :, None]).reshape(self.n, -1)[:, :self.k]
         if self.inv_perm is not None:
