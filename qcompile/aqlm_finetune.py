@@ -18,8 +18,9 @@ class _DecodeGroups(torch.autograd.Function):
     """``books[index].sum(-2)``: each group's sum of its M codewords, ``[N, G, d]``.
 
     Why not ``F.embedding``: its CPU backward is a general sparse scatter; here the gradient of each codebook
-    row is one ``index_add_`` of the groups' output gradients, measured 1.6x faster for the decode's forward
-    plus backward over the default model's 210 layers (2.3 s -> 1.4 s per step on 2 cores)."""
+    row is one ``index_add_`` of the groups' output gradients. In a one-off timing (not a repo benchmark) of
+    the decode's forward plus backward over the default model's 210 layer shapes with random codes, 2 threads,
+    this took 1.4 s against F.embedding's 2.3 s."""
 
     @staticmethod
     def forward(ctx, books: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
