@@ -83,6 +83,8 @@ CASES = {
 @pytest.mark.parametrize("simd", [True, False], ids=["avx2", "portable"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_cpu_matches_reference(ops_session, monkeypatch, name, path, simd):
+    # fp32 tables on every path here; the fixed-point walk has its own bound (test_fixed_point_walk_*)
+    monkeypatch.setenv("QCOMPILE_CODEBOOK_LUT_FP32", "1")
     rows, K, N, M, S, d, xdt, bias = CASES[name]
     if path != "auto":
         monkeypatch.setenv("QCOMPILE_CODEBOOK_PATH", path)
@@ -120,8 +122,9 @@ def test_out_of_range_code_is_an_error(ops_session, monkeypatch, path, rows, S, 
 
 
 @pytest.mark.parametrize("S", [250, 256])
-def test_constant_codes_prepared_once_match_codes_fed_at_run_time(ops_session, S):
-    # the same weight through the prepared (slice-ordered, checked once) and the per-call path
+def test_constant_codes_prepared_once_match_codes_fed_at_run_time(ops_session, monkeypatch, S):
+    # the same weight through the prepared (slice-ordered, checked once) and the per-call path, fp32 tables
+    monkeypatch.setenv("QCOMPILE_CODEBOOK_LUT_FP32", "1")
     x, codes, books, scales, b, attrs = make_case(1, 192, 2048, 2, S, bias=True, seed=3)
     const = ops_session(make_model(x.dtype, codes, books, scales, b, attrs)).run(None, {"x": x})[0]
     fed = ops_session(make_model(x.dtype, codes, books, scales, b, attrs, codes_as_input=True)).run(
@@ -130,6 +133,60 @@ def test_constant_codes_prepared_once_match_codes_fed_at_run_time(ops_session, S
     check(fed, (x, codes, books, scales, b, attrs))  # S < 256: fed codes take another path (checked per call)
     if S == 256:  # same walk, same summation order
         np.testing.assert_array_equal(const, fed)
+
+
+def _has_avx512bw() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512bw" in line for line in f)
+    except OSError:
+        return False
+
+
+# one X row over constant byte codes of a wide layer: the fixed-point walk on AVX-512BW CPUs. A 32-row
+# group tail (N % 32), a partial last block of 512 rows, a table tail (T % 16 = 8), S < 256, fp16 X
+FIXED_POINT_CASES = {
+    "4096x4096-2x8": (4096, 4096, 2, 256, np.float32, False),
+    "tails-bias": (1120, 2101, 2, 256, np.float32, True),
+    "s250-f16": (128, 2048, 2, 250, np.float16, False),
+    "4cb": (256, 2080, 4, 256, np.float32, True),
+}
+
+
+@pytest.mark.skipif(not _has_avx512bw(), reason="the fixed-point walk needs AVX-512BW")
+@pytest.mark.parametrize("name", list(FIXED_POINT_CASES))
+def test_fixed_point_walk_within_documented_bound(ops_session, monkeypatch, name):
+    K, N, M, S, xdt, bias = FIXED_POINT_CASES[name]
+    case = make_case(1, K, N, M, S, 8, xdt, bias, seed=5)
+    x, codes, books, scales, b, attrs = case
+    # activations with a few large channels, as in real models: their slices get a coarser step
+    x[0, 5::397] *= 30
+    fixed = run_case(ops_session, case, threads=2).astype(np.float64)  # tables and row blocks on two threads
+    np.testing.assert_array_equal(fixed, run_case(ops_session, case, threads=1))
+    monkeypatch.setenv("QCOMPILE_CODEBOOK_LUT_FP32", "1")
+    fp32 = run_case(ops_session, case).astype(np.float64)
+    want = ref.codebook_matmul(x, codes, books, scales, b, **attrs).astype(np.float64)
+    bound = ref.lut_fixed_point_error_bound(x[0], books, scales)
+    fp32_tol = (2e-3 if xdt == np.float16 else 2e-5) * np.abs(want).max()
+    err = np.abs(fixed - want)
+    assert (err <= bound + fp32_tol).all(), (err - bound).max()
+    assert not np.array_equal(fixed, fp32)  # the fixed-point walk did run
+    # and its error is what rounding to ~15 bits predicts, far below an fp16 output's rounding
+    if xdt == np.float32:
+        assert np.sqrt(np.mean(err ** 2)) < 2e-4 * np.sqrt(np.mean(want ** 2))
+
+
+@pytest.mark.skipif(not _has_avx512bw(), reason="the fixed-point walk needs AVX-512BW")
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_fixed_point_walk_propagates_nan_and_inf(ops_session, bad):
+    case = make_case(1, 256, 2048, 2, 256, seed=6)
+    x, codes, books, scales, b, attrs = case
+    x[0, 77] = bad
+    y = run_case(ops_session, case)
+    want = ref.codebook_matmul(x, codes, books, scales, b, **attrs)
+    # (an infinite X may come out as NaN where the reference has +-inf: a table sums +inf and -inf entries
+    # where the reference first sums the codewords; the fp32 table does the same)
+    np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
 
 
 def test_bad_constant_code_fails_session_creation(ops_session):

@@ -94,3 +94,25 @@ def codebook_matmul(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray, sca
     if bias is not None:
         y = y + bias.astype(np.float32)
     return y.reshape(*x.shape[:-1], N).astype(x.dtype)
+
+
+# The CPU kernel's fixed-point batch-1 walk (docs/ops.md, "Computation"): per slice of this many
+# consecutive (group, codebook) tables, entries are rounded to multiples of the slice's max |entry| / LUT_I16_MAX.
+LUT_SLICE_TABLES = 16
+LUT_I16_MAX = 16383
+
+
+def lut_fixed_point_error_bound(x_row: np.ndarray, codebooks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """``[N]`` bound on |Y - reference| that rounding the one-row lookup table to fixed point may add.
+
+    The table ``lut[g, m, s] = x[g*d:(g+1)*d] . codebooks[m, s]`` is split into slices of 16 consecutive
+    ``(g, m)`` tables (the last ``G*M mod 16`` tables stay fp32); each entry is off by at most half its
+    slice's step ``max|entry| / 16383``, so each output by at most ``|scales[n]| * Σ_slices 8 * step``.
+    """
+    m, s, d = codebooks.shape
+    x = np.asarray(x_row, dtype=np.float64).reshape(-1, d)  # [G, d]
+    lut = np.einsum("gj,msj->gms", x, codebooks.astype(np.float64)).reshape(-1, s)  # [(g, m), s]
+    full = lut.shape[0] // LUT_SLICE_TABLES * LUT_SLICE_TABLES
+    step = np.abs(lut[:full]).reshape(-1, LUT_SLICE_TABLES * s).max(axis=1) / LUT_I16_MAX
+    per_entry = LUT_SLICE_TABLES / 2 * step.sum()
+    return np.abs(scales.astype(np.float64)) * per_entry

@@ -36,13 +36,18 @@ Status validate_shapes(const Attrs& a, const std::vector<int64_t>& x, const std:
 
 // Constant codes prepared once (at session creation) by prepare_constant_codes for the CPU kernel.
 // `sliced`, when not empty, holds the codes in the order the batch-1 lookup walk reads them: output rows
-// in blocks of `block_rows`; inside a block, for each slice q of 16 codes (codes[n, 16q .. 16q+15] in the
-// flattened [K/d * M] row), the block's rows one after another, 16 bytes each. Only the first
-// T16 = (K/d*M) / 16 * 16 codes of a row are there; the kernel reads the rest from the original tensor.
+// in blocks of `block_rows`, block b at byte offset b * block_rows * T16, where T16 = (K/d*M) / 16 * 16
+// (only the first T16 codes of a row are there; the kernel reads the rest from the original tensor).
+// Inside a block, for each slice q of 16 codes (codes[n, 16q .. 16q+15] in the flattened [K/d * M] row):
+//  * kRowSlices (the fp32 walk): the block's rows one after another, 16 bytes each;
+//  * kTableMajor32 (the fixed-point AVX-512 walk): the rows in groups of 32 (the block padded to a
+//    multiple of 32 with code 0), each group as 16 runs, one per code of the slice, of its 32 rows' bytes.
+enum class WalkLayout { kNone = 0, kRowSlices = 1, kTableMajor32 = 2 };
 struct PreparedCodes {
   const void* source = nullptr;  // the codes this was prepared from (used only while the call's match)
   bool checked = false;          // every code of `source` is < codebook_size
   int64_t block_rows = 0;
+  WalkLayout layout = WalkLayout::kNone;
   std::vector<uint8_t> sliced;
 };
 

@@ -23,6 +23,8 @@
 #include <vector>
 
 #include "qcompile/codebook_matmul.h"
+
+#include "codebook_lut_i16.h"
 #include "qcompile/cpu_features.h"
 #include "qcompile/half.h"
 
@@ -722,10 +724,25 @@ void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2,
   const bool fast_u8 = sizeof(C) == 1 && !kCheck && g.LS == 256;
   const int64_t rows_per_task = fast_u8 ? kLutRowsPerTask : kGemvRowsPerTask;
   // codes prepared in slice order for exactly this walk (same row blocks), when the call's codes match
-  const uint8_t* sliced = fast_u8 && p.prepared && p.prepared->source == p.codes && !p.prepared->sliced.empty() &&
-                                  p.prepared->block_rows == kLutRowsPerTask
-                              ? p.prepared->sliced.data()
-                              : nullptr;
+  const bool prepared = fast_u8 && p.prepared && p.prepared->source == p.codes && !p.prepared->sliced.empty() &&
+                        p.prepared->block_rows == kLutRowsPerTask;
+  const uint8_t* sliced =
+      prepared && p.prepared->layout == WalkLayout::kRowSlices ? p.prepared->sliced.data() : nullptr;
+  // the fixed-point walk (codebook_lut_i16.h) over codes prepared in its layout
+  const uint8_t* table_major = prepared && p.prepared->layout == WalkLayout::kTableMajor32 && avx2 &&
+                                       lut_i16::available()
+                                   ? p.prepared->sliced.data()
+                                   : nullptr;
+  const int64_t slices = g.T / 16;
+  // (the calling thread's buffers, shared with the tasks through these pointers)
+  thread_local std::vector<int16_t> qlut_buf;
+  thread_local std::vector<float> qstep_buf;
+  if (table_major) {
+    if (qlut_buf.size() < static_cast<size_t>(slices * 16 * 256)) qlut_buf.resize(static_cast<size_t>(slices * 16 * 256));
+    if (qstep_buf.size() < static_cast<size_t>(slices)) qstep_buf.resize(static_cast<size_t>(slices));
+  }
+  int16_t* qlut = qlut_buf.data();
+  float* qstep = qstep_buf.data();
   const int64_t gather_tasks = (g.N + rows_per_task - 1) / rows_per_task;
   static const int64_t slice_bytes = [] {
     const char* e = std::getenv("QCOMPILE_CODEBOOK_LUT_SLICE_KB");
@@ -744,15 +761,29 @@ void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2,
 #endif
       lut_build_ref(x, cbt, g, g0, g1, lut);
     });
+    bool fixed_point = table_major != nullptr;
+    if (fixed_point) {
+      constexpr int64_t kSlicesPerTask = 8;
+      std::atomic<bool> finite{true};
+      par.for_each(static_cast<size_t>((slices + kSlicesPerTask - 1) / kSlicesPerTask), [&](size_t t) {
+        const int64_t s0 = static_cast<int64_t>(t) * kSlicesPerTask, s1 = std::min(slices, s0 + kSlicesPerTask);
+        if (!lut_i16::quantize_slices(lut, s0, s1, qlut, qstep)) finite = false;
+      });
+      fixed_point = finite;  // a NaN or Inf in the table: the fp32 walk (over the file-order codes) carries it
+    }
     par.for_each(static_cast<size_t>(gather_tasks), [&](size_t t) {
       // Walk the LUT in L1-sized slices of (group, codebook) entries, all of this task's rows per slice:
       // two loads per lookup (code, table entry), no gathers, and the table slice never leaves L1.
       thread_local std::vector<float> acc_buf;
       const int64_t n0 = static_cast<int64_t>(t) * rows_per_task, n1 = std::min(g.N, n0 + rows_per_task);
-      float* acc = scratch(acc_buf, static_cast<size_t>(n1 - n0));
-      std::fill(acc, acc + (n1 - n0), 0.0f);
+      const int64_t padded = (n1 - n0 + lut_i16::kRowGroup - 1) / lut_i16::kRowGroup * lut_i16::kRowGroup;
+      float* acc = scratch(acc_buf, static_cast<size_t>(padded));
+      std::fill(acc, acc + padded, 0.0f);
       uint32_t mx = 0;
-      if (fast_u8) {
+      if (fixed_point) {
+        lut_i16::walk_block(table_major + n0 * (slices * 16), qlut, qstep, slices, n1 - n0, acc);
+        lut_rows_u8_tail(reinterpret_cast<const uint8_t*>(codes), lut, g.T, slices * 16, n0, n1, acc);
+      } else if (fast_u8) {
         const uint8_t* blk = sliced ? sliced + n0 * (g.T / 16 * 16) : nullptr;
 #if QC_X86
         if (avx2)
@@ -897,12 +928,22 @@ Status prepare_constant_codes(const Attrs& a, const void* codes, CodeType code_t
   out->source = codes;
   out->checked = true;
   out->block_rows = kLutRowsPerTask;
+  out->layout = WalkLayout::kNone;
   out->sliced.clear();
   const Geometry g = geometry(a);
   if (code_type != CodeType::kUint8 || !byte_walk_wins(g)) return Status::OK();
   const int64_t T16 = g.T / 16 * 16;
-  out->sliced.resize(static_cast<size_t>(g.N * T16));
   const uint8_t* src = static_cast<const uint8_t*>(codes);
+  if (use_avx2() && lut_i16::available()) {  // the walk this CPU will run
+    out->layout = WalkLayout::kTableMajor32;
+    out->sliced.resize(static_cast<size_t>(g.N / kLutRowsPerTask * kLutRowsPerTask * T16 +
+                                           lut_i16::block_bytes(g.N % kLutRowsPerTask, T16)));
+    for (int64_t n0 = 0; n0 < g.N; n0 += kLutRowsPerTask)
+      lut_i16::pack_block(src, g.T, T16, n0, std::min(kLutRowsPerTask, g.N - n0), out->sliced.data() + n0 * T16);
+    return Status::OK();
+  }
+  out->layout = WalkLayout::kRowSlices;
+  out->sliced.resize(static_cast<size_t>(g.N * T16));
   for (int64_t n0 = 0; n0 < g.N; n0 += kLutRowsPerTask) {
     const int64_t R = std::min(kLutRowsPerTask, g.N - n0);
     uint8_t* blk = out->sliced.data() + n0 * T16;
