@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from cpu_flags import has_avx512bw
 from qcompile.reference import codebook as ref
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -135,14 +136,6 @@ def test_constant_codes_prepared_once_match_codes_fed_at_run_time(ops_session, m
         np.testing.assert_array_equal(const, fed)
 
 
-def _has_avx512bw() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512bw" in line for line in f)
-    except OSError:
-        return False
-
-
 # one X row over constant byte codes of a wide layer: the fixed-point walk on AVX-512BW CPUs. A 32-row
 # group tail (N % 32), a partial last block of 512 rows, a table tail (T % 16 = 8), S < 256, fp16 X
 FIXED_POINT_CASES = {
@@ -153,7 +146,7 @@ FIXED_POINT_CASES = {
 }
 
 
-@pytest.mark.skipif(not _has_avx512bw(), reason="the fixed-point walk needs AVX-512BW")
+@pytest.mark.skipif(not has_avx512bw(), reason="the fixed-point walk needs AVX-512BW")
 @pytest.mark.parametrize("name", list(FIXED_POINT_CASES))
 def test_fixed_point_walk_within_documented_bound(ops_session, monkeypatch, name):
     K, N, M, S, xdt, bias = FIXED_POINT_CASES[name]
@@ -176,7 +169,7 @@ def test_fixed_point_walk_within_documented_bound(ops_session, monkeypatch, name
         assert np.sqrt(np.mean(err ** 2)) < 2e-4 * np.sqrt(np.mean(want ** 2))
 
 
-@pytest.mark.skipif(not _has_avx512bw(), reason="the fixed-point walk needs AVX-512BW")
+@pytest.mark.skipif(not has_avx512bw(), reason="the fixed-point walk needs AVX-512BW")
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_fixed_point_walk_propagates_nan_and_inf(ops_session, bad):
     case = make_case(1, 256, 2048, 2, 256, seed=6)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from cpu_flags import has_avx512bw
 from qcompile.reference import spqr as ref
 
 F32, F16 = np.float32, np.float16
@@ -68,6 +69,12 @@ def check(y, x, packed, attrs, bias, dtype):
         tol = 2e-6 * scale + np.abs(want) * 2.0**-10 + 1e-3
     bad = np.abs(got - want) > tol
     assert not bad.any(), f"max err {np.abs(got - want).max()} at {np.argwhere(bad)[:3]}"
+
+
+@pytest.fixture(autouse=True)
+def fp32_tables(monkeypatch):
+    """fp32 numerics on every path; the fixed-point pair tables have their own bound (test_pair_tables_*)."""
+    monkeypatch.setenv("QCOMPILE_SPQR_LUT_FP32", "1")
 
 
 CASES = [  # K, N, bits, group_size, stat_bits, stat_group, M (x leading shape), perm, bias, dtype, col dtype
@@ -153,6 +160,56 @@ def test_constant_codes_lane_layout_matches_codes_fed_at_run_time(ops_session, k
     fed = ops_session(spqr_model(packed, attrs, bias=bias, as_inputs=True)).run(None, feeds(x, packed, bias, True))[0]
     check(const, x, packed, attrs, bias, F32)
     check(fed, x, packed, attrs, bias, F32)
+
+
+PAIR_CASES = {  # K, N, stat_bits, stat_group, perm, bias, x dtype
+    "4096x4096": (4096, 4096, 3, 16, False, False, F32),
+    # K % 16 = 8 (a half group), 5 slices with a partial last one, N past a 256-row block and a 32-row group
+    "tails-perm-bias": (712, 301, 3, 16, True, True, F32),
+    "statgroup32-4bit-stats-f16": (256, 96, 4, 32, True, False, F16),
+    "statgroup48": (160, 100, 2, 48, False, True, F32),
+}
+
+
+@pytest.mark.skipif(not has_avx512bw(), reason="the fixed-point pair tables need AVX-512BW")
+@pytest.mark.parametrize("name", list(PAIR_CASES))
+def test_pair_tables_within_documented_bound(ops_session, monkeypatch, name):
+    k, n, sb, sg, perm, with_bias, dtype = PAIR_CASES[name]
+    attrs = dict(K=k, N=n, bits=3, group_size=16, stat_bits=sb, stat_group=sg)
+    packed = ref.random_packed(k, n, bits=3, group_size=16, stat_bits=sb, stat_group=sg, outlier_rate=0.01,
+                               with_perm=perm, seed=k + n)
+    rng = np.random.default_rng(n)
+    bias = rng.standard_normal(n).astype(dtype) if with_bias else None
+    x = rng.standard_normal((1, k)).astype(dtype)
+    x[0, 3::251] *= 30  # a few large channels, as in real models: their groups get a coarser step
+    model = spqr_model(packed, attrs, dtype=dtype, bias=bias)
+    monkeypatch.delenv("QCOMPILE_SPQR_LUT_FP32")
+    fixed = ops_session(model, threads=2).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(fixed, ops_session(model, threads=1).run(None, {"x": x})[0])
+    monkeypatch.setenv("QCOMPILE_SPQR_LUT_FP32", "1")
+    fp32 = ops_session(model).run(None, {"x": x})[0]
+    assert not np.array_equal(fixed, fp32)  # the fixed-point walk did run
+    want, scale = reference(x, packed, attrs, bias)
+    bound = ref.pair_table_error_bound(x[0], packed["stat_codes"], packed["stat_params"], packed.get("perm"),
+                                       **attrs)
+    tol = 2e-6 * scale + 1e-6 if dtype == F32 else 2e-6 * scale + np.abs(want) * 2.0**-10 + 1e-3
+    err = np.abs(fixed.astype(np.float64) - want)
+    assert (err <= bound + tol).all(), (err - bound - tol).max()
+    if dtype == F32:  # rounding to ~13 bits per group: far below the weights' own quantization error
+        assert np.sqrt(np.mean(err ** 2)) < 5e-4 * np.sqrt(np.mean(want ** 2))
+
+
+@pytest.mark.skipif(not has_avx512bw(), reason="the fixed-point pair tables need AVX-512BW")
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_pair_tables_propagate_nan_and_inf(ops_session, monkeypatch, bad):
+    monkeypatch.delenv("QCOMPILE_SPQR_LUT_FP32")
+    attrs = dict(K=256, N=64, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(256, 64, outlier_rate=0.02, seed=4)
+    x = np.random.default_rng(4).standard_normal((1, 256)).astype(F32)
+    x[0, 100] = bad
+    y = ops_session(spqr_model(packed, attrs)).run(None, {"x": x})[0]
+    want = x.astype(np.float64) @ ref.dequantize(**{k: packed.get(k) for k in WEIGHT_INPUTS}, **attrs)
+    np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
 
 
 # ---- malformed inputs: always an exception, never a crash ----------------------------------------------

@@ -297,3 +297,25 @@ def random_packed(k: int, n: int, *, bits: int = 3, group_size: int = 16, stat_b
     if with_perm:
         out["perm"] = rng.permutation(k).astype(np.int32)
     return out
+
+
+# ---- the CPU kernel's fixed-point pair tables (docs/ops.md, "Fixed-point pair tables") ---------------
+
+PAIR_TABLE_MAX = 4095
+
+
+def pair_table_error_bound(x_row: np.ndarray, stat_codes: np.ndarray, stat_params: np.ndarray,
+                           perm: np.ndarray | None = None, *, K: int, N: int, bits: int, group_size: int,
+                           stat_bits: int, stat_group: int) -> np.ndarray:
+    """``[N]`` bound on |Y - reference| that the one-row fixed-point pair tables may add (3-bit codes, groups
+    of 16): ``Σ_g |scale[n, g]| · 4 · step_g`` with ``step_g = max over the group's position pairs (a, b) of
+    4·(|x_a| + |x_b|) / 4095``, x in stored order."""
+    g = num_groups(K, group_size)
+    x = np.asarray(x_row, np.float64).reshape(K)
+    xs = x if perm is None else x[np.asarray(perm, np.int64)]
+    xs = np.concatenate([np.abs(xs), np.zeros(g * group_size - K)]).reshape(g, group_size // 2, 2)
+    step = 4 * xs.sum(axis=2).max(axis=1) / PAIR_TABLE_MAX  # [G]
+    sc, _ = unpack_stat_codes(stat_codes, stat_bits, g)
+    sp = np.asarray(stat_params).astype(np.float64)[np.arange(N) // stat_group]  # [N, 4, G]
+    scale = sc.astype(np.float64) * sp[:, 0] + sp[:, 1]
+    return np.abs(scale) @ (4 * step)

@@ -69,6 +69,10 @@ struct PreparedCodes {
   // block, zero padded): [N, 2 (scale, zero), stat_blocks, 8]. Empty otherwise.
   int64_t stat_blocks = 0;
   std::vector<uint32_t> stat_lanes;
+  // On CPUs with AVX-512BW, for 3-bit codes in groups of 16 (stat_bits <= 4, stat_group a multiple of 16):
+  // instead of the lanes, the fixed-point walk's layout (kernels/cpu/spqr_lut_i16.h): per 32-row group and
+  // group of 16 positions, 8 bytes of pair codes ca | cb << 3 per row and one byte sc | zc << 4.
+  std::vector<uint8_t> pairs;
 };
 
 struct Problem {

@@ -12,6 +12,12 @@
 
 #include "qcompile/cpu_features.h"
 
+// GCC 12 reports its own AVX-512 intrinsics' deliberately undefined pass-through operands (_mm512_undefined_*)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace qcompile {
 namespace codebook {
 namespace lut_i16 {

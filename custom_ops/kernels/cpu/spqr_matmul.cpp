@@ -22,6 +22,7 @@
 
 #include "qcompile/cpu_features.h"
 #include "qcompile/spqr_matmul.h"
+#include "spqr_lut_i16.h"
 
 namespace qcompile {
 namespace spqr {
@@ -664,6 +665,53 @@ QC_AVX2 void rows_avx2_mm(const Call& c, int64_t r0, int64_t r1) {
 
 bool force_scalar() { return env_flag("QCOMPILE_SPQR_SCALAR"); }
 
+#if QC_X86
+// One block of rows of run_pairs: dense parts, then outliers and bias.
+QC_AVX2 void pairs_block(const Call& c, const PreparedCodes& prep, const int16_t* lut, const float* step, int64_t n0) {
+  const Attrs& s = *c.s;
+  const int64_t G = s.groups(), R = std::min(lut_i16::kBlockRows, s.N - n0);
+  // this block's second-level parameters widened to fp32 [rb][4][G], the zero offset shifted by 4 (the
+  // tables centre the codes)
+  const int64_t rb0 = n0 / s.stat_group, rb1 = (n0 + R - 1) / s.stat_group;
+  thread_local std::vector<float> params, acc;
+  params.resize((size_t)((rb1 - rb0 + 1) * 4 * G));
+  for (int64_t rb = rb0; rb <= rb1; ++rb) {
+    const uint16_t* src = c.w->stat_params + rb * 4 * G;
+    float* dst = params.data() + (rb - rb0) * 4 * G;
+    int64_t i = 0;
+    for (; i + 8 <= 4 * G; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
+    for (; i < 4 * G; ++i) dst[i] = half_to_float(src[i]);
+    for (int64_t g = 0; g < G; ++g) dst[3 * G + g] -= 4.f;
+  }
+  acc.resize((size_t)round_up(R, lut_i16::kRowGroup));
+  lut_i16::walk_block(s, prep.pairs.data() + n0 / lut_i16::kRowGroup * G * lut_i16::kGroupBytes, n0, R, lut, step,
+                      c.xsum, params.data(), acc.data());
+  for (int64_t r = 0; r < R; ++r) {
+    float v = acc[(size_t)r] + outliers_avx2(c, n0 + r, 0);
+    if (c.bias) v += c.bias[n0 + r];
+    c.y[n0 + r] = v;
+  }
+}
+
+// M == 1 over the fixed-point walk's layout (spqr_lut_i16.h): tables once per call, then per block of
+// rows the dense parts, then each row's outliers and bias. False (nothing written) on a non-finite x.
+bool run_pairs(const Attrs& s, const Weights& w, const float* xk, const float* xorig, const float* xsum,
+               int64_t Gp, const float* bias, float* y, const PreparedCodes& prep, const Parallel& par) {
+  const int64_t G = s.groups();
+  thread_local std::vector<int16_t> lut_buf;
+  thread_local std::vector<float> step_buf;
+  lut_buf.resize((size_t)(G * lut_i16::kPairs * lut_i16::kEntries));
+  step_buf.resize((size_t)G);
+  if (!lut_i16::build_tables(xk, G, lut_buf.data(), step_buf.data())) return false;
+  const int16_t* lut = lut_buf.data();  // the calling thread's buffers, shared with the tasks
+  const float* step = step_buf.data();
+  const Call c{&s, &w, 1, xk, s.chunks() * kChunk, xorig, xsum, Gp, bias, y, nullptr, nullptr, nullptr};
+  const int64_t blocks = (s.N + lut_i16::kBlockRows - 1) / lut_i16::kBlockRows;
+  par.for_each((size_t)blocks, [&](size_t t) { pairs_block(c, prep, lut, step, (int64_t)t * lut_i16::kBlockRows); });
+  return true;
+}
+#endif
+
 // Rows per task: whole 16-row panels, about 256K weight-ops per task so the pool's per-task cost
 // stays small while every thread still gets several tasks.
 int64_t rows_per_task(const Attrs& a, int64_t M) {
@@ -696,6 +744,12 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
     inv.resize((size_t)s.K);
     for (int64_t p = 0; p < s.K; ++p) inv[(size_t)w.perm[p]] = (int32_t)p;
   }
+#if QC_X86
+  if (prep && !prep->pairs.empty()) {
+    if (run_pairs(s, w, xk.data(), xf, xsum.data(), Gp, bias, y, *prep, par)) return;
+    prep = nullptr;  // a non-finite activation: the fp32 walk over the packed codes carries it
+  }
+#endif
   thread_local std::vector<float> xl;
   if (prep) {  // M == 1
     const int64_t L = prep->per_lane;
@@ -738,6 +792,7 @@ Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, const uint3
   out->lanes.clear();
   out->stat_lanes.clear();
   out->stat_blocks = 0;
+  out->pairs.clear();
   out->per_lane = 32 / a.bits;
   const int64_t block = 8 * out->per_lane;
   out->blocks = (a.chunks() * kChunk) / block;
@@ -746,6 +801,11 @@ Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, const uint3
 #else
   const bool useful = false;
 #endif
+  if (useful && lut_i16::available() && lut_i16::supports(a)) {  // the walk this CPU will run
+    out->pairs.resize((size_t)lut_i16::prepared_bytes(a));
+    lut_i16::pack(a, codes, stat_codes, out->pairs.data());
+    return Status::OK();
+  }
   if (!useful || out->blocks == 0) {
     out->source = nullptr;
     return Status::OK();
@@ -783,11 +843,13 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   const Attrs& a = p.attrs;
   if (p.M <= 0) return Status::OK();
   // prepared lanes only for the batch-1 AVX2 path, and only when they were made from these codes
-  const PreparedCodes* prep = p.prepared && p.prepared->source == p.w.codes &&
-                                      p.prepared->stat_source == p.w.stat_codes && !p.prepared->lanes.empty() &&
-                                      p.prepared->per_lane == 32 / a.bits && p.M == 1 && !force_scalar()
-                                  ? p.prepared
-                                  : nullptr;
+  const bool same = p.prepared && p.prepared->source == p.w.codes && p.prepared->stat_source == p.w.stat_codes &&
+                    p.M == 1 && !force_scalar();
+  const PreparedCodes* prep =
+      same && ((!p.prepared->lanes.empty() && p.prepared->per_lane == 32 / a.bits) ||
+               (!p.prepared->pairs.empty() && cpu_has_avx2() && lut_i16::available() && lut_i16::supports(a)))
+          ? p.prepared
+          : nullptr;
   if (p.dtype == DType::kFloat32) {
     run((const float*)p.x, p.M, a, p.w, (const float*)p.bias, (float*)p.y, prep, par);
     return Status::OK();
