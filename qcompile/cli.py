@@ -38,7 +38,8 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--damp", type=float, help="format option damp")
     p.add_argument("-O", "--option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="any other format option (repeatable); `qcompile formats` lists them")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration windows (default: the format's, see `qcompile formats`; 64 for most)")
     p.add_argument("--seq-len", type=int, default=256, help="calibration window length in tokens (default 256)")
     p.add_argument("--eval-samples", type=int, default=32, help="evaluation windows (default 32)")
     p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length (default 512)")
@@ -173,13 +174,14 @@ def cmd_formats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"name": f.name, "description": f.description, "runtime": f.runtime,
                            "emits": list(f.emits), "default_emit": f.default_emit,
-                           "needs_calibration": f.needs_calibration,
+                           "needs_calibration": f.needs_calibration, "calib_samples": f.calib_samples,
                            "options": {k: {"default": o.default, "help": o.help} for k, o in f.options.items()}}
                           for f in fmts], indent=2, default=str))
         return 0
     for f in fmts:
         print(f"{f.name}\n  {f.description}\n  runtime: {f.runtime}; emits: {', '.join(f.emits)} "
-              f"(default {f.default_emit}); calibration: {'yes' if f.needs_calibration else 'no'}")
+              f"(default {f.default_emit}); calibration: "
+              f"{f'yes, {f.calib_samples} windows by default' if f.needs_calibration else 'no'}")
         for k, o in f.options.items():
             print(f"    -O {f'{k}={o.default}':<24} {o.help}")
     return 0

@@ -43,7 +43,7 @@ class CompileConfig:
     output: Path
     emit: str | None = None  # None: the format's default
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # format options (group_size, ...)
-    calib_samples: int = 64
+    calib_samples: int | None = None  # None: the format's default (Format.calib_samples)
     seq_len: int = 256
     eval_samples: int = 32
     eval_seq_len: int = 512
@@ -149,6 +149,8 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
     if emit not in fmt.emits:
         raise QCompileError(f"format {fmt.name} cannot emit {emit!r}; it emits: {', '.join(fmt.emits)}")
     device = resolve_device(cfg.device)
+    if cfg.calib_samples is None:
+        cfg = dataclasses.replace(cfg, calib_samples=fmt.calib_samples)
     for name in ("calib_samples", "seq_len", "eval_samples", "eval_seq_len"):
         if getattr(cfg, name) < 1:
             raise QCompileError(f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")

@@ -40,3 +40,21 @@ def test_report_counts_the_stored_tensors(compiled):
         assert layer["bits_per_weight"] == pytest.approx(sizes[layer["name"]].bits_per_weight)
         assert 0.0 <= layer["outlier_rate"] < 0.1
     assert any(layer["outlier_rate"] > 0 for layer in rep["layers"])
+
+
+def test_calibration_size_defaults_to_the_formats(tmp_path, monkeypatch):
+    """Without calib_samples the pipeline calibrates on the format's default number of windows (SpQR takes
+    more than the others); an explicit value wins."""
+    import dataclasses
+
+    from qcompile.formats import base, get_format
+
+    assert get_format("spqr-w3").calib_samples > get_format("int4-gptq").calib_samples
+    monkeypatch.setitem(base._REGISTRY, "spqr-w3", dataclasses.replace(get_format("spqr-w3"), calib_samples=3))
+    tiny = str(save_tiny_hf_dir(tmp_path / "hf"))
+    small = {k: v for k, v in SMALL.items() if k != "calib_samples"}
+    opts = {"finetune_epochs": 0}
+    rep = qcompile_compile(tiny, "spqr-w3", tmp_path / "a", evaluate=False, options=opts, **small)
+    assert rep["calib_samples"] == 3 and rep["calib_tokens"] == 3 * SMALL["seq_len"]
+    rep = qcompile_compile(tiny, "spqr-w3", tmp_path / "b", evaluate=False, options=opts, calib_samples=5, **small)
+    assert rep["calib_samples"] == 5

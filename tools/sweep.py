@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--row", action="append", dest="rows", metavar="FORMAT[:EMIT][,K=V...][,--FLAG...]",
                    help=f"a row (repeatable); default: {' '.join(DEFAULT_ROWS)}")
-    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: each format's own)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=32)
     p.add_argument("--eval-seq-len", type=int, default=512)
@@ -92,6 +92,16 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, **{k: getattr(args, k) for k in SETTINGS}}
 
 
+def _row_settings(row: Row, args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a row compiles with: the sweep's, the calibration size resolved to the format's default."""
+    settings = _settings(args)
+    if settings["calib_samples"] is None:
+        from qcompile.formats import get_format
+
+        settings["calib_samples"] = get_format(row.format).calib_samples
+    return settings
+
+
 def _report_settings(rep: dict[str, Any]) -> dict[str, Any]:
     return {"model": rep.get("model"), "calib_samples": rep.get("calib_samples"), "seq_len": rep.get("seq_len"),
             "eval_samples": rep.get("eval_samples"), "eval_seq_len": rep.get("eval_seq_len"), "seed": rep.get("seed")}
@@ -103,10 +113,10 @@ def compile_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     report_path = out / "report.json"
     if args.reuse and report_path.is_file():
         rep = json.loads(report_path.read_text())
-        if _report_settings(rep) == _settings(args):
+        if _report_settings(rep) == _row_settings(row, args):
             return rep
     cmd = [sys.executable, "-m", "qcompile.cli", "compile", args.model, *row.cli_args(), "-o", str(out), "--force",
-           "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
+           "--calib-samples", str(_row_settings(row, args)["calib_samples"]), "--seq-len", str(args.seq_len),
            "--eval-samples", str(args.eval_samples), "--eval-seq-len", str(args.eval_seq_len), "--seed", str(args.seed)]
     log = args.out / f"{row.name}.log"
     t0 = time.perf_counter()
@@ -133,7 +143,8 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         ppl = rep.get("ppl_quantized")
         rows.append({"row": spec, "emit": rep.get("emit"), "bits_per_weight": rep["bits_per_weight"], "ppl": ppl,
                      "vs_float": (ppl / rep["ppl_reference"] - 1) if ppl and rep.get("ppl_reference") else None,
-                     "compile_seconds": rep.get("compile_seconds"), "peak_memory_mib": rep.get("peak_memory_mib")})
+                     "compile_seconds": rep.get("compile_seconds"), "peak_memory_mib": rep.get("peak_memory_mib"),
+                     "calib_samples": rep.get("calib_samples")})
     return sorted(rows, key=lambda r: (-r.get("bits_per_weight", -1), r.get("ppl") or float("inf"), r["row"]))
 
 
@@ -143,19 +154,21 @@ def _fmt(value: Any, spec: str) -> str:
 
 def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     lines = [f"# Accuracy/size sweep: {settings['model']}", "",
-             f"Calibration {settings['calib_samples']} x {settings['seq_len']} tokens, evaluation "
+             f"Calibration {settings['calib_samples'] or 'the format default (column calib)'} x {settings['seq_len']}"
+             " tokens, evaluation "
              f"{settings['eval_samples']} x {settings['eval_seq_len']} tokens (bundled Wikipedia split), seed "
              f"{settings['seed']}; {platform.node()} ({platform.machine()}). Bits per weight are counted from the "
              "saved file's bytes (codes, scales, codebooks, outliers); the LM head and embeddings stay float.", "",
-             "| row | emit | bits/weight | perplexity | vs float | compile s | peak MiB |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| row | emit | bits/weight | perplexity | vs float | compile s | peak MiB | calib |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | FAILED: {r['error']} | | | | | |")
+            lines.append(f"| {r['row']} | FAILED: {r['error']} | | | | | | |")
             continue
         change = "-" if r.get("vs_float") is None else f"{r['vs_float']:+.1%}"
         lines.append(f"| {r['row']} | {r['emit']} | {r['bits_per_weight']:.3f} | {_fmt(r['ppl'], '.3f')} | {change} "
-                     f"| {_fmt(r.get('compile_seconds'), '.0f')} | {_fmt(r.get('peak_memory_mib'), '.0f')} |")
+                     f"| {_fmt(r.get('compile_seconds'), '.0f')} | {_fmt(r.get('peak_memory_mib'), '.0f')} "
+                     f"| {_fmt(r.get('calib_samples'), 'd')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -114,6 +114,9 @@ class Format:
     #   -> ({layer: new QuantizedWeight}, {float initializer name: new value}, summary dict for the report),
     #   or None when the options disable it.
     tune: Callable[..., Any] | None = None
+    # Calibration windows when the user names none (--calib-samples): a format measured to gain from more
+    # calibration text (SpQR) takes more than the cheap default.
+    calib_samples: int = 64
 
     def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``given``; unknown keys are an error naming the accepted ones."""
