@@ -9,6 +9,9 @@
 #define QC_X86 1
 // Functions compiled for AVX2 + FMA + F16C; call them only when cpu_has_avx2() is true.
 #define QC_AVX2 __attribute__((target("avx2,fma,f16c")))
+// Functions compiled for AVX-512F + BW (the fixed-point table walks); call them only when
+// cpu_has_avx512bw() is true.
+#define QC_AVX512BW __attribute__((target("avx512f,avx512bw")))
 #else
 #define QC_X86 0
 #endif
@@ -20,6 +23,16 @@ inline bool cpu_has_avx2() {
 #if QC_X86
   static const bool ok =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// AVX-512F and BW (with the OS saving zmm state), checked once per process.
+inline bool cpu_has_avx512bw() {
+#if QC_X86
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   return ok;
 #else
   return false;

@@ -42,14 +42,9 @@ void pack_block(const uint8_t* codes, int64_t T, int64_t T16, int64_t n0, int64_
 }
 
 #if QC_X86
-#define QC_AVX512 __attribute__((target("avx512f,avx512bw")))
+bool available() { return cpu_has_avx512bw() && !env_flag("QCOMPILE_CODEBOOK_LUT_FP32"); }
 
-bool available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  return ok && !env_flag("QCOMPILE_CODEBOOK_LUT_FP32");
-}
-
-QC_AVX512 bool quantize_slices(const float* lut, int64_t s0, int64_t s1, int16_t* q, float* step) {
+QC_AVX512BW bool quantize_slices(const float* lut, int64_t s0, int64_t s1, int16_t* q, float* step) {
   for (int64_t s = s0; s < s1; ++s) {
     const float* L = lut + s * kSliceEntries;
     // max_ps drops NaN operands, so also sum entry * 0, which is NaN iff an entry is NaN or infinite
@@ -75,7 +70,7 @@ QC_AVX512 bool quantize_slices(const float* lut, int64_t s0, int64_t s1, int16_t
 namespace {
 // acc[32*j + i] += step * (sum over the slice's 16 tables of table[t][code of row 32*j + i]), G row groups.
 template <int G>
-QC_AVX512 inline void walk_groups(const uint8_t* c, const int16_t* Q, float step, float* acc) {
+QC_AVX512BW inline void walk_groups(const uint8_t* c, const int16_t* Q, float step, float* acc) {
   __m512i lo32[G], hi32[G];
   for (int j = 0; j < G; ++j) lo32[j] = hi32[j] = _mm512_setzero_si512();
   const __m512i bit6 = _mm512_set1_epi16(0x40), bit7 = _mm512_set1_epi16(0x80);
@@ -118,7 +113,7 @@ QC_AVX512 inline void walk_groups(const uint8_t* c, const int16_t* Q, float step
 }
 }  // namespace
 
-QC_AVX512 void walk_block(const uint8_t* blk, const int16_t* q, const float* step, int64_t slices, int64_t R,
+QC_AVX512BW void walk_block(const uint8_t* blk, const int16_t* q, const float* step, int64_t slices, int64_t R,
                           float* acc) {
   const int64_t RG = (R + kRowGroup - 1) / kRowGroup;
   const uint8_t* c = blk;
@@ -129,7 +124,6 @@ QC_AVX512 void walk_block(const uint8_t* blk, const int16_t* q, const float* ste
     for (; j < RG; ++j, c += kGroupBytes) walk_groups<1>(c, Q, step[s], acc + j * kRowGroup);
   }
 }
-#undef QC_AVX512
 
 #else  // not x86: the fp32 walk serves every call
 

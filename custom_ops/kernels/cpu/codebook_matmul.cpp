@@ -41,9 +41,14 @@ constexpr int64_t kFusedMaxRows = 8;  // up to this many X rows use the fused pa
 
 bool use_avx2() { return cpu_has_avx2() && !env_flag("QCOMPILE_CODEBOOK_NO_AVX2"); }
 
+// The batch-1 byte walk runs in fixed point (codebook_lut_i16.h) on this CPU: what prepare_constant_codes
+// lays the codes out for, and what run_lut checks the layout against.
+bool use_fixed_point_walk() { return use_avx2() && lut_i16::available(); }
+
 // Per-thread scratch that survives across calls (ORT pool threads persist), so tasks do not page-fault
 // fresh allocations every call.
-float* scratch(std::vector<float>& buf, size_t n) {
+template <typename T>
+T* scratch(std::vector<T>& buf, size_t n) {
   if (buf.size() < n) buf.resize(n);
   return buf.data();
 }
@@ -729,20 +734,16 @@ void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2,
   const uint8_t* sliced =
       prepared && p.prepared->layout == WalkLayout::kRowSlices ? p.prepared->sliced.data() : nullptr;
   // the fixed-point walk (codebook_lut_i16.h) over codes prepared in its layout
-  const uint8_t* table_major = prepared && p.prepared->layout == WalkLayout::kTableMajor32 && avx2 &&
-                                       lut_i16::available()
-                                   ? p.prepared->sliced.data()
-                                   : nullptr;
+  const uint8_t* table_major =
+      prepared && p.prepared->layout == WalkLayout::kTableMajor32 && use_fixed_point_walk()
+          ? p.prepared->sliced.data()
+          : nullptr;
   const int64_t slices = g.T / 16;
   // (the calling thread's buffers, shared with the tasks through these pointers)
   thread_local std::vector<int16_t> qlut_buf;
   thread_local std::vector<float> qstep_buf;
-  if (table_major) {
-    if (qlut_buf.size() < static_cast<size_t>(slices * 16 * 256)) qlut_buf.resize(static_cast<size_t>(slices * 16 * 256));
-    if (qstep_buf.size() < static_cast<size_t>(slices)) qstep_buf.resize(static_cast<size_t>(slices));
-  }
-  int16_t* qlut = qlut_buf.data();
-  float* qstep = qstep_buf.data();
+  int16_t* qlut = scratch(qlut_buf, table_major ? static_cast<size_t>(slices * 16 * 256) : 0);
+  float* qstep = scratch(qstep_buf, table_major ? static_cast<size_t>(slices) : 0);
   const int64_t gather_tasks = (g.N + rows_per_task - 1) / rows_per_task;
   static const int64_t slice_bytes = [] {
     const char* e = std::getenv("QCOMPILE_CODEBOOK_LUT_SLICE_KB");
@@ -934,7 +935,7 @@ Status prepare_constant_codes(const Attrs& a, const void* codes, CodeType code_t
   if (code_type != CodeType::kUint8 || !byte_walk_wins(g)) return Status::OK();
   const int64_t T16 = g.T / 16 * 16;
   const uint8_t* src = static_cast<const uint8_t*>(codes);
-  if (use_avx2() && lut_i16::available()) {  // the walk this CPU will run
+  if (use_fixed_point_walk()) {  // the walk this CPU will run
     out->layout = WalkLayout::kTableMajor32;
     out->sliced.resize(static_cast<size_t>(g.N / kLutRowsPerTask * kLutRowsPerTask * T16 +
                                            lut_i16::block_bytes(g.N % kLutRowsPerTask, T16)));

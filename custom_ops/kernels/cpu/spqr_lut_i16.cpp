@@ -63,14 +63,9 @@ void pack(const Attrs& a, const uint32_t* codes, const uint32_t* stat_codes, uin
 }
 
 #if QC_X86
-#define QC_AVX512 __attribute__((target("avx512f,avx512bw")))
+bool available() { return cpu_has_avx512bw() && !env_flag("QCOMPILE_SPQR_LUT_FP32"); }
 
-bool available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  return ok && !env_flag("QCOMPILE_SPQR_LUT_FP32");
-}
-
-QC_AVX512 bool build_tables(const float* xk, int64_t G, int16_t* lut, float* step) {
+QC_AVX512BW bool build_tables(const float* xk, int64_t G, int16_t* lut, float* step) {
   // entry i of a pair table: (i & 7) - 4 times x_a plus (i >> 3) - 4 times x_b; four vectors of 16 entries
   alignas(64) float ca[kEntries], cb[kEntries];
   for (int i = 0; i < kEntries; ++i) {
@@ -101,9 +96,10 @@ QC_AVX512 bool build_tables(const float* xk, int64_t G, int16_t* lut, float* ste
 }
 
 namespace {
-// The dense part of J row groups (32 rows each, codes at c, c + kSliceGroups... see walk_block) for group g.
+// Group g of J row groups (c[j]: row group j's pair and stat codes of this group): acc[2j + h] += the dense
+// part scale * (step * D - (zero - 4) * xsum) of its 16-row halves h.
 template <int J>
-QC_AVX512 inline void groups_dot(const uint8_t* const* c, const int16_t* T, float step, float xs,
+QC_AVX512BW inline void groups_dot(const uint8_t* const* c, const int16_t* T, float step, float xs,
                                  const float* const* P, int64_t G, __m512* acc) {
   __m512i d[J];
   for (int j = 0; j < J; ++j) d[j] = _mm512_setzero_si512();
@@ -134,7 +130,7 @@ QC_AVX512 inline void groups_dot(const uint8_t* const* c, const int16_t* T, floa
 }
 
 template <int J>
-QC_AVX512 inline void row_groups_slice(const Attrs& a, const uint8_t* c, int64_t ng, int64_t gs, int64_t n0,
+QC_AVX512BW inline void row_groups_slice(const Attrs& a, const uint8_t* c, int64_t ng, int64_t gs, int64_t n0,
                                        int64_t rg, const int16_t* lut, const float* step, const float* xsum,
                                        const float* params, float* acc) {
   const int64_t G = a.groups(), last_rb = a.row_blocks() - 1;
@@ -162,7 +158,7 @@ QC_AVX512 inline void row_groups_slice(const Attrs& a, const uint8_t* c, int64_t
 }
 }  // namespace
 
-QC_AVX512 void walk_block(const Attrs& a, const uint8_t* blk, int64_t n0, int64_t R, const int16_t* lut,
+QC_AVX512BW void walk_block(const Attrs& a, const uint8_t* blk, int64_t n0, int64_t R, const int16_t* lut,
                           const float* step, const float* xsum, const float* params, float* acc) {
   const int64_t G = a.groups(), RG = row_groups(R);
   std::fill(acc, acc + RG * kRowGroup, 0.f);
@@ -174,7 +170,6 @@ QC_AVX512 void walk_block(const Attrs& a, const uint8_t* blk, int64_t n0, int64_
     for (; rg < RG; ++rg) row_groups_slice<1>(a, c + rg * ng * kGroupBytes, ng, gs, n0, rg, lut, step, xsum, params, acc);
   }
 }
-#undef QC_AVX512
 
 #else  // not x86: the fp32 walk serves every call
 

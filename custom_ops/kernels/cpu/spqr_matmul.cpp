@@ -665,6 +665,10 @@ QC_AVX2 void rows_avx2_mm(const Call& c, int64_t r0, int64_t r1) {
 
 bool force_scalar() { return env_flag("QCOMPILE_SPQR_SCALAR"); }
 
+// The batch-1 walk over constant codes runs on fixed-point pair tables (spqr_lut_i16.h) for this layer on
+// this CPU: what prepare_constant_codes lays the codes out for, and what matmul_cpu checks it against.
+bool use_pairs_walk(const Attrs& a) { return cpu_has_avx2() && lut_i16::available() && lut_i16::supports(a); }
+
 #if QC_X86
 // One block of rows of run_pairs: dense parts, then outliers and bias.
 QC_AVX2 void pairs_block(const Call& c, const PreparedCodes& prep, const int16_t* lut, const float* step, int64_t n0) {
@@ -801,7 +805,7 @@ Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, const uint3
 #else
   const bool useful = false;
 #endif
-  if (useful && lut_i16::available() && lut_i16::supports(a)) {  // the walk this CPU will run
+  if (use_pairs_walk(a)) {  // the walk this CPU will run
     out->pairs.resize((size_t)lut_i16::prepared_bytes(a));
     lut_i16::pack(a, codes, stat_codes, out->pairs.data());
     return Status::OK();
@@ -842,12 +846,13 @@ Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, const uint3
 Status matmul_cpu(const Problem& p, const Parallel& par) {
   const Attrs& a = p.attrs;
   if (p.M <= 0) return Status::OK();
-  // prepared lanes only for the batch-1 AVX2 path, and only when they were made from these codes
+  // prepared codes only for the batch-1 SIMD paths (lanes: AVX2; pairs: the fixed-point walk), and only
+  // when they were made from these codes
   const bool same = p.prepared && p.prepared->source == p.w.codes && p.prepared->stat_source == p.w.stat_codes &&
                     p.M == 1 && !force_scalar();
   const PreparedCodes* prep =
       same && ((!p.prepared->lanes.empty() && p.prepared->per_lane == 32 / a.bits) ||
-               (!p.prepared->pairs.empty() && cpu_has_avx2() && lut_i16::available() && lut_i16::supports(a)))
+               (!p.prepared->pairs.empty() && use_pairs_walk(a)))
           ? p.prepared
           : nullptr;
   if (p.dtype == DType::kFloat32) {
