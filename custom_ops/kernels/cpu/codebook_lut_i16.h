@@ -6,8 +6,8 @@
 // rounded to the nearest multiple of step_s = max_s / kLutI16Max (max_s = the slice's largest |entry|), so
 // each looked-up value is off by at most step_s / 2. Pairs of tables are summed in int16 and everything
 // else exactly in int32, then each slice's integer sum is scaled by step_s in fp32. A row's error is
-// therefore at most sum_s 8 * step_s (plus fp32 rounding of the slice sums): ~7e-5 of |y| RMS on random
-// data, below the rounding of an fp16 output.
+// therefore at most sum_s 8 * step_s (plus fp32 rounding of the slice sums); the RMS error on the tests'
+// random cases is below 2e-4 of |y| RMS (asserted), under the rounding of an fp16 output.
 #pragma once
 #include <cstdint>
 
