@@ -38,6 +38,9 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--damp", type=float, help="format option damp")
     p.add_argument("-O", "--option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="any other format option (repeatable); `qcompile formats` lists them")
+    p.add_argument("-L", "--layer-option", action="append", default=[], metavar="PATTERN:KEY=VALUE[,KEY=VALUE]",
+                   help="format options for the layers whose names match PATTERN (shell-style, e.g. "
+                        "'*.v_proj:bits=4'); repeatable, a later one wins")
     p.add_argument("--calib-samples", type=int, default=None,
                    help="calibration windows (default: the format's, see `qcompile formats`; 64 for most)")
     p.add_argument("--seq-len", type=int, default=256, help="calibration window length in tokens (default 256)")
@@ -68,6 +71,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             options[key] = getattr(args, key)
     cfg = CompileConfig(
         model=args.model, format=args.format, output=args.output, emit=args.emit, options=options,
+        layer_options=list(args.layer_option),
         calib_samples=args.calib_samples, seq_len=args.seq_len, eval_samples=args.eval_samples,
         eval_seq_len=args.eval_seq_len, eval_text=args.eval_text, evaluate=not args.no_eval, seed=args.seed,
         device=args.device, dtype=args.dtype, include_lm_head=args.include_lm_head, sequential=args.sequential,
@@ -175,7 +179,8 @@ def cmd_formats(args: argparse.Namespace) -> int:
         print(json.dumps([{"name": f.name, "description": f.description, "runtime": f.runtime,
                            "emits": list(f.emits), "default_emit": f.default_emit,
                            "needs_calibration": f.needs_calibration, "calib_samples": f.calib_samples,
-                           "options": {k: {"default": o.default, "help": o.help} for k, o in f.options.items()}}
+                           "options": {k: {"default": o.default, "help": o.help} for k, o in f.options.items()},
+                           "layer_options": [str(o) for o in f.layer_options]}
                           for f in fmts], indent=2, default=str))
         return 0
     for f in fmts:
@@ -184,6 +189,8 @@ def cmd_formats(args: argparse.Namespace) -> int:
               f"{f'yes, {f.calib_samples} windows by default' if f.needs_calibration else 'no'}")
         for k, o in f.options.items():
             print(f"    -O {f'{k}={o.default}':<24} {o.help}")
+        for o in f.layer_options:
+            print(f"    -L {o}")
     return 0
 
 

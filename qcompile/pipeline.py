@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from qcompile.errors import QCompileError, UnsupportedModelError
 from qcompile.formats import get_format
-from qcompile.formats.base import Format, QuantizedWeight
+from qcompile.formats.base import Format, LayerOverride, QuantizedWeight, is_whole_model_option
 from qcompile.gptq import relative_output_error
 from qcompile.layer_checkpoint import LayerCheckpoint
 from qcompile.passes.discover_linears import LinearMatch, discover_linears, ensure_node_names, initializer_map
@@ -43,6 +43,8 @@ class CompileConfig:
     output: Path
     emit: str | None = None  # None: the format's default
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # format options (group_size, ...)
+    # per-layer options over ``options``: LayerOverride objects or "PATTERN:KEY=VALUE[,...]" strings
+    layer_options: list[LayerOverride | str] = dataclasses.field(default_factory=list)
     calib_samples: int | None = None  # None: the format's default (Format.calib_samples)
     seq_len: int = 256
     eval_samples: int = 32
@@ -145,6 +147,9 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     fmt = get_format(cfg.format)
     opts = fmt.resolve_options(cfg.options)
+    overrides = [o if isinstance(o, LayerOverride) else LayerOverride.parse(o) for o in cfg.layer_options]
+    for ov in overrides:
+        fmt.parse_layer_override(ov)
     emit = cfg.emit or fmt.default_emit
     if emit not in fmt.emits:
         raise QCompileError(f"format {fmt.name} cannot emit {emit!r}; it emits: {', '.join(fmt.emits)}")
@@ -172,7 +177,8 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
                                                                          cfg.seq_len, seed=cfg.seed))
         calib_tokens = int(calib.size)
         inits = initializer_map(model)
-        ckpt = _layer_checkpoint(source, float_path, fmt, opts, calib, cfg, device)
+        per_layer = fmt.resolve_layer_options(opts, overrides, [m.name for m in matches])
+        ckpt = _layer_checkpoint(source, float_path, fmt, per_layer, calib, cfg, device)
         done_before = set(ckpt.names()) & {m.name for m in matches}
         if not cfg.resume:
             done_before = set()
@@ -191,7 +197,8 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
                 return hit[0]
             t0 = time.perf_counter()
             with quantization_threads(device):
-                qw = fmt.quantize(m.weight(inits), h if fmt.needs_calibration else None, device=device, **opts)
+                qw = fmt.quantize(m.weight(inits), h if fmt.needs_calibration else None, device=device,
+                                  **per_layer[m.name])
             layer_seconds[m.name] = time.perf_counter() - t0
             ckpt.put(m.name, qw, {"seconds": layer_seconds[m.name]})
             return qw
@@ -220,10 +227,11 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
             w = torch.from_numpy(m.weight(inits).T)
             h = hessians.get(m.name)
             err = relative_output_error(w, torch.from_numpy(qw.dequantize().T), h) if h is not None else None
+            own = {k: v for k, v in per_layer[m.name].items() if v != opts[k]}
             layers.append({"name": m.name, "shape": list(m.shape), "format": fmt.name,
                            "bits_per_weight": qw.bits_per_weight(), "rel_output_error": err,
                            "quantize_seconds": layer_seconds.get(m.name), "resumed": m.name in resumed,
-                           **qw.extra_report()})
+                           **({"layer_options": own} if own else {}), **qw.extra_report()})
 
         lowered = stages.run("lower", lambda: lower_weights(model, matches, quantized, emit))
         lowered.metadata_props.add(key="qcompile.format", value=fmt.name)
@@ -240,6 +248,7 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
             layer["bits_per_weight"] = s.packed_bits_per_weight if emit == "simulated" else s.bits_per_weight
         report: dict[str, Any] = {
             "format": fmt.name, "emit": emit, "model": cfg.model, "options": opts, "device": device,
+            "layer_options": [str(o) for o in (*fmt.layer_options, *overrides)],
             "bits_per_weight": reports.overall_bits(sizes, packed=emit == "simulated"),
             "bits_per_weight_in_file": reports.overall_bits(sizes),
             "quantized_params": sum(s.params for s in sizes), "quantized_layers": len(sizes),
@@ -293,16 +302,19 @@ def _override_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]
         t.CopyFrom(numpy_helper.from_array(arr, name))
 
 
-def _layer_checkpoint(source: Any, float_path: Path, fmt: Format, opts: dict[str, Any], calib: np.ndarray,
-                      cfg: CompileConfig, device: str) -> LayerCheckpoint:
+def _layer_checkpoint(source: Any, float_path: Path, fmt: Format, per_layer: dict[str, dict[str, Any]],
+                      calib: np.ndarray, cfg: CompileConfig, device: str) -> LayerCheckpoint:
     """Checkpoint folder for this exact compile: every input that determines a layer's result is in the key
-    (model file, format, options, calibration tokens, sequential mode, device); progress bars and the
-    whole-model ``finetune*`` options (they act after every layer is done) are not."""
+    (model file, format, every layer's options, calibration tokens, sequential mode, device); progress bars
+    and the whole-model ``finetune*`` options (they act after every layer is done) are not."""
     from qcompile.cache import cache_dir, digest_array, key_hash
 
+    layer_opts = {name: {k: v for k, v in o.items() if k != "progress" and not is_whole_model_option(k)}
+                  for name, o in per_layer.items()}
+    distinct = sorted({repr(sorted(o.items())) for o in layer_opts.values()})
+    opts_key: Any = layer_opts[next(iter(layer_opts))] if len(distinct) == 1 else layer_opts
     key = key_hash("layers-v1", getattr(source, "fingerprint", None), str(float_path), _file_key(float_path),
-                   fmt.name, {k: v for k, v in opts.items() if k != "progress" and not k.startswith("finetune")}, digest_array(np.asarray(calib)),
-                   cfg.sequential, cfg.include_lm_head, device)
+                   fmt.name, opts_key, digest_array(np.asarray(calib)), cfg.sequential, cfg.include_lm_head, device)
     return LayerCheckpoint(cache_dir() / "layers" / key, fingerprint=key)
 
 

@@ -10,8 +10,9 @@ Adding a format = numerics (a ``quantize`` function), an op (native lowering), a
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -95,6 +96,38 @@ class Option:
 
 QuantizeFn = Callable[..., QuantizedWeight]
 
+#: Options whose name starts with this act on the whole model after every layer is quantized (fine-tuning);
+#: they cannot differ per layer and do not change any layer's own result.
+WHOLE_MODEL_PREFIX = "finetune"
+
+
+def is_whole_model_option(key: str) -> bool:
+    return key.startswith(WHOLE_MODEL_PREFIX)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOverride:
+    """Format options for the layers whose names match ``pattern`` (shell-style, e.g. ``*.v_proj``).
+
+    Why: layers differ in how much their error costs the model (a small model's attention value projections
+    cost far more than its MLP weights at the same bits), so a format's bit budget is best spent unevenly."""
+
+    pattern: str
+    options: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> "LayerOverride":
+        """``PATTERN:KEY=VALUE[,KEY=VALUE...]`` (the CLI's ``--layer-option``)."""
+        pattern, sep, rest = text.partition(":")
+        pairs = [p.strip() for p in rest.split(",") if p.strip()]
+        if not sep or not pattern.strip() or not pairs or any("=" not in p for p in pairs):
+            raise FormatError(f"layer option {text!r}: expected PATTERN:KEY=VALUE[,KEY=VALUE...], "
+                              "e.g. '*.v_proj:bits=4'")
+        return cls(pattern.strip(), tuple(tuple(p.split("=", 1)) for p in pairs))  # type: ignore[misc]
+
+    def __str__(self) -> str:
+        return f"{self.pattern}:" + ",".join(f"{k}={v}" for k, v in self.options)
+
 
 @dataclasses.dataclass(frozen=True)
 class Format:
@@ -117,6 +150,9 @@ class Format:
     # Calibration windows when the user names none (--calib-samples): a format measured to gain from more
     # calibration text (SpQR) takes more than the cheap default.
     calib_samples: int = 64
+    # Per-layer defaults of a preset (e.g. more bits for attention value projections); user overrides
+    # (--layer-option) come after these.
+    layer_options: tuple[LayerOverride, ...] = ()
 
     def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``given``; unknown keys are an error naming the accepted ones."""
@@ -129,6 +165,36 @@ class Format:
         out = {k: o.default for k, o in self.options.items()}
         for k, v in given.items():
             out[k] = self.options[k].parse(k, v)
+        return out
+
+    def parse_layer_override(self, ov: LayerOverride) -> dict[str, Any]:
+        """An override's options parsed with this format's option types; unknown keys and whole-model
+        options are errors (checked before any work, so a typo fails at once)."""
+        for k, _ in ov.options:
+            if k not in self.options:
+                raise FormatError(f"layer option {ov}: format {self.name} has no option {k}; "
+                                  f"accepted: {', '.join(sorted(self.options))}")
+            if is_whole_model_option(k):
+                raise FormatError(f"layer option {ov}: {k} acts on the whole model, not per layer")
+        return {k: self.options[k].parse(k, raw) for k, raw in ov.options}
+
+    def resolve_layer_options(self, base: dict[str, Any], overrides: Sequence[LayerOverride],
+                              layer_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Each layer's options: ``base`` (from :meth:`resolve_options`), then every override whose pattern
+        matches the layer's name, in order (a later one wins). The format's own :attr:`layer_options` come
+        first and may match nothing (they name layers of common architectures); a given pattern that
+        matches no layer is an error."""
+        names = list(layer_names)
+        out = {n: dict(base) for n in names}
+        for ov, own in [(o, True) for o in self.layer_options] + [(o, False) for o in overrides]:
+            parsed = self.parse_layer_override(ov)
+            matched = fnmatch.filter(names, ov.pattern)
+            if not matched and not own:
+                example = names[0] if names else "(none)"
+                raise FormatError(f"layer option {ov}: pattern {ov.pattern!r} matches no quantized layer "
+                                  f"(names look like {example!r})")
+            for n in matched:
+                out[n].update(parsed)
         return out
 
 

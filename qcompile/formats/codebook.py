@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompile.aqlm import AQLMConfig, aqlm_quantize
 from qcompile.errors import FormatError
 from qcompile.finetune import finetune_options, tune_format_layers
-from qcompile.formats.base import Format, Lowered, Option, QuantizedWeight, register
+from qcompile.formats.base import Format, Lowered, Option, QuantizedWeight, is_whole_model_option, register
 from qcompile.reference import codebook as ref
 
 OP_DOMAIN = "qcompile"
@@ -153,7 +153,7 @@ def quantize_codebook(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, na
     """Quantize one ``[K, N]`` weight with AQLM. ``hessian`` None = plain weight MSE (data-free).
 
     ``whole_model`` takes the ``finetune_*`` options, which act later (:func:`tune_codebooks`)."""
-    unknown = [k for k in whole_model if not k.startswith("finetune")]
+    unknown = [k for k in whole_model if not is_whole_model_option(k)]
     if unknown:
         raise FormatError(f"{name}: unknown option(s) {', '.join(unknown)}")
     k, n = weight_kn.shape

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.errors import FormatError
 from qcompile.finetune import finetune_options, tune_format_layers
-from qcompile.formats.base import Format, Lowered, Option, QuantizedWeight, register
+from qcompile.formats.base import Format, Lowered, Option, QuantizedWeight, is_whole_model_option, register
 from qcompile.reference import spqr as ref
 from qcompile.spqr import SpQRConfig, spqr_quantize
 
@@ -174,7 +174,7 @@ def quantize_spqr(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, name: 
     """Quantize one ``[K, N]`` weight with SpQR. Without a Hessian, H = I (data-free, saliency = error²).
 
     ``whole_model`` takes the ``finetune_*`` options, which act later (:func:`tune_spqr`)."""
-    unknown = [k for k in whole_model if not k.startswith("finetune")]
+    unknown = [k for k in whole_model if not is_whole_model_option(k)]
     if unknown:
         raise FormatError(f"{name}: unknown option(s) {', '.join(unknown)}")
     try:
