@@ -175,6 +175,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             if report.get("resumed_layers") else "")),
         ("peak memory (MiB)", f"{report.get('peak_memory_mib', 0):.0f}"),
     ]
+    if report.get("layer_options"):
+        head.insert(3, ("layer options (-L, in order)", ", ".join(f"`{o}`" for o in report["layer_options"])))
     tune = report.get("tune")
     if tune and "steps" in tune:
         head.append(("fine-tuning (whole model)", f"{tune['steps']} steps x {tune['windows_per_step']} windows, KL to "
@@ -186,6 +188,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         head.insert(4, ("note", "simulated emit: the file holds dequantized floats; bits per weight is what the "
                                 "format's native storage takes"))
     lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in head], "", "## Layers", ""]
-    rows = [dict(layer, shape="x".join(map(str, layer["shape"]))) for layer in report["layers"]]
-    lines.append(markdown_table(rows, LAYER_COLUMNS))
+    rows = [dict(layer, shape="x".join(map(str, layer["shape"])),
+                 own=",".join(f"{k}={v}" for k, v in layer.get("layer_options", {}).items()))
+            for layer in report["layers"]]
+    columns = LAYER_COLUMNS + ([("own", "own options", "s")] if any(r["own"] for r in rows) else [])
+    lines.append(markdown_table(rows, columns))
     return "\n".join(lines) + "\n"

@@ -69,9 +69,12 @@ def test_compile_gives_matched_layers_their_options(tmp_path, ops_library, ops_s
     tiny = str(save_tiny_hf_dir(tmp_path / "hf"))
     small = dict(calib_samples=8, seq_len=64, evaluate=False, progress=False,
                  options={"outlier_threshold": 0.2, "finetune_epochs": 0})
-    plain = qcompile_compile(tiny, "spqr-w3", tmp_path / "plain", **small)
-    mixed = qcompile_compile(tiny, "spqr-w3", tmp_path / "mixed", layer_options=["*.v_proj:bits=4"], **small)
-    assert mixed["layer_options"] == ["*.v_proj:bits=4"]
+    uniform = "*:bits=3"  # over the preset's own per-layer bits, if it has any
+    plain = qcompile_compile(tiny, "spqr-w3", tmp_path / "plain", layer_options=[uniform], **small)
+    mixed = qcompile_compile(tiny, "spqr-w3", tmp_path / "mixed", layer_options=[uniform, "*.v_proj:bits=4"],
+                             **small)
+    own = [str(o) for o in get_format("spqr-w3").layer_options]
+    assert mixed["layer_options"] == own + [uniform, "*.v_proj:bits=4"]
     model = onnx.load(str(tmp_path / "mixed" / "model.onnx"))
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node
             if n.op_type == "SpQRMatMul"}
@@ -87,6 +90,8 @@ def test_compile_gives_matched_layers_their_options(tmp_path, ops_library, ops_s
             assert "layer_options" not in layer
             assert layer["bits_per_weight"] == old["bits_per_weight"]
             assert layer["rel_output_error"] == pytest.approx(old["rel_output_error"], rel=1e-6)
+    md = (tmp_path / "mixed" / "report.md").read_text()
+    assert "`*.v_proj:bits=4`" in md and "own options" in md and "| bits=4 |" in md
     ids = random_tokens(2, 16, seed=3)
     logits = ops_session(model).run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
     assert np.isfinite(logits).all()
@@ -98,3 +103,20 @@ def test_cli_passes_layer_options(tmp_path, capsys):
     rc = main(["compile", "no-such-model-dir", "-f", "spqr-w3", "-o", str(tmp_path / "o"), "-L", "*.v_proj:bitz=4"])
     assert rc != 0 and "has no option bitz" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_spqr_w3_preset_spends_its_budget_on_value_and_late_up_projections(capsys):
+    """The preset's own -L defaults (docs/spqr-bit-allocation.md): v_proj everywhere and up_proj of blocks 16-29
+    at 4 bits on a 30-block Llama; a user's override comes after them; `qcompile formats` lists them."""
+    from qcompile.cli import main
+
+    fmt = get_format("spqr-w3")
+    names = [f"model.layers.{i}.{t}" for i in range(30)
+             for t in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")]
+    per = fmt.resolve_layer_options(fmt.resolve_options({}), [], names)
+    four = {n for n, o in per.items() if o["bits"] == 4}
+    assert four == {n for n in names if n.endswith(".v_proj")} | {f"model.layers.{i}.mlp.up_proj" for i in range(16, 30)}
+    per = fmt.resolve_layer_options(fmt.resolve_options({}), [LayerOverride.parse("*:bits=3")], names)
+    assert {o["bits"] for o in per.values()} == {3}
+    assert main(["formats"]) == 0
+    assert "-L *.v_proj:bits=4" in capsys.readouterr().out

@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.errors import FormatError
 from qcompile.finetune import finetune_options, tune_format_layers
-from qcompile.formats.base import Format, Lowered, Option, QuantizedWeight, is_whole_model_option, register
+from qcompile.formats.base import (Format, LayerOverride, Lowered, Option, QuantizedWeight, is_whole_model_option,
+                                   register)
 from qcompile.reference import spqr as ref
 from qcompile.spqr import SpQRConfig, spqr_quantize
 
@@ -192,18 +193,30 @@ def quantize_spqr(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, name: 
     return SpQRQuantizedWeight.from_result(name, spqr_quantize(w, h, cfg), cfg)
 
 
-#: Paper settings (β1 = β2 = 16, 3-bit statistics, act-order). The w3 threshold is tuned on SmolLM2-135M so
-#: the whole model stays under 4 bits per weight: 0.35 keeps ~0.7% of weights as outliers (3.97 bits/weight
-#: counted from the stored tensors; 0.2 would keep ~1.8% and cost ~4.3). w4 has no 4-bit budget to keep, so it
-#: aims at accuracy (within 2% of float on SmolLM2-135M): 0.1 keeps ~0.5% outliers (4.90 bits/weight) and it
-#: fine-tunes on 512 windows (0.2 and 256 windows: 4.80 bits/weight, +3.2%).
+#: Paper settings (β1 = β2 = 16, 3-bit statistics, act-order), with the 4-bit budget of spqr-w3 spent unevenly
+#: (screened on SmolLM2-135M without fine-tuning, 256 calibration windows: docs/spqr-bit-allocation.md). With
+#: fine-tuning it gave 25.087 at 3.997 bits/weight, where the uniform preset before (all 3-bit, threshold 0.35)
+#: gave 25.244 at 3.973: fine-tuning recovers much of what the layer-wise method loses either way.
+#: - outliers are the cheapest bits to give up: threshold 0.35 -> 0.5 keeps ~0.35% instead of ~0.65% of weights
+#:   (-0.11 bits/weight for +0.08 perplexity), 1.0 costs much more (+0.77 for a further -0.07 bits/weight);
+#: - attention value projections at 4 bits buy the most per bit (v_proj: -0.40 perplexity for +0.024 bits/weight;
+#:   q/k: -0.03 for +0.10; o_proj: -0.10 for +0.07), then MLP up projections (-0.77 for +0.21 for all 30),
+#:   and of those the later blocks' (blocks 15-29: 26.116 vs 0-14: 26.237).
+#: Coarser statistics where errors matter little cost more than they free (q/k/o groups of 32: +0.33 for
+#: -0.05 bits/weight; MLP stat_group 32: +0.20 for -0.09). These patterns name Llama-style layers of a model
+#: with at least 17 blocks; on other models they match fewer layers (or none) and the rest stays 3-bit.
+#: w4 has no 4-bit budget to keep, so it aims at accuracy (within 2% of float on SmolLM2-135M): 0.1 keeps ~0.5%
+#: outliers (4.90 bits/weight) and it fine-tunes on 512 windows (0.2 and 256 windows: 4.80 bits/weight, +3.2%).
 #: Calibration windows (x 256 tokens) by default, more than the other formats' 64: SpQR measurably gains from
 #: more Hessian data (spqr-w3 without fine-tuning on SmolLM2-135M: 64 windows 27.479, 256 windows 26.846),
 #: for ~2.5 more minutes of calibration.
 CALIB_SAMPLES = 256
 
+W3_LAYER_OPTIONS = tuple(LayerOverride.parse(t) for t in (
+    "*.v_proj:bits=4", "model.layers.1[6-9].mlp.up_proj:bits=4", "model.layers.2?.mlp.up_proj:bits=4"))
+
 PRESETS = {
-    "spqr-w3": dict(bits=3, outlier_threshold=0.35),
+    "spqr-w3": dict(bits=3, outlier_threshold=0.5, layer_options=W3_LAYER_OPTIONS),
     "spqr-w4": dict(bits=4, outlier_threshold=0.1, finetune_windows=512),
 }
 
@@ -243,14 +256,17 @@ def tune_spqr(source: Any, quantized: dict[str, QuantizedWeight], calib: np.ndar
                               lambda q: SpQRLinear(q.tensors, **q.attrs), from_module, desc="spqr finetune")
 
 
-def _register(name: str, bits: int, outlier_threshold: float, finetune_windows: int = 256) -> None:
+def _register(name: str, bits: int, outlier_threshold: float, finetune_windows: int = 256,
+              layer_options: tuple[LayerOverride, ...] = ()) -> None:
     def quantize(weight_kn, hessian, **opts):
         return quantize_spqr(weight_kn, hessian, name=name, **opts)
 
     register(Format(
         name=name,
-        description=f"SpQR: {bits}-bit codes in groups of 16, 3-bit bi-level statistics, fp16 outliers (CSR); "
-                    "then the fp16 side parameters and norms are fine-tuned against the float model (finetune_*)",
+        description=f"SpQR: {bits}-bit codes in groups of 16"
+                    f"{' (4-bit where -L says so)' if layer_options else ''}, 3-bit bi-level statistics, fp16 "
+                    "outliers (CSR); then the fp16 side parameters and norms are fine-tuned against the float "
+                    "model (finetune_*)",
         runtime="qcompile_ops custom-op library (qcompile.SpQRMatMul)",
         quantize=quantize,
         options=_options(bits, outlier_threshold, finetune_windows),
@@ -258,6 +274,7 @@ def _register(name: str, bits: int, outlier_threshold: float, finetune_windows: 
         emits=("native", "simulated", "portable"),
         tune=tune_spqr,
         calib_samples=CALIB_SAMPLES,
+        layer_options=layer_options,
     ))
 
 
