@@ -150,6 +150,7 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
     overrides = [o if isinstance(o, LayerOverride) else LayerOverride.parse(o) for o in cfg.layer_options]
     for ov in overrides:
         fmt.parse_layer_override(ov)
+    layer_overrides = [str(o) for o in (*fmt.layer_options, *overrides)]  # in the order they apply
     emit = cfg.emit or fmt.default_emit
     if emit not in fmt.emits:
         raise QCompileError(f"format {fmt.name} cannot emit {emit!r}; it emits: {', '.join(fmt.emits)}")
@@ -178,7 +179,7 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
         calib_tokens = int(calib.size)
         inits = initializer_map(model)
         per_layer = fmt.resolve_layer_options(opts, overrides, [m.name for m in matches])
-        ckpt = _layer_checkpoint(source, float_path, fmt, per_layer, calib, cfg, device)
+        ckpt = _layer_checkpoint(source, float_path, fmt, opts, layer_overrides, calib, cfg, device)
         done_before = set(ckpt.names()) & {m.name for m in matches}
         if not cfg.resume:
             done_before = set()
@@ -248,7 +249,7 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
             layer["bits_per_weight"] = s.packed_bits_per_weight if emit == "simulated" else s.bits_per_weight
         report: dict[str, Any] = {
             "format": fmt.name, "emit": emit, "model": cfg.model, "options": opts, "device": device,
-            "layer_options": [str(o) for o in (*fmt.layer_options, *overrides)],
+            "layer_options": layer_overrides,
             "bits_per_weight": reports.overall_bits(sizes, packed=emit == "simulated"),
             "bits_per_weight_in_file": reports.overall_bits(sizes),
             "quantized_params": sum(s.params for s in sizes), "quantized_layers": len(sizes),
@@ -302,19 +303,17 @@ def _override_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]
         t.CopyFrom(numpy_helper.from_array(arr, name))
 
 
-def _layer_checkpoint(source: Any, float_path: Path, fmt: Format, per_layer: dict[str, dict[str, Any]],
+def _layer_checkpoint(source: Any, float_path: Path, fmt: Format, opts: dict[str, Any], layer_overrides: list[str],
                       calib: np.ndarray, cfg: CompileConfig, device: str) -> LayerCheckpoint:
     """Checkpoint folder for this exact compile: every input that determines a layer's result is in the key
-    (model file, format, every layer's options, calibration tokens, sequential mode, device); progress bars
-    and the whole-model ``finetune*`` options (they act after every layer is done) are not."""
+    (model file, format, options and per-layer overrides, calibration tokens, sequential mode, device);
+    progress bars and the whole-model ``finetune*`` options (they act after every layer is done) are not."""
     from qcompile.cache import cache_dir, digest_array, key_hash
 
-    layer_opts = {name: {k: v for k, v in o.items() if k != "progress" and not is_whole_model_option(k)}
-                  for name, o in per_layer.items()}
-    distinct = sorted({repr(sorted(o.items())) for o in layer_opts.values()})
-    opts_key: Any = layer_opts[next(iter(layer_opts))] if len(distinct) == 1 else layer_opts
-    key = key_hash("layers-v1", getattr(source, "fingerprint", None), str(float_path), _file_key(float_path),
-                   fmt.name, opts_key, digest_array(np.asarray(calib)), cfg.sequential, cfg.include_lm_head, device)
+    layer_opts = {k: v for k, v in opts.items() if k != "progress" and not is_whole_model_option(k)}
+    key = key_hash("layers-v2", getattr(source, "fingerprint", None), str(float_path), _file_key(float_path),
+                   fmt.name, layer_opts, layer_overrides, digest_array(np.asarray(calib)), cfg.sequential,
+                   cfg.include_lm_head, device)
     return LayerCheckpoint(cache_dir() / "layers" / key, fingerprint=key)
 
 

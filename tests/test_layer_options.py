@@ -120,3 +120,25 @@ def test_spqr_w3_preset_spends_its_budget_on_value_and_late_up_projections(capsy
     assert {o["bits"] for o in per.values()} == {3}
     assert main(["formats"]) == 0
     assert "-L *.v_proj:bits=4" in capsys.readouterr().out
+
+
+def test_layer_overrides_are_part_of_the_resume_checkpoint_key(tmp_path, monkeypatch):
+    """A killed compile resumed with other per-layer options must not reuse its finished layers."""
+    from pathlib import Path
+
+    from qcompile.pipeline import CompileConfig, _layer_checkpoint
+
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path))
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"x")
+    fmt = get_format("spqr-w3")
+    cfg = CompileConfig(model=str(model), format=fmt.name, output=Path(tmp_path / "o"))
+    calib = np.zeros((2, 8), dtype=np.int64)
+
+    def key(overrides, **opts):
+        return _layer_checkpoint(None, model, fmt, fmt.resolve_options(opts), overrides, calib, cfg, "cpu").directory
+
+    assert key([]) == key([])
+    assert key(["*.v_proj:bits=4"]) != key([])
+    assert key(["*.v_proj:bits=4"]) != key(["*.k_proj:bits=4"])
+    assert key([], finetune_epochs=0) == key([])  # whole-model options act after the layers

@@ -197,8 +197,8 @@ def quantize_spqr(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, name: 
 #: (screened on SmolLM2-135M without fine-tuning, 256 calibration windows: docs/spqr-bit-allocation.md). With
 #: fine-tuning it gave 25.087 at 3.997 bits/weight, where the uniform preset before (all 3-bit, threshold 0.35)
 #: gave 25.244 at 3.973: fine-tuning recovers much of what the layer-wise method loses either way.
-#: - outliers are the cheapest bits to give up: threshold 0.35 -> 0.5 keeps ~0.35% instead of ~0.65% of weights
-#:   (-0.11 bits/weight for +0.08 perplexity), 1.0 costs much more (+0.77 for a further -0.07 bits/weight);
+#: - outliers are the cheapest bits to give up: threshold 0.35 -> 0.5 keeps ~0.27% instead of ~0.62% of weights
+#:   (-0.11 bits/weight for +0.08 perplexity), 1.0 costs much more (+0.69 for a further -0.07 bits/weight);
 #: - attention value projections at 4 bits buy the most per bit (v_proj: -0.40 perplexity for +0.024 bits/weight;
 #:   q/k: -0.03 for +0.10; o_proj: -0.10 for +0.07), then MLP up projections (-0.77 for +0.21 for all 30),
 #:   and of those the later blocks' (blocks 15-29: 26.116 vs 0-14: 26.237).
