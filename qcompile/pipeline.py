@@ -31,6 +31,7 @@ from qcompile.gptq import relative_output_error
 from qcompile.layer_checkpoint import LayerCheckpoint
 from qcompile.passes.discover_linears import LinearMatch, discover_linears, ensure_node_names, initializer_map
 from qcompile.passes.lower_weights import lower_weights
+from qcompile.passes.share_initializers import share_initializers
 from qcompile import report as reports
 
 
@@ -234,7 +235,7 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
                            "quantize_seconds": layer_seconds.get(m.name), "resumed": m.name in resumed,
                            **({"layer_options": own} if own else {}), **qw.extra_report()})
 
-        lowered = stages.run("lower", lambda: lower_weights(model, matches, quantized, emit))
+        lowered = stages.run("lower", lambda: share_initializers(lower_weights(model, matches, quantized, emit)))
         lowered.metadata_props.add(key="qcompile.format", value=fmt.name)
         lowered.metadata_props.add(key="qcompile.emit", value=emit)
         _copy_source_metadata(model, lowered)

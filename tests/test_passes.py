@@ -116,3 +116,52 @@ def test_simulated_emit_records_the_packed_size():
     for s in sizes:
         assert s.bits_per_weight == pytest.approx(32.0)
         assert s.packed_bits_per_weight == pytest.approx(q[s.name].bits_per_weight(), rel=1e-5)
+
+
+def _two_heads_model() -> onnx.ModelProto:
+    """x @ Wa + x @ Wb: two linears that read the same input, so act-order gives them the same permutation."""
+    wa, wb = (RNG.standard_normal((K, N)).astype(np.float32) for _ in range(2))
+    ones = np.ones(N, np.float32)
+    inits = [numpy_helper.from_array(wa, "a.weight"), numpy_helper.from_array(wb, "b.weight"),
+             numpy_helper.from_array(ones, "ones1"), numpy_helper.from_array(ones.copy(), "ones2")]
+    nodes = [helper.make_node("MatMul", ["x", "a.weight"], ["ya"]), helper.make_node("MatMul", ["x", "b.weight"], ["yb"]),
+             helper.make_node("Mul", ["ya", "ones1"], ["ya1"]), helper.make_node("Mul", ["yb", "ones2"], ["yb1"]),
+             helper.make_node("Add", ["ya1", "yb1"], ["y"])]
+    graph = helper.make_graph(nodes, "two_heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])], inits)
+    return ensure_node_names(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_identical_permutations_are_stored_once(ops_session):
+    import torch
+
+    from qcompile.passes.share_initializers import share_initializers
+
+    model = _two_heads_model()
+    fmt = get_format("spqr-w3")
+    opts = fmt.resolve_options({"act_order": True})
+    x_cal = RNG.standard_normal((256, K)) * np.linspace(0.2, 3.0, K)  # uneven diagonal: a non-trivial order
+    h = torch.from_numpy(2.0 * x_cal.T @ x_cal / len(x_cal)).float()
+    matches = discover_linears(model)
+    q = {m.name: fmt.quantize(m.weight(model), h, **opts) for m in matches}
+    lowered = lower_weights(model, matches, q, "native")
+    shared = share_initializers(lowered)
+
+    perm_a, perm_b = (f"qc.{m.name}.perm" for m in matches)
+    inits = {t.name: t for t in lowered.graph.initializer}
+    assert numpy_helper.to_array(inits[perm_a]).tolist() != list(range(K))  # really permuted
+    names = {t.name for t in shared.graph.initializer}
+    assert perm_a in names and perm_b not in names
+    assert "ones1" in names and "ones2" in names  # the float model's own tensors are never merged
+    assert len(lowered.graph.initializer) - len(shared.graph.initializer) == 1
+    onnx.checker.check_model(shared)
+
+    x = RNG.standard_normal((3, K)).astype(np.float32)
+    y_before = ops_session(lowered).run(["y"], {"x": x})[0]
+    np.testing.assert_array_equal(ops_session(shared).run(["y"], {"x": x})[0], y_before)
+    # the file's size truth counts the shared tensor once, for the layer whose name it carries
+    before = {s.name: s.stored_bytes for s in layer_sizes(lowered)}
+    after = {s.name: s.stored_bytes for s in layer_sizes(shared)}
+    perm_bytes = numpy_helper.to_array(inits[perm_b]).nbytes
+    a, b = (m.name for m in matches)
+    assert after[a] == before[a] and after[b] == before[b] - perm_bytes
