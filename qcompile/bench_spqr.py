@@ -19,7 +19,6 @@ INPUTS = ("codes", "stat_codes", "stat_params", "row_offsets", "col_indices", "v
 def _builder(bits: int):
     def build(K: int, N: int, dtype: np.dtype, rng: np.random.Generator) -> onnx.ModelProto:
         packed = ref.random_packed(K, N, bits=bits, outlier_rate=OUTLIER_RATE, with_perm=True,
-                                   col_dtype=np.int16 if K <= 32768 else np.int32,
                                    seed=int(rng.integers(1 << 31)))
         inits = [numpy_helper.from_array(packed[k], f"spqr.{k}") for k in INPUTS]
         node = helper.make_node("SpQRMatMul", ["x"] + [t.name for t in inits], ["y"], domain="qcompile",
@@ -29,12 +28,16 @@ def _builder(bits: int):
     return build
 
 
+def isize(max_value: int) -> int:
+    return ref.index_dtype(max_value).itemsize
+
+
 def _bytes(bits: int):
     def weight_bytes(K: int, N: int) -> int:
         g = math.ceil(K / 16)
         nnz = round(OUTLIER_RATE * K * N)
         return (N * ref.code_words(K, bits) * 4 + N * 2 * math.ceil(g * 3 / 32) * 4
-                + math.ceil(N / 16) * 4 * g * 2 + (N + 1) * 4 + nnz * 4 + K * 4)
+                + math.ceil(N / 16) * 4 * g * 2 + (N + 1) * isize(nnz) + nnz * (2 + isize(K - 1)) + K * isize(K - 1))
 
     return weight_bytes
 

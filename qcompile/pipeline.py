@@ -312,7 +312,7 @@ def _layer_checkpoint(source: Any, float_path: Path, fmt: Format, opts: dict[str
     from qcompile.cache import cache_dir, digest_array, key_hash
 
     layer_opts = {k: v for k, v in opts.items() if k != "progress" and not is_whole_model_option(k)}
-    key = key_hash("layers-v2", getattr(source, "fingerprint", None), str(float_path), _file_key(float_path),
+    key = key_hash("layers-v3", getattr(source, "fingerprint", None), str(float_path), _file_key(float_path),
                    fmt.name, layer_opts, layer_overrides, digest_array(np.asarray(calib)), cfg.sequential,
                    cfg.include_lm_head, device)
     return LayerCheckpoint(cache_dir() / "layers" / key, fingerprint=key)

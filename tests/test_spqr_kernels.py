@@ -77,20 +77,26 @@ def fp32_tables(monkeypatch):
     monkeypatch.setenv("QCOMPILE_SPQR_LUT_FP32", "1")
 
 
-CASES = [  # K, N, bits, group_size, stat_bits, stat_group, M (x leading shape), perm, bias, dtype, col dtype
+CASES = [  # K, N, bits, group_size, stat_bits, stat_group, M (x leading shape), perm, bias, dtype, index dtypes
     (64, 48, 3, 16, 3, 16, [1], False, False, F32, np.int16),
     (200, 37, 3, 16, 3, 16, [1], True, True, F32, np.int16),  # K % 16 = 8, N not a multiple of stat_group
     (130, 33, 4, 32, 2, 7, [7], True, False, F32, np.int32),
     (96, 64, 4, 16, 4, 16, [64], False, True, F32, np.int16),
     (100, 20, 3, 48, 5, 3, [2, 3], True, True, F32, np.int16),  # group straddles chunks, scalar stats
-    (72, 40, 3, 16, 3, 16, [1], True, True, F16, np.int16),
-    (160, 24, 4, 16, 3, 16, [7], True, False, F16, np.int32),
+    (72, 40, 3, 16, 3, 16, [1], True, True, F16, (np.int16, np.int32, np.int16)),  # mixed index types
+    (160, 24, 4, 16, 3, 16, [7], True, False, F16, (np.int32, np.int16, np.int32)),
     (48, 16, 3, 16, 1, 4, [64], False, True, F16, np.int16),
     # M = 1 paths: odd chunk count (2-chunk unroll + tail), 1-bit stats over many row blocks (fused
     # stats + zero-point pass, cached per block), 5-bit stats (per-row fallback) with 4-bit codes
     (136, 29, 3, 16, 1, 4, [1], True, True, F32, np.int16),
     (112, 21, 4, 16, 5, 5, [1], True, False, F32, np.int32),
 ]
+
+
+def index_kw(cdt) -> dict:
+    """A case's index dtypes: one for col_indices, row_offsets and perm alike, or a (col, offsets, perm) tuple."""
+    col, offsets, perm = cdt if isinstance(cdt, tuple) else (cdt,) * 3
+    return dict(col_dtype=col, offsets_dtype=offsets, perm_dtype=perm)
 
 
 @pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
@@ -102,7 +108,7 @@ def test_cpu_kernel_matches_reference(ops_session, monkeypatch, scalar, k, n, bi
     rng = np.random.default_rng(k * 31 + n)
     attrs = dict(K=k, N=n, bits=bits, group_size=gs, stat_bits=sb, stat_group=sg)
     packed = ref.random_packed(k, n, bits=bits, group_size=gs, stat_bits=sb, stat_group=sg, outlier_rate=0.05,
-                               with_perm=perm, col_dtype=cdt, seed=k + n)
+                               with_perm=perm, seed=k + n, **index_kw(cdt))
     bias = rng.standard_normal(n).astype(dtype) if with_bias else None
     x = rng.standard_normal(lead + [k]).astype(dtype)
     sess = ops_session(spqr_model(packed, attrs, dtype=dtype, bias=bias), threads=2)
@@ -255,11 +261,12 @@ CORRUPTIONS = ["nonmonotone", "first_nonzero", "last_ne_nnz", "last_past_nnz", "
                "stat_codes_shape", "stat_params_shape", "row_offsets_short"]
 
 
+@pytest.mark.parametrize("idx", [np.int16, np.int32])
 @pytest.mark.parametrize("as_inputs", [False, True], ids=["initializers", "graph_inputs"])
 @pytest.mark.parametrize("what", CORRUPTIONS)
-def test_malformed_weights_raise(ops_session, what, as_inputs):
+def test_malformed_weights_raise(ops_session, what, as_inputs, idx):
     attrs = dict(K=64, N=32, bits=3, group_size=16, stat_bits=3, stat_group=16)
-    good = ref.random_packed(64, 32, outlier_rate=0.1, with_perm=True, seed=4)
+    good = ref.random_packed(64, 32, outlier_rate=0.1, with_perm=True, seed=4, **index_kw(idx))
     bad = _corrupt(good, what)
     with pytest.raises(ref.SpQRLayoutError):  # the reference rejects it too
         ref.validate_inputs(None, *(bad.get(k) for k in WEIGHT_INPUTS), **attrs)
@@ -267,6 +274,20 @@ def test_malformed_weights_raise(ops_session, what, as_inputs):
     with pytest.raises(Exception, match="SpQRMatMul|shape|type"):
         sess = ops_session(spqr_model(bad, attrs, as_inputs=as_inputs))
         sess.run(None, feeds(x, bad, None, as_inputs))
+
+
+@pytest.mark.parametrize("name,dtype", [("row_offsets", np.int64), ("row_offsets", np.uint16), ("perm", np.int64),
+                                        ("perm", np.int8), ("col_indices", np.int64)])
+def test_index_tensors_of_other_types_raise(ops_session, name, dtype):
+    """int16 and int32 are the only index types: anything else is an ORT error naming the tensor."""
+    attrs = dict(K=64, N=32, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(64, 32, outlier_rate=0.1, with_perm=True, seed=6)
+    packed[name] = packed[name].astype(dtype)
+    with pytest.raises(ref.SpQRLayoutError, match=f"{name} must be int16 or int32"):
+        ref.validate_inputs(None, *(packed.get(k) for k in WEIGHT_INPUTS), **attrs)
+    with pytest.raises(Exception, match=f"{name} must be int16 or int32"):
+        sess = ops_session(spqr_model(packed, attrs))
+        sess.run(None, {"x": np.ones((1, 64), F32)})
 
 
 @pytest.mark.parametrize("change", [dict(bits=5), dict(group_size=24), dict(stat_bits=0), dict(stat_group=0),
@@ -296,7 +317,7 @@ def test_cuda_kernel_matches_reference(cuda_session, k, n, bits, gs, sb, sg, lea
     rng = np.random.default_rng(k * 31 + n)
     attrs = dict(K=k, N=n, bits=bits, group_size=gs, stat_bits=sb, stat_group=sg)
     packed = ref.random_packed(k, n, bits=bits, group_size=gs, stat_bits=sb, stat_group=sg, outlier_rate=0.05,
-                               with_perm=perm, col_dtype=cdt, seed=k + n)
+                               with_perm=perm, seed=k + n, **index_kw(cdt))
     bias = rng.standard_normal(n).astype(dtype) if with_bias else None
     x = rng.standard_normal(lead + [k]).astype(dtype)
     y = cuda_session(spqr_model(packed, attrs, dtype=dtype, bias=bias)).run(None, {"x": x})[0]
@@ -304,9 +325,10 @@ def test_cuda_kernel_matches_reference(cuda_session, k, n, bits, gs, sb, sg, lea
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("idx", [np.int16, np.int32])
 @pytest.mark.parametrize("what", ["nonmonotone", "col_ge_k", "perm_duplicate", "last_past_nnz"])
-def test_cuda_malformed_weights_raise(cuda_session, what):
+def test_cuda_malformed_weights_raise(cuda_session, what, idx):
     attrs = dict(K=64, N=32, bits=3, group_size=16, stat_bits=3, stat_group=16)
-    bad = _corrupt(ref.random_packed(64, 32, outlier_rate=0.1, with_perm=True, seed=4), what)
+    bad = _corrupt(ref.random_packed(64, 32, outlier_rate=0.1, with_perm=True, seed=4, **index_kw(idx)), what)
     with pytest.raises(Exception, match="SpQRMatMul"):
         cuda_session(spqr_model(bad, attrs)).run(None, {"x": np.ones((2, 64), F32)})

@@ -101,9 +101,11 @@ def test_bits_per_weight_counts_every_stored_tensor():
     expected_bits = (n * math.ceil(k / 32) * 3 * 32  # codes
                      + n * 2 * sw * 32  # stat codes
                      + math.ceil(n / 16) * 4 * g * 16  # fp16 second-level stats
-                     + (n + 1) * 32 + q.nnz * (16 + 16)  # CSR: row_offsets, int16 cols, fp16 values
-                     + k * 32)  # perm
+                     + (n + 1) * 16 + q.nnz * (16 + 16)  # CSR: int16 row_offsets and cols, fp16 values
+                     + k * 16)  # int16 perm
     assert q.bits_per_weight() == pytest.approx(expected_bits / (k * n))
+    assert {key: q.packed()[key].dtype for key in ("row_offsets", "col_indices", "perm")} == dict.fromkeys(
+        ("row_offsets", "col_indices", "perm"), np.dtype(np.int16))
     assert set(q.packed()) == set(KEYS)
     assert q.extra_report()["outlier_rate"] == pytest.approx(q.nnz / (k * n))
 

@@ -34,6 +34,12 @@ Status type_is(const Ort::ConstValue& v, const char* name, ONNXTensorElementData
   return Status::Error(std::string("SpQRMatMul: ") + name + " must be " + want_name);
 }
 
+Status index_type(const Ort::ConstValue& v, const char* name) {
+  const auto t = elem_type_of(v);
+  if (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16 || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) return Status::OK();
+  return Status::Error(std::string("SpQRMatMul: ") + name + " must be int16 or int32");
+}
+
 struct SpqrKernel : KernelBase<SpqrKernel> {
   static constexpr const char* kOpName = "SpQRMatMul";
   static constexpr size_t kNumInputs = Input::kNumInputs;
@@ -41,14 +47,14 @@ struct SpqrKernel : KernelBase<SpqrKernel> {
     switch (i) {
       case kCodes:
       case kStatCodes:
-      case kRowOffsets:
-      case kPerm:
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
       case kStatParams:
       case kValues:
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+      case kRowOffsets:
       case kColIndices:
-        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // int16 or int32, checked in Compute
+      case kPerm:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // index tensors: int16 or int32, checked in Compute
       default:
         return t;  // X and bias
     }
@@ -151,23 +157,23 @@ struct SpqrKernel : KernelBase<SpqrKernel> {
 
   static Status index_types(const Ort::ConstValue& ro, const Ort::ConstValue& ci, const Ort::ConstValue& va,
                             const Ort::ConstValue& pe) {
-    QCOMPILE_RETURN_IF_ERROR(type_is(ro, "row_offsets", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, "int32"));
-    const auto ct = elem_type_of(ci);
-    if (ct != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16 && ct != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32)
-      return Status::Error("SpQRMatMul: col_indices must be int16 or int32");
+    QCOMPILE_RETURN_IF_ERROR(index_type(ro, "row_offsets"));
+    QCOMPILE_RETURN_IF_ERROR(index_type(ci, "col_indices"));
     QCOMPILE_RETURN_IF_ERROR(type_is(va, "values", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, "float16"));
-    if (pe) QCOMPILE_RETURN_IF_ERROR(type_is(pe, "perm", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, "int32"));
+    if (pe) QCOMPILE_RETURN_IF_ERROR(index_type(pe, "perm"));
     return Status::OK();
   }
 
   static spqr::Weights index_weights(const Ort::ConstValue& ro, const Ort::ConstValue& ci, const Ort::ConstValue& pe,
                                      int64_t nnz) {
     spqr::Weights w;
-    w.row_offsets = static_cast<const int32_t*>(ro.GetTensorRawData());
+    w.row_offsets = ro.GetTensorRawData();
+    w.offsets_int16 = elem_type_of(ro) == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16;
     w.col_indices = ci.GetTensorRawData();
     w.col_int16 = elem_type_of(ci) == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16;
     w.nnz = nnz;
-    w.perm = pe ? static_cast<const int32_t*>(pe.GetTensorRawData()) : nullptr;
+    w.perm = pe ? pe.GetTensorRawData() : nullptr;
+    w.perm_int16 = pe && elem_type_of(pe) == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16;
     return w;
   }
 

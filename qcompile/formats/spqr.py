@@ -23,7 +23,6 @@ from qcompile.spqr import SpQRConfig, spqr_quantize
 OP_DOMAIN = "qcompile"
 OP_TYPE = "SpQRMatMul"
 OP_VERSION = 1
-INT16_MAX_K = 32768  # col_indices fit int16 while every index is <= 32767
 
 
 class SpQRQuantizedWeight(QuantizedWeight):
@@ -43,19 +42,19 @@ class SpQRQuantizedWeight(QuantizedWeight):
     def from_result(cls, name: str, res, cfg: SpQRConfig) -> "SpQRQuantizedWeight":
         n, k = res.codes.shape
         counts = np.bincount(res.outlier_rows, minlength=n)
-        row_offsets = np.zeros(n + 1, dtype=np.int32)
+        row_offsets = np.zeros(n + 1, dtype=np.int64)
         row_offsets[1:] = np.cumsum(counts)
-        col_dtype = np.int16 if k <= INT16_MAX_K else np.int32
+        col_dtype = ref.index_dtype(k - 1)  # every index tensor: the narrowest type that holds it
         tensors = {
             "codes": ref.pack_codes(res.codes.numpy(), cfg.bits),
             "stat_codes": ref.pack_stat_codes(res.scale_codes.numpy(), res.zero_codes.numpy(), cfg.stat_bits),
             "stat_params": np.ascontiguousarray(res.stat_params, dtype=np.float16),
-            "row_offsets": row_offsets,
+            "row_offsets": row_offsets.astype(ref.index_dtype(int(row_offsets[-1]))),
             "col_indices": res.outlier_cols.astype(col_dtype),
             "values": res.outlier_values.astype(np.float16),
         }
         if res.perm is not None:
-            tensors["perm"] = res.perm.astype(np.int32)
+            tensors["perm"] = res.perm.astype(col_dtype)
         return cls(name, k=k, n=n, bits=cfg.bits, group_size=cfg.group_size, stat_bits=cfg.stat_bits,
                    stat_group=cfg.stat_group, tensors=tensors)
 

@@ -31,9 +31,12 @@ counted from bit 0 of int32 word 0, i.e. LSB-first little-endian; word ``j`` hol
 * ``stat_params`` float16 ``[ceil(N/stat_group), 4, G]``: for row block ``rb`` the rows ``scale_step``,
   ``scale_min``, ``zero_step``, ``zero_min`` over the groups (structure of arrays, so 8 groups convert
   with one vector instruction).
-* ``row_offsets`` int32 ``[N+1]``, ``col_indices`` int16 or int32 ``[nnz]``, ``values`` float16
+* ``row_offsets`` int16 or int32 ``[N+1]``, ``col_indices`` int16 or int32 ``[nnz]``, ``values`` float16
   ``[nnz]``: CSR over output rows.
-* ``perm`` int32 ``[K]`` (optional), ``bias`` ``[N]`` in the activation type (optional).
+* ``perm`` int16 or int32 ``[K]`` (optional), ``bias`` ``[N]`` in the activation type (optional).
+
+Every index tensor may be int16 or int32; qcompile writes the narrowest that holds its largest value
+(:func:`index_dtype`), because at ~4 bits/weight int32 offsets and permutations alone cost ~0.05 bits/weight.
 """
 from __future__ import annotations
 
@@ -51,7 +54,15 @@ class SpQRLayoutError(ValueError):
     """A packed SpQR weight that breaks the op contract (the native op answers with an ORT error)."""
 
 
+INDEX_DTYPES = (np.dtype(np.int16), np.dtype(np.int32))
+
+
 # ---- sizes --------------------------------------------------------------------------------------
+
+
+def index_dtype(max_value: int) -> np.dtype:
+    """The index type qcompile stores for values in ``[0, max_value]``: int16 when they fit, else int32."""
+    return np.dtype(np.int16) if max_value <= np.iinfo(np.int16).max else np.dtype(np.int32)
 
 
 def num_groups(k: int, group_size: int) -> int:
@@ -152,9 +163,9 @@ def validate_csr(row_offsets: np.ndarray, col_indices: np.ndarray, values: np.nd
     ro = np.asarray(row_offsets)
     ci = np.asarray(col_indices)
     va = np.asarray(values)
-    if ro.dtype != np.int32:
-        raise SpQRLayoutError(f"row_offsets must be int32, got {ro.dtype}")
-    if ci.dtype not in (np.int16, np.int32):
+    if ro.dtype not in INDEX_DTYPES:
+        raise SpQRLayoutError(f"row_offsets must be int16 or int32, got {ro.dtype}")
+    if ci.dtype not in INDEX_DTYPES:
         raise SpQRLayoutError(f"col_indices must be int16 or int32, got {ci.dtype}")
     if va.dtype != np.float16:
         raise SpQRLayoutError(f"values must be float16, got {va.dtype}")
@@ -178,8 +189,8 @@ def validate_csr(row_offsets: np.ndarray, col_indices: np.ndarray, values: np.nd
 
 def validate_perm(perm: np.ndarray, *, K: int) -> None:
     p = np.asarray(perm)
-    if p.dtype != np.int32:
-        raise SpQRLayoutError(f"perm must be int32, got {p.dtype}")
+    if p.dtype not in INDEX_DTYPES:
+        raise SpQRLayoutError(f"perm must be int16 or int32, got {p.dtype}")
     if p.shape != (K,):
         raise SpQRLayoutError(f"perm shape {p.shape} != (K,) = ({K},)")
     if K and (p.min() < 0 or p.max() >= K):
@@ -266,9 +277,10 @@ def spqr_matmul_reference(x: np.ndarray, codes: np.ndarray, stat_codes: np.ndarr
 
 
 def random_packed(k: int, n: int, *, bits: int = 3, group_size: int = 16, stat_bits: int = 3, stat_group: int = 16,
-                  outlier_rate: float = 0.01, with_perm: bool = False, col_dtype: Any = np.int16,
-                  seed: int = 0) -> dict[str, np.ndarray]:
-    """A well-formed random SpQR weight (random codes and plausible statistics) for kernel tests/benches."""
+                  outlier_rate: float = 0.01, with_perm: bool = False, col_dtype: Any = None,
+                  offsets_dtype: Any = None, perm_dtype: Any = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """A well-formed random SpQR weight (random codes and plausible statistics) for kernel tests/benches.
+    Index dtypes default to qcompile's choice (:func:`index_dtype`)."""
     rng = np.random.default_rng(seed)
     g = num_groups(k, group_size)
     codes = rng.integers(0, 1 << bits, size=(n, k))
@@ -282,8 +294,10 @@ def random_packed(k: int, n: int, *, bits: int = 3, group_size: int = 16, stat_b
     sp[:, 3] = rng.uniform(0.0, 2.0, size=(nb, g))
     counts = rng.binomial(k, outlier_rate, size=n)
     cols = [np.sort(rng.choice(k, size=c, replace=False)) for c in counts]
-    ro = np.zeros(n + 1, dtype=np.int32)
+    col_dtype = index_dtype(k - 1) if col_dtype is None else col_dtype
+    ro = np.zeros(n + 1, dtype=np.int64)
     ro[1:] = np.cumsum(counts)
+    ro = ro.astype(index_dtype(int(ro[-1])) if offsets_dtype is None else offsets_dtype)
     ci = np.concatenate(cols).astype(col_dtype) if n else np.zeros(0, col_dtype)
     vals = rng.normal(0, 0.1, size=ci.shape[0]).astype(np.float16)
     out = {
@@ -295,7 +309,7 @@ def random_packed(k: int, n: int, *, bits: int = 3, group_size: int = 16, stat_b
         "values": vals,
     }
     if with_perm:
-        out["perm"] = rng.permutation(k).astype(np.int32)
+        out["perm"] = rng.permutation(k).astype(index_dtype(k - 1) if perm_dtype is None else perm_dtype)
     return out
 
 

@@ -45,12 +45,16 @@ struct Weights {
   const uint32_t* codes = nullptr;        // [N, code_words]
   const uint32_t* stat_codes = nullptr;   // [N, 2 * stat_words]
   const uint16_t* stat_params = nullptr;  // fp16 bits [row_blocks, 4, G]
-  const int32_t* row_offsets = nullptr;   // [N + 1]
-  const void* col_indices = nullptr;      // int16 or int32 [nnz]
+  // Index tensors are int16 or int32 each (the flag says which): read them through row_offset / col_at /
+  // perm_at. qcompile writes the narrowest type that holds the values (docs/ops.md).
+  const void* row_offsets = nullptr;      // [N + 1]
+  bool offsets_int16 = false;
+  const void* col_indices = nullptr;      // [nnz]
   bool col_int16 = true;
   const uint16_t* values = nullptr;       // fp16 bits [nnz]
   int64_t nnz = 0;
-  const int32_t* perm = nullptr;          // [K] or nullptr
+  const void* perm = nullptr;             // [K] or nullptr
+  bool perm_int16 = false;
 };
 
 // Constant codes prepared once (at session creation) for the CPU kernel's batch-1 loop by
@@ -89,8 +93,7 @@ struct Problem {
 // ---- validation (kernels/common/spqr_validate.cpp) ----
 // K, N > 0; bits 3|4; group_size a positive multiple of 16; stat_bits 1..8; stat_group > 0.
 Status validate_attrs(const Attrs& a);
-// Shapes and element types of one call. `perm`/`bias` null = input absent. col_int16 says whether
-// col_indices is int16 (else int32). On success *M = product of X's leading dims.
+// Shapes of one call. `perm`/`bias` null = input absent. On success *M = product of X's leading dims.
 Status validate_shapes(const Attrs& a, const std::vector<int64_t>& x, const std::vector<int64_t>& codes,
                        const std::vector<int64_t>& stat_codes, const std::vector<int64_t>& stat_params,
                        const std::vector<int64_t>& row_offsets, const std::vector<int64_t>& col_indices,
@@ -174,9 +177,13 @@ QC_SPQR_HD void stat_codes_at(const Attrs& a, const uint32_t* row, int64_t g, ui
   *zc = bits_at(row + a.stat_words(), g, a.stat_bits);
 }
 
-QC_SPQR_HD int64_t col_at(const Weights& w, int64_t o) {
-  return w.col_int16 ? (int64_t)((const int16_t*)w.col_indices)[o] : (int64_t)((const int32_t*)w.col_indices)[o];
+// Element i of an int16 (narrow) or int32 index tensor.
+QC_SPQR_HD int64_t index_at(const void* t, bool narrow, int64_t i) {
+  return narrow ? (int64_t)((const int16_t*)t)[i] : (int64_t)((const int32_t*)t)[i];
 }
+QC_SPQR_HD int64_t col_at(const Weights& w, int64_t o) { return index_at(w.col_indices, w.col_int16, o); }
+QC_SPQR_HD int64_t row_offset(const Weights& w, int64_t n) { return index_at(w.row_offsets, w.offsets_int16, n); }
+QC_SPQR_HD int64_t perm_at(const Weights& w, int64_t p) { return index_at(w.perm, w.perm_int16, p); }
 
 // ---- kernels ----
 // Fills *out from host codes [N, code_words] and stat_codes [N, 2·stat_words] (shapes already checked)

@@ -65,15 +65,17 @@ Status validate_shapes(const Attrs& a, const std::vector<int64_t>& x, const std:
 }
 
 Status validate_indices(const Attrs& a, const Weights& w) {
-  const int32_t* ro = w.row_offsets;
-  if (ro[0] != 0) return err("row_offsets[0] must be 0, got " + std::to_string(ro[0]));
+  const int64_t first = row_offset(w, 0);
+  if (first != 0) return err("row_offsets[0] must be 0, got " + std::to_string(first));
   for (int64_t n = 0; n < a.N; ++n) {
-    if (ro[n + 1] < ro[n])
-      return err("row_offsets must be non-decreasing (row " + std::to_string(n) + ": " + std::to_string(ro[n]) + " > " +
-                 std::to_string(ro[n + 1]) + ")");
+    const int64_t lo = row_offset(w, n), hi = row_offset(w, n + 1);
+    if (hi < lo)
+      return err("row_offsets must be non-decreasing (row " + std::to_string(n) + ": " + std::to_string(lo) + " > " +
+                 std::to_string(hi) + ")");
   }
-  if ((int64_t)ro[a.N] != w.nnz)
-    return err("row_offsets[N] = " + std::to_string(ro[a.N]) + " but col_indices/values hold " + std::to_string(w.nnz) +
+  const int64_t last = row_offset(w, a.N);
+  if (last != w.nnz)
+    return err("row_offsets[N] = " + std::to_string(last) + " but col_indices/values hold " + std::to_string(w.nnz) +
                " outliers");
   // min/max first (vectorises); the slow path only runs to name the offender
   int64_t lo = 0, hi = 0;
@@ -105,7 +107,7 @@ Status validate_indices(const Attrs& a, const Weights& w) {
   if (w.perm) {
     std::vector<unsigned char> seen((size_t)a.K, 0);
     for (int64_t p = 0; p < a.K; ++p) {
-      const int32_t v = w.perm[p];
+      const int64_t v = perm_at(w, p);
       if (v < 0 || v >= a.K)
         return err("perm[" + std::to_string(p) + "] = " + std::to_string(v) + " is outside [0, K=" + std::to_string(a.K) +
                    ")");

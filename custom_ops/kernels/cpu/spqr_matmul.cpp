@@ -71,7 +71,7 @@ template <typename Idx>
 inline float outlier_sum(const Call& c, const Idx* cols, int64_t n, int64_t m) {
   const float* xo = c.xorig + m * c.s->K;
   float acc = 0.f;
-  for (int32_t o = c.w->row_offsets[n]; o < c.w->row_offsets[n + 1]; ++o)
+  for (int64_t o = row_offset(*c.w, n), end = row_offset(*c.w, n + 1); o < end; ++o)
     acc += half_to_float(c.w->values[o]) * xo[cols[o]];
   return acc;
 }
@@ -317,8 +317,8 @@ QC_AVX2 inline __m256i load_idx8(const int32_t* p) { return _mm256_loadu_si256((
 // Sum of value * x[col] over row n's outliers: 8 per step with a gather (indices were validated).
 template <typename Idx>
 QC_AVX2 inline float outlier_sum_f16c(const Call& c, const Idx* cols, int64_t n, const float* xo) {
-  int64_t o = c.w->row_offsets[n];
-  const int64_t end = c.w->row_offsets[n + 1];
+  int64_t o = row_offset(*c.w, n);
+  const int64_t end = row_offset(*c.w, n + 1);
   __m256 acc = _mm256_setzero_ps();
   for (; o + 8 <= end; o += 8) {
     const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(c.w->values + o)));
@@ -591,17 +591,17 @@ QC_AVX2 void rows_avx2_mm(const Call& c, int64_t r0, int64_t r1) {
     for (int64_t m = 0; m < c.M; ++m) std::memset(c.y + m * s.N + n0, 0, sizeof(float) * (size_t)nr);
     // the panel's outliers, bucketed by K-slice of their stored position (a column names an input feature)
     std::fill(bucket_start.begin(), bucket_start.end(), 0);
-    const int64_t o0 = c.w->row_offsets[n0], o1 = c.w->row_offsets[n0 + nr];
+    const int64_t o0 = row_offset(*c.w, n0), o1 = row_offset(*c.w, n0 + nr);
     entries.resize((size_t)(o1 - o0));
     for (int r = 0; r < nr; ++r)
-      for (int32_t o = c.w->row_offsets[n0 + r]; o < c.w->row_offsets[n0 + r + 1]; ++o) {
+      for (int64_t o = row_offset(*c.w, n0 + r), end = row_offset(*c.w, n0 + r + 1); o < end; ++o) {
         const int64_t col = col_at(*c.w, o);
         ++bucket_start[(size_t)((c.inv_perm ? c.inv_perm[col] : col) / kSlice) + 1];
       }
     for (size_t b = 1; b < bucket_start.size(); ++b) bucket_start[b] += bucket_start[b - 1];
     fill_pos.assign(bucket_start.begin(), bucket_start.end() - 1);
     for (int r = 0; r < nr; ++r)
-      for (int32_t o = c.w->row_offsets[n0 + r]; o < c.w->row_offsets[n0 + r + 1]; ++o) {
+      for (int64_t o = row_offset(*c.w, n0 + r), end = row_offset(*c.w, n0 + r + 1); o < end; ++o) {
         const int64_t col = col_at(*c.w, o);
         const int32_t p = c.inv_perm ? c.inv_perm[col] : (int32_t)col;
         entries[fill_pos[(size_t)(p / kSlice)]++] = Entry{p, r, _cvtsh_ss(c.w->values[o])};
@@ -724,6 +724,12 @@ int64_t rows_per_task(const Attrs& a, int64_t M) {
   return round_up(rows, 16);  // whole panels for the M > 1 path
 }
 
+// dst[p] = src[idx[p]]: activations into stored order (indices were validated).
+template <typename Idx>
+void gather(const float* src, const Idx* idx, int64_t K, float* dst) {
+  for (int64_t p = 0; p < K; ++p) dst[p] = src[idx[p]];
+}
+
 // Shared driver: xf is fp32 [M, K] in original order; y fp32 [M, N].
 void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
          const PreparedCodes* prep, const Parallel& par) {
@@ -735,8 +741,10 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
   for (int64_t m = 0; m < M; ++m) {
     const float* src = xf + m * s.K;
     float* dst = xk.data() + m * Kc;
-    if (w.perm) {
-      for (int64_t p = 0; p < s.K; ++p) dst[p] = src[w.perm[p]];
+    if (w.perm && w.perm_int16) {
+      gather(src, (const int16_t*)w.perm, s.K, dst);
+    } else if (w.perm) {
+      gather(src, (const int32_t*)w.perm, s.K, dst);
     } else {
       std::memcpy(dst, src, sizeof(float) * (size_t)s.K);
     }
@@ -746,7 +754,7 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
   inv.clear();
   if (w.perm && M > 1) {
     inv.resize((size_t)s.K);
-    for (int64_t p = 0; p < s.K; ++p) inv[(size_t)w.perm[p]] = (int32_t)p;
+    for (int64_t p = 0; p < s.K; ++p) inv[(size_t)perm_at(w, p)] = (int32_t)p;
   }
 #if QC_X86
   if (prep && !prep->pairs.empty()) {

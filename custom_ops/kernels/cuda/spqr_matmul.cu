@@ -47,9 +47,9 @@ __device__ __forceinline__ float h2f(uint16_t v) { return __half2float(__ushort_
 
 // Activation at stored position p of row m (0 past K or for an out-of-range perm entry).
 template <typename T>
-__device__ __forceinline__ float x_stored(const T* x, int64_t m, int64_t K, const int32_t* perm, int64_t p) {
+__device__ __forceinline__ float x_stored(const T* x, int64_t m, int64_t K, const Weights& w, int64_t p) {
   if (p >= K) return 0.f;
-  const int64_t f = perm ? (int64_t)perm[p] : p;
+  const int64_t f = w.perm ? perm_at(w, p) : p;
   if (f < 0 || f >= K) return 0.f;
   return to_f(x[m * K + f]);
 }
@@ -68,7 +68,7 @@ __device__ __forceinline__ void group_stats(const Attrs& a, const Weights& w, in
 
 // Clamped CSR range of row n.
 __device__ __forceinline__ void row_range(const Weights& w, int64_t n, int64_t* s, int64_t* e) {
-  int64_t a = w.row_offsets[n], b = w.row_offsets[n + 1];
+  int64_t a = row_offset(w, n), b = row_offset(w, n + 1);
   a = a < 0 ? 0 : (a > w.nnz ? w.nnz : a);
   b = b < a ? a : (b > w.nnz ? w.nnz : b);
   *s = a;
@@ -103,7 +103,7 @@ __global__ void gemv_kernel(Attrs a, Weights w, int64_t M, const T* __restrict__
         const float wv = scale * ((float)bits_at(words, 16 * h + i, BITS) - zero);
 #pragma unroll
         for (int m = 0; m < MT; ++m)
-          if (m < M) acc[m] += wv * x_stored(x, m, a.K, w.perm, p0 + i);
+          if (m < M) acc[m] += wv * x_stored(x, m, a.K, w, p0 + i);
       }
     }
   }
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) tiled_kernel(Attrs a, Weights w, int
     for (int i = tid; i < kBM * kBK; i += kThreads) {
       const int mm = i / kBK, kk = i % kBK;
       const int64_t m = m0 + mm;
-      xs[kk][mm] = m < M ? x_stored(x, m, a.K, w.perm, p0 + kk) : 0.f;
+      xs[kk][mm] = m < M ? x_stored(x, m, a.K, w, p0 + kk) : 0.f;
     }
     {  // each thread dequantizes 8 codes: row r, codes 8q..8q+7 of this chunk (one group)
       const int r = tid / 4, q = tid % 4;
@@ -255,13 +255,14 @@ Status matmul_cuda(const Problem& p, void* stream) {
 
 Status validate_indices_cuda(const Attrs& a, const Weights& dw, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  std::vector<int32_t> ro((size_t)a.N + 1);
-  std::vector<int32_t> perm(dw.perm ? (size_t)a.K : 0);
+  // host copies, byte for byte (each index tensor is int16 or int32)
+  std::vector<unsigned char> ro(((size_t)a.N + 1) * (dw.offsets_int16 ? 2 : 4));
+  std::vector<unsigned char> perm(dw.perm ? (size_t)a.K * (dw.perm_int16 ? 2 : 4) : 0);
   std::vector<unsigned char> cols((size_t)dw.nnz * (dw.col_int16 ? 2 : 4));
-  cudaError_t e = cudaMemcpyAsync(ro.data(), dw.row_offsets, ro.size() * 4, cudaMemcpyDeviceToHost, s);
+  cudaError_t e = cudaMemcpyAsync(ro.data(), dw.row_offsets, ro.size(), cudaMemcpyDeviceToHost, s);
   if (e == cudaSuccess && !cols.empty())
     e = cudaMemcpyAsync(cols.data(), dw.col_indices, cols.size(), cudaMemcpyDeviceToHost, s);
-  if (e == cudaSuccess && dw.perm) e = cudaMemcpyAsync(perm.data(), dw.perm, perm.size() * 4, cudaMemcpyDeviceToHost, s);
+  if (e == cudaSuccess && dw.perm) e = cudaMemcpyAsync(perm.data(), dw.perm, perm.size(), cudaMemcpyDeviceToHost, s);
   if (e == cudaSuccess) e = cudaStreamSynchronize(s);
   if (e != cudaSuccess)
     return Status::Error(std::string("SpQRMatMul: reading the outlier table from the GPU failed: ") +
