@@ -105,9 +105,10 @@ def test_cli_passes_layer_options(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_spqr_w3_preset_spends_its_budget_on_value_and_late_up_projections(capsys):
-    """The preset's own -L defaults (docs/spqr-bit-allocation.md): v_proj everywhere and up_proj of blocks 16-29
-    at 4 bits on a 30-block Llama; a user's override comes after them; `qcompile formats` lists them."""
+def test_spqr_w3_preset_spends_its_budget_on_value_and_late_mlp_projections(capsys):
+    """The preset's own -L defaults (docs/spqr-bit-allocation.md): v_proj everywhere, up_proj of blocks 16-29
+    and down_proj of blocks 24-29 at 4 bits on a 30-block Llama; a user's override comes after them;
+    `qcompile formats` lists them."""
     from qcompile.cli import main
 
     fmt = get_format("spqr-w3")
@@ -115,7 +116,8 @@ def test_spqr_w3_preset_spends_its_budget_on_value_and_late_up_projections(capsy
              for t in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")]
     per = fmt.resolve_layer_options(fmt.resolve_options({}), [], names)
     four = {n for n, o in per.items() if o["bits"] == 4}
-    assert four == {n for n in names if n.endswith(".v_proj")} | {f"model.layers.{i}.mlp.up_proj" for i in range(16, 30)}
+    assert four == {n for n in names if n.endswith(".v_proj")} | {f"model.layers.{i}.mlp.up_proj" for i in range(16, 30)} | {
+        f"model.layers.{i}.mlp.down_proj" for i in range(24, 30)}
     per = fmt.resolve_layer_options(fmt.resolve_options({}), [LayerOverride.parse("*:bits=3")], names)
     assert {o["bits"] for o in per.values()} == {3}
     assert main(["formats"]) == 0

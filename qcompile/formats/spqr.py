@@ -194,8 +194,9 @@ def quantize_spqr(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, name: 
 
 #: Paper settings (β1 = β2 = 16, 3-bit statistics, act-order), with the 4-bit budget of spqr-w3 spent unevenly
 #: (screened on SmolLM2-135M without fine-tuning, 256 calibration windows: docs/spqr-bit-allocation.md). With
-#: fine-tuning it gave 25.087 at 3.997 bits/weight, where the uniform preset before (all 3-bit, threshold 0.35)
-#: gave 25.244 at 3.973: fine-tuning recovers much of what the layer-wise method loses either way.
+#: fine-tuning it gave 25.087 at 3.997 bits/weight (3.943 since index tensors are int16), where the uniform
+#: preset before (all 3-bit, threshold 0.35) gave 25.244 at 3.973 (now 3.919): fine-tuning recovers much of what
+#: the layer-wise method loses either way.
 #: - outliers are the cheapest bits to give up: threshold 0.35 -> 0.5 keeps ~0.27% instead of ~0.62% of weights
 #:   (-0.11 bits/weight for +0.08 perplexity), 1.0 costs much more (+0.69 for a further -0.07 bits/weight);
 #: - attention value projections at 4 bits buy the most per bit (v_proj: -0.40 perplexity for +0.024 bits/weight;
@@ -211,8 +212,12 @@ def quantize_spqr(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, name: 
 #: for ~2.5 more minutes of calibration.
 CALIB_SAMPLES = 256
 
+#: Since the index tensors went int16 (0.054 bits/weight freed), the down projections of blocks 24-29 get 4 bits
+#: too: with 1024 calibration and tuning windows 24.596 at 3.990 bits/weight, against 24.681 at 3.944 without
+#: them and 24.722 at 3.990 for the up projections of blocks 10-15 instead (docs/spqr-bit-allocation.md).
 W3_LAYER_OPTIONS = tuple(LayerOverride.parse(t) for t in (
-    "*.v_proj:bits=4", "model.layers.1[6-9].mlp.up_proj:bits=4", "model.layers.2?.mlp.up_proj:bits=4"))
+    "*.v_proj:bits=4", "model.layers.1[6-9].mlp.up_proj:bits=4", "model.layers.2?.mlp.up_proj:bits=4",
+    "model.layers.2[4-9].mlp.down_proj:bits=4"))
 
 PRESETS = {
     "spqr-w3": dict(bits=3, outlier_threshold=0.5, layer_options=W3_LAYER_OPTIONS),
