@@ -24,11 +24,13 @@ def _content_key(t: onnx.TensorProto) -> tuple | None:
 
 
 def match_duplicates(model: onnx.ModelProto, prefix: str = LOWERED_PREFIX) -> dict[str, str]:
-    """Name of each duplicate initializer -> name of the first initializer with the same contents."""
+    """Name of each duplicate initializer -> name of the first initializer with the same contents. An
+    initializer that is also a graph input can be overridden at run time, so it is neither kept nor merged."""
+    graph_inputs = {i.name for i in model.graph.input}
     first: dict[tuple, onnx.TensorProto] = {}
     replace: dict[str, str] = {}
     for t in model.graph.initializer:
-        if not t.name.startswith(prefix):
+        if not t.name.startswith(prefix) or t.name in graph_inputs:
             continue
         key = _content_key(t)
         if key is None:
@@ -59,8 +61,6 @@ def share_initializers(model: onnx.ModelProto, prefix: str = LOWERED_PREFIX) -> 
     replace = match_duplicates(out, prefix)
     if not replace:
         return out
-    graph_inputs = {i.name for i in out.graph.input}
-    replace = {k: v for k, v in replace.items() if k not in graph_inputs}  # an overridable input stays its own
     _rename_inputs(out.graph, replace)
     kept = [t for t in out.graph.initializer if t.name not in replace]
     del out.graph.initializer[:]

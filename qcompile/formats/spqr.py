@@ -41,20 +41,17 @@ class SpQRQuantizedWeight(QuantizedWeight):
     @classmethod
     def from_result(cls, name: str, res, cfg: SpQRConfig) -> "SpQRQuantizedWeight":
         n, k = res.codes.shape
-        counts = np.bincount(res.outlier_rows, minlength=n)
-        row_offsets = np.zeros(n + 1, dtype=np.int64)
-        row_offsets[1:] = np.cumsum(counts)
-        col_dtype = ref.index_dtype(k - 1)  # every index tensor: the narrowest type that holds it
+        feature_dtype = ref.index_dtype(k - 1)  # columns and permutation index input features
         tensors = {
             "codes": ref.pack_codes(res.codes.numpy(), cfg.bits),
             "stat_codes": ref.pack_stat_codes(res.scale_codes.numpy(), res.zero_codes.numpy(), cfg.stat_bits),
             "stat_params": np.ascontiguousarray(res.stat_params, dtype=np.float16),
-            "row_offsets": row_offsets.astype(ref.index_dtype(int(row_offsets[-1]))),
-            "col_indices": res.outlier_cols.astype(col_dtype),
+            "row_offsets": ref.row_offsets_from_counts(np.bincount(res.outlier_rows, minlength=n)),
+            "col_indices": res.outlier_cols.astype(feature_dtype),
             "values": res.outlier_values.astype(np.float16),
         }
         if res.perm is not None:
-            tensors["perm"] = res.perm.astype(col_dtype)
+            tensors["perm"] = res.perm.astype(feature_dtype)
         return cls(name, k=k, n=n, bits=cfg.bits, group_size=cfg.group_size, stat_bits=cfg.stat_bits,
                    stat_group=cfg.stat_group, tensors=tensors)
 

@@ -65,6 +65,13 @@ def index_dtype(max_value: int) -> np.dtype:
     return np.dtype(np.int16) if max_value <= np.iinfo(np.int16).max else np.dtype(np.int32)
 
 
+def row_offsets_from_counts(counts: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """CSR row pointer ``[N+1]`` for per-row outlier counts, in ``dtype`` or else qcompile's choice."""
+    ro = np.zeros(len(counts) + 1, dtype=np.int64)
+    ro[1:] = np.cumsum(counts)
+    return ro.astype(index_dtype(int(ro[-1])) if dtype is None else dtype)
+
+
 def num_groups(k: int, group_size: int) -> int:
     return math.ceil(k / group_size)
 
@@ -295,9 +302,7 @@ def random_packed(k: int, n: int, *, bits: int = 3, group_size: int = 16, stat_b
     counts = rng.binomial(k, outlier_rate, size=n)
     cols = [np.sort(rng.choice(k, size=c, replace=False)) for c in counts]
     col_dtype = index_dtype(k - 1) if col_dtype is None else col_dtype
-    ro = np.zeros(n + 1, dtype=np.int64)
-    ro[1:] = np.cumsum(counts)
-    ro = ro.astype(index_dtype(int(ro[-1])) if offsets_dtype is None else offsets_dtype)
+    ro = row_offsets_from_counts(counts, offsets_dtype)
     ci = np.concatenate(cols).astype(col_dtype) if n else np.zeros(0, col_dtype)
     vals = rng.normal(0, 0.1, size=ci.shape[0]).astype(np.float16)
     out = {
