@@ -13,6 +13,7 @@ from typing import Any
 import onnx
 
 from qcompile.errors import QCompileError
+from qcompile.formats import Format, all_formats
 from qcompile.pipeline import CompileConfig, compile_model
 
 
@@ -22,7 +23,13 @@ def compile(model: str, format: str, output: str | Path, **kwargs: Any) -> dict[
     return compile_model(CompileConfig(model=model, format=format, output=Path(output), **kwargs))
 
 
-def export(model: str, output: str | Path, *, dtype: str = "float32", force: bool = False) -> Path:
+def list_formats() -> list[Format]:
+    """Every registered weight format (the rows ``qcompile formats`` prints)."""
+    return all_formats()
+
+
+def export(model: str, output: str | Path, *, dtype: str = "float32", force: bool = False,
+           verbose: bool = False) -> Path:
     """Write the float ONNX model of ``model`` to ``output`` (a .onnx path, or a folder for model.onnx)."""
     from qcompile.models.export import export_onnx
     from qcompile.models.sources import resolve_source
@@ -37,10 +44,10 @@ def export(model: str, output: str | Path, *, dtype: str = "float32", force: boo
     except OSError as e:
         raise QCompileError(f"cannot write {target.parent}: {e.strerror}") from None
     try:
-        cached = export_onnx(resolve_source(model), dtype=dtype)
-        from qcompile.pipeline import save_model
+        cached = export_onnx(resolve_source(model), dtype=dtype, verbose=verbose)
+        from qcompile.models.export import save_onnx
 
-        save_model(onnx.load(str(cached)), tmp / target.name)
+        save_onnx(onnx.load(str(cached)), tmp / target.name)
         for f in tmp.iterdir():  # model.onnx last, so a reader never sees it without its data
             if f.name != target.name:
                 f.replace(target.parent / f.name)
@@ -50,36 +57,17 @@ def export(model: str, output: str | Path, *, dtype: str = "float32", force: boo
     return target
 
 
-def model_needs_ops_library(model_path: Path) -> bool:
-    model = onnx.load(str(model_path), load_external_data=False)
-    return any(o.domain == "qcompile" for o in model.opset_import)
-
-
-def session_factory(model_path: Path):
-    """onnxruntime session factory: registers our op library when the model uses ``qcompile`` ops."""
-    if model_needs_ops_library(model_path):
-        from qcompile.runtime import make_session
-
-        return lambda p: make_session(p)
-    import onnxruntime as ort
-
-    return lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-
-
 def evaluate(model_path: str | Path, *, text: str | Path | None = None, samples: int = 32, seq_len: int = 512,
              tokenizer: str | None = None, progress: bool = True) -> tuple[float, int]:
     """Perplexity of an ONNX model on the bundled evaluation split (or ``text``): the report's computation."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise QCompileError(f"{model_path}: no such file")
-    from qcompile import data as qdata
-    from qcompile.evaluate import perplexity
+    from qcompile.evaluate import perplexity, text_windows
     from qcompile.models.sources import resolve_source
 
     tok = resolve_source(model_path, tokenizer=tokenizer).load_tokenizer()
-    texts = qdata.load_text_file(text) if text else None
-    windows = qdata.eval_windows(tok, seq_len, samples, texts=texts)
-    return perplexity(model_path, windows, session_factory=session_factory(model_path), progress=progress)
+    return perplexity(model_path, text_windows(tok, text=text, samples=samples, seq_len=seq_len), progress=progress)
 
 
 def inspect_model(model_path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -10,17 +10,9 @@ as they do in a model far larger than the caches. CUDA latency is wall time arou
 (device-resident input and output), and the table adds the weight bandwidth achieved as a fraction of
 the device's peak.
 
-Hook for other ops (SpQR, Codebook, ...): a module registers a builder, and ``qcompile bench`` picks it
-up once that module is imported (add its import to ``_load_plugins`` — one line — or import it before
-calling :func:`run_op_bench`)::
-
-    from qcompile.bench import BenchOp, register_op_bench
-
-    def build_spqr(K: int, N: int, dtype: np.dtype, rng: np.random.Generator) -> onnx.ModelProto:
-        node = helper.make_node("SpQRMatMul", ["x", ...], ["y"], domain="qcompile", ...)
-        return one_node_model(node, initializers, K, N, dtype, {"qcompile": 1})  # x [M, K] -> y [M, N]
-
-    register_op_bench(BenchOp("SpQRMatMul", build_spqr, weight_bytes=lambda K, N: ...))
+Columns come from the format registry: each :class:`~qcompile.formats.base.Format` names its bench cases
+(a :class:`BenchOp` that builds a one-node model of its op), so a new format's op shows up here without an
+edit to this file. The fp32 MatMul baseline is this module's own.
 
 Ratios in the table are ``baseline / op`` for the first registered op (higher = op faster).
 """
@@ -63,113 +55,33 @@ class BenchOp:
     baseline: bool = False
 
 
-_OPS: dict[str, BenchOp] = {}
-
-
-def register_op_bench(op: BenchOp) -> BenchOp:
-    """Add a benchmark column (ours or a baseline); names are unique."""
-    if op.name in _OPS:
-        raise ValueError(f"bench op {op.name} registered twice")
-    _OPS[op.name] = op
-    return op
-
-
 def registered_ops() -> dict[str, BenchOp]:
-    _load_plugins()
-    return dict(_OPS)
+    """Every bench column: the formats' op cases (registry order), then the fp32 MatMul baseline."""
+    from qcompile.formats import bench_cases
 
-
-def _load_plugins() -> None:
-    """Import modules that register their own op benches (one line each; missing ones are skipped)."""
-    import importlib
-
-    for mod in ("qcompile.bench_spqr", "qcompile.bench_codebook"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    return {op.name: op for op in (*bench_cases(), MATMUL)}
 
 
 # ---- model builders -------------------------------------------------------------------------------------
 
 
-def _np_to_onnx(dtype: np.dtype) -> int:
-    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-
-
-def _one_node(node: onnx.NodeProto, inits: list[onnx.TensorProto], K: int, N: int, dtype: np.dtype,
-              domains: dict[str, int]) -> onnx.ModelProto:
-    et = _np_to_onnx(dtype)
+def one_node_model(node: onnx.NodeProto, inits: list[onnx.TensorProto], K: int, N: int, dtype: np.dtype,
+                   domains: dict[str, int]) -> onnx.ModelProto:
+    """A model ``y[M, N] = node(x[M, K])`` with the node's weights as initializers (for bench builders)."""
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph([node], "bench", [helper.make_tensor_value_info("x", et, ["M", K])],
                               [helper.make_tensor_value_info("y", et, ["M", N])], initializer=inits)
     opsets = [helper.make_opsetid("", 17)] + [helper.make_opsetid(d, v) for d, v in domains.items()]
     return helper.make_model(graph, opset_imports=opsets)
 
 
-#: Public name for plugins: ``one_node_model(node, initializers, K, N, dtype, {domain: version})``.
-one_node_model = _one_node
-
-
 def build_matmul(K: int, N: int, dtype: np.dtype, rng: np.random.Generator) -> onnx.ModelProto:
     w = (rng.standard_normal((K, N), dtype=np.float32) * 0.02).astype(dtype)
     node = helper.make_node("MatMul", ["x", "w"], ["y"])
-    return _one_node(node, [numpy_helper.from_array(w, "w")], K, N, dtype, {})
+    return one_node_model(node, [numpy_helper.from_array(w, "w")], K, N, dtype, {})
 
 
-def _build_nbits(accuracy_level: int) -> Builder:
-    def build(K: int, N: int, dtype: np.dtype, rng: np.random.Generator) -> onnx.ModelProto:
-        from qcompile.formats.integer import pack_codes, pack_zero_points
-
-        block = 32
-        nblk = math.ceil(K / block)
-        codes = rng.integers(0, 16, (N, K), dtype=np.uint8)
-        zeros = rng.integers(6, 10, (N, nblk), dtype=np.uint8)
-        scales = rng.uniform(0.001, 0.01, N * nblk).astype(dtype)
-        inits = [numpy_helper.from_array(pack_codes(codes, 4, block), "b"),
-                 numpy_helper.from_array(scales, "scales"),
-                 numpy_helper.from_array(pack_zero_points(zeros, 4), "zp")]
-        node = helper.make_node("MatMulNBits", ["x", "b", "scales", "zp"], ["y"], domain="com.microsoft",
-                                K=K, N=N, bits=4, block_size=block, accuracy_level=accuracy_level)
-        return _one_node(node, inits, K, N, dtype, {"com.microsoft": 1})
-
-    return build
-
-
-def _build_fp4(group_size: int, scale_format: str, hadamard_block: int, tensor_scale: bool) -> Builder:
-    def build(K: int, N: int, dtype: np.dtype, rng: np.random.Generator) -> onnx.ModelProto:
-        from qcompile.reference.fp4 import encode_e4m3, padded_k
-
-        kp = padded_k(K, group_size)
-        w = rng.integers(0, 256, (N, kp // 2), dtype=np.uint8)
-        if scale_format == "e8m0":
-            s = rng.integers(118, 124, (N, kp // group_size), dtype=np.uint8)
-        else:
-            s = encode_e4m3(rng.uniform(0.5, 4.0, (N, kp // group_size)))
-        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(s, "s")]
-        inputs = ["x", "w", "s"]
-        if tensor_scale:
-            inits.append(numpy_helper.from_array(np.array([0.01], np.float32), "ts"))
-            inputs.append("ts")
-        hb = hadamard_block if K % hadamard_block == 0 else 0
-        node = helper.make_node("FP4MatMul", inputs, ["y"], domain="qcompile", K=K, N=N, group_size=group_size,
-                                scale_format=scale_format, hadamard_block=hb)
-        return _one_node(node, inits, K, N, dtype, {"qcompile": 1})
-
-    return build
-
-
-def _fp4_bytes(group_size: int) -> Callable[[int, int], int]:
-    return lambda K, N: N * (math.ceil(K / group_size) * group_size) * (4 + 8 / group_size) // 8
-
-
-register_op_bench(BenchOp("FP4MatMul", _build_fp4(32, "e8m0", 32, False), _fp4_bytes(32)))  # MXFP4 + H32
-register_op_bench(BenchOp("FP4MatMul-nv", _build_fp4(16, "e4m3", 16, True), _fp4_bytes(16)))  # NVFP4 + H16
-register_op_bench(BenchOp("MatMul", build_matmul, lambda K, N: K * N * 4, needs_ops_library=False, baseline=True))
-register_op_bench(BenchOp("NBits-a0", _build_nbits(0), lambda K, N: N * math.ceil(K / 32) * (16 + 4 + 1),
-                          needs_ops_library=False, baseline=True))
-register_op_bench(BenchOp("NBits-a4", _build_nbits(4), lambda K, N: N * math.ceil(K / 32) * (16 + 4 + 1),
-                          needs_ops_library=False, baseline=True, providers=("cpu",)))
+MATMUL = BenchOp("MatMul", build_matmul, lambda K, N: K * N * 4, needs_ops_library=False, baseline=True)
 
 # ---- timing ------------------------------------------------------------------------------------------------
 
@@ -331,8 +243,8 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
         if unknown:
             raise ValueError(f"unknown bench op(s) {unknown}; registered: {', '.join(table)}")
         chosen = [lower[o.lower()] for o in ops]
-    if baselines:
-        chosen += [o for o in table.values() if o.baseline and o not in chosen]
+    if baselines:  # fp32 MatMul first, then the other baselines
+        chosen += sorted((o for o in table.values() if o.baseline and o not in chosen), key=lambda o: o is not MATMUL)
     chosen = [o for o in chosen if provider in o.providers]
     dtype = np.dtype(np.float16 if provider == "cuda" else np.float32)
     shapes = list(shapes or DEFAULT_SHAPES)
@@ -451,9 +363,4 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as a script this file is the module ``__main__``, while op plugins (``qcompile.bench_spqr`` ...)
-    # import and register into ``qcompile.bench``: a second copy with its own registry. Delegate to that
-    # copy so ``python -m qcompile.bench --ops SpQRMatMul`` sees what the plugins registered.
-    from qcompile import bench as _bench
-
-    raise SystemExit(_bench.main_bench())
+    raise SystemExit(main_bench())

@@ -162,11 +162,10 @@ def _slice_model(
 
 
 def _default_session(path_or_bytes):
-    import onnxruntime as ort
+    """Calibration runs on the CPU, so Hessians do not depend on which GPU (if any) the machine has."""
+    from qcompile.runtime import make_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
+    return make_session(path_or_bytes, ["CPUExecutionProvider"])
 
 
 def _slice_session(path: Path, sliced: onnx.ModelProto, has_external: bool, with_data: Callable[[], onnx.ModelProto]):

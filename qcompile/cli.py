@@ -59,27 +59,26 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-resume", action="store_true",
                    help="quantize every layer afresh, ignoring layers a killed compile already finished")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the exporter's own warnings and logs")
     p.set_defaults(func=cmd_compile)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from qcompile.pipeline import CompileConfig, compile_model
+    from qcompile.api import compile as compile_api
 
     options: dict[str, Any] = dict(args.option)
     for key in ("group_size", "act_order", "damp"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
-    cfg = CompileConfig(
-        model=args.model, format=args.format, output=args.output, emit=args.emit, options=options,
+    rep = compile_api(
+        args.model, args.format, args.output, emit=args.emit, options=options,
         layer_options=list(args.layer_option),
         calib_samples=args.calib_samples, seq_len=args.seq_len, eval_samples=args.eval_samples,
         eval_seq_len=args.eval_seq_len, eval_text=args.eval_text, evaluate=not args.no_eval, seed=args.seed,
         device=args.device, dtype=args.dtype, include_lm_head=args.include_lm_head, sequential=args.sequential,
-        force=args.force, resume=not args.no_resume, progress=not args.quiet, tokenizer=args.tokenizer,
+        force=args.force, resume=not args.no_resume, progress=not args.quiet, verbose=args.verbose,
+        tokenizer=args.tokenizer,
     )
-    if cfg.eval_text is not None and not cfg.eval_text.is_file():
-        raise QCompileError(f"--eval-text {cfg.eval_text}: no such file")
-    rep = compile_model(cfg)
     _print_summary(rep, args.output)
     return 0
 
@@ -105,13 +104,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, type=Path, help="output .onnx path (or folder)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--force", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the exporter's own warnings and logs")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from qcompile.api import export
 
-    path = export(args.model, args.output, dtype=args.dtype, force=args.force)
+    path = export(args.model, args.output, dtype=args.dtype, force=args.force, verbose=args.verbose)
     print(f"wrote {path}")
     return 0
 
@@ -172,9 +172,9 @@ def _add_formats(sub: argparse._SubParsersAction) -> None:
 def cmd_formats(args: argparse.Namespace) -> int:
     import json
 
-    from qcompile.formats import all_formats
+    from qcompile.api import list_formats
 
-    fmts = all_formats()
+    fmts = list_formats()
     if args.json:
         print(json.dumps([{"name": f.name, "description": f.description, "runtime": f.runtime,
                            "emits": list(f.emits), "default_emit": f.default_emit,

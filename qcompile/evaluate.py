@@ -5,30 +5,18 @@ negative log-likelihood comes from a float64 log-softmax of the model's logits; 
 ``exp(mean NLL)`` over all ``n_windows * (seq_len - 1)`` predictions.  Windows are independent (no
 context carried over), and an ``attention_mask`` of ones is fed when the model has that input.
 
-``session_factory`` lets the caller build the session (e.g. with the qcompile custom-op library
-registered); it gets the model path and returns an ``onnxruntime.InferenceSession``-like object.
+Sessions come from :func:`qcompile.runtime.make_session` (our op library registered when the model needs
+it); an already open session may be passed instead of a path.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from qcompile.errors import CalibrationError, QCompileError
-
-SessionFactory = Callable[[str], Any]
-
-
-def default_session(path: str):
-    """Plain onnxruntime CPU session."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
 
 def window_nll(logits: np.ndarray, ids: np.ndarray) -> float:
     """Summed next-token NLL of one window: ``logits [seq, vocab]`` (any float dtype), ``ids [seq]``."""
@@ -45,7 +33,6 @@ def perplexity(
     token_windows: np.ndarray,
     *,
     batch_size: int = 4,
-    session_factory: SessionFactory | None = None,
     progress: bool = True,
 ) -> tuple[float, int]:
     """``(perplexity, number of predicted tokens)`` of the model on ``token_windows [n, seq]`` int64.
@@ -60,7 +47,9 @@ def perplexity(
         raise CalibrationError(f"evaluation windows must be integer token ids, got {windows.dtype}")
     windows = windows.astype(np.int64, copy=False)
     if isinstance(onnx_path_or_session, (str, os.PathLike)):
-        sess = (session_factory or default_session)(str(onnx_path_or_session))
+        from qcompile.runtime import make_session
+
+        sess = make_session(str(onnx_path_or_session))
     else:
         sess = onnx_path_or_session
     in_names = [i.name for i in sess.get_inputs()]
@@ -107,3 +96,13 @@ def _check_vocab(windows: np.ndarray, vocab: int) -> None:
     lo, hi = int(windows.min()), int(windows.max())
     if lo < 0 or hi >= vocab:
         raise CalibrationError(f"token ids range {lo}..{hi} but the model's vocab is {vocab}: wrong tokenizer?")
+
+
+def text_windows(tokenizer, *, text: str | os.PathLike | None = None, samples: int = 32,
+                 seq_len: int = 512) -> np.ndarray:
+    """The evaluation windows every perplexity in qcompile is computed on: the first ``samples`` windows of
+    ``seq_len`` tokens of ``text`` (a UTF-8 file), or of the bundled evaluation split."""
+    from qcompile import data as qdata
+
+    texts = qdata.load_text_file(text) if text else None
+    return qdata.eval_windows(tokenizer, seq_len, samples, texts=texts)

@@ -13,7 +13,11 @@ from typing import Any
 
 import onnx
 
-from qcompile.passes.lower_weights import FORMAT_KEY, LAYER_KEY, PACKED_BITS_KEY, SHAPE_KEY
+#: Metadata the lower pass puts on every node a layer's lowering creates; how sizes are attributed to layers.
+LAYER_KEY = "qcompile.layer"
+FORMAT_KEY = "qcompile.format"
+PACKED_BITS_KEY = "qcompile.packed_bits_per_weight"
+SHAPE_KEY = "qcompile.shape"
 
 
 @dataclasses.dataclass
@@ -109,7 +113,7 @@ def inspect_rows(model_path: Path) -> list[dict[str, Any]]:
              "packed_bits_per_weight": s.packed_bits_per_weight} for s in layer_sizes(model)]
     if rows:
         return rows
-    from qcompile.passes.discover_linears import discover_linears, ensure_node_names
+    from qcompile.passes.discover import discover_linears, ensure_node_names
 
     inits = {t.name: t for t in model.graph.initializer}
     for m in discover_linears(ensure_node_names(model), include_lm_head=True):

@@ -1,5 +1,6 @@
 """Running compiled models: find the ``qcompile_ops`` custom-op library and open ONNX Runtime sessions with
-it registered, so every caller (CLI, evaluation, benchmarks, tests) loads the same library the same way.
+it registered where the model needs it. :func:`make_session` is the one session factory every caller
+(evaluation, calibration, the CLI, tools, tests) uses, so all load the library the same way.
 
 Lookup order of :func:`ops_library_path`: ``$QCOMPILE_OPS_LIBRARY`` (explicit file), the copy installed in
 the package (``qcompile/_native/libqcompile_ops.so``, put there by ``pip install .`` or
@@ -16,6 +17,7 @@ import onnxruntime as ort
 from qcompile.errors import QCompileError
 
 LIBRARY_NAME = "libqcompile_ops.so"
+OPS_DOMAIN = "qcompile"
 ENV_VAR = "QCOMPILE_OPS_LIBRARY"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _REPO_ROOT = _PACKAGE_DIR.parent
@@ -64,13 +66,31 @@ def session_options(options: ort.SessionOptions | None = None, *, intra_op_threa
     return so
 
 
+def needs_ops_library(model: Any) -> bool:
+    """True if ``model`` (path, serialized bytes or ``onnx.ModelProto``) imports the ``qcompile`` op domain."""
+    import onnx
+
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(str(model), load_external_data=False)
+    elif isinstance(model, (bytes, bytearray)):
+        model = onnx.load_from_string(bytes(model))
+    return any(o.domain == OPS_DOMAIN for o in model.opset_import)
+
+
 def make_session(model: Any, providers: Sequence[Any] | None = None, *, options: ort.SessionOptions | None = None,
                  intra_op_threads: int | None = None, **kw: Any) -> ort.InferenceSession:
-    """An ``InferenceSession`` for ``model`` (path, serialized bytes or ``onnx.ModelProto``) that can run
-    ``qcompile.*`` ops. Extra keyword arguments go to ``InferenceSession`` (e.g. ``provider_options``)."""
+    """An ``InferenceSession`` for ``model`` (path, serialized bytes or ``onnx.ModelProto``), with our op
+    library registered when the model uses ``qcompile.*`` ops. Warnings stay quiet unless ``options`` says
+    otherwise. Extra keyword arguments go to ``InferenceSession`` (e.g. ``provider_options``)."""
+    so = options if options is not None else ort.SessionOptions()
+    if options is None:
+        so.log_severity_level = 3
+    if needs_ops_library(model):
+        session_options(so)
+    if intra_op_threads is not None:
+        so.intra_op_num_threads = intra_op_threads
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
-    elif isinstance(model, Path):
+    elif isinstance(model, os.PathLike):
         model = str(model)
-    so = session_options(options, intra_op_threads=intra_op_threads)
     return ort.InferenceSession(model, sess_options=so, providers=list(providers or default_providers()), **kw)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qcompile.errors import CalibrationError
-from qcompile.evaluate import default_session, perplexity, window_nll
+from qcompile.evaluate import perplexity, window_nll
+from qcompile.runtime import make_session
 from tiny_model import random_tokens, tiny_onnx, tiny_source
 
 
@@ -49,17 +50,10 @@ def test_perplexity_fp16_close_to_fp32():
     assert ppl == pytest.approx(ref, rel=1e-2)
 
 
-def test_session_factory_and_session_object():
+def test_path_and_session_object_agree():
     windows = random_tokens(2, 10, seed=13)
-    seen = []
-
-    def factory(path):
-        seen.append(path)
-        return default_session(path)
-
-    a, _ = perplexity(tiny_onnx(), windows, session_factory=factory, progress=False)
-    assert seen == [str(tiny_onnx())]
-    b, _ = perplexity(default_session(str(tiny_onnx())), windows, progress=False)
+    a, _ = perplexity(tiny_onnx(), windows, progress=False)
+    b, _ = perplexity(make_session(str(tiny_onnx())), windows, progress=False)
     assert a == b
 
 

@@ -4,6 +4,8 @@ A test format wraps int4-gptq and raises after N layers; the second run must qua
 layers, report the reused ones, produce exactly the model an uninterrupted compile produces, and remove
 its checkpoint once the output is complete.
 """
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -12,7 +14,7 @@ from onnx import numpy_helper
 from qcompile.api import compile as qcompile_compile
 from qcompile.cache import cache_dir
 from qcompile.formats import get_format
-from qcompile.formats.base import Format, register
+from qcompile.formats import register
 from tiny_model import save_tiny_hf_dir
 
 SMALL = dict(calib_samples=4, seq_len=32, evaluate=False, progress=False, options={"group_size": 32})
@@ -36,9 +38,8 @@ def _register() -> None:
         get_format(FMT)
     except Exception:  # noqa: BLE001 - not registered yet
         base = get_format("int4-gptq")
-        register(Format(name=FMT, description="int4-gptq that can be made to fail (tests)", runtime=base.runtime,
-                        quantize=_quantize, options=base.options, needs_calibration=True, emits=base.emits,
-                        default_emit=base.default_emit))
+        register(dataclasses.replace(base, name=FMT, description="int4-gptq that can be made to fail (tests)",
+                                     quantize=_quantize))
 
 
 @pytest.fixture(scope="module")

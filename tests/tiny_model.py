@@ -44,7 +44,7 @@ def _workdir() -> Path:
 
         h = hashlib.sha256(f"{torch.__version__}|{transformers.__version__}|{onnx.__version__}".encode())
         here = Path(__file__).resolve()
-        models = here.parent.parent / "models"
+        models = here.parent.parent / "qcompile" / "models"
         for f in (here, models / "export.py", models / "causal_lm.py", models / "sources.py"):
             h.update(f.read_bytes())
         d = Path(tempfile.gettempdir()) / "qcompile-tiny" / h.hexdigest()[:16]
@@ -177,7 +177,7 @@ def with_modules(model, modules: dict):
     """A copy of ``model`` with the named submodules replaced (the fine-tuning student)."""
     import copy
 
-    from qcompile.finetune import set_module
+    from qcompile.solvers.distill import set_module
 
     student = copy.deepcopy(model)
     for name, module in modules.items():
@@ -188,7 +188,7 @@ def with_modules(model, modules: dict):
 @torch.no_grad()
 def student_kl(teacher, student, ids) -> float:
     """KL(teacher || student) per token on the token windows ``ids`` (numpy ``[n, seq]``)."""
-    from qcompile.finetune import kl_to_teacher
+    from qcompile.solvers.distill import kl_to_teacher
 
     t = torch.log_softmax(teacher(input_ids=torch.from_numpy(ids)).logits, -1)
     return float(kl_to_teacher(student(input_ids=torch.from_numpy(ids)).logits, t))

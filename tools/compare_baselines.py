@@ -76,7 +76,7 @@ class WindowReader:
 
 
 def lm_head_node(float_path: Path) -> str:
-    from qcompile.passes.discover_linears import discover_linears, ensure_node_names
+    from qcompile.passes.discover import discover_linears, ensure_node_names
 
     model = ensure_node_names(onnx.load(str(float_path), load_external_data=False))
     heads = [m.node_name for m in discover_linears(model, include_lm_head=True) if m.role == "lm_head"]
@@ -120,7 +120,7 @@ def run_ort(args, algo: str, float_path: Path, calib: np.ndarray, out: Path) -> 
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig, GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer, RTNWeightOnlyQuantConfig)
 
-    from qcompile.pipeline import save_model
+    from qcompile.models.export import save_onnx
     from qcompile.report import matmulnbits_bits, overall_bits
 
     head = lm_head_node(float_path)
@@ -141,7 +141,7 @@ def run_ort(args, algo: str, float_path: Path, calib: np.ndarray, out: Path) -> 
     model = q.model.model if hasattr(q.model, "model") else q.model
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
-    save_model(model, path)
+    save_onnx(model, path)
     sizes = matmulnbits_bits(onnx.load(str(path), load_external_data=False))
     left = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head
             and any(i in {t.name for t in model.graph.initializer} for i in n.input)]
@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.quiet
 
     def ppl(path: Path) -> float:
-        from qcompile.api import session_factory
-
-        return perplexity(path, evalw, session_factory=session_factory(path), progress=progress)[0]
+        return perplexity(path, evalw, progress=progress)[0]
 
     ours = {key: (f"qcompile {fmt}", (lambda f=fmt, e=emit, k=key: run_ours(args, f, e, args.out / k)))
             for key, fmt, emit in OURS}

@@ -5,7 +5,10 @@ calibration Hessian ``H = XᵀX`` (``[K, K]``) into a :class:`QuantizedWeight`. 
 how to dequantize itself (for ``--emit simulated`` and for error reports), which tensors its native op
 stores (size truth is counted from exactly these bytes), and how to lower itself to ONNX nodes.
 
-Adding a format = numerics (a ``quantize`` function), an op (native lowering), and a registry entry.
+A :class:`Format` is the one table row that describes a format to the rest of the program (in the spirit of
+ggml's per-type traits table): its options, weight class, op and numpy reference, tunable tensors and bench
+cases. Each format package (``qcompile/formats/<name>/``) lists its rows in ``FORMATS``; the registry in
+:mod:`qcompile.formats` is the only place that names the packages.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import numpy as np
 import onnx
 
 from qcompile.errors import FormatError
+from qcompile.solvers import distill
 
 EMIT_MODES = ("native", "simulated", "portable")
 
@@ -105,6 +109,26 @@ def is_whole_model_option(key: str) -> bool:
     return key.startswith(WHOLE_MODEL_PREFIX)
 
 
+def finetune_options(epochs: float = distill.DEFAULT_EPOCHS, lr: float = 1e-3, scale_lr: float | None = None,
+                     windows: int = distill.DEFAULT_WINDOWS, norm_lr: float = distill.DEFAULT_NORM_LR) -> dict[str, Any]:
+    """The ``finetune_*`` options every tunable format shares (defaults per format); they configure
+    :func:`qcompile.solvers.distill.tune_format_layers`."""
+    opts = {
+        "finetune_epochs": Option(float, epochs, "after all layers: epochs of tuning the format's float side "
+                                  "parameters (codes fixed) against the float model's next-token distribution "
+                                  "(0 = off; needs a transformers-loadable source)"),
+        "finetune_lr": Option(float, lr, "Adam learning rate of the tuned side parameters"),
+        "finetune_batch": Option(int, 4, "windows per fine-tuning step"),
+        "finetune_norm_lr": Option(float, norm_lr, "> 0: fine-tuning also adjusts the RMSNorm weights (float) "
+                                   "with this Adam learning rate"),
+        "finetune_windows": Option(int, windows, "windows of calibration-split text to tune on, drawn with another "
+                                   "seed than the Hessian windows (0 = the calibration windows themselves)"),
+    }
+    if scale_lr is not None:
+        opts["finetune_scale_lr"] = Option(float, scale_lr, "Adam learning rate of the (relative) scale parameters")
+    return opts
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerOverride:
     """Format options for the layers whose names match ``pattern`` (shell-style, e.g. ``*.v_proj``).
@@ -130,15 +154,32 @@ class LayerOverride:
 
 
 @dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """The ONNX op a format's native lowering emits, and the numpy reference every kernel is tested against:
+    ``reference(x, *inputs, **attributes)`` takes the node's inputs after X in node order and its attributes."""
+
+    domain: str
+    type: str
+    reference: Callable[..., np.ndarray]
+    needs_library: bool  # True: our qcompile_ops library must be registered; False: stock onnxruntime runs it
+
+    @property
+    def runtime(self) -> str:
+        where = "qcompile_ops" if self.needs_library else "stock onnxruntime"
+        return f"{where} ({self.domain}.{self.type})"
+
+
+@dataclasses.dataclass(frozen=True)
 class Format:
     """A registered weight format, e.g. ``int4-gptq``. Names follow ``<grid>-<method>``."""
 
     name: str
     description: str
-    runtime: str  # what the native emit needs to run
     quantize: QuantizeFn  # quantize(weight[K,N] float32, hessian[K,K] torch|None, **options) -> QuantizedWeight
     options: dict[str, Option]
     needs_calibration: bool
+    weight: type[QuantizedWeight]  # what quantize returns
+    op: OpSpec  # what the native emit writes
     emits: tuple[str, ...] = ("native", "simulated")
     default_emit: str = "native"
     # Optional whole-model step once every layer is quantized (e.g. AQLM's codebook fine-tuning):
@@ -147,12 +188,22 @@ class Format:
     #   -> ({layer: new QuantizedWeight}, {float initializer name: new value}, summary dict for the report),
     #   or None when the options disable it.
     tune: Callable[..., Any] | None = None
+    # Packed tensors ``tune`` may change (float side parameters); every other tensor, and so the file layout and
+    # size, stays byte for byte as the layer-wise method left it (the tune pass checks this).
+    tunable: tuple[str, ...] = ()
+    # Op benchmark columns for ``qcompile bench`` (qcompile.bench.BenchOp); formats sharing an op share them.
+    bench: tuple[Any, ...] = ()
     # Calibration windows when the user names none (--calib-samples): a format measured to gain from more
     # calibration text (SpQR) takes more than the cheap default.
     calib_samples: int = 64
     # Per-layer defaults of a preset (e.g. more bits for attention value projections); user overrides
     # (--layer-option) come after these.
     layer_options: tuple[LayerOverride, ...] = ()
+
+    @property
+    def runtime(self) -> str:
+        """What the native emit needs to run."""
+        return self.op.runtime
 
     def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``given``; unknown keys are an error naming the accepted ones."""
@@ -196,28 +247,3 @@ class Format:
             for n in matched:
                 out[n].update(parsed)
         return out
-
-
-_REGISTRY: dict[str, Format] = {}
-
-
-def register(fmt: Format) -> Format:
-    if fmt.name in _REGISTRY:
-        raise ValueError(f"format {fmt.name} registered twice")
-    _REGISTRY[fmt.name] = fmt
-    return fmt
-
-
-def get_format(name: str) -> Format:
-    from qcompile import formats as _load_all  # noqa: F401  (registers every built-in format)
-
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise FormatError(f"unknown format {name!r}; accepted: {', '.join(sorted(_REGISTRY))}") from None
-
-
-def all_formats() -> list[Format]:
-    from qcompile import formats as _load_all  # noqa: F401
-
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]

@@ -1,0 +1,58 @@
+"""AQLM codebook formats ``aqlm-2x8`` / ``aqlm-1x8`` / ``aqlm-1x16`` (Egiazarian et al.): groups of 8 weights as
+a sum of codewords from learned codebooks, per-channel fp16 scales, stored as ``qcompile.CodebookMatMul``, then
+whole-model fine-tuning of codebooks and scales (codes fixed)."""
+from __future__ import annotations
+
+from qcompile.formats.aqlm import reference as ref
+from qcompile.formats.aqlm.bench import CODEBOOK_BENCH
+from qcompile.formats.aqlm.finetune import tune_codebooks
+from qcompile.formats.aqlm.numerics import quantize_codebook
+from qcompile.formats.aqlm.weight import CodebookQuantizedWeight
+from qcompile.formats.base import Format, OpSpec, Option, finetune_options
+
+OP = OpSpec("qcompile", "CodebookMatMul", ref.codebook_matmul, needs_library=True)
+
+
+def _options(m: int, b: int, beam: int, rounds: int, kmeans_iters: int) -> dict[str, Option]:
+    return {
+        "num_codebooks": Option(int, m, "M: codebooks summed per group"),
+        "nbits": Option(int, b, "B: each codebook has 2^B codewords (codes are uint8 up to 8, uint16 up to 16)"),
+        "in_group_size": Option(int, 8, "consecutive input weights per codeword (K must be a multiple)"),
+        "beam_size": Option(int, beam, "hypotheses kept per row while choosing a group's M codes"),
+        "rounds": Option(int, rounds, "rounds of (codebooks, scales, codes) updates after k-means init"),
+        "cg_iters": Option(int, 8, "conjugate-gradient steps per codebook least-squares update"),
+        "kmeans_iters": Option(int, kmeans_iters, "Lloyd iterations per codebook at init"),
+        "damp": Option(float, 0.01, "added to the Hessian diagonal, relative to its mean"),
+        "seed": Option(int, 0, "seed of k-means sampling and init"),
+        "progress": Option(bool, False, "per-layer progress bar with the running error"),
+        **finetune_options(),  # on by default: see qcompile.solvers.distill
+    }
+
+
+def _aqlm_format(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters: int, note: str) -> Format:
+    def quantize(weight_kn, hessian, **opts):
+        return quantize_codebook(weight_kn, hessian, name=name, **opts)
+
+    return Format(
+        name=name,
+        description=f"AQLM additive codebooks: {m} codebook(s) x 2^{b} codewords over groups of 8 inputs, "
+                    f"per-channel fp16 scale; {note}; then codebooks, scales and norms are fine-tuned against "
+                    "the float model (finetune_*)",
+        quantize=quantize,
+        options=_options(m, b, beam, rounds, kmeans_iters),
+        needs_calibration=True,
+        weight=CodebookQuantizedWeight,
+        op=OP,
+        emits=("native", "simulated", "portable"),
+        default_emit="native",
+        tune=tune_codebooks,
+        tunable=("codebooks", "scales"),
+        bench=(CODEBOOK_BENCH,) if (m, b) == (2, 8) else (),
+    )
+
+
+FORMATS = (
+    _aqlm_format("aqlm-2x8", 2, 8, 4, 3, 12, "2 bits/weight of codes + 8 KiB codebooks per layer"),
+    _aqlm_format("aqlm-1x8", 1, 8, 1, 3, 12, "1 bit/weight of codes + 4 KiB codebook per layer"),
+    _aqlm_format("aqlm-1x16", 1, 16, 1, 2, 4, "2 bits/weight of codes + a 1 MiB codebook per layer (only for wide layers)"),
+)

@@ -1,0 +1,58 @@
+"""What the compile passes hand to one another.
+
+Each pass in :data:`qcompile.passes.PIPELINE` is a function ``CompileState -> CompileState``: it reads the
+fields earlier passes filled in and returns a state with its own results added (the graph passes return a
+new ``model``; the others add data such as Hessians or quantized weights). The state never holds files:
+the pipeline reads the source before the first pass and writes OUT after the last.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from qcompile.formats.base import Format, LayerOverride, QuantizedWeight
+
+if TYPE_CHECKING:
+    import torch
+
+    from qcompile.layer_checkpoint import LayerCheckpoint
+    from qcompile.models.sources import ModelSource
+    from qcompile.passes.discover import LinearMatch
+    from qcompile.pipeline import CompileConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileState:
+    cfg: "CompileConfig"
+    fmt: Format
+    options: dict[str, Any]  # the format's options, resolved over its defaults
+    overrides: tuple[LayerOverride, ...]  # the user's per-layer overrides, in order (the format's own come first)
+    emit: str
+    device: str
+    source: "ModelSource"
+    float_path: Path  # the float ONNX model the passes start from
+    model: onnx.ModelProto  # the current graph: float until ``lower`` rewrites it
+    tokenizer: Any
+    float_model: onnx.ModelProto | None = None  # discover: the float graph, kept for the report's errors
+    matches: tuple["LinearMatch", ...] = ()  # discover
+    layer_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # discover: per layer
+    calib: np.ndarray | None = None  # calibrate: token windows [n, seq]
+    hessians: dict[str, "torch.Tensor"] = dataclasses.field(default_factory=dict)  # calibrate
+    checkpoint: "LayerCheckpoint | None" = None  # quantize: finished layers of an interrupted compile
+    quantized: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)  # quantize, tune
+    layer_seconds: dict[str, float | None] = dataclasses.field(default_factory=dict)  # quantize
+    resumed: frozenset[str] = frozenset()  # quantize: layers taken from the checkpoint
+    tune_summary: dict[str, Any] | None = None  # tune
+    layers: tuple[dict[str, Any], ...] = ()  # report: one row per quantized layer
+
+    def replace(self, **changes: Any) -> "CompileState":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def override_texts(self) -> list[str]:
+        """Every per-layer override in the order it applies: the format's own, then the user's."""
+        return [str(o) for o in (*self.fmt.layer_options, *self.overrides)]

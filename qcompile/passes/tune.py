@@ -1,0 +1,68 @@
+"""Tune pass (model → model): the format's whole-model step once every layer is quantized (SpQR and AQLM
+distil their float side parameters against the float model, :mod:`qcompile.solvers.distill`).
+
+It may change only the packed tensors the format names as ``tunable`` and float initializers private to one
+node (norm weights); every other tensor, and so the file layout and size, is checked to stay byte for byte.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qcompile.errors import QCompileError
+from qcompile.formats.base import Format, QuantizedWeight
+from qcompile.passes.state import CompileState
+
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def private_initializers(model: onnx.ModelProto) -> set[str]:
+    """Float initializers read by exactly one node: safe to retune (the exporter merges equal constants, e.g.
+    norm weights that are all ones, into one shared initializer, which must then stay as it is)."""
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for i in set(node.input):
+            uses[i] = uses.get(i, 0) + 1
+    return {t.name for t in model.graph.initializer if uses.get(t.name) == 1 and t.data_type in FLOAT_TYPES}
+
+
+def override_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` with float initializers replaced, each keeping its dtype and shape."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    protos = {t.name: t for t in out.graph.initializer}
+    for name, value in values.items():
+        if name not in protos:
+            raise QCompileError(f"tune step returned {name!r}, which is not an initializer of the model")
+        t = protos[name]
+        arr = np.asarray(value).astype(helper.tensor_dtype_to_np_dtype(t.data_type))
+        if list(arr.shape) != list(t.dims):
+            raise QCompileError(f"tune step returned {name} with shape {list(arr.shape)}, expected {list(t.dims)}")
+        t.CopyFrom(numpy_helper.from_array(arr, name))
+    return out
+
+
+def check_tunable(fmt: Format, before: dict[str, QuantizedWeight], after: dict[str, QuantizedWeight]) -> None:
+    """Fine-tuning keeps codes, positions and sizes: only ``fmt.tunable`` tensors may differ."""
+    for name, new in after.items():
+        old_p, new_p = before[name].packed(), new.packed()
+        for key, arr in old_p.items():
+            same = key in new_p and new_p[key].dtype == arr.dtype and new_p[key].shape == arr.shape
+            if not same or (key not in fmt.tunable and not np.array_equal(new_p[key], arr)):
+                raise QCompileError(f"{fmt.name} tune step changed {name}.{key}, which it may not "
+                                    f"(tunable: {', '.join(fmt.tunable) or 'none'})")
+
+
+def step(state: CompileState) -> CompileState:
+    fmt = state.fmt
+    if fmt.tune is None:
+        return state
+    tuned = fmt.tune(state.source, state.quantized, state.calib, state.options, state.device, state.cfg.progress,
+                     float_names=private_initializers(state.model))
+    if tuned is None:
+        return state
+    layers, floats, summary = tuned
+    check_tunable(fmt, state.quantized, layers)
+    return state.replace(quantized={**state.quantized, **layers}, model=override_initializers(state.model, floats),
+                         tune_summary=summary)

@@ -1,1 +1,0 @@
-"""Numpy reference implementations of qcompile's custom ops (ground truth for kernels and numerics)."""

@@ -1,0 +1,318 @@
+"""qcompile.FP4MatMul kernels (CPU, and CUDA where available) against the numpy reference, plus the error
+behaviour on malformed models: every bad input must come back as an ORT exception, never a crash."""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from qcompile.formats.fp4 import reference as fp4
+
+F32, F16 = np.float32, np.float16
+
+
+def fp4_model(*, K: int, N: int, G: int, fmt: str, hb: int = 0, dtype=F32, ts: bool = False, bias: bool = False,
+              x_shape: list | None = None, extra_attrs: dict | None = None, drop_attrs: tuple = (),
+              follow_with_add: bool = False):
+    """One FP4MatMul node with graph inputs x, w, s[, ts][, b]; absent optional inputs use the "" name."""
+    et = TensorProto.FLOAT16 if dtype == F16 else TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("x", et, x_shape),
+              helper.make_tensor_value_info("w", TensorProto.UINT8, None),
+              helper.make_tensor_value_info("s", TensorProto.UINT8, None)]
+    names = ["x", "w", "s", "ts" if ts else "", "b" if bias else ""]
+    if ts:
+        inputs.append(helper.make_tensor_value_info("ts", TensorProto.FLOAT, None))
+    if bias:
+        inputs.append(helper.make_tensor_value_info("b", et, None))
+    while names[-1] == "":
+        names.pop()
+    attrs = dict(K=K, N=N, group_size=G, scale_format=fmt, hadamard_block=hb) | (extra_attrs or {})
+    for a in drop_attrs:
+        attrs.pop(a)
+    out = "t" if follow_with_add else "y"
+    nodes = [helper.make_node("FP4MatMul", names, [out], domain="qcompile", **attrs)]
+    if follow_with_add:  # the op's output is an intermediate: its type must be inferred, not declared
+        nodes.append(helper.make_node("Add", ["t", "t"], ["y"]))
+    graph = helper.make_graph(nodes, "fp4", inputs, [helper.make_tensor_value_info("y", et, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("qcompile", 1)])
+
+
+def random_weights(rng, K: int, N: int, G: int, fmt: str, nan_row: int | None = None):
+    codes = rng.integers(0, 16, (N, K), dtype=np.uint8)
+    w = fp4.pack_fp4(codes, G)
+    ng = fp4.padded_k(K, G) // G
+    if fmt == "e8m0":
+        s = rng.integers(118, 132, (N, ng), dtype=np.uint8)
+        if nan_row is not None:
+            s[nan_row, 0] = 255
+    else:
+        s = fp4.encode_e4m3(rng.uniform(0.005, 3.0, (N, ng)))
+    return w, s
+
+
+def check_close(y: np.ndarray, ref: np.ndarray, x, w, s, ts, K, N, G, fmt, hb, dtype) -> None:
+    """Elementwise bound: fp32 accumulation error relative to sum |terms|, plus fp16 output rounding."""
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    xd = np.asarray(x, np.float64).reshape(-1, K)
+    if hb:
+        xd = fp4.hadamard_transform(xd, hb)
+    wd = np.abs(fp4.dequantize_fp4(w, s, ts, K, G, fmt).astype(np.float64))
+    mag = (np.abs(xd) @ wd.T).reshape(ref.shape)
+    ref64 = ref.astype(np.float64)
+    tol = 2e-6 * mag + 1e-30 + (np.abs(ref64) * 2 ** -10 if dtype == F16 else 0)
+    err = np.abs(y.astype(np.float64) - ref64)
+    bad = ~(err <= tol) & ~(np.isnan(ref64) & np.isnan(y))
+    assert not bad.any(), f"{bad.sum()} mismatches, worst err {np.nanmax(err - tol)}"
+
+
+CASES = [
+    # M-shape, K, N, G, fmt, hb, dtype, ts, bias
+    ((1,), 64, 8, 32, "e8m0", 0, F32, False, False),
+    ((1,), 200, 37, 32, "e8m0", 0, F32, True, True),        # K not a multiple of G (padded), ragged 64-block
+    ((1,), 512, 300, 16, "e4m3", 64, F32, True, False),     # NVFP4-like with rotation, many row tasks
+    ((7,), 256, 40, 16, "e4m3", 16, F32, True, True),
+    ((64,), 136, 33, 8, "e4m3", 8, F16, False, True),       # bias without tensor_scale ("" input)
+    ((2, 3), 96, 20, 32, "e8m0", 32, F16, True, True),      # leading batch dims
+    ((64,), 320, 70, 64, "e8m0", 0, F32, False, False),
+    ((5,), 40, 3, 256, "e8m0", 8, F32, False, True),        # group larger than K
+    ((2, 1, 4), 1000, 52, 128, "e4m3", 0, F16, True, False),
+]
+
+
+def _run_case(make_session, case, seed: int, **model_kw):
+    mshape, K, N, G, fmt, hb, dtype, ts, bias = case
+    rng = np.random.default_rng(seed)
+    w, s = random_weights(rng, K, N, G, fmt)
+    x = rng.normal(size=(*mshape, K)).astype(dtype)
+    tsv = np.array([0.625], np.float32) if ts else None
+    b = rng.normal(size=N).astype(dtype) if bias else None
+    sess = make_session(fp4_model(K=K, N=N, G=G, fmt=fmt, hb=hb, dtype=dtype, ts=ts, bias=bias, **model_kw))
+    feed = {"x": x, "w": w, "s": s} | ({"ts": tsv} if ts else {}) | ({"b": b} if bias else {})
+    y = sess.run(None, feed)[0]
+    ref = fp4.fp4_matmul_reference(x, w, s, tsv, b, K=K, N=N, group_size=G, scale_format=fmt, hadamard_block=hb)
+    if model_kw.get("follow_with_add"):
+        ref = (ref.astype(np.float64) * 2).astype(dtype)
+    check_close(y, ref, x, w, s, tsv, K, N, G, fmt, hb, dtype)
+
+
+@pytest.mark.parametrize("simd", ["auto", "portable"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-G{c[3]}-{c[4]}-hb{c[5]}-{c[6].__name__}")
+def test_cpu_matches_reference(ops_session, monkeypatch, case, simd):
+    if simd == "portable":  # the x86-64-v2 fallback path must agree too
+        monkeypatch.setenv("QCOMPILE_FP4_NO_AVX2", "1")
+    _run_case(ops_session, case, seed=zlib.crc32(repr(case[:6]).encode()))
+
+
+@pytest.mark.parametrize("simd", ["auto", "portable"])
+@pytest.mark.parametrize("fmt", ["e8m0", "e4m3"])
+@pytest.mark.parametrize("M", [1, 7])
+def test_every_scale_code(ops_session, monkeypatch, fmt, M, simd):
+    """All 256 scale codes (subnormal, largest, NaN) in 8-wide runs, as the vectorized scale decoder reads them."""
+    if simd == "portable":
+        monkeypatch.setenv("QCOMPILE_FP4_NO_AVX2", "1")
+    rng = np.random.default_rng(5)
+    K, N, G = 320, 26, 32  # 10 groups per row: one 8-wide run plus a 2-code tail
+    w, _ = random_weights(rng, K, N, G, fmt)
+    s = np.resize(rng.permutation(256).astype(np.uint8), (N, K // G))
+    if fmt == "e8m0":  # 6 * 2^126 overflows float32 in the reference's dequantized weights
+        s[(s == 253) | (s == 254)] = 252
+    x = (rng.normal(size=(M, K)) * 2.0**-32).astype(F32)  # keeps rows with 2^127 scales finite
+    y = ops_session(fp4_model(K=K, N=N, G=G, fmt=fmt)).run(None, {"x": x, "w": w, "s": s})[0]
+    ref = fp4.fp4_matmul_reference(x, w, s, None, None, K=K, N=N, group_size=G, scale_format=fmt, hadamard_block=0)
+    nan_rows = np.isnan(ref).all(axis=0)
+    assert 1 <= nan_rows.sum() < N
+    check_close(y, ref, x, w, s, None, K, N, G, fmt, 0, F32)
+
+
+GEMV_TAILS = [  # M = 1 shapes whose W rows end in a partial 64-weight block (or have no whole block)
+    ((1,), 136, 9, 8, "e4m3", 0, F32, True, False),
+    ((1,), 48, 5, 16, "e4m3", 16, F16, True, True),
+    ((1,), 96, 11, 32, "e8m0", 0, F32, False, True),
+    ((1,), 512, 9, 32, "e8m0", 256, F32, False, False),   # largest rotation block
+]
+
+
+@pytest.mark.parametrize("simd", ["auto", "portable"])
+@pytest.mark.parametrize("case", GEMV_TAILS, ids=lambda c: f"K{c[1]}-N{c[2]}-G{c[3]}")
+def test_gemv_partial_last_block(ops_session, monkeypatch, case, simd):
+    if simd == "portable":
+        monkeypatch.setenv("QCOMPILE_FP4_NO_AVX2", "1")
+    _run_case(ops_session, case, seed=17)
+
+
+PREFILL_TILES = [  # M > 1 shapes around the AVX2 prefill kernel's blocks: 16 + 8 rows of X, 6 and 12 rows of W
+    ((6,), 128, 13, 32, "e8m0", 4, F32, False, True),      # rotation block < 8 (scalar transform)
+    ((20,), 192, 25, 32, "e8m0", 32, F32, True, False),    # 16-row block + 8-row tail
+    ((3, 9), 320, 7, 16, "e4m3", 0, F16, True, True),      # 27 rows: 16 + 8 + 8 (padded), N < 12
+    ((40,), 200, 37, 8, "e4m3", 8, F32, False, False),     # ragged K (partial last 64-block), N % 12 = 1
+]
+
+
+@pytest.mark.parametrize("simd", ["auto", "portable"])
+@pytest.mark.parametrize("case", PREFILL_TILES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-G{c[3]}")
+def test_prefill_tile_edges(ops_session, monkeypatch, case, simd):
+    if simd == "portable":
+        monkeypatch.setenv("QCOMPILE_FP4_NO_AVX2", "1")
+    _run_case(ops_session, case, seed=23)
+
+
+def test_cpu_multithreaded_and_intermediate_output(ops_session):
+    _run_case(lambda m: ops_session(m, threads=2), ((9,), 384, 130, 32, "e8m0", 128, F32, False, True), seed=3,
+              follow_with_add=True)
+    _run_case(lambda m: ops_session(m, threads=2), ((1,), 384, 130, 32, "e8m0", 0, F16, True, True), seed=4,
+              follow_with_add=True)
+
+
+def test_nan_scale_propagates_to_its_row_only(ops_session):
+    rng = np.random.default_rng(7)
+    K, N, G = 64, 6, 32
+    w, s = random_weights(rng, K, N, G, "e8m0", nan_row=2)
+    x = rng.normal(size=(3, K)).astype(F32)
+    y = ops_session(fp4_model(K=K, N=N, G=G, fmt="e8m0")).run(None, {"x": x, "w": w, "s": s})[0]
+    assert np.isnan(y[:, 2]).all() and not np.isnan(np.delete(y, 2, axis=1)).any()
+
+
+def test_zero_rows(ops_session):
+    sess = ops_session(fp4_model(K=64, N=5, G=32, fmt="e8m0"))
+    w, s = random_weights(np.random.default_rng(0), 64, 5, 32, "e8m0")
+    y = sess.run(None, {"x": np.zeros((0, 64), F32), "w": w, "s": s})[0]
+    assert y.shape == (0, 5)
+
+
+# ---- malformed models / inputs ----------------------------------------------------------------------------
+
+
+def _feed(K=64, N=4, G=32, fmt="e8m0", M=2, dtype=F32):
+    w, s = random_weights(np.random.default_rng(1), K, N, G, fmt)
+    return {"x": np.ones((M, K), dtype), "w": w, "s": s}
+
+
+@pytest.mark.parametrize("bad_attrs", [
+    dict(extra_attrs=dict(group_size=12)),
+    dict(extra_attrs=dict(group_size=4)),
+    dict(extra_attrs=dict(group_size=512)),
+    dict(extra_attrs=dict(scale_format="e5m2")),
+    dict(extra_attrs=dict(hadamard_block=3)),
+    dict(extra_attrs=dict(hadamard_block=512)),
+    dict(extra_attrs=dict(hadamard_block=-2)),
+    dict(extra_attrs=dict(K=40, hadamard_block=16)),  # does not divide K
+    dict(extra_attrs=dict(K=0)),
+    dict(extra_attrs=dict(N=-1)),
+    dict(drop_attrs=("group_size",)),
+    dict(drop_attrs=("scale_format",)),
+    dict(extra_attrs=dict(hadamard_block=2.0)),  # wrong type must not fall back to the default
+    dict(extra_attrs=dict(group_size="32")),
+], ids=str)
+def test_bad_attributes_raise(ops_session, bad_attrs):
+    model = fp4_model(K=64, N=4, G=32, fmt="e8m0", **bad_attrs)
+    with pytest.raises(Exception) as info:  # session creation or run; either way an ORT error
+        ops_session(model).run(None, _feed())
+    assert "FP4MatMul" in str(info.value)
+
+
+@pytest.mark.parametrize("mutate", ["x_last_dim", "w_truncated", "w_rows", "w_1d", "scales_shape", "scales_rows",
+                                    "ts_two", "ts_empty", "bias_shape", "bias_2d"])
+def test_bad_shapes_raise(ops_session, mutate):
+    ts = mutate.startswith("ts")
+    bias = mutate.startswith("bias")
+    sess = ops_session(fp4_model(K=64, N=4, G=32, fmt="e8m0", ts=ts, bias=bias))
+    feed = _feed()
+    if ts:
+        feed["ts"] = np.ones(2 if mutate == "ts_two" else 0, np.float32)
+    if bias:
+        feed["b"] = np.ones(5, F32) if mutate == "bias_shape" else np.ones((1, 4), F32)
+    if mutate == "x_last_dim":
+        feed["x"] = np.ones((2, 63), F32)
+    elif mutate == "w_truncated":
+        feed["w"] = feed["w"][:, :-1].copy()
+    elif mutate == "w_rows":
+        feed["w"] = feed["w"][:-1].copy()
+    elif mutate == "w_1d":
+        feed["w"] = feed["w"].reshape(-1)
+    elif mutate == "scales_shape":
+        feed["s"] = feed["s"][:, :1].copy()
+    elif mutate == "scales_rows":
+        feed["s"] = np.concatenate([feed["s"], feed["s"]])
+    with pytest.raises(Exception) as info:
+        sess.run(None, feed)
+    assert "FP4MatMul" in str(info.value)
+
+
+def test_bias_dtype_mismatch_is_rejected(ops_session):
+    model = fp4_model(K=64, N=4, G=32, fmt="e8m0", bias=True)
+    model.graph.input[3].type.tensor_type.elem_type = TensorProto.FLOAT16
+    with pytest.raises(Exception):
+        ops_session(model).run(None, _feed() | {"b": np.ones(4, F16)})
+
+
+# ---- CUDA ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES + [((128,), 4096, 256, 32, "e8m0", 32, F16, False, True),
+                                          ((3,), 4096, 512, 16, "e4m3", 128, F16, True, False)],
+                         ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-G{c[3]}-{c[4]}-hb{c[5]}-{c[6].__name__}")
+def test_cuda_matches_reference(cuda_session, case):
+    _run_case(cuda_session, case, seed=11)
+
+
+@pytest.mark.cuda
+def test_cuda_bad_shapes_raise(cuda_session):
+    sess = cuda_session(fp4_model(K=64, N=4, G=32, fmt="e8m0"))
+    feed = _feed()
+    feed["w"] = feed["w"][:, :-1].copy()
+    with pytest.raises(Exception):
+        sess.run(None, feed)
+
+
+# ---- benchmark harness (tiny shapes: checks the plumbing, not the speed) ---------------------------------------
+
+
+def test_bench_rows_and_table(ops_library, monkeypatch):
+    from qcompile import bench
+
+    monkeypatch.setenv("QCOMPILE_OPS_LIBRARY", str(ops_library))
+    rows = bench.run_op_bench(ops=["fp4matmul"], shapes=[(64, 32)], ms=[1, 3], repeats=2, warmup=1, flush_mb=1,
+                              threads=1, verbose=False)
+    assert [(r["K"], r["N"], r["M"]) for r in rows] == [(64, 32, 1), (64, 32, 3)]
+    for r in rows:
+        for name in ("FP4MatMul", "MatMul", "NBits-a0", "NBits-a4"):
+            assert r[f"{name}_ms"] > 0
+        assert r["MatMul/FP4MatMul"] == pytest.approx(r["MatMul_ms"] / r["FP4MatMul_ms"])
+    table = bench.format_table(rows)
+    assert table.splitlines()[0].startswith("| K x N | M | FP4MatMul_ms") and "64x32" in table
+    with pytest.raises(ValueError, match="unknown bench op"):
+        bench.run_op_bench(ops=["nope"], shapes=[(64, 32)], ms=[1], verbose=False)
+
+
+def test_bench_cli_as_script_sees_plugin_ops(ops_library):
+    """``python -m qcompile.bench --ops CodebookMatMul``: the op is registered by a plugin module, which must
+    land in the registry the script's entry point reads (regression: run as ``__main__`` it did not)."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"QCOMPILE_OPS_LIBRARY": str(ops_library)}
+    proc = subprocess.run([sys.executable, "-m", "qcompile.bench", "--ops", "CodebookMatMul", "--shapes", "64x32",
+                           "--m", "1", "--repeats", "1", "--warm"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| CodebookMatMul_ms |" in proc.stdout and "| 64x32 | 1 |" in proc.stdout
+
+
+def test_bench_models_compute_what_they_claim(ops_session):
+    """The FP4 bench model is a valid FP4MatMul: its output matches the reference on its own weights."""
+    from onnx import numpy_helper
+
+    from qcompile import bench
+
+    model = bench.registered_ops()["FP4MatMul-nv"].build(64, 24, np.dtype(np.float32), np.random.default_rng(0))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    x = np.random.default_rng(1).normal(size=(2, 64)).astype(F32)
+    y = ops_session(model).run(None, {"x": x})[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in model.graph.node[0].attribute}
+    ref = fp4.fp4_matmul_reference(x, inits["w"], inits["s"], inits["ts"], None, K=64, N=24, group_size=16,
+                                   scale_format="e4m3", hadamard_block=attrs["hadamard_block"])
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)

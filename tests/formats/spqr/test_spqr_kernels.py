@@ -1,0 +1,334 @@
+"""qcompile.SpQRMatMul kernels (CPU SIMD and scalar paths, CUDA where available) against the numpy reference,
+and the error behaviour on malformed outlier tables / permutations: an ORT exception, never a crash."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cpu_flags import has_avx512bw
+from qcompile.formats.spqr import reference as ref
+
+F32, F16 = np.float32, np.float16
+WEIGHT_INPUTS = ("codes", "stat_codes", "stat_params", "row_offsets", "col_indices", "values", "perm")
+
+
+def spqr_model(packed: dict, attrs: dict, *, dtype=F32, bias: np.ndarray | None = None, x_shape=None,
+               as_inputs: bool = False):
+    """One SpQRMatMul node. Weights are initializers (``as_inputs=False``) or graph inputs fed at run time."""
+    et = TensorProto.FLOAT16 if dtype == F16 else TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("x", et, x_shape)]
+    inits = []
+    names = ["x"]
+    tensors = {k: packed[k] for k in WEIGHT_INPUTS if packed.get(k) is not None}
+    if bias is not None:
+        tensors["bias"] = bias
+    for key in WEIGHT_INPUTS + ("bias",):
+        if key not in tensors:
+            names.append("")
+            continue
+        names.append(key)
+        arr = tensors[key]
+        if as_inputs:
+            inputs.append(helper.make_tensor_value_info(key, helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape))
+        else:
+            inits.append(numpy_helper.from_array(arr, key))
+    while names[-1] == "":
+        names.pop()
+    node = helper.make_node("SpQRMatMul", names, ["y"], domain="qcompile", **attrs)
+    graph = helper.make_graph([node], "spqr", inputs, [helper.make_tensor_value_info("y", et, None)],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("qcompile", 1)])
+
+
+def feeds(x: np.ndarray, packed: dict, bias, as_inputs: bool) -> dict:
+    out = {"x": x}
+    if as_inputs:
+        out.update({k: packed[k] for k in WEIGHT_INPUTS if packed.get(k) is not None})
+        if bias is not None:
+            out["bias"] = bias
+    return out
+
+
+def reference(x, packed, attrs, bias):
+    args = {k: packed.get(k) for k in WEIGHT_INPUTS}
+    w = ref.dequantize(**args, **attrs).astype(np.float64)
+    xd = np.asarray(x, np.float64).reshape(-1, attrs["K"])
+    y = xd @ w + (0 if bias is None else np.asarray(bias, np.float64))
+    scale = np.abs(xd) @ np.abs(w) + (0 if bias is None else np.abs(np.asarray(bias, np.float64)))
+    return y, scale
+
+
+def check(y, x, packed, attrs, bias, dtype):
+    want, scale = reference(x, packed, attrs, bias)
+    got = np.asarray(y, np.float64).reshape(want.shape)
+    assert y.dtype == dtype and y.shape == tuple(np.shape(x)[:-1]) + (attrs["N"],)
+    if dtype == F32:
+        tol = 2e-6 * scale + 1e-6
+    else:  # fp16 output rounding (2^-11 relative) plus fp16 activations already exact in the reference
+        tol = 2e-6 * scale + np.abs(want) * 2.0**-10 + 1e-3
+    bad = np.abs(got - want) > tol
+    assert not bad.any(), f"max err {np.abs(got - want).max()} at {np.argwhere(bad)[:3]}"
+
+
+@pytest.fixture(autouse=True)
+def fp32_tables(monkeypatch):
+    """fp32 numerics on every path; the fixed-point pair tables have their own bound (test_pair_tables_*)."""
+    monkeypatch.setenv("QCOMPILE_SPQR_LUT_FP32", "1")
+
+
+CASES = [  # K, N, bits, group_size, stat_bits, stat_group, M (x leading shape), perm, bias, dtype, index dtypes
+    (64, 48, 3, 16, 3, 16, [1], False, False, F32, np.int16),
+    (200, 37, 3, 16, 3, 16, [1], True, True, F32, np.int16),  # K % 16 = 8, N not a multiple of stat_group
+    (130, 33, 4, 32, 2, 7, [7], True, False, F32, np.int32),
+    (96, 64, 4, 16, 4, 16, [64], False, True, F32, np.int16),
+    (100, 20, 3, 48, 5, 3, [2, 3], True, True, F32, np.int16),  # group straddles chunks, scalar stats
+    (72, 40, 3, 16, 3, 16, [1], True, True, F16, (np.int16, np.int32, np.int16)),  # mixed index types
+    (160, 24, 4, 16, 3, 16, [7], True, False, F16, (np.int32, np.int16, np.int32)),
+    (48, 16, 3, 16, 1, 4, [64], False, True, F16, np.int16),
+    # M = 1 paths: odd chunk count (2-chunk unroll + tail), 1-bit stats over many row blocks (fused
+    # stats + zero-point pass, cached per block), 5-bit stats (per-row fallback) with 4-bit codes
+    (136, 29, 3, 16, 1, 4, [1], True, True, F32, np.int16),
+    (112, 21, 4, 16, 5, 5, [1], True, False, F32, np.int32),
+]
+
+
+def index_kw(cdt) -> dict:
+    """A case's index dtypes: one for col_indices, row_offsets and perm alike, or a (col, offsets, perm) tuple."""
+    col, offsets, perm = cdt if isinstance(cdt, tuple) else (cdt,) * 3
+    return dict(col_dtype=col, offsets_dtype=offsets, perm_dtype=perm)
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
+@pytest.mark.parametrize("k,n,bits,gs,sb,sg,lead,perm,with_bias,dtype,cdt", CASES)
+def test_cpu_kernel_matches_reference(ops_session, monkeypatch, scalar, k, n, bits, gs, sb, sg, lead, perm, with_bias,
+                                      dtype, cdt):
+    if scalar:
+        monkeypatch.setenv("QCOMPILE_SPQR_SCALAR", "1")
+    rng = np.random.default_rng(k * 31 + n)
+    attrs = dict(K=k, N=n, bits=bits, group_size=gs, stat_bits=sb, stat_group=sg)
+    packed = ref.random_packed(k, n, bits=bits, group_size=gs, stat_bits=sb, stat_group=sg, outlier_rate=0.05,
+                               with_perm=perm, seed=k + n, **index_kw(cdt))
+    bias = rng.standard_normal(n).astype(dtype) if with_bias else None
+    x = rng.standard_normal(lead + [k]).astype(dtype)
+    sess = ops_session(spqr_model(packed, attrs, dtype=dtype, bias=bias), threads=2)
+    y = sess.run(None, {"x": x})[0]
+    check(y, x, packed, attrs, bias, dtype)
+
+
+def test_weights_as_graph_inputs_and_empty_outlier_table(ops_session):
+    """Non-constant weights are validated per call; a table with no outliers is legal."""
+    rng = np.random.default_rng(3)
+    attrs = dict(K=80, N=24, bits=4, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(80, 24, bits=4, outlier_rate=0.0, with_perm=True)
+    assert packed["values"].size == 0
+    x = rng.standard_normal((5, 80)).astype(F32)
+    sess = ops_session(spqr_model(packed, attrs, as_inputs=True))
+    y = sess.run(None, feeds(x, packed, None, True))[0]
+    check(y, x, packed, attrs, None, F32)
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_outlier_heavy_rows(ops_session, rows):
+    """Rows with dozens of outliers each (8-wide gathers plus scalar tails) still match the reference."""
+    attrs = dict(K=176, N=40, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(176, 40, outlier_rate=0.4, with_perm=True, seed=5)
+    assert np.diff(packed["row_offsets"]).min() > 9
+    x = np.random.default_rng(2).standard_normal((rows, 176)).astype(F32)
+    y = ops_session(spqr_model(packed, attrs)).run(None, {"x": x})[0]
+    check(y, x, packed, attrs, None, F32)
+
+
+def test_many_threads_same_result(ops_session):
+    """Row tasks split over the pool give the same bits as one thread (no task overlaps or gaps)."""
+    attrs = dict(K=256, N=300, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(256, 300, outlier_rate=0.02, with_perm=True, seed=9)
+    x = np.random.default_rng(1).standard_normal((1, 256)).astype(F32)
+    model = spqr_model(packed, attrs)
+    y1 = ops_session(model, threads=1).run(None, {"x": x})[0]
+    y2 = ops_session(model, threads=2).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y1, y2)
+    check(y1, x, packed, attrs, None, F32)
+
+
+@pytest.mark.parametrize("k,bits", [(400, 3), (1000, 3), (1280, 3), (4096, 3), (1000, 4), (232, 4)])
+def test_constant_codes_lane_layout_matches_codes_fed_at_run_time(ops_session, k, bits):
+    """Constant codes (and 3-bit stat codes) are copied once into the kernel's lane layout (whole blocks of
+    80 | 64 positions, the rest read from the original codes; stat blocks of 80 groups, the last one partial
+    or not); codes fed at run time take the original path: both agree."""
+    n = 24
+    attrs = dict(K=k, N=n, bits=bits, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(k, n, bits=bits, outlier_rate=0.02, with_perm=True, seed=k)
+    rng = np.random.default_rng(k)
+    bias = rng.standard_normal(n).astype(F32)
+    x = rng.standard_normal((1, k)).astype(F32)
+    const = ops_session(spqr_model(packed, attrs, bias=bias)).run(None, {"x": x})[0]
+    fed = ops_session(spqr_model(packed, attrs, bias=bias, as_inputs=True)).run(None, feeds(x, packed, bias, True))[0]
+    check(const, x, packed, attrs, bias, F32)
+    check(fed, x, packed, attrs, bias, F32)
+
+
+PAIR_CASES = {  # K, N, stat_bits, stat_group, perm, bias, x dtype
+    "4096x4096": (4096, 4096, 3, 16, False, False, F32),
+    # K % 16 = 8 (a half group), 5 slices with a partial last one, N past a 256-row block and a 32-row group
+    "tails-perm-bias": (712, 301, 3, 16, True, True, F32),
+    "statgroup32-4bit-stats-f16": (256, 96, 4, 32, True, False, F16),
+    "statgroup48": (160, 100, 2, 48, False, True, F32),
+}
+
+
+@pytest.mark.skipif(not has_avx512bw(), reason="the fixed-point pair tables need AVX-512BW")
+@pytest.mark.parametrize("name", list(PAIR_CASES))
+def test_pair_tables_within_documented_bound(ops_session, monkeypatch, name):
+    k, n, sb, sg, perm, with_bias, dtype = PAIR_CASES[name]
+    attrs = dict(K=k, N=n, bits=3, group_size=16, stat_bits=sb, stat_group=sg)
+    packed = ref.random_packed(k, n, bits=3, group_size=16, stat_bits=sb, stat_group=sg, outlier_rate=0.01,
+                               with_perm=perm, seed=k + n)
+    rng = np.random.default_rng(n)
+    bias = rng.standard_normal(n).astype(dtype) if with_bias else None
+    x = rng.standard_normal((1, k)).astype(dtype)
+    x[0, 3::251] *= 30  # a few large channels, as in real models: their groups get a coarser step
+    model = spqr_model(packed, attrs, dtype=dtype, bias=bias)
+    monkeypatch.delenv("QCOMPILE_SPQR_LUT_FP32")
+    fixed = ops_session(model, threads=2).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(fixed, ops_session(model, threads=1).run(None, {"x": x})[0])
+    monkeypatch.setenv("QCOMPILE_SPQR_LUT_FP32", "1")
+    fp32 = ops_session(model).run(None, {"x": x})[0]
+    assert not np.array_equal(fixed, fp32)  # the fixed-point walk did run
+    want, scale = reference(x, packed, attrs, bias)
+    bound = ref.pair_table_error_bound(x[0], packed["stat_codes"], packed["stat_params"], packed.get("perm"),
+                                       **attrs)
+    tol = 2e-6 * scale + 1e-6 if dtype == F32 else 2e-6 * scale + np.abs(want) * 2.0**-10 + 1e-3
+    err = np.abs(fixed.astype(np.float64) - want)
+    assert (err <= bound + tol).all(), (err - bound - tol).max()
+    if dtype == F32:  # rounding to ~13 bits per group: far below the weights' own quantization error
+        assert np.sqrt(np.mean(err ** 2)) < 5e-4 * np.sqrt(np.mean(want ** 2))
+
+
+@pytest.mark.skipif(not has_avx512bw(), reason="the fixed-point pair tables need AVX-512BW")
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_pair_tables_propagate_nan_and_inf(ops_session, monkeypatch, bad):
+    monkeypatch.delenv("QCOMPILE_SPQR_LUT_FP32")
+    attrs = dict(K=256, N=64, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(256, 64, outlier_rate=0.02, seed=4)
+    x = np.random.default_rng(4).standard_normal((1, 256)).astype(F32)
+    x[0, 100] = bad
+    y = ops_session(spqr_model(packed, attrs)).run(None, {"x": x})[0]
+    want = x.astype(np.float64) @ ref.dequantize(**{k: packed.get(k) for k in WEIGHT_INPUTS}, **attrs)
+    np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
+
+
+# ---- malformed inputs: always an exception, never a crash ----------------------------------------------
+
+def _corrupt(packed: dict, what: str) -> dict:
+    p = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in packed.items()}
+    ro = p["row_offsets"]
+    if what == "nonmonotone":
+        ro[5], ro[6] = ro[6] + 3, ro[5]
+    elif what == "first_nonzero":
+        ro[0] = 1
+    elif what == "last_ne_nnz":
+        ro[-1] = ro[-1] - 1
+    elif what == "last_past_nnz":
+        ro[-1] = ro[-1] + 5
+    elif what == "col_ge_k":
+        p["col_indices"][3] = 64
+    elif what == "col_negative":
+        p["col_indices"][0] = -1
+    elif what == "values_short":
+        p["values"] = p["values"][:-1]
+    elif what == "perm_duplicate":
+        p["perm"][1] = p["perm"][0]
+    elif what == "perm_out_of_range":
+        p["perm"][2] = 64
+    elif what == "perm_short":
+        p["perm"] = p["perm"][:-1]
+    elif what == "codes_shape":
+        p["codes"] = p["codes"][:, :-1].copy()
+    elif what == "stat_codes_shape":
+        p["stat_codes"] = p["stat_codes"][:-1].copy()
+    elif what == "stat_params_shape":
+        p["stat_params"] = p["stat_params"][:, :3].copy()
+    elif what == "row_offsets_short":
+        p["row_offsets"] = ro[:-1].copy()
+    else:
+        raise AssertionError(what)
+    return p
+
+
+CORRUPTIONS = ["nonmonotone", "first_nonzero", "last_ne_nnz", "last_past_nnz", "col_ge_k", "col_negative",
+               "values_short", "perm_duplicate", "perm_out_of_range", "perm_short", "codes_shape",
+               "stat_codes_shape", "stat_params_shape", "row_offsets_short"]
+
+
+@pytest.mark.parametrize("idx", [np.int16, np.int32])
+@pytest.mark.parametrize("as_inputs", [False, True], ids=["initializers", "graph_inputs"])
+@pytest.mark.parametrize("what", CORRUPTIONS)
+def test_malformed_weights_raise(ops_session, what, as_inputs, idx):
+    attrs = dict(K=64, N=32, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    good = ref.random_packed(64, 32, outlier_rate=0.1, with_perm=True, seed=4, **index_kw(idx))
+    bad = _corrupt(good, what)
+    with pytest.raises(ref.SpQRLayoutError):  # the reference rejects it too
+        ref.validate_inputs(None, *(bad.get(k) for k in WEIGHT_INPUTS), **attrs)
+    x = np.ones((2, 64), F32)
+    with pytest.raises(Exception, match="SpQRMatMul|shape|type"):
+        sess = ops_session(spqr_model(bad, attrs, as_inputs=as_inputs))
+        sess.run(None, feeds(x, bad, None, as_inputs))
+
+
+@pytest.mark.parametrize("name,dtype", [("row_offsets", np.int64), ("row_offsets", np.uint16), ("perm", np.int64),
+                                        ("perm", np.int8), ("col_indices", np.int64)])
+def test_index_tensors_of_other_types_raise(ops_session, name, dtype):
+    """int16 and int32 are the only index types: anything else is an ORT error naming the tensor."""
+    attrs = dict(K=64, N=32, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(64, 32, outlier_rate=0.1, with_perm=True, seed=6)
+    packed[name] = packed[name].astype(dtype)
+    with pytest.raises(ref.SpQRLayoutError, match=f"{name} must be int16 or int32"):
+        ref.validate_inputs(None, *(packed.get(k) for k in WEIGHT_INPUTS), **attrs)
+    with pytest.raises(Exception, match=f"{name} must be int16 or int32"):
+        sess = ops_session(spqr_model(packed, attrs))
+        sess.run(None, {"x": np.ones((1, 64), F32)})
+
+
+@pytest.mark.parametrize("change", [dict(bits=5), dict(group_size=24), dict(stat_bits=0), dict(stat_group=0),
+                                    dict(K=0), dict(K=65)])
+def test_bad_attributes_raise(ops_session, change):
+    attrs = dict(K=64, N=32, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(64, 32, seed=1)
+    with pytest.raises(Exception, match="SpQRMatMul"):
+        sess = ops_session(spqr_model(packed, attrs | change))
+        sess.run(None, {"x": np.ones((1, 64), F32)})
+
+
+def test_bad_activation_shape_and_bias_raise(ops_session):
+    attrs = dict(K=64, N=32, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(64, 32, seed=2)
+    sess = ops_session(spqr_model(packed, attrs))
+    with pytest.raises(Exception, match="K=64"):
+        sess.run(None, {"x": np.ones((1, 63), F32)})
+    sess = ops_session(spqr_model(packed, attrs, bias=np.ones(31, F32)))
+    with pytest.raises(Exception, match="bias"):
+        sess.run(None, {"x": np.ones((1, 64), F32)})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k,n,bits,gs,sb,sg,lead,perm,with_bias,dtype,cdt", CASES)
+def test_cuda_kernel_matches_reference(cuda_session, k, n, bits, gs, sb, sg, lead, perm, with_bias, dtype, cdt):
+    rng = np.random.default_rng(k * 31 + n)
+    attrs = dict(K=k, N=n, bits=bits, group_size=gs, stat_bits=sb, stat_group=sg)
+    packed = ref.random_packed(k, n, bits=bits, group_size=gs, stat_bits=sb, stat_group=sg, outlier_rate=0.05,
+                               with_perm=perm, seed=k + n, **index_kw(cdt))
+    bias = rng.standard_normal(n).astype(dtype) if with_bias else None
+    x = rng.standard_normal(lead + [k]).astype(dtype)
+    y = cuda_session(spqr_model(packed, attrs, dtype=dtype, bias=bias)).run(None, {"x": x})[0]
+    check(y, x, packed, attrs, bias, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("idx", [np.int16, np.int32])
+@pytest.mark.parametrize("what", ["nonmonotone", "col_ge_k", "perm_duplicate", "last_past_nnz"])
+def test_cuda_malformed_weights_raise(cuda_session, what, idx):
+    attrs = dict(K=64, N=32, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    bad = _corrupt(ref.random_packed(64, 32, outlier_rate=0.1, with_perm=True, seed=4, **index_kw(idx)), what)
+    with pytest.raises(Exception, match="SpQRMatMul"):
+        cuda_session(spqr_model(bad, attrs)).run(None, {"x": np.ones((2, 64), F32)})

@@ -1,0 +1,58 @@
+"""tools/sweep.py's bookkeeping (no compiles): row parsing, reuse only at identical settings, table order."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SWEEP = Path(__file__).resolve().parents[2] / "tools" / "sweep.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("qcompile_sweep_tool", SWEEP)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_row_spec_becomes_cli_arguments(sweep):
+    row = sweep.Row.parse("int2-gptq:simulated,group_size=64")
+    assert (row.format, row.emit, row.options) == ("int2-gptq", "simulated", {"group_size": "64"})
+    assert row.cli_args() == ["-f", "int2-gptq", "--emit", "simulated", "-O", "group_size=64"]
+    assert row.name == "int2-gptq_simulated_group_size_64"
+    assert sweep.Row.parse("spqr-w3,--sequential").cli_args() == ["-f", "spqr-w3", "--sequential"]
+    with pytest.raises(SystemExit, match="bad option"):
+        sweep.Row.parse("int4-gptq,group_size")
+
+
+def test_reuse_takes_a_report_only_when_the_settings_match(sweep, tmp_path, monkeypatch):
+    args = sweep.parse_args(["--out", str(tmp_path), "--reuse", "--eval-samples", "8"])
+    row = sweep.Row.parse("int4-rtn")
+    (tmp_path / row.name).mkdir()
+    report = {"model": "smollm2-135m", "calib_samples": 64, "seq_len": 256, "eval_samples": 8, "eval_seq_len": 512,
+              "seed": 0, "bits_per_weight": 4.5, "ppl_quantized": 30.0, "ppl_reference": 20.0, "emit": "native"}
+    (tmp_path / row.name / "report.json").write_text(json.dumps(report))
+    compiled = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: compiled.append(cmd) or
+                        type("R", (), {"returncode": 3})())
+    assert sweep.compile_row(row, args) == report and not compiled
+    args.eval_samples = 32  # another evaluation set: the old report is not comparable, so it recompiles
+    assert "error" in sweep.compile_row(row, args) and len(compiled) == 1
+
+
+def test_table_is_ordered_by_size_then_accuracy_with_float_first(sweep):
+    results = {
+        "a": {"bits_per_weight": 4.25, "ppl_quantized": 30.0, "ppl_reference": 20.0, "emit": "native"},
+        "b": {"bits_per_weight": 4.25, "ppl_quantized": 25.0, "ppl_reference": 20.0, "emit": "native"},
+        "c": {"bits_per_weight": 2.1, "ppl_quantized": 60.0, "ppl_reference": 20.0, "emit": "native"},
+        "d": {"error": "exit 1: boom"},
+    }
+    rows = sweep.table_rows(results)
+    assert [r["row"] for r in rows] == ["float", "b", "a", "c", "d"]
+    assert rows[1]["vs_float"] == pytest.approx(0.25)
+    md = sweep.markdown(rows, {"model": "m", "calib_samples": 1, "seq_len": 2, "eval_samples": 3, "eval_seq_len": 4,
+                               "seed": 0})
+    assert "| b | native | 4.250 | 25.000 | +25.0% |" in md and "FAILED: exit 1: boom" in md
