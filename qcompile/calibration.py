@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 
 from qcompile.cache import atomic_write, cache_path, digest_array
 from qcompile.errors import CalibrationError, QCompileError
+from qcompile.models.decoder import DecoderInfo, graph_inputs, session_inputs
 
 HESSIAN_CACHE_VERSION = 1
 
@@ -195,18 +196,14 @@ def _check_batches(batches: np.ndarray) -> np.ndarray:
     return b.astype(np.int64, copy=False)
 
 
-def _feeds(names: Sequence[str], ids: np.ndarray) -> dict[str, np.ndarray]:
-    feeds = {}
-    for n in names:
-        if n == "input_ids":
-            feeds[n] = ids
-        elif n == "attention_mask":
-            feeds[n] = np.ones_like(ids)
-        elif n == "position_ids":
-            feeds[n] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
-        else:
-            raise CalibrationError(f"calibration cannot feed model input {n!r} (knows input_ids, attention_mask, position_ids)")
-    return feeds
+def _feeds(inputs: dict[str, tuple[np.dtype, list]], ids: np.ndarray, info) -> dict[str, np.ndarray]:
+    """A forward pass over ``ids`` from the start of the text (zero-length past for a KV-cache decoder)."""
+    from qcompile.models.decoder import prefill_feeds
+
+    try:
+        return prefill_feeds(inputs, ids, info)
+    except QCompileError as e:
+        raise CalibrationError(f"calibration: {e}") from None
 
 
 class _Accumulator:
@@ -307,6 +304,7 @@ def collect_hessians(
     index = _GraphIndex(model.graph)
     index.check_tensors(unique)
     types = _infer_types(model, unique)
+    info = DecoderInfo.of_model(model, path.parent)
     has_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     chunk = max_outputs_per_run or len(unique)
     acc = _Accumulator()
@@ -318,12 +316,12 @@ def collect_hessians(
         sliced.metadata_props.extend(model.metadata_props)
         sess = _slice_session(path, sliced, has_external, lambda: _slice_model(
             onnx.load(str(path)), index, nodes, feeds_in, outs, types))
-        in_names = [i.name for i in sess.get_inputs()]
+        in_types = session_inputs(sess)
         nb = (len(batches) + batch_size - 1) // batch_size
         desc = "calibration" if chunk >= len(unique) else f"calibration {start // chunk + 1}/{-(-len(unique) // chunk)}"
         for b in _progress(range(nb), nb, desc, progress):
             ids = batches[b * batch_size : (b + 1) * batch_size]
-            values = sess.run(outs, _feeds(in_names, ids))
+            values = sess.run(outs, _feeds(in_types, ids, info))
             for name, v in zip(outs, values):
                 acc.add(name, v)
             del values
@@ -367,6 +365,9 @@ def collect_hessians_sequential(
         return cached
 
     model = onnx_model if isinstance(onnx_model, onnx.ModelProto) else onnx.load(str(onnx_model))
+    folder = None if isinstance(onnx_model, onnx.ModelProto) else Path(onnx_model).parent
+    info = DecoderInfo.of_model(model, folder)
+    graph_in = graph_inputs(model)
     index = _GraphIndex(model.graph)
     index.check_tensors(t for g in groups for t in g.values())
     types = _infer_types(model, [t for g in groups for t in g.values()])
@@ -378,7 +379,7 @@ def collect_hessians_sequential(
     known: list[dict[str, np.ndarray]] = [{} for _ in range(nb)]
     computed: set[int] = set()
     for b, ids in enumerate(batch_ids):
-        known[b].update(_feeds(index.graph_inputs, ids))
+        known[b].update(_feeds(graph_in, ids, info))
     known_names = set(index.graph_inputs)
     result: dict[str, torch.Tensor] = {}
 

@@ -3,7 +3,8 @@
 Definition (the one every report uses): within each window, token ``t`` predicts token ``t+1``; the
 negative log-likelihood comes from a float64 log-softmax of the model's logits; perplexity is
 ``exp(mean NLL)`` over all ``n_windows * (seq_len - 1)`` predictions.  Windows are independent (no
-context carried over), and an ``attention_mask`` of ones is fed when the model has that input.
+context carried over): each is one forward pass from the start of the text (an ``attention_mask`` of ones,
+and zero-length past tensors for a KV-cache decoder, :func:`qcompile.models.decoder.prefill_feeds`).
 
 Sessions come from :func:`qcompile.runtime.make_session` (our op library registered when the model needs
 it); an already open session may be passed instead of a path.
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qcompile.errors import CalibrationError, QCompileError
+from qcompile.models.decoder import DecoderInfo, prefill_feeds, session_inputs
 
 def window_nll(logits: np.ndarray, ids: np.ndarray) -> float:
     """Summed next-token NLL of one window: ``logits [seq, vocab]`` (any float dtype), ``ids [seq]``."""
@@ -46,19 +49,20 @@ def perplexity(
     if not np.issubdtype(windows.dtype, np.integer):
         raise CalibrationError(f"evaluation windows must be integer token ids, got {windows.dtype}")
     windows = windows.astype(np.int64, copy=False)
+    folder = None
     if isinstance(onnx_path_or_session, (str, os.PathLike)):
         from qcompile.runtime import make_session
 
+        folder = Path(onnx_path_or_session).parent
         sess = make_session(str(onnx_path_or_session))
     else:
         sess = onnx_path_or_session
-    in_names = [i.name for i in sess.get_inputs()]
+    inputs = session_inputs(sess)
+    info = DecoderInfo.of_session(sess, folder)
     out_names = [o.name for o in sess.get_outputs()]
-    if "input_ids" not in in_names:
-        raise QCompileError(f"model has no input_ids input (inputs: {', '.join(in_names)})")
-    unknown = [n for n in in_names if n not in ("input_ids", "attention_mask")]
-    if unknown:
-        raise QCompileError(f"evaluation cannot feed model input(s) {', '.join(unknown)}")
+    if "input_ids" not in inputs:
+        raise QCompileError(f"model has no input_ids input (inputs: {', '.join(inputs)})")
+    prefill_feeds(inputs, windows[:1], info)  # every input can be fed, before any work
     logits_name = "logits" if "logits" in out_names else out_names[0]
     vocab = sess.get_outputs()[out_names.index(logits_name)].shape[-1]
     if isinstance(vocab, int):
@@ -75,10 +79,7 @@ def perplexity(
     vocab_checked = False
     for b in batches:
         ids = windows[b * batch_size : (b + 1) * batch_size]
-        feeds = {"input_ids": ids}
-        if "attention_mask" in in_names:
-            feeds["attention_mask"] = np.ones_like(ids)
-        logits = sess.run([logits_name], feeds)[0]
+        logits = sess.run([logits_name], prefill_feeds(inputs, ids, info))[0]
         if logits.shape[:2] != ids.shape:
             raise QCompileError(f"model output {logits_name} has shape {list(logits.shape)}, expected [{ids.shape[0]}, {ids.shape[1]}, vocab]")
         if not vocab_checked:
@@ -106,3 +107,16 @@ def text_windows(tokenizer, *, text: str | os.PathLike | None = None, samples: i
 
     texts = qdata.load_text_file(text) if text else None
     return qdata.eval_windows(tokenizer, seq_len, samples, texts=texts)
+
+
+def forward_logits(model: str | os.PathLike | Any, ids: np.ndarray) -> np.ndarray:
+    """Logits ``[batch, seq, vocab]`` of one forward pass over ``ids`` from the start of the text, for a
+    full-sequence graph or a KV-cache decoder alike (``model``: a path, or an open session)."""
+    folder = None
+    if isinstance(model, (str, os.PathLike)):
+        from qcompile.runtime import make_session
+
+        folder = Path(model).parent
+        model = make_session(str(model))
+    return model.run(["logits"], prefill_feeds(session_inputs(model), np.asarray(ids, dtype=np.int64),
+                                               DecoderInfo.of_session(model, folder)))[0]

@@ -24,7 +24,9 @@ from qcompile import report as reports
 from qcompile.errors import QCompileError
 from qcompile.formats import get_format
 from qcompile.formats.base import EMIT_MODES, Format, LayerOverride
+from qcompile.models.decoder import is_decoder_folder, write_genai_folder
 from qcompile.models.export import save_onnx
+from qcompile.runtime import needs_ops_library
 from qcompile.passes import PIPELINE, CompileState
 
 
@@ -49,6 +51,7 @@ class CompileConfig:
     device: str = "auto"
     dtype: str = "float32"
     include_lm_head: bool = False
+    embeddings: str = "int8"  # the vocabulary tables: float, int8 or int4 (qcompile.passes.embeddings)
     sequential: bool = False
     force: bool = False
     resume: bool = True  # reuse layers a killed compile with the same inputs already finished
@@ -94,6 +97,10 @@ def plan(cfg: CompileConfig) -> Plan:
     for name in ("calib_samples", "seq_len", "eval_samples", "eval_seq_len"):
         if getattr(cfg, name) < 1:
             raise QCompileError(f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    from qcompile.passes.embeddings import EMBEDDINGS
+
+    if cfg.embeddings not in EMBEDDINGS:
+        raise QCompileError(f"--embeddings {cfg.embeddings!r}: expected one of {', '.join(EMBEDDINGS)}")
     if cfg.eval_text is not None and not Path(cfg.eval_text).is_file():
         raise QCompileError(f"--eval-text {cfg.eval_text}: no such file")
     return Plan(cfg, fmt, options, overrides, emit, resolve_device(cfg.device))
@@ -120,6 +127,8 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
         out_model = tmp / "model.onnx"
         _copy_source_metadata(state.float_model, state.model)
         stages.run("save", lambda: save_onnx(state.model, out_model))
+        if is_decoder_folder(state.float_path.parent):
+            write_genai_folder(state.float_path.parent, tmp, needs_library=needs_ops_library(state.model))
         report = _report(state, out_model)
         if cfg.evaluate:
             report.update(stages.run("evaluate", lambda: _evaluate(state, out_model)))
@@ -141,15 +150,27 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
 
 
 def _report(state: CompileState, out_model: Path) -> dict[str, Any]:
-    sizes = reports.layer_sizes(state.model)
+    simulated = state.emit == "simulated"
+    all_sizes = reports.layer_sizes(state.model)
+    sizes = [s for s in all_sizes if s.role == "linear"]
+    tables = [s for s in all_sizes if s.role != "linear"]
+    file_bytes = reports.model_file_bytes(out_model)
+    params = reports.model_parameters(state.float_model)
     return {
         "format": state.fmt.name, "emit": state.emit, "model": state.cfg.model, "options": state.options,
         "device": state.device, "layer_options": state.override_texts,
-        "bits_per_weight": reports.overall_bits(sizes, packed=state.emit == "simulated"),
+        "bits_per_weight": reports.overall_bits(sizes, packed=simulated),
         "bits_per_weight_in_file": reports.overall_bits(sizes),
         "quantized_params": sum(s.params for s in sizes), "quantized_layers": len(sizes),
-        "file_bytes": reports.model_file_bytes(out_model),
+        "embeddings": {"mode": state.cfg.embeddings,
+                       "format": tables[0].format if tables else "float",
+                       "bits_per_weight": reports.overall_bits(tables, packed=simulated) if tables else None,
+                       "params": sum(s.params for s in tables)},
+        "parameters": params,
+        "bits_per_parameter": 8.0 * file_bytes / params if params else None,
+        "file_bytes": file_bytes,
         "float_file_bytes": reports.model_file_bytes(state.float_path),
+        "source_bytes": state.source.size_bytes(),
         "calib_tokens": int(state.calib.size), "calib_samples": state.cfg.calib_samples,
         "seq_len": state.cfg.seq_len, "seed": state.cfg.seed,
         "runtime": state.fmt.runtime if state.emit == "native" else "stock onnxruntime",
@@ -177,10 +198,24 @@ def _evaluate(state: CompileState, out_model: Path) -> dict[str, Any]:
 
 
 def float_onnx(source: Any, dtype: str, verbose: bool = False) -> Path:
-    """The float ONNX model of a source: the .onnx itself, or a cached export."""
+    """The float ONNX model of a source: the .onnx itself, or the cached KV-cache decoder built from it.
+
+    An architecture onnxruntime-genai's builder does not know falls back to our full-sequence export: it
+    compiles and evaluates the same way, but the result is no onnxruntime-genai folder."""
+    import sys
+
+    from qcompile.errors import UnsupportedModelError
+    from qcompile.models.decoder import build_decoder
     from qcompile.models.export import export_onnx
 
-    return export_onnx(source, dtype=dtype, verbose=verbose)  # .onnx sources come back as they are
+    if source.is_onnx:
+        return source.path
+    try:
+        return build_decoder(source, dtype, verbose=verbose)
+    except UnsupportedModelError as e:
+        print(f"qcompile: {e}\nqcompile: falling back to a full-sequence graph (no KV cache; OUT will not be an "
+              "onnxruntime-genai folder)", file=sys.stderr)
+        return export_onnx(source, dtype=dtype, verbose=verbose)
 
 
 def _copy_source_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:

@@ -201,16 +201,16 @@ def heldout_kl_to_float(hf_dir: str, *models: Path, windows: int = 8, seq: int =
     import onnxruntime as ort
 
     from qcompile import data as qdata
-    from qcompile.models.export import export_onnx
+    from qcompile.evaluate import forward_logits
     from qcompile.models.sources import resolve_source
+    from qcompile.pipeline import float_onnx
 
     source = resolve_source(hf_dir)
     ids = qdata.eval_windows(source.load_tokenizer(), seq, windows)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
     def logp(path):
-        out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        out = forward_logits(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), ids)
         return torch.log_softmax(torch.from_numpy(out).double(), -1)
 
-    ref = logp(export_onnx(source))
+    ref = logp(float_onnx(source, "float32"))
     return [float((ref.exp() * (ref - logp(m))).sum(-1).mean()) for m in models]

@@ -70,7 +70,7 @@ def export_onnx(
     ``log`` is a ``print``-like callable for progress lines (default: stderr). The exporter's own warnings
     and output are shown only with ``verbose``.
     """
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = log or (lambda msg, _err=sys.stderr: print(msg, file=_err, flush=True))  # not the redirected one
     if dtype not in DTYPES:
         raise QCompileError(f"export dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     src = resolve_source(source) if isinstance(source, (str, os.PathLike)) else source
@@ -92,7 +92,8 @@ def export_onnx(
 @contextlib.contextmanager
 def exporter_output(verbose: bool) -> Iterator[None]:
     """Hide what torch, transformers and onnxscript print while exporting (deprecation warnings, graph
-    dumps, per-pass logs) unless ``verbose``: users see qcompile's progress lines, which go to stderr."""
+    dumps, per-pass logs, conversion progress bars) unless ``verbose``; qcompile's own progress lines are
+    printed before and after."""
     if verbose:
         yield
         return
@@ -101,7 +102,8 @@ def exporter_output(verbose: bool) -> Iterator[None]:
     loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "onnxscript", "transformers", "accelerate")]
     levels = [lg.level for lg in loggers]
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             for lg in loggers:
                 lg.setLevel(logging.ERROR)
@@ -267,7 +269,7 @@ def copy_onnx(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
+def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
     g = model.graph
     for node in g.node:
         for i, name in enumerate(node.input):
@@ -303,7 +305,7 @@ def _tidy_names(model: onnx.ModelProto) -> None:
         if t.name.startswith(WRAPPER_PREFIX):
             new = t.name[len(WRAPPER_PREFIX):]
             if new not in taken:
-                _rename_tensor(model, t.name, new)
+                rename_tensor(model, t.name, new)
                 taken.add(new)
     inits = {t.name: t for t in g.initializer}
     uses: dict[str, int] = {}
@@ -328,7 +330,7 @@ def _tidy_names(model: onnx.ModelProto) -> None:
             continue  # a tied lm_head reads Transpose(embedding): keep the shared table's name
         weight = module + ".weight"
         if weight not in taken:
-            _rename_tensor(model, node.input[1], weight)
+            rename_tensor(model, node.input[1], weight)
             taken.add(weight)
 
 

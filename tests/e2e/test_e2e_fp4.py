@@ -38,14 +38,14 @@ def test_report_bits_and_perplexity(compiled):
 
 def test_artifact_runs_with_the_ops_library_and_tracks_float_logits(compiled):
     from qcompile.data import eval_windows
-    from qcompile.models.export import export_onnx
+    from qcompile.evaluate import forward_logits
     from qcompile.models.sources import resolve_source
-    from qcompile.runtime import make_session
+    from qcompile.pipeline import float_onnx
 
-    ids = eval_windows(resolve_source("smollm2-135m").load_tokenizer(), 64, 2)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    q = make_session(compiled / "model.onnx", ["CPUExecutionProvider"]).run(None, feeds)[0]
-    f = ort.InferenceSession(str(export_onnx("smollm2-135m")), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    source = resolve_source("smollm2-135m")
+    ids = eval_windows(source.load_tokenizer(), 64, 2)
+    q = forward_logits(compiled / "model.onnx", ids)
+    f = forward_logits(float_onnx(source, "float32"), ids)
     assert q.shape == f.shape and np.isfinite(q).all()
     agree = (q.argmax(-1) == f.argmax(-1)).mean()
     assert agree > 0.6, agree

@@ -34,14 +34,15 @@ def test_report_has_the_promised_fields_and_a_bounded_perplexity(compiled):
 
 def test_artifact_runs_in_stock_onnxruntime_and_tracks_float_logits(compiled):
     from qcompile.data import eval_windows
-    from qcompile.models.export import export_onnx
+    from qcompile.evaluate import forward_logits
     from qcompile.models.sources import resolve_source
+    from qcompile.pipeline import float_onnx
 
     # real text: on random ids top-1 agreement means little (measured 0.40 there, 0.71 on text)
-    ids = eval_windows(resolve_source("smollm2-135m").load_tokenizer(), 64, 2)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    q = ort.InferenceSession(str(compiled / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    f = ort.InferenceSession(str(export_onnx("smollm2-135m")), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    source = resolve_source("smollm2-135m")
+    ids = eval_windows(source.load_tokenizer(), 64, 2)
+    q = forward_logits(ort.InferenceSession(str(compiled / "model.onnx"), providers=["CPUExecutionProvider"]), ids)
+    f = forward_logits(float_onnx(source, "float32"), ids)
     assert q.shape == f.shape and np.isfinite(q).all()
     agree = (q.argmax(-1) == f.argmax(-1)).mean()
     assert agree > 0.6, agree
