@@ -85,7 +85,7 @@ def inspect_model(model_path: str | Path) -> tuple[list[dict[str, Any]], dict[st
         if "Error parsing message" in str(e) or "DecodeError" in type(e).__name__:
             raise QCompileError(f"{model_path}: not an ONNX model") from None
         raise
-    params = sum(int(r["shape"].split("x")[0]) * int(r["shape"].split("x")[1]) for r in rows)
+    params = sum(int(r["shape"].split("x")[0]) * int(r["shape"].split("x")[1]) for r in rows if not r.get("shared"))
     nbytes = sum(r["bytes"] for r in rows)
     return rows, {"params": params, "bytes": nbytes, "bits_per_weight": 8.0 * nbytes / params if params else 0.0,
                   "file_bytes": model_file_bytes(model_path)}

@@ -51,7 +51,11 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where quantization runs")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="activation dtype of the model")
-    p.add_argument("--include-lm-head", action="store_true", help="quantize the LM head too (default: float)")
+    p.add_argument("--include-lm-head", action="store_true",
+                   help="quantize the LM head with FORMAT too (default: --embeddings decides)")
+    p.add_argument("--embeddings", default="int8", choices=["float", "int8", "int4"],
+                   help="the token embedding table and LM head (one table when tied), stored as ONNX Runtime "
+                        "MatMulNBits + GatherBlockQuantized codes (default int8)")
     p.add_argument("--sequential", action="store_true",
                    help="calibrate each block on the outputs of the already-quantized ones (slower)")
     p.add_argument("--tokenizer", help="tokenizer source for an .onnx MODEL that does not name one")
@@ -75,7 +79,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         layer_options=list(args.layer_option),
         calib_samples=args.calib_samples, seq_len=args.seq_len, eval_samples=args.eval_samples,
         eval_seq_len=args.eval_seq_len, eval_text=args.eval_text, evaluate=not args.no_eval, seed=args.seed,
-        device=args.device, dtype=args.dtype, include_lm_head=args.include_lm_head, sequential=args.sequential,
+        device=args.device, dtype=args.dtype, include_lm_head=args.include_lm_head, embeddings=args.embeddings,
+        sequential=args.sequential,
         force=args.force, resume=not args.no_resume, progress=not args.quiet, verbose=args.verbose,
         tokenizer=args.tokenizer,
     )
@@ -88,7 +93,10 @@ def _print_summary(rep: dict[str, Any], out: Path) -> None:
         f"format            {rep['format']} (emit {rep['emit']})",
         f"bits per weight   {rep['bits_per_weight']:.3f} over {rep['quantized_params']:,} weights "
         f"in {rep['quantized_layers']} layers",
-        f"file              {rep['file_bytes'] / 2**20:.1f} MiB (float: {rep['float_file_bytes'] / 2**20:.1f} MiB)",
+        f"embeddings        {rep['embeddings']['format']}"
+        + (f" ({rep['embeddings']['bits_per_weight']:.3f} bits/weight)" if rep['embeddings']['bits_per_weight'] else ""),
+        f"whole file        {rep['file_bytes'] / 1e6:.1f} MB, {rep['bits_per_parameter']:.3f} bits per parameter"
+        f" (float: {rep['float_file_bytes'] / 1e6:.1f} MB; source: {rep['source_bytes'] / 1e6:.1f} MB)",
     ]
     if rep.get("ppl_quantized"):
         lines.append(f"perplexity        {rep['ppl_quantized']:.3f} (float {rep['ppl_reference']:.3f}, "

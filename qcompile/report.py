@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 #: Metadata the lower pass puts on every node a layer's lowering creates; how sizes are attributed to layers.
@@ -18,6 +19,7 @@ LAYER_KEY = "qcompile.layer"
 FORMAT_KEY = "qcompile.format"
 PACKED_BITS_KEY = "qcompile.packed_bits_per_weight"
 SHAPE_KEY = "qcompile.shape"
+ROLE_KEY = "qcompile.role"  # absent: a linear layer; "embedding": the vocabulary tables
 
 
 @dataclasses.dataclass
@@ -28,6 +30,7 @@ class LayerSize:
     stored_bytes: int
     bits_per_weight: float  # from the bytes in the file
     packed_bits_per_weight: float | None  # simulated emit: what the format's native storage would take
+    role: str = "linear"  # or "embedding" (the LM head / embedding tables)
 
     @property
     def params(self) -> int:
@@ -55,14 +58,14 @@ def layer_sizes(model: onnx.ModelProto) -> list[LayerSize]:
         name = meta[LAYER_KEY]
         entry = layers.setdefault(name, {"format": meta.get(FORMAT_KEY, "?"), "inputs": set(),
                                          "shape": tuple(int(v) for v in meta[SHAPE_KEY].split(",")),
-                                         "packed": meta.get(PACKED_BITS_KEY)})
+                                         "packed": meta.get(PACKED_BITS_KEY), "role": meta.get(ROLE_KEY, "linear")})
         entry["inputs"].update(i for i in node.input if i in inits and i.startswith(f"qc.{name}."))
     out = []
     for name, e in layers.items():
         nbytes = sum(tensor_nbytes(inits[i]) for i in e["inputs"])
         k, n = e["shape"]
         out.append(LayerSize(name, e["format"], e["shape"], nbytes, 8.0 * nbytes / (k * n),
-                             float(e["packed"]) if e["packed"] else None))
+                             float(e["packed"]) if e["packed"] else None, e["role"]))
     return out
 
 
@@ -95,6 +98,19 @@ def overall_bits(sizes: list[LayerSize], packed: bool = False) -> float:
     return sum(8.0 * s.stored_bytes for s in sizes) / params
 
 
+def model_parameters(model: onnx.ModelProto) -> int:
+    """Parameters of a float model: elements of its weight and bias initializers (a tied table once; rotary
+    caches and shape constants are not parameters)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.name.endswith((".weight", ".bias")):
+            n = 1
+            for d in t.dims:
+                n *= int(d)
+            total += n
+    return total
+
+
 def model_file_bytes(model_path: Path) -> int:
     """The .onnx file plus every external data file beside it that it references."""
     model_path = Path(model_path)
@@ -104,22 +120,77 @@ def model_file_bytes(model_path: Path) -> int:
     return total + sum((model_path.parent / f).stat().st_size for f in files)
 
 
+#: Stock onnxruntime ops that hold quantized weights without being a format's op.
+STOCK_QUANTIZED_OPS = {("com.microsoft", "GatherBlockQuantized")}
+_VIEW_OPS = ("Reshape", "Transpose", "Cast", "Unsqueeze", "Squeeze")
+
+
+def _source_initializers(name: str, producers: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto]
+                         ) -> list[str]:
+    """The initializers a tensor is a view of (through Reshape/Transpose/Cast chains)."""
+    if name in inits:
+        return [name]
+    node = producers.get(name)
+    if node is None or node.op_type not in _VIEW_OPS:
+        return []
+    return [i for inp in node.input[:1] for i in _source_initializers(inp, producers, inits)]
+
+
+def _quantized_node_shape(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
+                          producers: dict[str, onnx.NodeProto]) -> tuple[int, int] | None:
+    """``(K, N)`` of a quantized op from its attributes (our ops and MatMulNBits carry K and N; for
+    GatherBlockQuantized: rows of its data times the unpacked row width)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if "K" in attrs and "N" in attrs:
+        return int(attrs["K"]), int(attrs["N"])
+    if node.op_type == "GatherBlockQuantized":
+        src = _source_initializers(node.input[0], producers, inits)
+        if src:
+            dims = [int(d) for d in inits[src[0]].dims]
+            rows = dims[0]
+            packed = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+            return packed * 8 // int(attrs.get("bits", 4)), rows
+    return None
+
+
 def inspect_rows(model_path: Path) -> list[dict[str, Any]]:
-    """Per-layer rows for ``qcompile inspect``: float MatMul weights too, for an un-compiled model."""
-    model = onnx.load(str(model_path), load_external_data=False)
-    rows = [{"name": s.name, "format": s.format + (" (simulated)" if s.packed_bits_per_weight else ""),
-             "shape": f"{s.shape[0]}x{s.shape[1]}", "bytes": s.stored_bytes,
-             "bits_per_weight": s.bits_per_weight,
-             "packed_bits_per_weight": s.packed_bits_per_weight} for s in layer_sizes(model)]
-    if rows:
-        return rows
+    """Per-layer rows for ``qcompile inspect``: every layer a compile tagged, every quantized node of a model
+    from elsewhere (MatMulNBits, GatherBlockQuantized, our ops: weights shared by two nodes count once), and the
+    remaining float MatMul weights."""
+    from qcompile.formats import all_formats
     from qcompile.passes.discover import discover_linears, ensure_node_names
 
+    model = ensure_node_names(onnx.load(str(model_path), load_external_data=False))
+    rows = [{"name": s.name, "format": s.format + (" (simulated)" if s.packed_bits_per_weight else ""),
+             "role": s.role, "shape": f"{s.shape[0]}x{s.shape[1]}", "bytes": s.stored_bytes,
+             "bits_per_weight": s.bits_per_weight,
+             "packed_bits_per_weight": s.packed_bits_per_weight} for s in layer_sizes(model)]
     inits = {t.name: t for t in model.graph.initializer}
-    for m in discover_linears(ensure_node_names(model), include_lm_head=True):
+    producers = {o: n for n in model.graph.node for o in n.output}
+    quantized_ops = {(f.op.domain, f.op.type) for f in all_formats()} | STOCK_QUANTIZED_OPS
+    counted: set[str] = set()
+    for node in model.graph.node:
+        tagged = any(p.key == LAYER_KEY for p in node.metadata_props)
+        if tagged or (node.domain, node.op_type) not in quantized_ops:
+            continue
+        shape = _quantized_node_shape(node, inits, producers)
+        if shape is None:
+            continue
+        sources = {i for inp in node.input[1:] + node.input[:1] for i in _source_initializers(inp, producers, inits)}
+        fresh = sources - counted
+        counted |= sources
+        nbytes = sum(tensor_nbytes(inits[i]) for i in fresh)
+        rows.append({"name": node.name, "format": node.op_type + ("" if fresh == sources else " (shares weights)"),
+                     "shared": fresh != sources,
+                     "role": "embedding" if node.op_type == "GatherBlockQuantized" else "linear",
+                     "shape": f"{shape[0]}x{shape[1]}", "bytes": nbytes, "bits_per_weight": 8.0 * nbytes / (shape[0] * shape[1]),
+                     "packed_bits_per_weight": None})
+    for m in discover_linears(model, include_lm_head=True):
+        if m.initializer in counted or any(r["name"] == m.name for r in rows):
+            continue
         nbytes = tensor_nbytes(inits[m.initializer])
         rows.append({"name": m.name, "format": "float" + ("" if m.role == "linear" else f" ({m.role})"),
-                     "shape": f"{m.shape[0]}x{m.shape[1]}", "bytes": nbytes,
+                     "role": m.role, "shape": f"{m.shape[0]}x{m.shape[1]}", "bytes": nbytes,
                      "bits_per_weight": 8.0 * nbytes / (m.shape[0] * m.shape[1]), "packed_bits_per_weight": None})
     return rows
 
@@ -160,6 +231,12 @@ LAYER_COLUMNS = [("name", "layer", "s"), ("shape", "K x N", "s"), ("format", "fo
                  ("quantize_seconds", "quantize s", ".2f")]
 
 
+def _embeddings_text(emb: dict[str, Any] | None) -> str:
+    if not emb or emb.get("bits_per_weight") is None:
+        return "float"
+    return f"{emb['format']}, {emb['bits_per_weight']:.3f} bits/weight over {emb['params']:,} weights"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: the headline numbers, then one row per layer."""
     ref, q = report.get("ppl_reference"), report.get("ppl_quantized")
@@ -168,7 +245,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("format", report["format"]), ("emit", report.get("emit")), ("model", report["model"]),
         ("bits per weight (quantized linears)", f"{report['bits_per_weight']:.3f}"),
         ("quantized parameters", f"{report['quantized_params']:,}"),
-        ("file bytes", f"{report['file_bytes']:,}"),
+        ("embeddings (tied: one table)", _embeddings_text(report.get("embeddings"))),
+        ("file bytes (model.onnx and its data)", f"{report['file_bytes']:,}"),
+        ("bits per parameter (whole file)", f"{report['bits_per_parameter']:.3f}" if report.get("bits_per_parameter")
+         else "—"),
+        ("source model bytes", f"{report['source_bytes']:,}" if report.get("source_bytes") else "—"),
         ("perplexity, float", f"{ref:.3f}" if ref else "not measured"),
         ("perplexity, quantized", f"{q:.3f}" if q else "not measured"),
         ("perplexity change", f"{100 * (q / ref - 1):+.2f}%" if ref and q else "—"),

@@ -108,9 +108,11 @@ def _byte_of(ch: str) -> int:
     return dict(zip(map(chr, cs), bs))[ch]
 
 
-def save_tiny_hf_dir(path: Path | None = None, seed: int = 0) -> Path:
-    """Save the tiny model + tokenizer as a Hugging Face folder (config.json, safetensors, tokenizer)."""
+def save_tiny_hf_dir(path: Path | None = None, seed: int = 0, **overrides) -> Path:
+    """Save the tiny model + tokenizer as a Hugging Face folder (config.json, safetensors, tokenizer);
+    ``overrides`` change the config (only with an explicit ``path``)."""
     if path is None:
+        assert not overrides, "config overrides need their own folder"
         path = _workdir() / "tiny-llama"
         if not (path / "config.json").is_file():
             from qcompile.cache import atomic_dir
@@ -119,12 +121,12 @@ def save_tiny_hf_dir(path: Path | None = None, seed: int = 0) -> Path:
                 _save_hf(tmp, seed)
         return path
     path = Path(path)
-    _save_hf(path, seed)
+    _save_hf(path, seed, **overrides)
     return path
 
 
-def _save_hf(path: Path, seed: int) -> None:
-    build_tiny_model(seed).save_pretrained(path)
+def _save_hf(path: Path, seed: int, **overrides) -> None:
+    build_tiny_model(seed, **overrides).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
 
 

@@ -71,6 +71,17 @@ class ModelSource:
         arch = f", {self.architecture}" if self.architecture else ""
         return f"{self.spec} ({self.kind}{arch})"
 
+    def size_bytes(self) -> int:
+        """Bytes of the source's weights as the user has them (the .gguf, the folder's weight files, the .onnx
+        with its data): what a compiled model's size is compared with."""
+        if self.kind in ("hf_dir", "hub"):
+            return sum(p.stat().st_size for p in self.path.iterdir() if p.suffix in (".safetensors", ".bin"))
+        if self.is_onnx:
+            from qcompile.report import model_file_bytes
+
+            return model_file_bytes(self.path)
+        return self.path.stat().st_size
+
     def metadata(self) -> dict[str, str]:
         """metadata_props identifying this source, for exported / compiled ONNX models."""
         return {META_SOURCE: self.spec, META_FINGERPRINT: self.fingerprint}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from qcompile.passes import calibrate, discover, lower, quantize, report, share, tune
+from qcompile.passes import calibrate, discover, embeddings, lower, quantize, report, share, tune
 from qcompile.passes.state import CompileState
 
 
@@ -25,6 +25,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("calibrate", calibrate.step),  # calibration windows and each linear's input Hessian
     Pass("quantize", quantize.step),    # each weight through its format's numerics (checkpointed)
     Pass("tune", tune.step),            # the format's whole-model fine-tuning, if any
+    Pass("embeddings", embeddings.step),  # the vocabulary tables quantized and stored once (--embeddings)
     Pass("lower", lower.step),          # MatMuls rewritten to the format's op (or portable / simulated)
     Pass("share", share.step),          # byte-identical quantized tensors stored once
     Pass("report", report.step),        # per-layer size and error rows

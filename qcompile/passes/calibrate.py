@@ -38,5 +38,6 @@ def step(state: CompileState) -> CompileState:
     calib = qdata.calibration_windows(state.tokenizer, cfg.calib_samples, cfg.seq_len, seed=cfg.seed)
     if cfg.sequential:
         return state.replace(calib=calib)
-    return state.replace(calib=calib, hessians=hessians(state.float_path, state.matches, calib, cfg.seed,
+    head = (state.embedding.head,) if state.embedding is not None and state.embedding.head is not None else ()
+    return state.replace(calib=calib, hessians=hessians(state.float_path, (*state.matches, *head), calib, cfg.seed,
                                                         cfg.progress))

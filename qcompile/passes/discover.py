@@ -162,4 +162,10 @@ def step(state: "CompileState") -> "CompileState":
     if not matches:
         raise UnsupportedModelError(f"{state.cfg.model}: no MatMul/Gemm with a constant weight to quantize")
     per_layer = state.fmt.resolve_layer_options(state.options, state.overrides, [m.name for m in matches])
-    return state.replace(model=model, float_model=model, matches=tuple(matches), layer_options=per_layer)
+    embedding = None
+    if state.cfg.embeddings != "float":
+        from qcompile.passes.embeddings import match_embeddings
+
+        embedding = match_embeddings(model, state.cfg.include_lm_head)
+    return state.replace(model=model, float_model=model, matches=tuple(matches), layer_options=per_layer,
+                         embedding=embedding)

@@ -19,18 +19,22 @@ from onnx import helper, numpy_helper
 
 from qcompile.formats.base import Lowered, QuantizedWeight
 from qcompile.passes.discover import LinearMatch
-from qcompile.report import FORMAT_KEY, LAYER_KEY, PACKED_BITS_KEY, SHAPE_KEY
+from qcompile.report import FORMAT_KEY, LAYER_KEY, PACKED_BITS_KEY, ROLE_KEY, SHAPE_KEY
 
 if TYPE_CHECKING:
     from qcompile.passes.state import CompileState
 
 
 
-def _tag(node: onnx.NodeProto, layer: str, fmt: str, shape: tuple[int, int], packed_bits: float | None) -> None:
+def tag(node: onnx.NodeProto, layer: str, fmt: str, shape: tuple[int, int], packed_bits: float | None,
+        role: str = "linear") -> None:
+    """Mark a node as part of ``layer``'s lowering, so the report attributes the bytes it reads to that layer."""
     for key, value in ((LAYER_KEY, layer), (FORMAT_KEY, fmt), (SHAPE_KEY, f"{shape[0]},{shape[1]}")):
         node.metadata_props.add(key=key, value=value)
     if packed_bits is not None:
         node.metadata_props.add(key=PACKED_BITS_KEY, value=f"{packed_bits:.6f}")
+    if role != "linear":
+        node.metadata_props.add(key=ROLE_KEY, value=role)
 
 
 def _simulated(match: LinearMatch, node: onnx.NodeProto, qw: QuantizedWeight, prefix: str) -> Lowered:
@@ -74,7 +78,7 @@ def lower_weights(model: onnx.ModelProto, matches: list[LinearMatch], quantized:
             raise ValueError(f"unknown emit mode {emit!r}")
         packed_bits = qw.bits_per_weight() if emit == "simulated" else None
         for n in low.nodes:
-            _tag(n, match.name, qw.format_name, match.shape, packed_bits)
+            tag(n, match.name, qw.format_name, match.shape, packed_bits)
         new_nodes.extend(low.nodes)
         graph.initializer.extend(low.initializers)
         opsets.update(low.opset_imports)

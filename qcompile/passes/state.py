@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from qcompile.layer_checkpoint import LayerCheckpoint
     from qcompile.models.sources import ModelSource
     from qcompile.passes.discover import LinearMatch
+    from qcompile.passes.embeddings import EmbeddingMatch
     from qcompile.pipeline import CompileConfig
 
 
@@ -40,6 +41,7 @@ class CompileState:
     float_model: onnx.ModelProto | None = None  # discover: the float graph, kept for the report's errors
     matches: tuple["LinearMatch", ...] = ()  # discover
     layer_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # discover: per layer
+    embedding: "EmbeddingMatch | None" = None  # discover: the vocabulary tables, when --embeddings quantizes them
     calib: np.ndarray | None = None  # calibrate: token windows [n, seq]
     hessians: dict[str, "torch.Tensor"] = dataclasses.field(default_factory=dict)  # calibrate
     checkpoint: "LayerCheckpoint | None" = None  # quantize: finished layers of an interrupted compile
@@ -47,6 +49,7 @@ class CompileState:
     layer_seconds: dict[str, float | None] = dataclasses.field(default_factory=dict)  # quantize
     resumed: frozenset[str] = frozenset()  # quantize: layers taken from the checkpoint
     tune_summary: dict[str, Any] | None = None  # tune
+    embedding_weights: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)  # embeddings
     layers: tuple[dict[str, Any], ...] = ()  # report: one row per quantized layer
 
     def replace(self, **changes: Any) -> "CompileState":
