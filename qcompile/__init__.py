@@ -9,7 +9,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {"compile": "qcompile.api", "export": "qcompile.api", "evaluate": "qcompile.api",
-        "inspect_model": "qcompile.api", "ops_library_path": "qcompile.runtime", "make_session": "qcompile.runtime"}
+        "inspect_model": "qcompile.api", "ops_library_path": "qcompile.runtime", "make_session": "qcompile.runtime",
+        "trt_plugins_library_path": "qcompile.runtime", "build_engine": "qcompile.engine"}
 __all__ = sorted(_API)
 
 
