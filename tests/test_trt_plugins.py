@@ -256,3 +256,15 @@ def test_extract_takes_only_the_header_folders_plain_headers(tmp_path):
     files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert files == ["include/tensorrt/NvInfer.h", "include/tensorrt/NvInferRuntime.h"]
     assert not list(tmp_path.rglob("escape.h"))
+
+
+@needs_source
+def test_pip_is_also_tried_without_the_build_isolation_path(monkeypatch):
+    # Inside `pip install .` PYTHONPATH hides the interpreter's own pip; one candidate must drop it.
+    f = _fetch_module()
+    monkeypatch.setenv("PYTHONPATH", "/isolated/overlay")
+    monkeypatch.setenv("PYTHONNOUSERSITE", "1")
+    cands = f.pip_commands()
+    assert cands[0][0] == [sys.executable, "-m", "pip"] and cands[0][1]["PYTHONPATH"] == "/isolated/overlay"
+    assert any(cmd[:1] == [sys.executable] and "PYTHONPATH" not in env and "PYTHONNOUSERSITE" not in env
+               for cmd, env in cands)

