@@ -6,10 +6,13 @@ node's op type is registered; it looks the creator up by the node's ``plugin_ver
 node's *attributes* as fields, while its inputs stay network tensors. The qcompile ops take their packed
 weights as inputs, and TensorRT plugins get constant weights as fields. So :func:`to_tensorrt_onnx`
 rewrites each qcompile op node for TensorRT: every stored-tensor input becomes a TENSOR attribute of the
-same name (docs/ops.md names the inputs; uint8 and uint16 tensors are reinterpreted as int8 and int16,
-since the parser has no unsigned field types), X stays the only input, and ``plugin_namespace`` names
-the plugins' namespace. The plugins themselves are ``libqcompile_trt_plugins.so`` (``custom_ops/trt``),
-which :func:`build_engine` loads into TensorRT's plugin registry.
+same name (docs/ops.md names the inputs), X stays the only input, and ``plugin_namespace`` names the
+plugins' namespace. The parser turns a TENSOR attribute into a field only for int8, int32, float16,
+float32 (and a few more) weights: it has no unsigned field types and converts no int16 weights. So uint8
+tensors travel as int8 (same bytes) and int16 / uint16 tensors (SpQR index tensors, 16-bit codebook
+codes) are widened to int32 (same values); the plugins accept both. The plugins themselves are
+``libqcompile_trt_plugins.so`` (``custom_ops/trt``), which :func:`build_engine` loads into TensorRT's
+plugin registry.
 """
 from __future__ import annotations
 
@@ -34,9 +37,10 @@ WEIGHT_INPUTS: dict[str, tuple[str, ...]] = {
     "CodebookMatMul": ("codes", "codebooks", "scales", "bias"),
 }
 
-# numpy dtypes a plugin field can carry, and what unsigned tensors travel as (same bytes)
-_FIELD_VIEW = {np.dtype(np.uint8): np.int8, np.dtype(np.uint16): np.int16}
-_FIELD_DTYPES = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.float16, np.float32)}
+# What the ONNX parser passes on as plugin fields: uint8 as int8 (same bytes), 16-bit integers widened.
+_FIELD_VIEW = {np.dtype(np.uint8): np.int8}
+_FIELD_WIDEN = {np.dtype(np.int16): np.int32, np.dtype(np.uint16): np.int32}
+_FIELD_DTYPES = {np.dtype(t) for t in (np.int8, np.int32, np.float16, np.float32)}
 
 
 class EngineError(QCompileError):
@@ -44,11 +48,14 @@ class EngineError(QCompileError):
 
 
 def field_array(arr: np.ndarray, what: str = "tensor") -> np.ndarray:
-    """``arr`` as a plugin field carries it: uint8 -> int8 and uint16 -> int16 (the bytes unchanged),
-    other supported dtypes as they are."""
+    """``arr`` in a dtype TensorRT's ONNX parser passes to a plugin as a field: uint8 -> int8 (the bytes
+    unchanged), int16 and uint16 -> int32 (the values unchanged), int8 / int32 / float16 / float32 as
+    they are."""
     arr = np.ascontiguousarray(arr)
     if arr.dtype in _FIELD_VIEW:
         return arr.view(_FIELD_VIEW[arr.dtype])
+    if arr.dtype in _FIELD_WIDEN:
+        return arr.astype(_FIELD_WIDEN[arr.dtype])
     if arr.dtype not in _FIELD_DTYPES:
         raise EngineError(f"{what}: dtype {arr.dtype} cannot travel as a TensorRT plugin field")
     return arr

@@ -73,15 +73,21 @@ def test_rewrite_moves_stored_tensors_into_attributes():
                 continue
             assert a[field].type == onnx.AttributeProto.TENSOR
             got, want = numpy_helper.to_array(a[field].t), inits[name]
-            assert got.shape == want.shape and got.tobytes() == want.tobytes()  # same bytes
+            assert got.shape == want.shape
+            if want.dtype in (np.int16, np.uint16):
+                assert got.dtype == np.int32 and np.array_equal(got, want)  # widened, same values
+            else:
+                assert got.tobytes() == want.tobytes()  # same bytes
         for k in ("K", "N"):
             assert a[k].type == onnx.AttributeProto.INT
-    # unsigned tensors travel as signed of the same width (the parser has no unsigned field types)
+    # uint8 travels as int8 (the parser has no unsigned field types), int16 widened (it converts no int16)
     fp4, sp, cb = (_attrs(n) for n in plugin[:3])
     assert fp4["W"].t.data_type == TensorProto.INT8 and fp4["scales"].t.data_type == TensorProto.INT8
     assert fp4["tensor_scale"].t.data_type == TensorProto.FLOAT
     assert cb["codes"].t.data_type == TensorProto.INT8 and cb["codebooks"].t.data_type == TensorProto.FLOAT16
-    assert sp["col_indices"].t.data_type == TensorProto.INT16 and sp["codes"].t.data_type == TensorProto.INT32
+    assert inits["spqr.col_indices"].dtype == np.int16 and sp["col_indices"].t.data_type == TensorProto.INT32
+    assert sp["perm"].t.data_type == TensorProto.INT32 and sp["codes"].t.data_type == TensorProto.INT32
+    assert sp["values"].t.data_type == TensorProto.FLOAT16
     # initializers only the plugins read are gone; the float MatMul keeps its weight
     assert [t.name for t in out.graph.initializer] == ["float_w"]
 
@@ -111,8 +117,10 @@ def test_rewrite_refuses_weights_that_are_not_constants():
 def test_field_array_types():
     assert engine.field_array(np.array([200], np.uint8)).dtype == np.int8
     assert engine.field_array(np.array([200], np.uint8)).tobytes() == bytes([200])
-    assert engine.field_array(np.array([60000], np.uint16)).dtype == np.int16
-    for dt in (np.int8, np.int16, np.int32, np.float16, np.float32):
+    wide = engine.field_array(np.array([60000, 3], np.uint16))
+    assert wide.dtype == np.int32 and wide.tolist() == [60000, 3]
+    assert engine.field_array(np.array([-7], np.int16)).tolist() == [-7]
+    for dt in (np.int8, np.int32, np.float16, np.float32):
         assert engine.field_array(np.zeros(2, dt)).dtype == dt
     with pytest.raises(engine.EngineError, match="int64 cannot travel"):
         engine.field_array(np.zeros(2, np.int64))

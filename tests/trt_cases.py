@@ -194,10 +194,11 @@ def spqr_cases(rng: np.random.Generator) -> list[Case]:
     w[rng.integers(0, k, 40), rng.integers(0, n, 40)] += 0.8  # outliers for the CSR table
     q = _quantize("spqr-w3", w, _hessian(rng, k), outlier_threshold=0.2)
     assert q.nnz > 0 and "perm" in q.tensors
+    assert q.tensors["col_indices"].dtype == np.int16 and q.tensors["perm"].dtype == np.int16  # the compiler's
     c = _case("spqr_w3", lowered_model(q))
     attrs = dict(K=k, N=n, bits=3, group_size=16, stat_bits=3, stat_group=16)
     t = {key: c.array(key) for key in WEIGHT_INPUTS["SpQRMatMul"] if key != "bias"}
-    assert t["col_indices"].dtype == np.int16 and t["perm"].dtype == np.int16  # what the compiler writes here
+    assert t["col_indices"].dtype == np.int32 and t["perm"].dtype == np.int32  # widened for the ONNX parser
 
     def ref(x, t=t, bias=None):
         return spqr_ref.spqr_matmul_reference(
@@ -207,14 +208,14 @@ def spqr_cases(rng: np.random.Generator) -> list[Case]:
     _with_reference(c, ref, rng)
     c.workspace = (64, 0)
 
-    # int32 index tensors and a float32 bias: the other accepted field types
+    # int16 index tensors (as the compiler stores them; a direct createPlugin can pass them) and a float32 bias
     bias = (rng.standard_normal(n) * 0.1).astype(np.float32)
-    t32 = dict(t, row_offsets=t["row_offsets"].astype(np.int32), col_indices=t["col_indices"].astype(np.int32),
-               perm=t["perm"].astype(np.int32))
-    fields32 = [make_field(f.name, t32[f.name]) if f.name in ("row_offsets", "col_indices", "perm") else f
+    t16 = dict(t, row_offsets=t["row_offsets"].astype(np.int16), col_indices=t["col_indices"].astype(np.int16),
+               perm=t["perm"].astype(np.int16))
+    fields16 = [make_field(f.name, t16[f.name]) if f.name in ("row_offsets", "col_indices", "perm") else f
                 for f in c.fields] + [make_field("bias", bias)]
-    c32 = Case("spqr_w3_int32_bias", "SpQRMatMul", k, n, fields32)
-    _with_reference(c32, lambda x: ref(x, t32, bias), rng)
+    c16 = Case("spqr_w3_int16_bias", "SpQRMatMul", k, n, fields16)
+    _with_reference(c16, lambda x: ref(x, t16, bias), rng)
 
     ci, perm, ro = t["col_indices"], t["perm"], t["row_offsets"]
     nnz = ci.size
@@ -229,6 +230,9 @@ def spqr_cases(rng: np.random.Generator) -> list[Case]:
     first[0] = 1
     bad = [
         c.bad("col_eq_k", f"col_indices[3] = {k} is outside [0, K={k})", col_indices=_set(ci, 3, k)),
+        c16.bad("col16_eq_k", f"col_indices[2] = {k} is outside [0, K={k})",
+                col_indices=_set(t16["col_indices"], 2, k)),
+        c16.bad("perm16_repeat", "perm is not a permutation of 0..K-1", perm=_set(t16["perm"], 7, t16["perm"][3])),
         c.bad("col_negative", f"col_indices[0] = -1 is outside [0, K={k})", col_indices=_set(ci, 0, -1)),
         c.bad("perm_repeat", f"perm is not a permutation of 0..K-1 ({perm[0]} repeats)", perm=dup),
         c.bad("perm_eq_k", f"perm[5] = {k} is outside [0, K={k})", perm=_set(perm, 5, k)),
@@ -250,7 +254,7 @@ def spqr_cases(rng: np.random.Generator) -> list[Case]:
         c.bad("no_row_offsets", "required field row_offsets is missing", row_offsets=None),
         c.bad("unknown_field", "unknown field 'tensor_scale'", tensor_scale=np.ones(1, np.float32)),
     ]
-    return [c, c32] + bad
+    return [c, c16] + bad
 
 
 def _set(a: np.ndarray, i: int, v: int) -> np.ndarray:
@@ -281,31 +285,44 @@ def codebook_cases(rng: np.random.Generator) -> list[Case]:
     c7.fields = [make_field("scales", scales32) if f.name == "scales" else f for f in c7.fields]
     _with_reference(c7, ref_of(q7, scales32, bias), rng)
 
-    # 300 codewords: uint16 codes (kINT16 fields), from a synthetic weight of that geometry
+    # 300 codewords: uint16 codes, from a synthetic weight of that geometry. Through the ONNX parser they
+    # arrive as int32 values; a direct createPlugin can pass their 16 bits as kINT16.
     m16, s16 = 1, 300
     codes = rng.integers(0, s16, size=(n, k // 8, m16)).astype(np.uint16)
+    codes[0, 0, 0] = 299
     books = (rng.standard_normal((m16, s16, 8)) * 0.1).astype(np.float16)
     q16 = CodebookQuantizedWeight("aqlm-synthetic", codes, books, (rng.random(n) + 0.5).astype(np.float16))
     c16 = _case("codebook_uint16_codes", lowered_model(q16))
-    assert c16.field("codes").type == kINT16
+    assert c16.field("codes").type == kINT32
     _with_reference(c16, ref_of(q16), rng)
+    c16b = Case("codebook_uint16_codes_int16", "CodebookMatMul", k, n,
+                [make_field("codes", codes.view(np.int16)) if f.name == "codes" else f for f in c16.fields])
+    _with_reference(c16b, ref_of(q16), rng)
 
     codes7 = c7.array("codes")
     bad = [
         c7.bad("code_out_of_range", "code 200 at [0, 1, 1] is out of range for codebook_size=128",
                codes=_set(codes7.view(np.uint8), 3, 200).view(np.int8)),  # flat 3 = [n 0, group 1, codebook 1]
-        c16.bad("code16_out_of_range", "code 300 at [1, 0, 0] is out of range for codebook_size=300",
-                codes=_set(c16.array("codes").view(np.uint16), k // 8, 300).view(np.int16)),
+        c16b.bad("code16_out_of_range", "code 300 at [1, 0, 0] is out of range for codebook_size=300",
+                 codes=_set(codes.view(np.uint16).reshape(-1), k // 8, 300).view(np.int16)),
+        c16.bad("code32_out_of_range", "code 300 at [1, 0, 0] is out of range for codebook_size=300",
+                codes=_set(c16.array("codes"), k // 8, 300)),
+        c16.bad("code32_wraps_to_valid", "code 65541 at [0, 2, 0] is out of range for codebook_size=300",
+                codes=_set(c16.array("codes"), 2, 65536 + 5)),  # would narrow to the valid code 5
+        c16.bad("code32_negative", "code -1 at [0, 0, 0] is out of range for codebook_size=300",
+                codes=_set(c16.array("codes"), 0, -1)),
+        c16.bad("code32_short", "codes shape must be [N, K/in_group_size, num_codebooks]",
+                codes=c16.array("codes")[:-1]),
         c.bad("codebooks_16", "num_codebooks must be in 1..16, got 17", num_codebooks=17),
         c.bad("group_3", "K=64 must be a multiple of in_group_size=3", in_group_size=3),
-        c.bad("codes_int16", "field codes must be kINT16, got kINT8", codebook_size=300),
-        c16.bad("codes_int8", "field codes must be kINT8, got kINT16", codebook_size=256),
+        c.bad("codes_int16", "field codes must be kINT16 or kINT32, got kINT8", codebook_size=300),
+        c16.bad("codes_int8", "field codes must be kINT8, got kINT32", codebook_size=256),
         c.bad("codebooks_short", "codebooks shape must be [num_codebooks, codebook_size, in_group_size]",
               codebooks=c.array("codebooks")[:-8]),
         c.bad("scales_int32", "field scales must be kFLOAT16 or kFLOAT32, got kINT32", scales=np.ones(n, np.int32)),
         c.bad("no_codes", "required field codes is missing", codes=None),
     ]
-    return [c, c7, c16] + bad
+    return [c, c7, c16, c16b] + bad
 
 
 def all_cases(seed: int = 0) -> dict[str, list[Case]]:

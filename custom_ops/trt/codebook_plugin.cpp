@@ -1,14 +1,36 @@
 // TensorRT plugin for qcompile.CodebookMatMul (AQLM) over codebook::matmul_cuda. Fields: the attributes
 // K, N, num_codebooks, codebook_size, in_group_size and the stored tensors codes, codebooks, scales, bias
-// (docs/ops.md "TensorRT plugins"). uint8 codes travel as kINT8 and uint16 codes as kINT16 (the ONNX
-// parser has no unsigned field types; the bits are the same). Every code is checked against
-// codebook_size on the host when the plugin is created.
+// (docs/ops.md "TensorRT plugins"). uint8 codes travel as kINT8 (the ONNX parser has no unsigned field
+// types; the bits are the same); 16-bit codes as kINT16 bits, or as kINT32 values, which is how the ONNX
+// parser can pass them (it converts no 16-bit weights): those are range-checked, narrowed and kept (and
+// serialized) as kINT16. Every code is checked against codebook_size on the host when the plugin is
+// created.
 #include "qcompile/codebook_matmul.h"
 #include "trt/trt_plugin.h"
 
 namespace qcompile {
 namespace trt {
 namespace {
+
+// 16-bit codes given as int32 values -> kINT16 bits. A value outside [0, codebook_size) is an error (a
+// plain narrowing could turn it into a valid-looking code).
+Status narrow_codes(const codebook::Attrs& a, const Field& in, Field* out) {
+  const int64_t per_row = (a.K / a.in_group_size) * a.num_codebooks;
+  out->type = PluginFieldType::kINT16;
+  out->bytes.resize(static_cast<std::size_t>(in.count) * 2);
+  const int32_t* v = in.as<int32_t>();
+  for (int64_t i = 0; i < in.count; ++i) {
+    if (v[i] < 0 || v[i] >= a.codebook_size) {
+      return Status::Error("CodebookMatMul: code " + std::to_string(v[i]) + " at [" + std::to_string(i / per_row) +
+                           ", " + std::to_string((i % per_row) / a.num_codebooks) + ", " +
+                           std::to_string(i % a.num_codebooks) + "] is out of range for codebook_size=" +
+                           std::to_string(a.codebook_size));
+    }
+    const uint16_t u = static_cast<uint16_t>(v[i]);
+    std::memcpy(&out->bytes[2 * i], &u, 2);
+  }
+  return Status::OK();
+}
 
 struct CodebookOp {
   static constexpr const char* kName = "CodebookMatMul";
@@ -58,7 +80,16 @@ struct CodebookOp {
     const PluginFieldType code_field =
         c->code_type == codebook::CodeType::kUint8 ? PluginFieldType::kINT8 : PluginFieldType::kINT16;
     const Field* bias = nullptr;
-    QCOMPILE_RETURN_IF_ERROR(r.get_tensor("codes", {code_field}, true, fs, &c->codes));
+    if (code_field == PluginFieldType::kINT8) {
+      QCOMPILE_RETURN_IF_ERROR(r.get_tensor("codes", {code_field}, true, fs, &c->codes));
+    } else {
+      FieldSet given;  // the field as it came; what the plugin keeps is the kINT16 form
+      const Field* raw = nullptr;
+      QCOMPILE_RETURN_IF_ERROR(r.get_tensor("codes", {PluginFieldType::kINT16, PluginFieldType::kINT32}, true, &given, &raw));
+      Field f = *raw;
+      if (raw->type == PluginFieldType::kINT32) QCOMPILE_RETURN_IF_ERROR(narrow_codes(a, *raw, &f));
+      c->codes = fs->add(std::move(f));
+    }
     QCOMPILE_RETURN_IF_ERROR(r.get_tensor("codebooks", {PluginFieldType::kFLOAT16}, true, fs, &c->codebooks));
     QCOMPILE_RETURN_IF_ERROR(
         r.get_tensor("scales", {PluginFieldType::kFLOAT16, PluginFieldType::kFLOAT32}, true, fs, &c->scales));

@@ -341,8 +341,8 @@ int64_t as_int(const OwnedField& f) {
   return v;
 }
 
-// The serialized fields carry every given field's value: tensors byte for byte in their type, ints by
-// value (serialized as kINT64), strings up to the NUL.
+// The serialized fields carry every given field's value: tensors byte for byte in their type (int32
+// codebook codes as their 16 bits), ints by value (serialized as kINT64), strings up to the NUL.
 bool carries_inputs(const std::vector<OwnedField>& given, const std::vector<OwnedField>& ser, std::string* why) {
   for (const OwnedField& g : given) {
     const OwnedField* s = nullptr;
@@ -357,6 +357,16 @@ bool carries_inputs(const std::vector<OwnedField>& given, const std::vector<Owne
         return *why = "string " + g.name + " changed", false;
     } else if (is_int) {
       if (s->length != 1 || as_int(*s) != as_int(g)) return *why = "int " + g.name + " changed", false;
+    } else if (g.type == PluginFieldType::kINT32 && s->type == PluginFieldType::kINT16) {
+      // 16-bit codebook codes given as int32 values are kept as their 16 bits
+      if (s->length != g.length) return *why = "tensor " + g.name + " changed length", false;
+      for (int32_t i = 0; i < g.length; ++i) {
+        int32_t v;
+        uint16_t u;
+        std::memcpy(&v, &g.bytes[4 * i], 4);
+        std::memcpy(&u, &s->bytes[2 * i], 2);
+        if (v != u) return *why = "tensor " + g.name + " changed at " + std::to_string(i), false;
+      }
     } else if (s->type != g.type || s->length != g.length || s->bytes != g.bytes) {
       return *why = "tensor " + g.name + " changed", false;
     }
