@@ -118,9 +118,14 @@ def to_tensorrt_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
             if key not in taken:
                 node.attribute.append(helper.make_attribute(key, value))
     used = _used_names(graph)
+    dropped = {t.name for t in graph.initializer if t.name not in used}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    # old-style graphs also list initializers as inputs; TensorRT would take such a leftover for a network input
+    inputs = [i for i in graph.input if i.name not in dropped]
+    del graph.input[:]
+    graph.input.extend(inputs)
     return model
 
 

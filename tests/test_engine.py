@@ -90,6 +90,15 @@ def test_rewrite_moves_stored_tensors_into_attributes():
     assert sp["values"].t.data_type == TensorProto.FLOAT16
     # initializers only the plugins read are gone; the float MatMul keeps its weight
     assert [t.name for t in out.graph.initializer] == ["float_w"]
+    assert [i.name for i in out.graph.input] == ["x"]
+
+
+def test_rewrite_drops_initializers_listed_as_graph_inputs():
+    model = _model()  # old-style graphs (IR < 4) list every initializer as a graph input too
+    for t in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    out = engine.to_tensorrt_onnx(model)
+    assert [i.name for i in out.graph.input] == ["x", "float_w"]
 
 
 def test_rewrite_accepts_constant_nodes_and_absent_optional_inputs():
