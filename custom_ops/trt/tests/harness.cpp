@@ -17,9 +17,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <deque>
 #include <fstream>
-#include <functional>
 #include <map>
 #include <memory>
 #include <sstream>
