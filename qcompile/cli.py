@@ -1,4 +1,4 @@
-"""Command line: ``qcompile compile|export|eval|inspect|formats|bench``.
+"""Command line: ``qcompile compile|export|eval|inspect|formats|bench|engine``.
 
 Each command is a thin wrapper over the Python API; errors the user can fix come out as one line and a
 non-zero exit (set QCOMPILE_DEBUG=1 for tracebacks).
@@ -219,13 +219,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return cli_bench(args)
 
 
+def _add_engine(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("engine", help="build a TensorRT engine from a compiled folder (needs TensorRT and a GPU)",
+                       description="Build a TensorRT engine from OUT/model.onnx with qcompile's TensorRT plugins "
+                                   "(libqcompile_trt_plugins.so) for the quantized layers.")
+    p.add_argument("out", type=Path, help="a compiled folder (holding model.onnx) or an .onnx file")
+    p.add_argument("-o", "--output", type=Path, help="engine file (default OUT/model.engine)")
+    p.add_argument("--fp16", action="store_true", help="let TensorRT run layers in float16")
+    p.add_argument("--max-batch", type=int, default=1, help="largest batch of the optimization profile (default 1)")
+    p.add_argument("--max-seq", type=int, default=512, help="longest sequence of the optimization profile (default 512)")
+    p.set_defaults(func=cmd_engine)
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    from qcompile.engine import build_engine
+
+    path = build_engine(args.out, output=args.output, fp16=args.fp16, max_batch=args.max_batch, max_seq=args.max_seq)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompile", description="Quantize transformer weights in ONNX models.")
     from qcompile import __version__
 
     parser.add_argument("--version", action="version", version=f"qcompile {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_compile, _add_export, _add_eval, _add_inspect, _add_formats, _add_bench):
+    for add in (_add_compile, _add_export, _add_eval, _add_inspect, _add_formats, _add_bench, _add_engine):
         add(sub)
     return parser
 

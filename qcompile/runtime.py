@@ -4,7 +4,9 @@ it registered where the model needs it. :func:`make_session` is the one session 
 
 Lookup order of :func:`ops_library_path`: ``$QCOMPILE_OPS_LIBRARY`` (explicit file), the copy installed in
 the package (``qcompile/_native/libqcompile_ops.so``, put there by ``pip install .`` or
-``tools/build_ops.sh``), then the source-tree build folder ``build/ops/``.
+``tools/build_ops.sh``), then the source-tree build folder ``build/ops/``. :func:`trt_plugins_library_path`
+finds the TensorRT plugin library (``libqcompile_trt_plugins.so``) the same way, with
+``$QCOMPILE_TRT_PLUGINS_LIBRARY``.
 """
 from __future__ import annotations
 
@@ -46,6 +48,34 @@ def ops_library_path() -> Path:
     raise OpsLibraryNotFoundError(
         f"the qcompile_ops custom-op library is not built (looked for {looked}). Build it with "
         f"`tools/build_ops.sh` (source tree) or `pip install .`, or set ${ENV_VAR} to the .so file")
+
+
+TRT_PLUGINS_LIBRARY_NAME = "libqcompile_trt_plugins.so"
+TRT_PLUGINS_ENV_VAR = "QCOMPILE_TRT_PLUGINS_LIBRARY"
+
+
+def _trt_candidates() -> list[Path]:
+    return [_PACKAGE_DIR / "_native" / TRT_PLUGINS_LIBRARY_NAME, _REPO_ROOT / "build" / "ops" / TRT_PLUGINS_LIBRARY_NAME]
+
+
+def trt_plugins_library_path() -> Path:
+    """Absolute path of ``libqcompile_trt_plugins.so`` (TensorRT plugins for the qcompile ops); raises
+    :class:`OpsLibraryNotFoundError` saying how to build it. It is built only where nvcc and the TensorRT
+    headers are found (see custom_ops/README.md)."""
+    env = os.environ.get(TRT_PLUGINS_ENV_VAR)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise OpsLibraryNotFoundError(f"${TRT_PLUGINS_ENV_VAR}={env} is not a file")
+        return path.resolve()
+    for path in _trt_candidates():
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p) for p in _trt_candidates())
+    raise OpsLibraryNotFoundError(
+        f"the TensorRT plugin library is not built (looked for {looked}). It needs nvcc and the TensorRT "
+        f"headers at build time: run `tools/build_ops.sh` (source tree) or `pip install .` on a machine with "
+        f"the CUDA toolkit (the build output says why it was skipped), or set ${TRT_PLUGINS_ENV_VAR}")
 
 
 def default_providers() -> list[str]:

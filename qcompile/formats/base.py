@@ -162,6 +162,7 @@ class OpSpec:
     type: str
     reference: Callable[..., np.ndarray]
     needs_library: bool  # True: our qcompile_ops library must be registered; False: stock onnxruntime runs it
+    inputs: tuple[str, ...] = ()  # the stored-tensor inputs after X, in node order (docs/ops.md names them)
 
     @property
     def runtime(self) -> str:

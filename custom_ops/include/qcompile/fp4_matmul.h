@@ -50,7 +50,16 @@ struct Problem {
   float tensor_scale = 1.0f;
   const void* bias = nullptr;  // [N] of dtype, or null
   void* y = nullptr;           // [M, N] of dtype
+  // CUDA, hadamard_block > 1: optional device scratch of at least scratch_bytes(attrs, M) bytes for the
+  // rotated activation. Null = the kernel allocates it stream-ordered on every call; runtimes that hand
+  // out workspace (TensorRT) pass theirs.
+  void* scratch = nullptr;
 };
+
+// Scratch the CUDA kernel needs for M rows (0 without a rotation).
+inline int64_t scratch_bytes(const Attrs& a, int64_t M) {
+  return a.hadamard_block > 1 ? M * a.K * static_cast<int64_t>(sizeof(float)) : 0;
+}
 
 // CPU kernel. Requires validated attrs/shapes; never reads outside the documented extents.
 Status matmul_cpu(const Problem& p, const Parallel& parallel);

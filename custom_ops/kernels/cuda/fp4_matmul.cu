@@ -1,7 +1,8 @@
 // CUDA kernels for qcompile.FP4MatMul (see docs/ops.md). All launches go on the caller's stream.
 //
 //  * Hadamard: a shared-memory fast Walsh-Hadamard kernel rotates X (blocks of b along K) into a float
-//    scratch buffer (stream-ordered cudaMallocAsync), never touching the input.
+//    scratch buffer (Problem::scratch when the caller gives one, else stream-ordered cudaMallocAsync),
+//    never touching the input.
 //  * M <= 8 (decode): GEMV, one warp per output row. Lane l reads 32-bit words l, l+32, ... of the packed
 //    row (a warp load is 128 contiguous bytes, four loads in flight per lane) so that the activations
 //    it needs, 8 consecutive k per word, are also contiguous across the warp and come in as two 128-bit
@@ -323,20 +324,20 @@ Status run(const Problem& p, cudaStream_t stream) {
   T* y = static_cast<T*>(p.y);
   const int64_t hb = p.attrs.hadamard_block;
   if (hb > 1) {
-    float* xr = nullptr;
-    QCOMPILE_RETURN_IF_ERROR(cuda_status(
-        cudaMallocAsync(reinterpret_cast<void**>(&xr), static_cast<size_t>(a.M * a.K) * sizeof(float), stream),
-        "allocating the rotated-activation buffer"));
     const int64_t segs = (a.K + 255) / 256;
-    if (segs * a.M > 0x7fffffffLL) {
-      cudaFreeAsync(xr, stream);
-      return Status::Error("FP4MatMul (CUDA): X too large for the Hadamard kernel");
+    if (segs * a.M > 0x7fffffffLL) return Status::Error("FP4MatMul (CUDA): X too large for the Hadamard kernel");
+    float* xr = static_cast<float*>(p.scratch);
+    const bool own = xr == nullptr;
+    if (own) {
+      QCOMPILE_RETURN_IF_ERROR(cuda_status(
+          cudaMallocAsync(reinterpret_cast<void**>(&xr), static_cast<size_t>(a.M * a.K) * sizeof(float), stream),
+          "allocating the rotated-activation buffer"));
     }
     hadamard_kernel<T><<<static_cast<unsigned>(segs * a.M), 256, 0, stream>>>(
         x, xr, a.K, segs, static_cast<int>(hb), 1.0f / sqrtf(static_cast<float>(hb)));
     launch<T, float>(a, xr, bias, y, stream);
     const cudaError_t launch_err = cudaGetLastError();
-    cudaFreeAsync(xr, stream);
+    if (own) cudaFreeAsync(xr, stream);
     return cuda_status(launch_err, "kernel launch");
   }
   launch<T, T>(a, x, bias, y, stream);

@@ -10,7 +10,8 @@ from qcompile.formats.aqlm.numerics import quantize_codebook
 from qcompile.formats.aqlm.weight import CodebookQuantizedWeight
 from qcompile.formats.base import Format, OpSpec, Option, finetune_options
 
-OP = OpSpec("qcompile", "CodebookMatMul", ref.codebook_matmul, needs_library=True)
+OP = OpSpec("qcompile", "CodebookMatMul", ref.codebook_matmul, needs_library=True,
+            inputs=("codes", "codebooks", "scales", "bias"))
 
 
 def _options(m: int, b: int, beam: int, rounds: int, kmeans_iters: int) -> dict[str, Option]:

@@ -9,7 +9,8 @@ from qcompile.formats.fp4.numerics import METHODS, quantize_fp4
 from qcompile.formats.fp4.reference import fp4_matmul_reference
 from qcompile.formats.fp4.weight import MXFP4, NVFP4, FP4QuantizedWeight, FP4Spec
 
-OP = OpSpec("qcompile", "FP4MatMul", fp4_matmul_reference, needs_library=True)
+OP = OpSpec("qcompile", "FP4MatMul", fp4_matmul_reference, needs_library=True,
+            inputs=("W", "scales", "tensor_scale", "bias"))
 
 _BLOCKS = (0, 2, 4, 8, 16, 32, 64, 128, 256)
 

@@ -8,7 +8,8 @@ from qcompile.formats.integer.numerics import quantize_int
 from qcompile.formats.integer.reference import matmulnbits_reference
 from qcompile.formats.integer.weight import MATMULNBITS_BITS, IntQuantizedWeight
 
-OP = OpSpec("com.microsoft", "MatMulNBits", matmulnbits_reference, needs_library=False)
+OP = OpSpec("com.microsoft", "MatMulNBits", matmulnbits_reference, needs_library=False,
+            inputs=("B", "scales", "zero_points", "g_idx", "bias"))
 
 
 def _options(group_size: int, gptq_opts: bool) -> dict[str, Option]:

@@ -10,7 +10,8 @@ from qcompile.formats.spqr.finetune import tune_spqr
 from qcompile.formats.spqr.numerics import quantize_spqr
 from qcompile.formats.spqr.weight import SpQRQuantizedWeight
 
-OP = OpSpec("qcompile", "SpQRMatMul", ref.spqr_matmul_reference, needs_library=True)
+OP = OpSpec("qcompile", "SpQRMatMul", ref.spqr_matmul_reference, needs_library=True,
+            inputs=("codes", "stat_codes", "stat_params", "row_offsets", "col_indices", "values", "perm", "bias"))
 
 #: Calibration windows (x 256 tokens) by default, more than the other formats' 64: SpQR's layer-wise method
 #: measurably gains from more Hessian data (docs/formats/spqr.md).
