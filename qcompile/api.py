@@ -57,12 +57,40 @@ def export(model: str, output: str | Path, *, dtype: str = "float32", force: boo
     return target
 
 
+def model_file(path: str | Path) -> Path:
+    """The ``.onnx`` file a user means: the file itself, or ``model.onnx`` in a compiled folder; checked to be a
+    readable ONNX model whose external data files are all there (one clear error otherwise)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "model.onnx").is_file():
+            raise QCompileError(f"{path} is a folder without a model.onnx (expected a compiled folder or an .onnx file)")
+        path = path / "model.onnx"
+    elif not path.exists():
+        raise QCompileError(f"{path}: no such file or folder")
+    elif path.suffix.lower() != ".onnx":
+        raise QCompileError(f"{path} is not an .onnx model (expected a compiled folder or an .onnx file; compile "
+                            f"a {path.suffix or 'extensionless'} source with `qcompile compile` first)")
+    from qcompile.models.sources import external_data_files
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - protobuf DecodeError and friends
+        raise QCompileError(f"{path} is not a readable ONNX model") from None
+    missing = sorted(str(f) for f in external_data_files(proto, path.parent) if not f.is_file())
+    if missing:
+        raise QCompileError(f"{path}: its external data file is missing: {', '.join(missing)}")
+    return path
+
+
 def evaluate(model_path: str | Path, *, text: str | Path | None = None, samples: int = 32, seq_len: int = 512,
              tokenizer: str | None = None, progress: bool = True) -> tuple[float, int]:
-    """Perplexity of an ONNX model on the bundled evaluation split (or ``text``): the report's computation."""
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise QCompileError(f"{model_path}: no such file")
+    """Perplexity of an ONNX model (or compiled folder) on the bundled evaluation split (or ``text``): the
+    report's computation."""
+    if samples < 1:
+        raise QCompileError(f"--samples must be at least 1, got {samples}")
+    if seq_len < 2:
+        raise QCompileError(f"--seq-len must be at least 2, got {seq_len}")
+    model_path = model_file(model_path)
     from qcompile.evaluate import perplexity, text_windows
     from qcompile.models.sources import resolve_source
 
@@ -74,17 +102,8 @@ def inspect_model(model_path: str | Path) -> tuple[list[dict[str, Any]], dict[st
     """Per-layer rows and totals (bytes counted from the file)."""
     from qcompile.report import inspect_rows, model_file_bytes
 
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise QCompileError(f"{model_path}: no such file")
-    try:
-        rows = inspect_rows(model_path)
-    except onnx.onnx_cpp2py_export.checker.ValidationError as e:  # pragma: no cover - defensive
-        raise QCompileError(f"{model_path}: not a valid ONNX model ({e})") from None
-    except Exception as e:
-        if "Error parsing message" in str(e) or "DecodeError" in type(e).__name__:
-            raise QCompileError(f"{model_path}: not an ONNX model") from None
-        raise
+    model_path = model_file(model_path)
+    rows = inspect_rows(model_path)
     params = sum(int(r["shape"].split("x")[0]) * int(r["shape"].split("x")[1]) for r in rows if not r.get("shared"))
     nbytes = sum(r["bytes"] for r in rows)
     return rows, {"params": params, "bytes": nbytes, "bits_per_weight": 8.0 * nbytes / params if params else 0.0,

@@ -109,3 +109,82 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path | str) -> Iterator[None]:
+    """Hold an exclusive lock for building the cache entry ``path``, so concurrent compiles build it once (the
+    second waits, then finds it done). The lock file sits beside the entry and stays (it is empty)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ---- what the cache holds, and keeping it bounded ------------------------------------------------------------
+
+#: Layer checkpoints (for resuming a killed compile) older than this are abandoned: removed at the next compile.
+CHECKPOINT_MAX_AGE_S = 7 * 24 * 3600
+#: Together the checkpoints stay under this many bytes (oldest removed first); $QCOMPILE_CHECKPOINT_MAX_GB.
+CHECKPOINT_MAX_BYTES = int(float(os.environ.get("QCOMPILE_CHECKPOINT_MAX_GB", "2")) * 2**30)
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _tree_mtime(path: Path) -> float:
+    """The newest modification time inside ``path`` (a checkpoint is touched by every finished layer)."""
+    times = [path.stat().st_mtime] + [f.stat().st_mtime for f in path.rglob("*")]
+    return max(times)
+
+
+def entries() -> list[dict[str, Any]]:
+    """Every cache entry: ``{kind, path, bytes, modified}`` (kinds: onnx, decoder, hf, hessians, layers, ...)."""
+    root = cache_dir()
+    out = []
+    for kind_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for entry in sorted(kind_dir.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            out.append({"kind": kind_dir.name, "path": entry, "bytes": _tree_bytes(entry), "modified": _tree_mtime(entry)})
+    return out
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
+
+
+def clear(kinds: set[str] | None = None) -> int:
+    """Remove every entry (or those of ``kinds``); returns the bytes freed."""
+    freed = 0
+    for e in entries():
+        if kinds is None or e["kind"] in kinds:
+            freed += e["bytes"]
+            remove(e["path"])
+    return freed
+
+
+def prune_checkpoints(keep: Path | None = None, now: float | None = None) -> list[Path]:
+    """Remove abandoned layer checkpoints: older than :data:`CHECKPOINT_MAX_AGE_S`, then the oldest until the
+    rest fit in :data:`CHECKPOINT_MAX_BYTES`. ``keep`` (the running compile's own) is never removed."""
+    import time
+
+    now = time.time() if now is None else now
+    ckpts = sorted((e for e in entries() if e["kind"] == "layers" and e["path"] != keep), key=lambda e: e["modified"])
+    removed = []
+    total = sum(e["bytes"] for e in ckpts)
+    for e in ckpts:
+        if now - e["modified"] > CHECKPOINT_MAX_AGE_S or total > CHECKPOINT_MAX_BYTES:
+            remove(e["path"])
+            total -= e["bytes"]
+            removed.append(e["path"])
+    return removed

@@ -17,6 +17,7 @@ runs only its own slice of the graph.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -170,23 +171,29 @@ def _default_session(path_or_bytes):
 
 
 def _slice_session(path: Path, sliced: onnx.ModelProto, has_external: bool, with_data: Callable[[], onnx.ModelProto]):
-    """Session for a slice whose initializers may point into ``path``'s external data file.
+    """Session for a slice whose initializers may point into ``path``'s external data files.
 
-    The slice is written beside ``path`` so those relative locations resolve; if that folder is not
-    writable, the slice is rebuilt with the weights loaded into memory instead.
+    Nothing is ever written beside a user's model: the slice goes to a temporary folder in our cache, with
+    hard links to the data files (onnxruntime refuses data reached through a symbolic link); where hard links
+    cannot be made (another file system), the slice is rebuilt with the weights loaded into memory instead.
     """
     if not has_external:
         return _default_session(sliced.SerializeToString())
+    from qcompile.cache import cache_dir
+    from qcompile.models.sources import external_data_files
+
+    tmp = Path(tempfile.mkdtemp(prefix="calib-", dir=cache_dir()))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.calib.", suffix=".onnx", dir=path.parent)
-    except OSError:
+        for f in external_data_files(sliced, path.parent):
+            target = tmp / f.relative_to(path.parent.resolve())
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(f, target)
+        onnx.save_model(sliced, str(tmp / "slice.onnx"))
+        return _default_session(str(tmp / "slice.onnx"))
+    except (OSError, ValueError):  # no hard links here, or data outside the model's folder
         return _default_session(with_data().SerializeToString())
-    os.close(fd)
-    try:
-        onnx.save_model(sliced, tmp)
-        return _default_session(tmp)
     finally:
-        os.unlink(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_batches(batches: np.ndarray) -> np.ndarray:

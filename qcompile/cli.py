@@ -126,7 +126,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity of an ONNX model (bundled eval split or your text file)")
-    p.add_argument("model", type=Path, help="an .onnx file (e.g. OUT/model.onnx)")
+    p.add_argument("model", type=Path, help="a compiled folder (OUT) or an .onnx file")
     p.add_argument("--text", type=Path, help="evaluate on this UTF-8 text file")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
@@ -239,13 +239,42 @@ def cmd_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="list or clear qcompile's cache (exports, decoders, Hessians, checkpoints)",
+                       description="The cache ($QCOMPILE_CACHE_DIR, default ~/.cache/qcompile) holds what a compile "
+                                   "can reuse; deleting any of it is always safe.")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--list", action="store_true", help="one line per entry: kind, size, age, path (default)")
+    what.add_argument("--clear", nargs="*", metavar="KIND",
+                      help="remove every entry, or only those of the KINDs named (e.g. layers hessians)")
+    p.set_defaults(func=cmd_cache)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from qcompile import cache
+
+    if args.clear is not None:
+        freed = cache.clear(set(args.clear) or None)
+        print(f"removed {freed / 1e6:.1f} MB from {cache.cache_dir()}")
+        return 0
+    rows = cache.entries()
+    now = time.time()
+    for e in rows:
+        age = (now - e["modified"]) / 3600
+        print(f"{e['kind']:<10} {e['bytes'] / 1e6:10.1f} MB  {age:7.1f} h  {e['path']}")
+    print(f"{len(rows)} entries, {sum(e['bytes'] for e in rows) / 1e6:.1f} MB in {cache.cache_dir()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompile", description="Quantize transformer weights in ONNX models.")
     from qcompile import __version__
 
     parser.add_argument("--version", action="version", version=f"qcompile {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_compile, _add_export, _add_eval, _add_inspect, _add_formats, _add_bench, _add_engine):
+    for add in (_add_compile, _add_export, _add_eval, _add_inspect, _add_formats, _add_bench, _add_engine, _add_cache):
         add(sub)
     return parser
 

@@ -95,7 +95,14 @@ def load_text_file(path: str | os.PathLike) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise CalibrationError(f"text file {p} does not exist")
-    raw = p.read_text(encoding="utf-8", errors="replace")
+    try:
+        raw = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"text file {p} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+    except OSError as e:
+        raise CalibrationError(f"text file {p} cannot be read: {e.strerror}") from None
+    if "\x00" in raw:
+        raise CalibrationError(f"text file {p} is not text (it holds NUL bytes)")
     if p.suffix.lower() == ".jsonl":
         docs = []
         for i, line in enumerate(raw.splitlines(), 1):

@@ -101,8 +101,10 @@ def plan(cfg: CompileConfig) -> Plan:
 
     if cfg.embeddings not in EMBEDDINGS:
         raise QCompileError(f"--embeddings {cfg.embeddings!r}: expected one of {', '.join(EMBEDDINGS)}")
-    if cfg.eval_text is not None and not Path(cfg.eval_text).is_file():
-        raise QCompileError(f"--eval-text {cfg.eval_text}: no such file")
+    if cfg.evaluate and cfg.eval_text is not None:
+        from qcompile.data import load_text_file
+
+        load_text_file(cfg.eval_text)  # readable UTF-8 text, before any work (its length is checked once tokenized)
     return Plan(cfg, fmt, options, overrides, emit, resolve_device(cfg.device))
 
 
@@ -118,10 +120,17 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
         from qcompile.models.sources import resolve_source
 
         source = resolve_source(cfg.model, tokenizer=cfg.tokenizer)
+        tokenizer = source.load_tokenizer()
+        eval_windows = None
+        if cfg.evaluate:  # enough evaluation text, before the slow steps
+            from qcompile.evaluate import text_windows
+
+            eval_windows = text_windows(tokenizer, text=cfg.eval_text, samples=cfg.eval_samples,
+                                        seq_len=cfg.eval_seq_len)
         float_path = stages.run("export", lambda: float_onnx(source, cfg.dtype, verbose=cfg.verbose))
         state = CompileState(cfg=cfg, fmt=p.fmt, options=p.options, overrides=p.overrides, emit=p.emit,
                              device=p.device, source=source, float_path=float_path,
-                             model=onnx.load(str(float_path)), tokenizer=source.load_tokenizer())
+                             model=onnx.load(str(float_path)), tokenizer=tokenizer, eval_windows=eval_windows)
         for step in PIPELINE:
             state = stages.run(step.name, lambda: step.run(state))
         out_model = tmp / "model.onnx"
@@ -144,8 +153,10 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
         _commit_output(tmp, cfg.output)
         shutil.rmtree(state.checkpoint.directory, ignore_errors=True)  # OUT is complete: nothing left to resume
         return report
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, QCompileError) and state is not None and state.checkpoint is not None:
+            shutil.rmtree(state.checkpoint.directory, ignore_errors=True)  # the same input fails the same way
         raise
 
 
@@ -180,11 +191,11 @@ def _report(state: CompileState, out_model: Path) -> dict[str, Any]:
 def _evaluate(state: CompileState, out_model: Path) -> dict[str, Any]:
     """Perplexity of the float model (cached) and of the compiled one, on the same windows."""
     from qcompile.cache import cache_path
-    from qcompile.evaluate import perplexity, text_windows
+    from qcompile.evaluate import perplexity
     from qcompile.passes.calibrate import file_key
 
     cfg = state.cfg
-    windows = text_windows(state.tokenizer, text=cfg.eval_text, samples=cfg.eval_samples, seq_len=cfg.eval_seq_len)
+    windows = state.eval_windows
     key_path = cache_path("ppl", str(state.float_path), file_key(state.float_path), windows.shape, int(windows.sum()))
     if key_path.exists():
         ref = float(key_path.read_text())
@@ -244,15 +255,26 @@ def _prepare_output(out: Path, force: bool) -> Path:
 
 
 def _commit_output(tmp: Path, out: Path) -> None:
-    """Atomically put ``tmp`` at ``out`` (replacing an old OUT only after the new one is complete)."""
+    """Atomically put ``tmp`` at ``out`` (replacing an old OUT only after the new one is complete), with the
+    permissions the user's umask gives new files (the temporary folder was private while being written)."""
+    _apply_umask(tmp)
     out = Path(out)
     old = None
-    if out.exists():
+    if out.exists() or out.is_symlink():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
     tmp.rename(out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+def _apply_umask(folder: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for f in folder.rglob("*"):
+        executable = f.is_dir() or f.suffix == ".so"
+        os.chmod(f, (0o777 if executable else 0o666) & ~mask)
 
 
 class _Stages:

@@ -74,13 +74,43 @@ class QuantizedWeight(ABC):
 
 
 @dataclasses.dataclass(frozen=True)
+class Rule:
+    """A condition an option value must meet, and the words the error uses for it."""
+
+    holds: Callable[[Any], bool]
+    expected: str
+
+
+def at_least(low: float) -> Rule:
+    return Rule(lambda v: v >= low, f"at least {low}")
+
+
+def positive() -> Rule:
+    return Rule(lambda v: v > 0, "positive")
+
+
+def power_of_two(low: int) -> Rule:
+    return Rule(lambda v: v >= low and v & (v - 1) == 0, f"a power of two, at least {low}")
+
+
+def multiple_of(step: int) -> Rule:
+    return Rule(lambda v: v > 0 and v % step == 0, f"a positive multiple of {step}")
+
+
+def between(low: float, high: float) -> Rule:
+    return Rule(lambda v: low <= v <= high, f"in {low}..{high}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Option:
-    """One format option: its type, default and help text. CLI and API share this table."""
+    """One format option: its type, default, help text and the rule its value must meet. CLI and API share
+    this table, and every value is checked when the request is read, before any model is loaded."""
 
     type: type
     default: Any
     help: str
     choices: tuple | None = None
+    rule: Rule | None = None
 
     def parse(self, name: str, raw: Any) -> Any:
         try:
@@ -93,8 +123,12 @@ class Option:
                 value = self.type(raw)
         except (TypeError, ValueError):
             raise FormatError(f"option {name}={raw!r}: expected {self.type.__name__}") from None
+        if self.type is float and value != value:
+            raise FormatError(f"option {name}={raw!r}: expected a number, not NaN")
         if self.choices is not None and value not in self.choices:
             raise FormatError(f"option {name}={value!r}: expected one of {', '.join(map(str, self.choices))}")
+        if self.rule is not None and not self.rule.holds(value):
+            raise FormatError(f"option {name}={value!r}: expected {self.rule.expected}")
         return value
 
 
@@ -114,18 +148,19 @@ def finetune_options(epochs: float = distill.DEFAULT_EPOCHS, lr: float = 1e-3, s
     """The ``finetune_*`` options every tunable format shares (defaults per format); they configure
     :func:`qcompile.solvers.distill.tune_format_layers`."""
     opts = {
-        "finetune_epochs": Option(float, epochs, "after all layers: epochs of tuning the format's float side "
+        "finetune_epochs": Option(float, epochs, rule=at_least(0), help="after all layers: epochs of tuning the format's float side "
                                   "parameters (codes fixed) against the float model's next-token distribution "
                                   "(0 = off; needs a transformers-loadable source)"),
-        "finetune_lr": Option(float, lr, "Adam learning rate of the tuned side parameters"),
-        "finetune_batch": Option(int, 4, "windows per fine-tuning step"),
-        "finetune_norm_lr": Option(float, norm_lr, "> 0: fine-tuning also adjusts the RMSNorm weights (float) "
+        "finetune_lr": Option(float, lr, "Adam learning rate of the tuned side parameters", rule=positive()),
+        "finetune_batch": Option(int, 4, "windows per fine-tuning step", rule=at_least(1)),
+        "finetune_norm_lr": Option(float, norm_lr, rule=at_least(0), help="> 0: fine-tuning also adjusts the RMSNorm weights (float) "
                                    "with this Adam learning rate"),
-        "finetune_windows": Option(int, windows, "windows of calibration-split text to tune on, drawn with another "
+        "finetune_windows": Option(int, windows, rule=at_least(0), help="windows of calibration-split text to tune on, drawn with another "
                                    "seed than the Hessian windows (0 = the calibration windows themselves)"),
     }
     if scale_lr is not None:
-        opts["finetune_scale_lr"] = Option(float, scale_lr, "Adam learning rate of the (relative) scale parameters")
+        opts["finetune_scale_lr"] = Option(float, scale_lr, "Adam learning rate of the (relative) scale parameters",
+                                           rule=positive())
     return opts
 
 
@@ -200,6 +235,9 @@ class Format:
     # Per-layer defaults of a preset (e.g. more bits for attention value projections); user overrides
     # (--layer-option) come after these.
     layer_options: tuple[LayerOverride, ...] = ()
+    # check_layer(K, N, layer's options) raises FormatError when a layer of that shape cannot take these options
+    # (e.g. K not a multiple of a group): run over every layer right after discovery, before calibration.
+    check_layer: Callable[[int, int, dict[str, Any]], None] | None = None
 
     @property
     def runtime(self) -> str:

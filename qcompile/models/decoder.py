@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from qcompile.cache import atomic_dir, cache_path
+from qcompile.cache import atomic_dir, cache_path, entry_lock
 from qcompile.errors import QCompileError, UnsupportedModelError
 from qcompile.models.sources import (META_DTYPE, META_EXPORT_VERSION, ModelSource)
 
@@ -184,9 +184,16 @@ def build_decoder(src: ModelSource, dtype: str = "float32", *, verbose: bool = F
     import onnxruntime_genai
 
     folder = cache_path("decoder", DECODER_VERSION, src.fingerprint, dtype, onnxruntime_genai.__version__)
-    if (folder / "model.onnx").is_file():
-        log(f"[qcompile] using cached decoder {folder}")
-        return folder / "model.onnx"
+    with entry_lock(folder):  # a concurrent compile of the same source waits here, then reuses the build
+        if (folder / "model.onnx").is_file():
+            log(f"[qcompile] using cached decoder {folder}")
+            return folder / "model.onnx"
+        _build_decoder(src, dtype, folder, verbose, verify, log)
+    return folder / "model.onnx"
+
+
+def _build_decoder(src: ModelSource, dtype: str, folder: Path, verbose: bool, verify: bool,
+                   log: Callable[[str], None]) -> None:
     log(f"[qcompile] building the KV-cache decoder of {src.spec} ({dtype}) with onnxruntime-genai ...")
     t0 = time.time()
     from qcompile.models.export import exporter_output
@@ -210,7 +217,6 @@ def build_decoder(src: ModelSource, dtype: str = "float32", *, verbose: bool = F
         if verify:
             verify_decoder(tmp / "model.onnx", hf, dtype)
     log(f"[qcompile] decoder built in {time.time() - t0:.0f} s -> {folder}")
-    return folder / "model.onnx"
 
 
 def _run_builder(hf: Path, out: Path, precision: str, verbose: bool) -> None:

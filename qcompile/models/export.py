@@ -32,7 +32,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 
-from qcompile.cache import atomic_dir, cache_path
+from qcompile.cache import atomic_dir, cache_path, entry_lock
 from qcompile.errors import QCompileError, UnsupportedModelError
 from qcompile.models.causal_lm import WRAPPER_PREFIX, CausalLMLogits, example_inputs
 from qcompile.models.sources import (
@@ -77,13 +77,14 @@ def export_onnx(
     if src.is_onnx:  # already a graph: pass it through (dtype and mask options cannot be changed here)
         return src.path if out_path is None else copy_onnx(src.path, Path(out_path))
     cached = cached_export_path(src, dtype=dtype, with_attention_mask=with_attention_mask)
-    if not (use_cache and cached.is_file()):
-        if cached.parent.exists():
-            shutil.rmtree(cached.parent, ignore_errors=True)
-        with atomic_dir(cached.parent) as tmp, exporter_output(verbose):
-            _export_fresh(src, tmp / cached.name, dtype, with_attention_mask, verify, log)
-    else:
-        log(f"[qcompile] using cached export {cached}")
+    with entry_lock(cached.parent):  # concurrent compiles of one source export it once
+        if not (use_cache and cached.is_file()):
+            if cached.parent.exists():
+                shutil.rmtree(cached.parent, ignore_errors=True)
+            with atomic_dir(cached.parent) as tmp, exporter_output(verbose):
+                _export_fresh(src, tmp / cached.name, dtype, with_attention_mask, verify, log)
+        else:
+            log(f"[qcompile] using cached export {cached}")
     if out_path is None:
         return cached
     return copy_onnx(cached, Path(out_path))

@@ -212,7 +212,24 @@ def _gguf(path: Path) -> ModelSource:
     if arch not in GGUF_SUPPORTED_ARCHITECTURES or arch in ("general", "tokenizer"):
         ok = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
         raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} cannot be loaded by transformers (supported: {ok})")
+    check_gguf_complete(path)
     return ModelSource(str(path), "gguf", path, _stat_fingerprint("gguf", [path]), arch)
+
+
+def check_gguf_complete(path: Path) -> None:
+    """Every tensor the GGUF header lists lies inside the file: a truncated download fails here, by name,
+    rather than deep inside the weight conversion."""
+    import gguf
+
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, IndexError, OSError) as e:
+        raise UnsupportedModelError(f"{path} is truncated or corrupt: its header lists tensor data the file does "
+                                    f"not hold ({size:,} bytes; {_one_line(e)})") from None
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise UnsupportedModelError(f"{path} is truncated: its tensors need {end:,} bytes, the file has {size:,}")
 
 
 def _hf_dir(path: Path, *, kind: str, spec: str) -> ModelSource:

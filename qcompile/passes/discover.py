@@ -162,6 +162,14 @@ def step(state: "CompileState") -> "CompileState":
     if not matches:
         raise UnsupportedModelError(f"{state.cfg.model}: no MatMul/Gemm with a constant weight to quantize")
     per_layer = state.fmt.resolve_layer_options(state.options, state.overrides, [m.name for m in matches])
+    if state.fmt.check_layer is not None:
+        from qcompile.errors import FormatError
+
+        for m in matches:
+            try:
+                state.fmt.check_layer(*m.shape, per_layer[m.name])
+            except FormatError as e:
+                raise FormatError(f"{state.fmt.name} cannot quantize {m.name} ({m.shape[0]}x{m.shape[1]}): {e}") from None
     embedding = None
     if state.cfg.embeddings != "float":
         from qcompile.passes.embeddings import match_embeddings

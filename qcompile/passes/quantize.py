@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import time
 from typing import Callable, Iterator
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from qcompile.errors import QCompileError
 from qcompile.formats.base import QuantizedWeight, is_whole_model_option
 from qcompile.layer_checkpoint import LayerCheckpoint
 from qcompile.passes.calibrate import file_key
@@ -59,8 +61,11 @@ def layer_checkpoint(state: CompileState, calib: np.ndarray) -> LayerCheckpoint:
 
 
 def step(state: CompileState) -> CompileState:
+    from qcompile.cache import prune_checkpoints
+
     cfg, fmt = state.cfg, state.fmt
     ckpt = layer_checkpoint(state, state.calib)
+    prune_checkpoints(keep=ckpt.directory)  # abandoned checkpoints of other compiles
     names = {m.name for m in state.matches}
     done_before = set(ckpt.names()) & names if cfg.resume else set()
     if done_before:
@@ -86,14 +91,18 @@ def step(state: CompileState) -> CompileState:
         return qw
 
     hessians = dict(state.hessians)
-    if cfg.sequential:
-        quantized = _sequential(state, quantize_layer, hessians)
-    else:
-        quantized = {}
-        bar = tqdm(state.matches, desc=f"quantize {fmt.name}", unit="layer", disable=not cfg.progress)
-        for m in bar:
-            bar.set_postfix_str(m.name[-32:])
-            quantized[m.name] = quantize_layer(m, hessians.get(m.name))
+    try:
+        if cfg.sequential:
+            quantized = _sequential(state, quantize_layer, hessians)
+        else:
+            quantized = {}
+            bar = tqdm(state.matches, desc=f"quantize {fmt.name}", unit="layer", disable=not cfg.progress)
+            for m in bar:
+                bar.set_postfix_str(m.name[-32:])
+                quantized[m.name] = quantize_layer(m, hessians.get(m.name))
+    except QCompileError:  # the same input fails the same way: nothing worth resuming
+        shutil.rmtree(ckpt.directory, ignore_errors=True)
+        raise
     return state.replace(checkpoint=ckpt, quantized=quantized, hessians=hessians, layer_seconds=seconds,
                          resumed=frozenset(resumed))
 

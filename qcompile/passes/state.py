@@ -38,6 +38,7 @@ class CompileState:
     float_path: Path  # the float ONNX model the passes start from
     model: onnx.ModelProto  # the current graph: float until ``lower`` rewrites it
     tokenizer: Any
+    eval_windows: np.ndarray | None = None  # the evaluation text, tokenized up front (None: no evaluation)
     float_model: onnx.ModelProto | None = None  # discover: the float graph, kept for the report's errors
     matches: tuple["LinearMatch", ...] = ()  # discover
     layer_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # discover: per layer

@@ -3,12 +3,13 @@ a sum of codewords from learned codebooks, per-channel fp16 scales, stored as ``
 whole-model fine-tuning of codebooks and scales (codes fixed)."""
 from __future__ import annotations
 
+from qcompile.errors import FormatError
 from qcompile.formats.aqlm import reference as ref
 from qcompile.formats.aqlm.bench import CODEBOOK_BENCH
 from qcompile.formats.aqlm.finetune import tune_codebooks
 from qcompile.formats.aqlm.numerics import quantize_codebook
 from qcompile.formats.aqlm.weight import CodebookQuantizedWeight
-from qcompile.formats.base import Format, OpSpec, Option, finetune_options
+from qcompile.formats.base import Format, OpSpec, Option, at_least, between, finetune_options
 
 OP = OpSpec("qcompile", "CodebookMatMul", ref.codebook_matmul, needs_library=True,
             inputs=("codes", "codebooks", "scales", "bias"))
@@ -16,18 +17,26 @@ OP = OpSpec("qcompile", "CodebookMatMul", ref.codebook_matmul, needs_library=Tru
 
 def _options(m: int, b: int, beam: int, rounds: int, kmeans_iters: int) -> dict[str, Option]:
     return {
-        "num_codebooks": Option(int, m, "M: codebooks summed per group"),
-        "nbits": Option(int, b, "B: each codebook has 2^B codewords (codes are uint8 up to 8, uint16 up to 16)"),
-        "in_group_size": Option(int, 8, "consecutive input weights per codeword (K must be a multiple)"),
-        "beam_size": Option(int, beam, "hypotheses kept per row while choosing a group's M codes"),
-        "rounds": Option(int, rounds, "rounds of (codebooks, scales, codes) updates after k-means init"),
-        "cg_iters": Option(int, 8, "conjugate-gradient steps per codebook least-squares update"),
-        "kmeans_iters": Option(int, kmeans_iters, "Lloyd iterations per codebook at init"),
-        "damp": Option(float, 0.01, "added to the Hessian diagonal, relative to its mean"),
+        "num_codebooks": Option(int, m, "M: codebooks summed per group", rule=at_least(1)),
+        "nbits": Option(int, b, "B: each codebook has 2^B codewords (codes are uint8 up to 8, uint16 up to 16)",
+                        rule=between(1, 16)),
+        "in_group_size": Option(int, 8, "consecutive input weights per codeword (K must be a multiple)",
+                                rule=at_least(1)),
+        "beam_size": Option(int, beam, "hypotheses kept per row while choosing a group's M codes", rule=at_least(1)),
+        "rounds": Option(int, rounds, "rounds of (codebooks, scales, codes) updates after k-means init",
+                         rule=at_least(0)),
+        "cg_iters": Option(int, 8, "conjugate-gradient steps per codebook least-squares update", rule=at_least(0)),
+        "kmeans_iters": Option(int, kmeans_iters, "Lloyd iterations per codebook at init", rule=at_least(0)),
+        "damp": Option(float, 0.01, "added to the Hessian diagonal, relative to its mean", rule=at_least(0)),
         "seed": Option(int, 0, "seed of k-means sampling and init"),
         "progress": Option(bool, False, "per-layer progress bar with the running error"),
         **finetune_options(),  # on by default: see qcompile.solvers.distill
     }
+
+
+def _check_layer(k: int, n: int, opts: dict) -> None:
+    if k % opts["in_group_size"]:
+        raise FormatError(f"K={k} is not a multiple of in_group_size={opts['in_group_size']}")
 
 
 def _aqlm_format(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters: int, note: str) -> Format:
@@ -49,6 +58,7 @@ def _aqlm_format(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters
         tune=tune_codebooks,
         tunable=("codebooks", "scales"),
         bench=(CODEBOOK_BENCH,) if (m, b) == (2, 8) else (),
+        check_layer=_check_layer,
     )
 
 

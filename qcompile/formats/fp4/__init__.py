@@ -3,7 +3,7 @@ E4M3 scales per 16 and an fp32 tensor scale), rounded by RTN, GPTQ or MR-GPTQ (b
 into the weight, applied online to activations), stored as ``qcompile.FP4MatMul``."""
 from __future__ import annotations
 
-from qcompile.formats.base import Format, OpSpec, Option
+from qcompile.formats.base import Format, OpSpec, Option, at_least
 from qcompile.formats.fp4.bench import FP4_BENCH
 from qcompile.formats.fp4.numerics import METHODS, quantize_fp4
 from qcompile.formats.fp4.reference import fp4_matmul_reference
@@ -26,7 +26,8 @@ def _options(spec: FP4Spec, method: str) -> dict[str, Option]:
     }
     if method != "rtn":
         opts["act_order"] = Option(bool, True, "quantize columns by decreasing Hessian diagonal (static groups)")
-        opts["damp"] = Option(float, 0.01, "damping added to the Hessian diagonal, relative to its mean")
+        opts["damp"] = Option(float, 0.01, "damping added to the Hessian diagonal, relative to its mean",
+                              rule=at_least(0))
     return opts
 
 

@@ -2,7 +2,7 @@
 act-order, stored as ONNX Runtime's ``MatMulNBits`` (3-bit codes in 4-bit containers)."""
 from __future__ import annotations
 
-from qcompile.formats.base import Format, OpSpec, Option
+from qcompile.formats.base import Format, OpSpec, Option, at_least, power_of_two
 from qcompile.formats.integer.bench import NBITS_BENCH
 from qcompile.formats.integer.numerics import quantize_int
 from qcompile.formats.integer.reference import matmulnbits_reference
@@ -14,14 +14,16 @@ OP = OpSpec("com.microsoft", "MatMulNBits", matmulnbits_reference, needs_library
 
 def _options(group_size: int, gptq_opts: bool) -> dict[str, Option]:
     opts = {
-        "group_size": Option(int, group_size, "weights per scale/zero group along K (power of two >= 16 for native)"),
+        "group_size": Option(int, group_size, "weights per scale/zero group along K (MatMulNBits' block)",
+                             rule=power_of_two(16)),
         "mse": Option(bool, gptq_opts, "search a clipping range that minimises the rounding error"),
         "accuracy_level": Option(int, 0, "MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)",
                                  choices=(0, 1, 2, 3, 4)),
     }
     if gptq_opts:
         opts["act_order"] = Option(bool, True, "quantize columns in order of decreasing Hessian diagonal")
-        opts["damp"] = Option(float, 0.01, "damping added to the Hessian diagonal, relative to its mean")
+        opts["damp"] = Option(float, 0.01, "damping added to the Hessian diagonal, relative to its mean",
+                              rule=at_least(0))
     return opts
 
 

@@ -3,7 +3,9 @@ statistics and fp16 outliers in CSR, stored as ``qcompile.SpQRMatMul``, then who
 side parameters (codes fixed)."""
 from __future__ import annotations
 
-from qcompile.formats.base import Format, LayerOverride, OpSpec, Option, finetune_options
+from qcompile.formats.base import (Format, LayerOverride, OpSpec, Option, at_least, finetune_options, multiple_of,
+                                   positive)
+from qcompile.errors import FormatError
 from qcompile.formats.spqr import reference as ref
 from qcompile.formats.spqr.bench import SPQR_BENCH
 from qcompile.formats.spqr.finetune import tune_spqr
@@ -36,19 +38,27 @@ PRESETS = {
 def _options(bits: int, outlier_threshold: float, finetune_windows: int = 256) -> dict[str, Option]:
     return {
         "bits": Option(int, bits, "bits per dense weight code", choices=ref.BITS),
-        "group_size": Option(int, 16, "β1: weights per first-level scale/zero along K (multiple of 16)"),
+        "group_size": Option(int, 16, "β1: weights per first-level scale/zero along K", rule=multiple_of(16)),
         "stat_bits": Option(int, 3, "bits of each quantized first-level scale and zero", choices=tuple(range(1, 9))),
-        "stat_group": Option(int, 16, "β2: output rows sharing one fp16 second-level step/min"),
-        "outlier_threshold": Option(float, outlier_threshold,
+        "stat_group": Option(int, 16, "β2: output rows sharing one fp16 second-level step/min", rule=at_least(1)),
+        "outlier_threshold": Option(float, outlier_threshold, rule=positive(), help=
                                     "keep a weight in fp16 when its saliency exceeds this times the layer's "
                                     "typical saliency (inf: no outliers)"),
         "act_order": Option(bool, True, "process and store columns by decreasing Hessian diagonal (op gathers X)"),
-        "damp": Option(float, 0.01, "damping added to the Hessian diagonal, relative to its mean"),
-        "block_size": Option(int, 128, "columns per lazy GPTQ update block"),
+        "damp": Option(float, 0.01, "damping added to the Hessian diagonal, relative to its mean", rule=at_least(0)),
+        "block_size": Option(int, 128, "columns per lazy GPTQ update block", rule=at_least(1)),
         "loo_outliers": Option(bool, True, "leave-one-out screening keeps likely outliers out of group ranges"),
         "range_search": Option(bool, True, "per row, shrink a group's range when that lowers its weighted error"),
         **finetune_options(lr=1e-3, scale_lr=1e-3, windows=finetune_windows),  # on by default: see qcompile.solvers.distill
     }
+
+
+def _check_layer(k: int, n: int, opts: dict) -> None:
+    try:
+        ref.validate_attributes(K=k, N=n, bits=opts["bits"], group_size=opts["group_size"],
+                                stat_bits=opts["stat_bits"], stat_group=opts["stat_group"])
+    except ref.SpQRLayoutError as e:
+        raise FormatError(str(e)) from None
 
 
 def _spqr_format(name: str, bits: int, outlier_threshold: float, finetune_windows: int = 256,
@@ -73,6 +83,7 @@ def _spqr_format(name: str, bits: int, outlier_threshold: float, finetune_window
         calib_samples=CALIB_SAMPLES,
         layer_options=layer_options,
         bench=(SPQR_BENCH[bits],),
+        check_layer=_check_layer,
     )
 
 
