@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 
 _API = {"compile": "qcompile.api", "export": "qcompile.api", "evaluate": "qcompile.api",
         "inspect_model": "qcompile.api", "list_formats": "qcompile.api", "ops_library_path": "qcompile.runtime",
-        "make_session": "qcompile.runtime"}
+        "make_session": "qcompile.runtime", "generate": "qcompile.generation",
+        "generate_stream": "qcompile.generation"}
 __all__ = sorted(_API)
 
 
