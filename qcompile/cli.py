@@ -195,19 +195,36 @@ def cmd_formats(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="per-layer latency of our ops vs onnxruntime MatMul and MatMulNBits")
+    p = sub.add_parser("bench", help="per-layer latency of our ops vs onnxruntime MatMul and MatMulNBits; "
+                                     "with --decode, whole-model prefill/decode speed, memory and agreement")
     p.add_argument("--ops", default=None, help="comma-separated ops to bench (default: all registered)")
     p.add_argument("--shapes", default=None, help="comma-separated KxN shapes (default: model + 4096 shapes)")
     p.add_argument("--m", default="1,128", help="comma-separated batch rows M (default 1,128)")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=None, help="repeats (default 20; with --decode 3, median reported)")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("-o", "--output", type=Path, help="write the rows as JSON (and .md beside it)")
+    p.add_argument("--decode", nargs="+", type=Path, metavar="OUT",
+                   help="model folders (genai_config.json) to compare at batch 1: prefill ms at 64 and 512 "
+                        "tokens, decode ms/token over 128 tokens, peak RSS, model and folder MB, and greedy-token "
+                        "agreement with --reference; each folder runs in a fresh process")
+    p.add_argument("--reference", type=Path, metavar="FOLDER",
+                   help="with --decode: folder whose greedy tokens the others are compared with "
+                        "(default: the first named float/fp32/fp16/bf16, else the first)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="intra-op threads (default: all cores with --decode, onnxruntime's otherwise)")
+    p.add_argument("-o", "--output", type=Path,
+                   help="write the rows as JSON (and .md beside it; with --decode also a .png plot)")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.decode:
+        from qcompile.bench_decode import cli_decode_bench
+
+        return cli_decode_bench(args)
     from qcompile.bench import cli_bench
 
+    if args.repeats is None:
+        args.repeats = 20
     return cli_bench(args)
 
 
