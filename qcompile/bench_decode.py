@@ -238,7 +238,7 @@ def run_decode_bench(folders: Sequence[str | Path], *, reference: str | Path | N
     ref = Path(reference) if reference is not None else default_reference(paths)
     for f in dict.fromkeys([*paths, ref]):
         check_folder(f)
-    threads = threads or _usable_cores()
+    threads = _usable_cores() if threads is None else threads
     if threads < 1:
         raise QCompileError(f"threads must be at least 1 (got {threads})")
     say = log or (lambda _m: None)
@@ -333,7 +333,7 @@ def plot_decode(result: dict[str, Any], path: str | Path) -> str | None:
     m = result["machine"]
     ax.set_xlabel("model MB (model.onnx + data)")
     ax.set_ylabel("decode tokens/s (batch 1, greedy)")
-    ax.set_title(f"{m['cpu']}, {m['threads']} threads", fontsize=9)
+    ax.set_title(f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads", fontsize=9)
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
@@ -346,7 +346,7 @@ def plot_decode(result: dict[str, Any], path: str | Path) -> str | None:
 def cli_decode_bench(args: argparse.Namespace) -> int:
     """``qcompile bench --decode OUT [OUT ...] [--reference F] [--threads N] [--repeats R] [-o FILE.json]``."""
     result = run_decode_bench(args.decode, reference=args.reference, threads=args.threads,
-                              repeats=args.repeats or REPEATS,
+                              repeats=REPEATS if args.repeats is None else args.repeats,
                               log=lambda m: print(m, file=sys.stderr, flush=True))
     text = format_decode_table(result)
     print(text)

@@ -191,7 +191,19 @@ def test_decode_bench_rows_for_two_folders(capsys: pytest.CaptureFixture, folder
     assert result["settings"]["agreement_prompts"] == 16 and result["machine"]["threads"] == 1
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
     assert (out.with_suffix(".md")).read_text().strip() == table.strip()
+    assert out.with_suffix(".png").is_file() or "matplotlib is not installed" in err
     assert sum(line.startswith("| ") for line in table.splitlines()) == 3  # header, one line per folder
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--threads", "0"], "threads must be at least 1"),
+    (["--repeats", "0"], "repeats must be at least 1"),
+    (["--reference", "/nonexistent/ref"], "/nonexistent/ref: no such folder"),
+])
+def test_decode_bench_bad_input_is_one_line(capsys: pytest.CaptureFixture, folder: Path, extra: list[str],
+                                            message: str) -> None:
+    rc, out, err = _cli(capsys, "bench", "--decode", folder, *extra)
+    assert rc != 0 and out == "" and len(err.splitlines()) == 1 and message in err, err
 
 
 def test_agreement_counts_equal_positions() -> None:
