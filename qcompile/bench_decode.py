@@ -313,7 +313,8 @@ def format_decode_table(result: dict[str, Any]) -> str:
                  f"{s['decode_tokens']} new tokens after a {s['decode_prompt_tokens']}-token prompt. Agreement: "
                  f"share of the first {s['agreement_tokens']} greedy tokens equal to {ref}'s over "
                  f"{s['agreement_prompts']} prompts of {s['agreement_prompt_tokens']} tokens. {m['cpu']}, "
-                 f"{m['cores']} cores, {m['threads']} threads, onnxruntime-genai {m['onnxruntime_genai']}.")
+                 f"{m['cores']} cores, {m['threads']} thread{'s' if m['threads'] != 1 else ''}, onnxruntime-genai "
+                 f"{m['onnxruntime_genai']}.")
     return "\n".join(lines)
 
 
@@ -333,7 +334,8 @@ def plot_decode(result: dict[str, Any], path: str | Path) -> str | None:
     m = result["machine"]
     ax.set_xlabel("model MB (model.onnx + data)")
     ax.set_ylabel("decode tokens/s (batch 1, greedy)")
-    ax.set_title(f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads", fontsize=9)
+    ax.set_title(f"{m['cpu']}, {m['cores']} cores, {m['threads']} thread{'s' if m['threads'] != 1 else ''}",
+                 fontsize=9)
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
