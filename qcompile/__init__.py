@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _API = {"compile": "qcompile.api", "export": "qcompile.api", "evaluate": "qcompile.api",
         "inspect_model": "qcompile.api", "list_formats": "qcompile.api", "ops_library_path": "qcompile.runtime",
         "make_session": "qcompile.runtime", "trt_plugins_library_path": "qcompile.runtime",
-        "build_engine": "qcompile.engine"}
+        "build_engine": "qcompile.engine", "generate": "qcompile.generation", "generate_stream": "qcompile.generation"}
 __all__ = sorted(_API)
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``qcompile compile|export|eval|inspect|formats|bench|engine``.
+"""Command line: ``qcompile compile|export|eval|inspect|formats|bench|generate|engine|cache``.
 
 Each command is a thin wrapper over the Python API; errors the user can fix come out as one line and a
 non-zero exit (set QCOMPILE_DEBUG=1 for tracebacks).
@@ -203,19 +203,36 @@ def cmd_formats(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="per-layer latency of our ops vs onnxruntime MatMul and MatMulNBits")
+    p = sub.add_parser("bench", help="per-layer latency of our ops vs onnxruntime MatMul and MatMulNBits; "
+                                     "with --decode, whole-model prefill/decode speed, memory and agreement")
     p.add_argument("--ops", default=None, help="comma-separated ops to bench (default: all registered)")
     p.add_argument("--shapes", default=None, help="comma-separated KxN shapes (default: model + 4096 shapes)")
     p.add_argument("--m", default="1,128", help="comma-separated batch rows M (default 1,128)")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=None, help="repeats (default 20; with --decode 3, median reported)")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("-o", "--output", type=Path, help="write the rows as JSON (and .md beside it)")
+    p.add_argument("--decode", nargs="+", type=Path, metavar="OUT",
+                   help="model folders (genai_config.json) to compare at batch 1: prefill ms at 64 and 512 "
+                        "tokens, decode ms/token over 128 tokens, peak RSS, model and folder MB, and greedy-token "
+                        "agreement with --reference; each folder runs in a fresh process")
+    p.add_argument("--reference", type=Path, metavar="FOLDER",
+                   help="with --decode: folder whose greedy tokens the others are compared with "
+                        "(default: the first named float/fp32/fp16/bf16, else the first)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="intra-op threads (default: all cores with --decode, onnxruntime's otherwise)")
+    p.add_argument("-o", "--output", type=Path,
+                   help="write the rows as JSON (and .md beside it; with --decode also a .png plot)")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.decode:
+        from qcompile.bench_decode import cli_decode_bench
+
+        return cli_decode_bench(args)
     from qcompile.bench import cli_bench
 
+    if args.repeats is None:
+        args.repeats = 20
     return cli_bench(args)
 
 
@@ -268,13 +285,45 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a compiled model folder, streaming the tokens",
+                       description="Generate text from OUT, an onnxruntime-genai model folder (what `qcompile "
+                                   "compile` writes). The text streams to stdout as it comes; a line of prefill "
+                                   "and decode speeds (tokens/s) follows on stderr. Greedy by default, so a "
+                                   "prompt always gives the same text; --temperature above 0 samples.")
+    p.add_argument("folder", type=Path, metavar="OUT", help="model folder with genai_config.json")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="text to continue (raw, no chat template); runs once")
+    mode.add_argument("--chat", action="store_true",
+                      help="interactive chat through the folder's chat template (Ctrl-D quits)")
+    p.add_argument("--system", help="system message for --chat (default: the template's own)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="most new tokens per reply (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 (default): greedy, the most likely token each step; above 0: sample")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample from the smallest set of tokens whose probability reaches P (default 1: all)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample from the K most likely tokens (default 0: no limit)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed for sampling (default: a new one each run)")
+    p.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: onnxruntime's, one per core)")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from qcompile.generation import cli_generate
+
+    return cli_generate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompile", description="Quantize transformer weights in ONNX models.")
     from qcompile import __version__
 
     parser.add_argument("--version", action="version", version=f"qcompile {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_compile, _add_export, _add_eval, _add_inspect, _add_formats, _add_bench, _add_engine, _add_cache):
+    for add in (_add_compile, _add_export, _add_eval, _add_inspect, _add_formats, _add_bench, _add_generate,
+                _add_engine, _add_cache):
         add(sub)
     return parser
 
