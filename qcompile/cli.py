@@ -53,9 +53,10 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="activation dtype of the model")
     p.add_argument("--include-lm-head", action="store_true",
                    help="quantize the LM head with FORMAT too (default: --embeddings decides)")
-    p.add_argument("--embeddings", default="int8", choices=["float", "int8", "int4"],
+    p.add_argument("--embeddings", default=None, choices=["float", "int8", "int4"],
                    help="the token embedding table and LM head (one table when tied), stored as ONNX Runtime "
-                        "MatMulNBits + GatherBlockQuantized codes (default int8)")
+                        "MatMulNBits + GatherBlockQuantized codes (default: the format's, int8 for most, int4 "
+                        "for the 2-bit ones; see `qcompile formats`)")
     p.add_argument("--sequential", action="store_true",
                    help="calibrate each block on the outputs of the already-quantized ones (slower)")
     p.add_argument("--tokenizer", help="tokenizer source for an .onnx MODEL that does not name one")
@@ -187,6 +188,7 @@ def cmd_formats(args: argparse.Namespace) -> int:
         print(json.dumps([{"name": f.name, "description": f.description, "runtime": f.runtime,
                            "emits": list(f.emits), "default_emit": f.default_emit,
                            "needs_calibration": f.needs_calibration, "calib_samples": f.calib_samples,
+                           "embeddings": f.embeddings,
                            "options": {k: {"default": o.default, "help": o.help} for k, o in f.options.items()},
                            "layer_options": [str(o) for o in f.layer_options]}
                           for f in fmts], indent=2, default=str))
@@ -194,7 +196,8 @@ def cmd_formats(args: argparse.Namespace) -> int:
     for f in fmts:
         print(f"{f.name}\n  {f.description}\n  runtime: {f.runtime}; emits: {', '.join(f.emits)} "
               f"(default {f.default_emit}); calibration: "
-              f"{f'yes, {f.calib_samples} windows by default' if f.needs_calibration else 'no'}")
+              f"{f'yes, {f.calib_samples} windows by default' if f.needs_calibration else 'no'}; "
+              f"embeddings: {f.embeddings}")
         for k, o in f.options.items():
             print(f"    -O {f'{k}={o.default}':<24} {o.help}")
         for o in f.layer_options:

@@ -51,7 +51,7 @@ class CompileConfig:
     device: str = "auto"
     dtype: str = "float32"
     include_lm_head: bool = False
-    embeddings: str = "int8"  # the vocabulary tables: float, int8 or int4 (qcompile.passes.embeddings)
+    embeddings: str | None = None  # the vocabulary tables: float, int8 or int4; None: the format's default
     sequential: bool = False
     force: bool = False
     resume: bool = True  # reuse layers a killed compile with the same inputs already finished
@@ -99,6 +99,8 @@ def plan(cfg: CompileConfig) -> Plan:
             raise QCompileError(f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     from qcompile.passes.embeddings import EMBEDDINGS
 
+    if cfg.embeddings is None:
+        cfg = dataclasses.replace(cfg, embeddings=fmt.embeddings)
     if cfg.embeddings not in EMBEDDINGS:
         raise QCompileError(f"--embeddings {cfg.embeddings!r}: expected one of {', '.join(EMBEDDINGS)}")
     if cfg.evaluate and cfg.eval_text is not None:

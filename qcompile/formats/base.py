@@ -235,6 +235,9 @@ class Format:
     # Per-layer defaults of a preset (e.g. more bits for attention value projections); user overrides
     # (--layer-option) come after these.
     layer_options: tuple[LayerOverride, ...] = ()
+    # How the vocabulary tables are stored when the user names none (--embeddings): a format that aims at a size
+    # class stores them at a matching width (see qcompile.passes.embeddings).
+    embeddings: str = "int8"
     # check_layer(K, N, layer's options) raises FormatError when a layer of that shape cannot take these options
     # (e.g. K not a multiple of a group): run over every layer right after discovery, before calibration.
     check_layer: Callable[[int, int, dict[str, Any]], None] | None = None

@@ -37,7 +37,7 @@ from qcompile.errors import QCompileError, UnsupportedModelError
 from qcompile.models.sources import (META_DTYPE, META_EXPORT_VERSION, ModelSource)
 
 #: Bump when the build or the import step changes the graph.
-DECODER_VERSION = 1
+DECODER_VERSION = 2
 META_DECODER = "qcompile.decoder"  # JSON: what feeding the KV-cache inputs takes (see DecoderInfo)
 GENAI_CONFIG = "genai_config.json"
 #: Files of the builder's folder that travel with every compiled model (tokenizer and chat template).
@@ -205,6 +205,7 @@ def _build_decoder(src: ModelSource, dtype: str, folder: Path, verbose: bool, ve
         model = onnx.load(str(raw / "model.onnx"))
         config = json.loads((raw / GENAI_CONFIG).read_text())
         import_builder_graph(model, _hf_parameter_names(hf))
+        compact_rotary_caches(model)
         info = DecoderInfo.from_genai_config(config)
         set_decoder_metadata(model, src, dtype, info)
         from qcompile.models.export import save_onnx
@@ -256,6 +257,65 @@ def import_builder_graph(model: onnx.ModelProto, hf_names: set[str]) -> dict[str
     for old, new in renames.items():
         rename_tensor(model, old, new)
     return renames
+
+
+def compact_rotary_caches(model: onnx.ModelProto, names: tuple[str, str] = ("cos_cache", "sin_cache")) -> bool:
+    """Replace the builder's ``[context, rotary_dim/2]`` cos/sin tables (2 MB for the default model: as much
+    as a 4-bit matrix of 4M weights) by the few nodes that compute them from one row of frequencies; onnxruntime
+    folds those constants once when the session is created. Done only where the recomputed tables equal the
+    stored ones to one float32 ulp (checked in onnxruntime's own arithmetic, the one that will run them), so
+    the graph computes what it computed before. Returns whether it was done."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    if not all(n in inits for n in names):
+        return False
+    cos, sin = (numpy_helper.to_array(inits[n]) for n in names)
+    if cos.dtype != np.float32 or cos.ndim != 2 or cos.shape != sin.shape or cos.shape[0] < 2:
+        return False
+    scale = np.float32(cos[0, 0])
+    if not (np.all(cos[0] == scale) and np.all(sin[0] == 0) and scale > 0):
+        return False
+    # frequencies: the angle at position 1, refined to the float32 value that reproduces far positions best
+    # (the builder multiplies in float32, so its table fixes every bit of the frequency)
+    first = np.arctan2(sin[1].astype(np.float64), cos[1].astype(np.float64)).astype(np.float32)
+    ulps = np.arange(-64, 65, dtype=np.float64)[:, None] * np.spacing(first).astype(np.float64)
+    cands = (first.astype(np.float64) + ulps).astype(np.float32)  # [129, D]
+    probes = np.unique(np.array([cos.shape[0] - 1, cos.shape[0] // 2, cos.shape[0] // 3, 2], np.int64))
+    err = sum(np.abs(np.cos((np.float32(p) * cands).astype(np.float64)) * scale - cos[p]) for p in probes)
+    freq = cands[err.argmin(axis=0), np.arange(cands.shape[1])]
+    g = "/model/rotary_cache"
+    consts = {f"{g}/start": np.array(0, np.float32), f"{g}/limit": np.array(cos.shape[0], np.float32),
+              f"{g}/delta": np.array(1, np.float32), f"{g}/axis": np.array([1], np.int64),
+              f"{g}/frequencies": freq.reshape(1, -1)}
+    if scale != 1:
+        consts[f"{g}/scale"] = np.array(scale, np.float32)
+    nodes = [helper.make_node("Range", [f"{g}/start", f"{g}/limit", f"{g}/delta"], [f"{g}/positions"], name=f"{g}/Range"),
+             helper.make_node("Unsqueeze", [f"{g}/positions", f"{g}/axis"], [f"{g}/column"], name=f"{g}/Unsqueeze"),
+             helper.make_node("Mul", [f"{g}/column", f"{g}/frequencies"], [f"{g}/angles"], name=f"{g}/Mul")]
+    for op, out in (("Cos", names[0]), ("Sin", names[1])):
+        if scale == 1:
+            nodes.append(helper.make_node(op, [f"{g}/angles"], [out], name=f"{g}/{op}"))
+        else:
+            nodes += [helper.make_node(op, [f"{g}/angles"], [f"{g}/{op}"], name=f"{g}/{op}"),
+                      helper.make_node("Mul", [f"{g}/{op}", f"{g}/scale"], [out], name=f"{g}/{op}/Scale")]
+    probe = helper.make_model(helper.make_graph(nodes, "rotary", [], [
+        helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()]), opset_imports=[helper.make_opsetid("", 17)])
+    probe.ir_version = 10
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
+    ulp = np.float32(2.0 ** -23) * 2
+    if any(np.abs(a - b).max() > ulp * max(1.0, float(scale)) for a, b in zip(got, (cos, sin))):
+        return False
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    rest = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes + rest)
+    return True
 
 
 def set_decoder_metadata(model: onnx.ModelProto, src: ModelSource, dtype: str, info: DecoderInfo) -> None:

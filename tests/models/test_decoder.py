@@ -136,3 +136,34 @@ def test_calibration_and_evaluation_on_the_decoder_equal_the_full_sequence_graph
     assert hd.keys() == hf.keys() and len(hd) == 7 * LAYERS
     for k in hd:
         assert _rel(hd[k].numpy(), hf[k].numpy()) < 1e-4, k
+
+
+def test_rotary_tables_are_computed_at_load_not_stored(decoder):
+    _, path = decoder
+    model = onnx.load(str(path), load_external_data=False)
+    assert not {"cos_cache", "sin_cache"} & {t.name for t in model.graph.initializer}
+    assert {"cos_cache", "sin_cache"} <= {o for n in model.graph.node for o in n.output}
+
+
+def test_rotary_tables_stay_stored_unless_reproduced_exactly():
+    """A table the few nodes cannot reproduce to one float32 ulp (here one entry off by 1e-4) is kept."""
+    from onnx import helper, numpy_helper
+
+    from qcompile.models.decoder import compact_rotary_caches
+
+    freq = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)  # as the builder makes its tables
+    angles = torch.outer(torch.arange(512).float(), freq)
+    cos, sin = angles.cos().numpy(), angles.sin().numpy()
+
+    def model(c):
+        graph = helper.make_graph([helper.make_node("Add", ["cos_cache", "sin_cache"], ["y"])], "g", [],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(c, "cos_cache"), numpy_helper.from_array(sin, "sin_cache")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    good = model(cos)
+    assert compact_rotary_caches(good) and not good.graph.initializer[0].name.endswith("cache")
+    bad_cos = cos.copy()
+    bad_cos[400, 3] += 1e-4
+    bad = model(bad_cos)
+    assert not compact_rotary_caches(bad) and {t.name for t in bad.graph.initializer} == {"cos_cache", "sin_cache"}

@@ -59,6 +59,7 @@ def _aqlm_format(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters
         tunable=("codebooks", "scales"),
         bench=(CODEBOOK_BENCH,) if (m, b) == (2, 8) else (),
         check_layer=_check_layer,
+        embeddings="int4",  # int8 tables would be larger than all of a 2-bit model's linears
     )
 
 
