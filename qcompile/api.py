@@ -30,9 +30,11 @@ def list_formats() -> list[Format]:
 
 def export(model: str, output: str | Path, *, dtype: str = "float32", force: bool = False,
            verbose: bool = False) -> Path:
-    """Write the float ONNX model of ``model`` to ``output`` (a .onnx path, or a folder for model.onnx)."""
-    from qcompile.models.export import export_onnx
+    """Write the float model of ``model`` to ``output``: a folder gets the float KV-cache decoder as an
+    onnxruntime-genai folder (what ``compile`` starts from), an ``.onnx`` path the graph alone."""
+    from qcompile.models.decoder import is_decoder_folder, write_genai_folder
     from qcompile.models.sources import resolve_source
+    from qcompile.pipeline import float_onnx
 
     output = Path(output)
     target = output if output.suffix == ".onnx" else output / "model.onnx"
@@ -44,10 +46,12 @@ def export(model: str, output: str | Path, *, dtype: str = "float32", force: boo
     except OSError as e:
         raise QCompileError(f"cannot write {target.parent}: {e.strerror}") from None
     try:
-        cached = export_onnx(resolve_source(model), dtype=dtype, verbose=verbose)
+        cached = float_onnx(resolve_source(model), dtype, verbose=verbose)
         from qcompile.models.export import save_onnx
 
         save_onnx(onnx.load(str(cached)), tmp / target.name)
+        if output.suffix != ".onnx" and is_decoder_folder(cached.parent):
+            write_genai_folder(cached.parent, tmp, needs_library=False)
         for f in tmp.iterdir():  # model.onnx last, so a reader never sees it without its data
             if f.name != target.name:
                 f.replace(target.parent / f.name)

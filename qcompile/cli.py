@@ -108,9 +108,10 @@ def _print_summary(rep: dict[str, Any], out: Path) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export the float ONNX model alone")
+    p = sub.add_parser("export", help="the float model: a KV-cache decoder folder (or one .onnx), what compile starts from")
     p.add_argument("model")
-    p.add_argument("-o", "--output", required=True, type=Path, help="output .onnx path (or folder)")
+    p.add_argument("-o", "--output", required=True, type=Path,
+                   help="output folder (an onnxruntime-genai model folder) or .onnx path (the graph alone)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--force", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true", help="show the exporter's own warnings and logs")

@@ -167,3 +167,16 @@ def test_rotary_tables_stay_stored_unless_reproduced_exactly():
     bad_cos[400, 3] += 1e-4
     bad = model(bad_cos)
     assert not compact_rotary_caches(bad) and {t.name for t in bad.graph.initializer} == {"cos_cache", "sin_cache"}
+
+
+def test_export_writes_the_float_decoder_folder(tmp_path):
+    from qcompile.cli import main
+
+    tiny = str(save_tiny_hf_dir())
+    assert main(["export", tiny, "-o", str(tmp_path / "float")]) == 0
+    assert {"model.onnx", GENAI_CONFIG, "tokenizer.json"} <= {p.name for p in (tmp_path / "float").iterdir()}
+    ids = random_tokens(1, 6, seed=2)
+    ref = forward_logits(float_onnx(resolve_source(tiny), "float32"), ids)
+    np.testing.assert_array_equal(forward_logits(tmp_path / "float" / "model.onnx", ids), ref)
+    assert main(["export", tiny, "-o", str(tmp_path / "alone.onnx")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.onnx", "float"]
