@@ -28,6 +28,10 @@ def test_report_has_the_promised_fields_and_a_bounded_perplexity(compiled):
     assert rep["bits_per_weight"] == pytest.approx(4.6432, abs=1e-3)
     assert rep["ppl_reference"] > 1 and rep["ppl_quantized"] < 1.35 * rep["ppl_reference"]
     assert rep["eval_tokens"] == 8 * 255 and rep["calib_tokens"] == 16 * 256
+    # the tied vocabulary table is stored once, at 8 bits, and the whole folder is smaller than the GGUF
+    assert rep["embeddings"]["format"] == "int8-gptq" and rep["embeddings"]["params"] == 576 * 49152
+    assert rep["file_bytes"] < rep["source_bytes"]
+    assert rep["bits_per_parameter"] == pytest.approx(8 * rep["file_bytes"] / rep["parameters"])
     assert all(0 <= layer["rel_output_error"] < 0.2 for layer in rep["layers"])
     assert (compiled / "report.md").read_text().startswith("# qcompile report")
 

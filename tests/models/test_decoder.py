@@ -97,10 +97,10 @@ def test_greedy_generation_in_onnxruntime_genai_equals_transformers(decoder):
     for seed in range(3):
         prompt = random_tokens(1, 6, seed=10 + seed)
         with torch.no_grad():
-            ref = hf.generate(torch.from_numpy(prompt), max_new_tokens=16, do_sample=False, min_new_tokens=16,
+            ref = hf.generate(torch.from_numpy(prompt), max_new_tokens=32, do_sample=False, min_new_tokens=32,
                               pad_token_id=258)[0, 6:].tolist()
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=6 + 16, min_length=6 + 16)
+        params.set_search_options(do_sample=False, max_length=6 + 32, min_length=6 + 32)
         gen = og.Generator(model, params)
         gen.append_tokens(prompt[0].tolist())
         got = []
