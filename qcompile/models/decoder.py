@@ -94,7 +94,7 @@ class DecoderInfo:
         if META_DECODER in meta:
             return cls(**json.loads(meta[META_DECODER]))
         proto = onnx.ModelProto()
-        return cls.of_model(proto, folder)
+        return cls.of_model(proto, None if folder is None else Path(folder))
 
     def past_names(self) -> set[str]:
         return {p % i for i in range(self.num_layers) for p in (self.past_key, self.past_value)}
