@@ -42,7 +42,7 @@ void pack_block(const uint8_t* codes, int64_t T, int64_t T16, int64_t n0, int64_
 }
 
 #if QC_X86
-bool available() { return cpu_has_avx512bw() && !env_flag("QCOMPILE_CODEBOOK_LUT_FP32"); }
+bool available() { return avx512bw_enabled("QCOMPILE_CODEBOOK_LUT_FP32"); }
 
 QC_AVX512BW bool quantize_slices(const float* lut, int64_t s0, int64_t s1, int16_t* q, float* step) {
   for (int64_t s = s0; s < s1; ++s) {

@@ -27,6 +27,8 @@
 #include "codebook_lut_i16.h"
 #include "qcompile/cpu_features.h"
 #include "qcompile/half.h"
+#include "simd.h"
+#include "tile_gemm.h"
 
 namespace qcompile {
 namespace codebook {
@@ -38,8 +40,9 @@ constexpr int64_t kLutMaxRows = 4;   // up to this many X rows use the LUT path
 constexpr int64_t kGemvRowsPerTask = 64;
 constexpr int64_t kFusedRows = 4;     // X rows sharing one decode in the fused path
 constexpr int64_t kFusedMaxRows = 8;  // up to this many X rows use the fused path
+constexpr const char* kOp = "CodebookMatMul";
 
-bool use_avx2() { return cpu_has_avx2() && !env_flag("QCOMPILE_CODEBOOK_NO_AVX2"); }
+bool use_avx2() { return avx2_enabled("QCOMPILE_CODEBOOK_NO_AVX2"); }
 
 // The batch-1 byte walk runs in fixed point (codebook_lut_i16.h) on this CPU: what prepare_constant_codes
 // lays the codes out for, and what run_lut checks the layout against.
@@ -285,58 +288,20 @@ QC_AVX2 void decode_tile_avx2_d8(const C* codes, const float* cb, const Geometry
 
 // ---- GEMM microkernel: c[r][j] = dot(x[r], w[j]) over Kp (a multiple of 8), R x rows, 4 W rows ----------
 
-template <int R>
-void micro_ref(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t Kp, float* c, int64_t ldc) {
-  for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < 4; ++j) {
-      float acc[8] = {};
-      const float* xr = x + r * ldx;
-      const float* wj = w + j * ldw;
-      for (int64_t k = 0; k < Kp; k += 8)
-        for (int e = 0; e < 8; ++e) acc[e] += xr[k + e] * wj[k + e];
-      c[r * ldc + j] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    }
-  }
-}
-
-#if QC_X86
-QC_AVX2 inline __m128 reduce4(__m256 p, __m256 q, __m256 r, __m256 s) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(p, q), _mm256_hadd_ps(r, s));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-template <int R>
-QC_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t Kp, float* c,
-                        int64_t ldc) {
-  __m256 a[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) a[r][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < Kp; k += 8) {
-    __m256 xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * ldx + k);
-    for (int j = 0; j < 4; ++j) {
-      const __m256 wv = _mm256_loadu_ps(w + j * ldw + k);
-      for (int r = 0; r < R; ++r) a[r][j] = _mm256_fmadd_ps(xv[r], wv, a[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm_storeu_ps(c + r * ldc, reduce4(a[r][0], a[r][1], a[r][2], a[r][3]));
-}
-#endif
-
 // c[r][0..4) for R = 1..3 rows of x against 4 rows of w.
 void micro(bool avx2, int R, const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t Kp, float* c,
            int64_t ldc) {
 #if QC_X86
   if (avx2) {
-    if (R == 1) micro_avx2<1>(x, ldx, w, ldw, Kp, c, ldc);
-    else if (R == 2) micro_avx2<2>(x, ldx, w, ldw, Kp, c, ldc);
-    else micro_avx2<3>(x, ldx, w, ldw, Kp, c, ldc);
+    if (R == 1) tile::dot_rx4_avx2<1, false>(x, ldx, w, ldw, Kp, c, ldc);
+    else if (R == 2) tile::dot_rx4_avx2<2, false>(x, ldx, w, ldw, Kp, c, ldc);
+    else tile::dot_rx4_avx2<3, false>(x, ldx, w, ldw, Kp, c, ldc);
     return;
   }
 #endif
-  if (R == 1) micro_ref<1>(x, ldx, w, ldw, Kp, c, ldc);
-  else if (R == 2) micro_ref<2>(x, ldx, w, ldw, Kp, c, ldc);
-  else micro_ref<3>(x, ldx, w, ldw, Kp, c, ldc);
+  if (R == 1) tile::dot_rx4<1, false>(x, ldx, w, ldw, Kp, c, ldc);
+  else if (R == 2) tile::dot_rx4<2, false>(x, ldx, w, ldw, Kp, c, ldc);
+  else tile::dot_rx4<3, false>(x, ldx, w, ldw, Kp, c, ldc);
 }
 
 // ---- fused decode-dot (GEMV, few rows): y[r][n] = sum_g dot(x[r]_g, sum_m C[m][code]) ------------------
@@ -368,11 +333,8 @@ void fused_rows_ref(const C* codes, const float* cb, const Geometry& g, const fl
 }
 
 #if QC_X86
-QC_AVX2 inline float hsum8(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
+using simd::hsum;
+using simd::reduce4;
 
 template <typename C, bool kCheck>
 QC_AVX2 inline __m256 decode_group_d8(const C* cg, const float* cb, int64_t M, int64_t S, uint32_t last,
@@ -459,7 +421,7 @@ QC_AVX2 void fused_gemv_avx2_d8(const C* codes, const float* cb, const Geometry&
     for (int64_t gi = 0; gi < g.G; ++gi)
       a0 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r0 + gi * kM, cb, g.S, last, mx),
                            _mm256_loadu_ps(x + (gi << 3)), a0);
-    out[n - n0] = hsum8(a0);
+    out[n - n0] = hsum(a0);
   }
   if (kCheck) *maxc = std::max(*maxc, mx);
 }
@@ -488,7 +450,7 @@ QC_AVX2 void fused_rows_avx2_d8(const C* codes, const float* cb, const Geometry&
       const __m256 w0 = decode_group_d8<C, kCheck>(row + gi * g.M, cb, g.M, g.S, last, mx);
       for (int r = 0; r < R; ++r) a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ldx + (gi << 3)), a0[r]);
     }
-    for (int r = 0; r < R; ++r) out[r * (n1 - n0) + (n - n0)] = hsum8(_mm256_add_ps(a0[r], a1[r]));
+    for (int r = 0; r < R; ++r) out[r * (n1 - n0) + (n - n0)] = hsum(_mm256_add_ps(a0[r], a1[r]));
   }
   if (kCheck) *maxc = std::max(*maxc, mx);
 }
@@ -563,8 +525,7 @@ inline float lut16_u8(const uint8_t* c, const float* L) {
 #if QC_X86
 // The same sum with AVX2-era scalar code: BMI2 shifts (no register copies) pick the bytes, and half of the
 // adds are FMAs with 1.0 (exact, one rounding like an add) so they issue on the FMA pipes next to the adders.
-#define QC_LUT_ISA __attribute__((target("avx2,fma,bmi,bmi2")))
-QC_LUT_ISA inline float lut16_u8_avx2(const uint8_t* c, const float* L) {
+QC_AVX2_BMI2 inline float lut16_u8_avx2(const uint8_t* c, const float* L) {
   uint64_t a, b;
   std::memcpy(&a, c, 8);
   std::memcpy(&b, c + 8, 8);
@@ -589,7 +550,7 @@ QC_LUT_ISA inline float lut16_u8_avx2(const uint8_t* c, const float* L) {
 // The same sum, codes 0-7 extracted from one 64-bit load by shifts and codes 8-15 read by their own byte
 // loads (movzx from memory, no ALU work): spreads the work over the ALUs and the load ports, ~7% faster
 // on the prepared walk than extracting all 16 by shifts on Zen 3 (bound by the instructions per lookup).
-QC_LUT_ISA inline float lut16_u8_mixed(const uint8_t* c, const float* L) {
+QC_AVX2_BMI2 inline float lut16_u8_mixed(const uint8_t* c, const float* L) {
   uint64_t a;
   std::memcpy(&a, c, 8);
   const float v0 = L[a & 255] + L[256 + ((a >> 8) & 255)];
@@ -703,7 +664,7 @@ void lut_rows_u8(const uint8_t* codes, const uint8_t* blk, const float* lut, int
   else lut_rows_u8_impl<lut16_u8>(codes, lut, T, n0, n1, acc);
 }
 #if QC_X86
-QC_LUT_ISA void lut_rows_u8_avx2(const uint8_t* codes, const uint8_t* blk, const float* lut, int64_t T, int64_t n0,
+QC_AVX2_BMI2 void lut_rows_u8_avx2(const uint8_t* codes, const uint8_t* blk, const float* lut, int64_t T, int64_t n0,
                                  int64_t n1, float* acc) {
   // (the copying walk gains nothing from the mixed form: measured equal)
   if (blk) lut_rows_u8_sliced_impl<lut16_u8_mixed>(codes, blk, lut, T, n0, n1, acc);
@@ -712,8 +673,8 @@ QC_LUT_ISA void lut_rows_u8_avx2(const uint8_t* codes, const uint8_t* blk, const
 #endif
 
 template <typename C, bool kCheck>
-void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
-             std::vector<uint32_t>& maxc) {
+Status run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
+               std::vector<uint32_t>& maxc) {
   // Codeword-transposed codebooks: cbt[(m*d + j)*LS + s].
   // Buffers are per calling thread and reused across calls (no page faults for a fresh 1 MB every token).
   thread_local std::vector<float> cbt_buf, lut_buf;
@@ -772,11 +733,11 @@ void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2,
       });
       fixed_point = finite;  // a NaN or Inf in the table: the fp32 walk (over the file-order codes) carries it
     }
-    par.for_each(static_cast<size_t>(gather_tasks), [&](size_t t) {
+    const Status st = tile::run_tasks(par, gather_tasks, kOp, [&](int64_t t) {
       // Walk the LUT in L1-sized slices of (group, codebook) entries, all of this task's rows per slice:
       // two loads per lookup (code, table entry), no gathers, and the table slice never leaves L1.
       thread_local std::vector<float> acc_buf;
-      const int64_t n0 = static_cast<int64_t>(t) * rows_per_task, n1 = std::min(g.N, n0 + rows_per_task);
+      const int64_t n0 = t * rows_per_task, n1 = std::min(g.N, n0 + rows_per_task);
       const int64_t padded = (n1 - n0 + lut_i16::kRowGroup - 1) / lut_i16::kRowGroup * lut_i16::kRowGroup;
       float* acc = scratch(acc_buf, static_cast<size_t>(padded));
       std::fill(acc, acc + padded, 0.0f);
@@ -807,53 +768,71 @@ void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2,
       }
       if (kCheck) maxc[t] = std::max(maxc[t], mx);
     });
+    QCOMPILE_RETURN_IF_ERROR(st);
   }
+  return Status::OK();
 }
 
+// Prefill (tile::tile_gemm): tiles of 16 output channels, decoded once for all of K into a row-major tile
+// [16][Kp], which 3x4 dot-product microkernels reuse for every block of 3 X rows; scales and bias are applied
+// once per output.
 template <typename C, bool kCheck>
-void run_gemm(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
-              std::vector<uint32_t>& maxc) {
-  const C* codes = static_cast<const C*>(p.codes);
-  const int64_t Kp = in.Kp;
-  const int64_t tasks = (g.N + kNR - 1) / kNR;
-  par.for_each(static_cast<size_t>(tasks), [&](size_t t) {
-    thread_local std::vector<float> wbuf;
-    const int64_t n0 = static_cast<int64_t>(t) * kNR, nb = std::min(kNR, g.N - n0);
-    float* wt = scratch(wbuf, static_cast<size_t>(Kp * kNR));
-    uint32_t mx = 0;
+Status run_gemm(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
+                std::vector<uint32_t>& maxc) {
+  struct Tile {
+    const Problem& p;
+    const Geometry& g;
+    const Prepared& in;
+    bool avx2;
+    int64_t n0, nb;
+    float* wt;
+    uint32_t* maxc;
+    void decode(int64_t, int64_t) {
+      const C* codes = static_cast<const C*>(p.codes);
+      uint32_t mx = 0;
 #if QC_X86
-    if (avx2 && g.d == 8) {
-      decode_tile_avx2_d8<C, kCheck>(codes, in.cb.data(), g, n0, nb, Kp, wt, &mx);
-    } else {
-      decode_tile_ref<C, kCheck>(codes, in.cb.data(), g, n0, nb, Kp, wt, &mx);
-    }
+      if (avx2 && g.d == 8) {
+        decode_tile_avx2_d8<C, kCheck>(codes, in.cb.data(), g, n0, nb, in.Kp, wt, &mx);
+      } else {
+        decode_tile_ref<C, kCheck>(codes, in.cb.data(), g, n0, nb, in.Kp, wt, &mx);
+      }
 #else
-    decode_tile_ref<C, kCheck>(codes, in.cb.data(), g, n0, nb, Kp, wt, &mx);
+      decode_tile_ref<C, kCheck>(codes, in.cb.data(), g, n0, nb, in.Kp, wt, &mx);
 #endif
-    if (kCheck) maxc[t] = mx;
-    float c[kMR * kNR];
-    for (int64_t r0 = 0; r0 < p.rows; r0 += kMR) {
-      const int rr = static_cast<int>(std::min(kMR, p.rows - r0));
-      for (int64_t j0 = 0; j0 < kNR; j0 += 4)
-        micro(avx2, rr, in.x.data() + r0 * Kp, Kp, wt + j0 * Kp, Kp, Kp, c + j0, kNR);
-      for (int r = 0; r < rr; ++r) {
-        for (int64_t i = 0; i < nb; ++i) {
-          float v = c[r * kNR + i] * in.scales[n0 + i];
-          if (!in.bias.empty()) v += in.bias[n0 + i];
-          store_elem(p.y, p.dtype, (r0 + r) * g.N + n0 + i, v);
+      if (kCheck) *maxc = mx;
+    }
+    void multiply(int64_t, int64_t) {
+      const int64_t Kp = in.Kp;
+      float c[kMR * kNR];
+      for (int64_t r0 = 0; r0 < p.rows; r0 += kMR) {
+        const int rr = static_cast<int>(std::min(kMR, p.rows - r0));
+        for (int64_t j0 = 0; j0 < kNR; j0 += 4)
+          micro(avx2, rr, in.x.data() + r0 * Kp, Kp, wt + j0 * Kp, Kp, Kp, c + j0, kNR);
+        for (int r = 0; r < rr; ++r) {
+          for (int64_t i = 0; i < nb; ++i) {
+            float v = c[r * kNR + i] * in.scales[n0 + i];
+            if (!in.bias.empty()) v += in.bias[n0 + i];
+            store_elem(p.y, p.dtype, (r0 + r) * g.N + n0 + i, v);
+          }
         }
       }
     }
+    void finish() {}
+  };
+  return tile::tile_gemm(par, kOp, tile::Plan{g.N, kNR, kNR, in.Kp, in.Kp}, [&](int64_t n0, int64_t nb) {
+    thread_local std::vector<float> wbuf;
+    float* wt = scratch(wbuf, static_cast<size_t>(in.Kp * kNR));
+    return Tile{p, g, in, avx2, n0, nb, wt, &maxc[static_cast<size_t>(n0 / kNR)]};
   });
 }
 
 template <typename C, bool kCheck>
-void run_fused(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
-               std::vector<uint32_t>& maxc) {
+Status run_fused(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
+                 std::vector<uint32_t>& maxc) {
   const C* codes = static_cast<const C*>(p.codes);
   const int64_t tasks = (g.N + kGemvRowsPerTask - 1) / kGemvRowsPerTask;
-  par.for_each(static_cast<size_t>(tasks), [&](size_t t) {
-    const int64_t n0 = static_cast<int64_t>(t) * kGemvRowsPerTask, n1 = std::min(g.N, n0 + kGemvRowsPerTask);
+  return tile::run_tasks(par, tasks, kOp, [&](int64_t t) {
+    const int64_t n0 = t * kGemvRowsPerTask, n1 = std::min(g.N, n0 + kGemvRowsPerTask);
     float out[kFusedRows * kGemvRowsPerTask];
     uint32_t mx = 0;
     for (int64_t r0 = 0; r0 < p.rows; r0 += kFusedRows) {
@@ -895,7 +874,7 @@ Path forced_path() {
 }
 
 template <typename C, bool kCheck>
-void dispatch(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
+Status dispatch(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
               std::vector<uint32_t>& maxc) {
   const bool lut_ok = g.T * g.LS < (int64_t{1} << 30);
   Path path = forced_path();
@@ -915,9 +894,9 @@ void dispatch(const Problem& p, const Geometry& g, const Prepared& in, bool avx2
     else path = Path::kGemm;
   }
   switch (path) {
-    case Path::kLut: run_lut<C, kCheck>(p, g, in, avx2, par, maxc); break;
-    case Path::kFused: run_fused<C, kCheck>(p, g, in, avx2, par, maxc); break;
-    default: run_gemm<C, kCheck>(p, g, in, avx2, par, maxc); break;
+    case Path::kLut: return run_lut<C, kCheck>(p, g, in, avx2, par, maxc);
+    case Path::kFused: return run_fused<C, kCheck>(p, g, in, avx2, par, maxc);
+    default: return run_gemm<C, kCheck>(p, g, in, avx2, par, maxc);
   }
 }
 
@@ -979,13 +958,14 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   const bool check = !checked_once && (u8 ? g.S < 256 : g.S < 65536);
   thread_local std::vector<uint32_t> maxc;
   maxc.assign(static_cast<size_t>(std::max<int64_t>((g.N + kNR - 1) / kNR, 1) + 64), 0);  // >= tasks of any path
+  Status st;
   if (u8) {
-    if (check) dispatch<uint8_t, true>(p, g, in, avx2, par, maxc);
-    else dispatch<uint8_t, false>(p, g, in, avx2, par, maxc);
+    st = check ? dispatch<uint8_t, true>(p, g, in, avx2, par, maxc) : dispatch<uint8_t, false>(p, g, in, avx2, par, maxc);
   } else {
-    if (check) dispatch<uint16_t, true>(p, g, in, avx2, par, maxc);
-    else dispatch<uint16_t, false>(p, g, in, avx2, par, maxc);
+    st = check ? dispatch<uint16_t, true>(p, g, in, avx2, par, maxc)
+               : dispatch<uint16_t, false>(p, g, in, avx2, par, maxc);
   }
+  QCOMPILE_RETURN_IF_ERROR(st);
   if (check) {
     const uint32_t mx = *std::max_element(maxc.begin(), maxc.end());
     if (mx >= static_cast<uint32_t>(g.S)) return check_codes_host(p.attrs, p.codes, p.code_type);

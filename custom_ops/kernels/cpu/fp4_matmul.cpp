@@ -23,7 +23,6 @@
 // The library is compiled for x86-64-v2; the AVX2/FMA/F16C code is selected at run time
 // (QCOMPILE_FP4_NO_AVX2=1 forces the portable path, which the tests also exercise).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cmath>
 #include <cstdlib>
@@ -33,6 +32,8 @@
 #include "qcompile/cpu_features.h"
 #include "qcompile/fp4_matmul.h"
 #include "qcompile/half.h"
+#include "simd.h"
+#include "tile_gemm.h"
 
 namespace qcompile {
 namespace fp4 {
@@ -128,11 +129,7 @@ bool scale_lanes(int64_t G, int idx[2][8]) {
   return true;
 }
 
-#if QC_X86
-QC_AVX2 void half_to_float_avx2(const uint16_t* h, float* out, int64_t n);
-#endif
-
-bool use_avx2() { return cpu_has_avx2() && tables().perm_ok && !env_flag("QCOMPILE_FP4_NO_AVX2"); }
+bool use_avx2() { return tables().perm_ok && avx2_enabled("QCOMPILE_FP4_NO_AVX2"); }
 
 // ---- shared helpers ------------------------------------------------------------------------------------
 
@@ -233,7 +230,7 @@ void row_to_float(const Problem& p, int64_t m, float* out) {
   int64_t k = 0;
 #if QC_X86
   if (use_avx2()) {
-    half_to_float_avx2(h, out, K);
+    simd::half_to_float_avx2(h, out, K);
     return;
   }
 #endif
@@ -290,23 +287,8 @@ QC_AVX2 void transpose8_store(const float* rows, int64_t ld, int64_t len, float*
   for (int64_t k = 0; k < len; k += 8) {
     __m256 r[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows + i * ld + k);
-    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    float* d = dst + k * kXtLd;
-    _mm256_storeu_ps(d + 0 * kXtLd, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_storeu_ps(d + 1 * kXtLd, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_storeu_ps(d + 2 * kXtLd, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_storeu_ps(d + 3 * kXtLd, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_storeu_ps(d + 4 * kXtLd, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_storeu_ps(d + 5 * kXtLd, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_storeu_ps(d + 6 * kXtLd, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_storeu_ps(d + 7 * kXtLd, _mm256_permute2f128_ps(u3, u7, 0x31));
+    simd::transpose8(r);
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (k + i) * kXtLd, r[i]);
   }
 }
 #endif
@@ -411,36 +393,8 @@ void decode_row_generic(const uint8_t* row, const float* sc, const Geometry& g, 
   }
 }
 
-// C[mr][nr] += dot(X rows, W rows) over len (multiple of 8). 8 independent lanes keep it vectorizable
-// without reassociation.
-void micro_generic(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* c, int64_t ldc) {
-  float acc[kMR][kNR][8] = {};
-  for (int64_t k = 0; k < len; k += 8) {
-    for (int i = 0; i < kMR; ++i) {
-      const float* xr = x + i * ldx + k;
-      for (int j = 0; j < kNR; ++j) {
-        const float* wr = w + j * ldw + k;
-        for (int l = 0; l < 8; ++l) acc[i][j][l] += xr[l] * wr[l];
-      }
-    }
-  }
-  for (int i = 0; i < kMR; ++i)
-    for (int j = 0; j < kNR; ++j) {
-      float s = 0.f;
-      for (int l = 0; l < 8; ++l) s += acc[i][j][l];
-      c[i * ldc + j] += s;
-    }
-}
-
 // ---- AVX2 path -------------------------------------------------------------------------------------------
 #if QC_X86
-
-QC_AVX2 void half_to_float_avx2(const uint16_t* h, float* out, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
-  for (; i < n; ++i) out[i] = half_to_float(h[i]);
-}
 
 struct Avx2Consts {
   __m256i top, second, low4, hi16;
@@ -485,13 +439,6 @@ QC_AVX2 inline void block_scales(const float* sc, const Geometry& g, int64_t blk
   const __m256 raw = _mm256_loadu_ps(sc + ((blk * kBlock) >> g.gshift));
   s0 = _mm256_permutevar8x32_ps(raw, c.sidx0);
   s1 = _mm256_permutevar8x32_ps(raw, c.sidx1);
-}
-
-QC_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // Scale codes -> floats (times ts) 8 at a time with bit arithmetic instead of the table; returns how many
@@ -579,7 +526,7 @@ QC_AVX2 float gemv_row_avx2(const uint8_t* row, const float* sc, const float* x,
     const uint8_t* tail = block_bytes(row, g, full, pad);
     gemv_blocks_avx2<kOneScale>(tail, sc, x, g.gshift, full, full + 1, c, acc0, acc1);
   }
-  return hsum(_mm256_add_ps(acc0, acc1));
+  return simd::hsum(_mm256_add_ps(acc0, acc1));
 }
 
 // Decodes blocks [b0, b1) of one row, scales applied, into out (permuted order, 64 floats per block).
@@ -596,103 +543,13 @@ QC_AVX2 void decode_row_avx2(const uint8_t* row, const float* sc, const Geometry
   }
 }
 
-// Four 8-lane accumulators -> their four sums.
-QC_AVX2 inline __m128 reduce4(__m256 p, __m256 q, __m256 r, __m256 s) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(p, q), _mm256_hadd_ps(r, s));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-QC_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* c,
-                        int64_t ldc) {
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-  __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-  __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
-  const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx;
-  const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw;
-  for (int64_t k = 0; k < len; k += 8) {
-    const __m256 xv0 = _mm256_loadu_ps(x0 + k), xv1 = _mm256_loadu_ps(x1 + k), xv2 = _mm256_loadu_ps(x2 + k);
-    __m256 wv = _mm256_loadu_ps(w0 + k);
-    a00 = _mm256_fmadd_ps(xv0, wv, a00);
-    a10 = _mm256_fmadd_ps(xv1, wv, a10);
-    a20 = _mm256_fmadd_ps(xv2, wv, a20);
-    wv = _mm256_loadu_ps(w1 + k);
-    a01 = _mm256_fmadd_ps(xv0, wv, a01);
-    a11 = _mm256_fmadd_ps(xv1, wv, a11);
-    a21 = _mm256_fmadd_ps(xv2, wv, a21);
-    wv = _mm256_loadu_ps(w2 + k);
-    a02 = _mm256_fmadd_ps(xv0, wv, a02);
-    a12 = _mm256_fmadd_ps(xv1, wv, a12);
-    a22 = _mm256_fmadd_ps(xv2, wv, a22);
-    wv = _mm256_loadu_ps(w3 + k);
-    a03 = _mm256_fmadd_ps(xv0, wv, a03);
-    a13 = _mm256_fmadd_ps(xv1, wv, a13);
-    a23 = _mm256_fmadd_ps(xv2, wv, a23);
-  }
-  _mm_storeu_ps(c, _mm_add_ps(_mm_loadu_ps(c), reduce4(a00, a01, a02, a03)));
-  _mm_storeu_ps(c + ldc, _mm_add_ps(_mm_loadu_ps(c + ldc), reduce4(a10, a11, a12, a13)));
-  _mm_storeu_ps(c + 2 * ldc, _mm_add_ps(_mm_loadu_ps(c + 2 * ldc), reduce4(a20, a21, a22, a23)));
-}
-
-// C[6][8*NV] += W[6 rows, len] * XT[len][16] (first 8*NV columns): 6*NV accumulators, one broadcast per
-// decoded weight. W is the decoded tile (row-major, stride ldw, L1), XT the transposed activations of one
-// block of 16 rows of X (k-major, packed once per call by pack_xt), so neither operand needs a transpose
-// per tile. C is the task's accumulator, [W row][X row] with stride ldc.
-// (Accumulators are named variables: GCC keeps an array of them in memory.)
-template <int NV, bool kAccumulate>
-QC_AVX2 void micro6xN(const float* w, int64_t ldw, const float* xt, int64_t len, float* c, int64_t ldc) {
-  static_assert(NV == 1 || NV == 2, "8 or 16 columns");
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw, *w4 = w + 4 * ldw, *w5 = w + 5 * ldw;
-  for (int64_t k = 0; k < len; ++k, xt += kXtLd) {
-    const __m256 b0 = _mm256_loadu_ps(xt);
-    const __m256 b1 = NV == 2 ? _mm256_loadu_ps(xt + 8) : b0;
-    __m256 a = _mm256_broadcast_ss(w0 + k);
-    c00 = _mm256_fmadd_ps(a, b0, c00);
-    if (NV == 2) c01 = _mm256_fmadd_ps(a, b1, c01);
-    a = _mm256_broadcast_ss(w1 + k);
-    c10 = _mm256_fmadd_ps(a, b0, c10);
-    if (NV == 2) c11 = _mm256_fmadd_ps(a, b1, c11);
-    a = _mm256_broadcast_ss(w2 + k);
-    c20 = _mm256_fmadd_ps(a, b0, c20);
-    if (NV == 2) c21 = _mm256_fmadd_ps(a, b1, c21);
-    a = _mm256_broadcast_ss(w3 + k);
-    c30 = _mm256_fmadd_ps(a, b0, c30);
-    if (NV == 2) c31 = _mm256_fmadd_ps(a, b1, c31);
-    a = _mm256_broadcast_ss(w4 + k);
-    c40 = _mm256_fmadd_ps(a, b0, c40);
-    if (NV == 2) c41 = _mm256_fmadd_ps(a, b1, c41);
-    a = _mm256_broadcast_ss(w5 + k);
-    c50 = _mm256_fmadd_ps(a, b0, c50);
-    if (NV == 2) c51 = _mm256_fmadd_ps(a, b1, c51);
-  }
-  const __m256 rows[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int i = 0; i < 6; ++i)
-    for (int v = 0; v < NV; ++v) {
-      float* ci = c + i * ldc + 8 * v;
-      _mm256_storeu_ps(ci, kAccumulate ? _mm256_add_ps(_mm256_loadu_ps(ci), rows[i][v]) : rows[i][v]);
-    }
-}
-
+#else
+struct Avx2Consts {};  // no AVX2 path: only the portable decoder runs
 #endif  // QC_X86
 
 // ---- drivers ---------------------------------------------------------------------------------------
 
-// Runs fn(i) for i in [0, n) on `par`; an exception (e.g. bad_alloc of a scratch buffer) must not escape
-// into the host's thread pool, so it is caught per task and reported as a Status.
-template <typename F>
-Status run_tasks(const Parallel& par, int64_t n, F&& fn) {
-  std::atomic<bool> failed{false};
-  par.for_each(static_cast<size_t>(n), [&](size_t i) {
-    if (failed.load(std::memory_order_relaxed)) return;
-    try {
-      fn(static_cast<int64_t>(i));
-    } catch (...) {
-      failed.store(true);
-    }
-  });
-  return failed.load() ? Status::Error("FP4MatMul: out of memory for scratch buffers") : Status::OK();
-}
+constexpr const char* kOp = "FP4MatMul";
 
 struct TaskScratch {
   std::vector<float> scales, tile, out;
@@ -703,11 +560,23 @@ TaskScratch& task_scratch() {
   return s;
 }
 
+// The calling thread's scratch for a tile of `rows` W rows: the decoded scales of rows [n0, n0 + nc), a tile
+// of row stride ld and `out` accumulator floats (left as they are: a tile zeroes or overwrites them).
+TaskScratch& tile_scratch(const Problem& p, const Geometry& g, bool avx2, int64_t n0, int64_t nc, int64_t rows,
+                          int64_t ld, int64_t out) {
+  TaskScratch& s = task_scratch();
+  s.scales.resize(rows * g.scale_len);
+  s.tile.resize(rows * ld);
+  s.out.resize(out);
+  for (int64_t r = 0; r < nc; ++r) decode_scales(p, g, n0 + r, s.scales.data() + r * g.scale_len, avx2);
+  return s;
+}
+
 Status run_gemv(const Problem& p, const Geometry& g, bool avx2, const float* x, const Parallel& par) {
   // ~64K weights per task, but at least 16 tasks when N allows (load balance on many-core machines)
   const int64_t rows_per_task = std::max<int64_t>(1, std::min(65536 / g.Kx, (g.N + 15) / 16));
   const int64_t tasks = (g.N + rows_per_task - 1) / rows_per_task;
-  return run_tasks(par, tasks, [&](int64_t task) {
+  return tile::run_tasks(par, tasks, kOp, [&](int64_t task) {
     TaskScratch& s = task_scratch();
     s.scales.resize(g.scale_len);
     const int64_t n0 = static_cast<int64_t>(task) * rows_per_task;
@@ -734,59 +603,71 @@ Status run_gemv(const Problem& p, const Geometry& g, bool avx2, const float* x, 
   });
 }
 
-// M > 1. A task owns 16 W rows: for each K slice it decodes them (scales applied) into a tile, then runs
-// every block of X rows against it, accumulating into the task's own [Mpad, 16] buffer. W is decoded
-// once overall; the tile stays in L1/L2 while the X slice streams past.
+// Weights [k0, k0 + len) of W rows [n0, n0 + nc), scales applied (`scales`: a row's decode_scales every
+// scale_len floats), into the first `rows` rows of a tile with row stride ld; rows past nc are zero.
+void decode_tile(const Problem& p, const Geometry& g, bool avx2, const Avx2Consts& c, int64_t n0, int64_t nc,
+                 int64_t rows, const float* scales, int64_t k0, int64_t len, float* tile, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = tile + r * ld;
+    if (r >= nc) {
+      std::fill(dst, dst + len, 0.0f);
+      continue;
+    }
+    const uint8_t* row = p.w + (n0 + r) * g.row_bytes;
+    const float* sc = scales + r * g.scale_len;
+#if QC_X86
+    if (avx2) {
+      decode_row_avx2(row, sc, g, k0 / kBlock, (k0 + len) / kBlock, c, dst);
+      continue;
+    }
+#endif
+    decode_row_generic(row, sc, g, k0, len, dst);
+  }
+}
+
+// M > 1 (portable, or AVX2 below kOuterMinM rows): tiles of 16 W rows. Per K slice the tile's rows are
+// decoded (scales applied) into a row-major tile, then 3x4 dot-product microkernels run every block of 3
+// X rows against it, accumulating into the tile's own [Mpad, 16] buffer.
 Status run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x, int64_t Mpad,
                  const Parallel& par) {
-  const int64_t tasks = (g.N + kTileRows - 1) / kTileRows;
-  return run_tasks(par, tasks, [&](int64_t task) {
-    TaskScratch& s = task_scratch();
-    const int64_t n0 = static_cast<int64_t>(task) * kTileRows;
-    const int64_t nc = std::min(kTileRows, g.N - n0);
-    s.scales.resize(kTileRows * g.scale_len);
-    s.tile.resize(kTileRows * kTileLd);
-    s.out.assign(Mpad * kTileRows, 0.0f);
-    float* acc = s.out.data();
-    for (int64_t r = 0; r < nc; ++r) decode_scales(p, g, n0 + r, s.scales.data() + r * g.scale_len, avx2);
+  Avx2Consts consts;
 #if QC_X86
-    Avx2Consts c;
-    if (avx2) c = avx2_consts(g.G);
+  if (avx2) consts = avx2_consts(g.G);
 #endif
-    for (int64_t k0 = 0; k0 < g.Kx; k0 += kKC) {
-      const int64_t len = std::min(kKC, g.Kx - k0);
-      for (int64_t r = 0; r < kTileRows; ++r) {
-        float* dst = s.tile.data() + r * kTileLd;
-        if (r >= nc) {
-          std::fill(dst, dst + len, 0.0f);
-          continue;
-        }
-        const uint8_t* row = p.w + (n0 + r) * g.row_bytes;
-        const float* sc = s.scales.data() + r * g.scale_len;
-#if QC_X86
-        if (avx2) {
-          decode_row_avx2(row, sc, g, k0 / kBlock, (k0 + len) / kBlock, c, dst);
-          continue;
-        }
-#endif
-        decode_row_generic(row, sc, g, k0, len, dst);
-      }
-      for (int64_t m = 0; m < Mpad; m += kMR) {
+  struct Tile {
+    const Problem& p;
+    const Geometry& g;
+    bool avx2;
+    const float* x;
+    int64_t Mpad, n0, nc;
+    TaskScratch& s;
+    const Avx2Consts& c;
+    void decode(int64_t k0, int64_t len) {
+      decode_tile(p, g, avx2, c, n0, nc, kTileRows, s.scales.data(), k0, len, s.tile.data(), kTileLd);
+    }
+    void multiply(int64_t k0, int64_t len) {
+      for (int64_t m = 0; m < Mpad; m += kMR)
         for (int64_t r = 0; r < nc; r += kNR) {
           const float* xs = x + m * g.ldx + k0;
           const float* ws = s.tile.data() + r * kTileLd;
-          float* cs = acc + m * kTileRows + r;
+          float* cs = s.out.data() + m * kTileRows + r;
 #if QC_X86
           if (avx2) {
-            micro_avx2(xs, g.ldx, ws, kTileLd, len, cs, kTileRows);
+            tile::dot_rx4_avx2<kMR, true>(xs, g.ldx, ws, kTileLd, len, cs, kTileRows);
             continue;
           }
 #endif
-          micro_generic(xs, g.ldx, ws, kTileLd, len, cs, kTileRows);
+          tile::dot_rx4<kMR, true>(xs, g.ldx, ws, kTileLd, len, cs, kTileRows);
         }
-      }
     }
-    for (int64_t m = 0; m < p.M; ++m) store_row(p, m, n0, nc, acc + m * kTileRows);
+    void finish() {
+      for (int64_t m = 0; m < p.M; ++m) store_row(p, m, n0, nc, s.out.data() + m * kTileRows);
+    }
+  };
+  return tile::tile_gemm(par, kOp, tile::Plan{g.N, kTileRows, kTileRows, g.Kx, kKC}, [&](int64_t n0, int64_t nc) {
+    TaskScratch& s = tile_scratch(p, g, avx2, n0, nc, kTileRows, kTileLd, Mpad * kTileRows);
+    std::fill(s.out.begin(), s.out.end(), 0.0f);
+    return Tile{p, g, avx2, x, Mpad, n0, nc, s, consts};
   });
 }
 
@@ -800,55 +681,58 @@ inline void prefetch_rows(const Problem& p, const Geometry& g, int64_t r0, int64
       _mm_prefetch(reinterpret_cast<const char*>(p.w + r * g.row_bytes + b), _MM_HINT_T0);
 }
 
-// M >= kOuterMinM with AVX2. A task owns 12 W rows: per K slice it decodes them (scales applied) into a
-// row-major tile and multiplies it with every 16-row block of the transposed activations xt
+// C^T[12][Mpad] (+)= a 12-row decoded tile times every 16-row block of the transposed activations: 6x16
+// (or 6x8 for a last block of 8) outer products, one broadcast per decoded weight.
+QC_AVX2 void outer_tile(const float* tile, int64_t ld, int64_t nc, const float* xt, int64_t Kx, int64_t Mpad,
+                        int64_t k0, int64_t len, float* acc, int64_t ldc) {
+  for (int64_t m = 0; m < Mpad; m += kXtLd) {
+    const float* xs = xt + m * Kx + k0 * kXtLd;
+    for (int64_t r = 0; r < nc; r += 6) {
+      const float* ws = tile + r * ld;
+      const float* rows[6] = {ws, ws + ld, ws + 2 * ld, ws + 3 * ld, ws + 4 * ld, ws + 5 * ld};
+      float* cs = acc + r * ldc + m;
+      if (Mpad - m >= 16) {
+        if (k0 == 0) tile::outer_product<6, 2, false>(rows, xs, kXtLd, len, cs, ldc);
+        else tile::outer_product<6, 2, true>(rows, xs, kXtLd, len, cs, ldc);
+      } else {
+        if (k0 == 0) tile::outer_product<6, 1, false>(rows, xs, kXtLd, len, cs, ldc);
+        else tile::outer_product<6, 1, true>(rows, xs, kXtLd, len, cs, ldc);
+      }
+    }
+  }
+}
+
+// M >= kOuterMinM with AVX2: tiles of 12 W rows. Per K slice the rows are decoded (scales applied) into a
+// row-major tile and multiplied with every 16-row block of the transposed activations xt
 // ([Mpad/16][Kx][16]), accumulating C^T [12][Mpad]; the next slice's W bytes are prefetched meanwhile.
 Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t Mpad, const Parallel& par) {
-  const int64_t tasks = (g.N + kOuterRows - 1) / kOuterRows;
   const int64_t ldc = Mpad + 8;  // accumulator row stride, off powers of two
   // K slices of at most kOuterKC, as even as whole blocks allow (576 -> 3 x 192, not 256 + 256 + 64: a short
   // slice pays the microkernel's fixed cost for little work)
   const int64_t nslices = (g.Kx + kOuterKC - 1) / kOuterKC;
   const int64_t kc = (g.Kx / kBlock + nslices - 1) / nslices * kBlock;
-  return run_tasks(par, tasks, [&](int64_t task) {
-    TaskScratch& s = task_scratch();
-    const int64_t n0 = task * kOuterRows;
-    const int64_t nc = std::min(kOuterRows, g.N - n0);
-    s.scales.resize(kOuterRows * g.scale_len);
-    s.tile.resize(kOuterRows * kOuterLd);
-    s.out.resize(kOuterRows * ldc);  // the first K slice stores, later ones accumulate: no zeroing
-    float* acc = s.out.data();
-    for (int64_t r = 0; r < nc; ++r) decode_scales(p, g, n0 + r, s.scales.data() + r * g.scale_len, true);
-    const Avx2Consts c = avx2_consts(g.G);
-    prefetch_rows(p, g, n0, n0 + nc, 0, kc);
-    for (int64_t k0 = 0; k0 < g.Kx; k0 += kc) {
-      const int64_t len = std::min(kc, g.Kx - k0);
-      for (int64_t r = 0; r < kOuterRows; ++r) {
-        float* dst = s.tile.data() + r * kOuterLd;
-        if (r >= nc) {
-          std::fill(dst, dst + len, 0.0f);
-          continue;
-        }
-        decode_row_avx2(p.w + (n0 + r) * g.row_bytes, s.scales.data() + r * g.scale_len, g, k0 / kBlock,
-                        (k0 + len) / kBlock, c, dst);
-      }
+  const Avx2Consts consts = avx2_consts(g.G);
+  struct Tile {
+    const Problem& p;
+    const Geometry& g;
+    const float* xt;
+    int64_t Mpad, ldc, kc, n0, nc;
+    TaskScratch& s;
+    const Avx2Consts& c;
+    void decode(int64_t k0, int64_t len) {
+      decode_tile(p, g, true, c, n0, nc, kOuterRows, s.scales.data(), k0, len, s.tile.data(), kOuterLd);
       if (k0 + kc < g.Kx) prefetch_rows(p, g, n0, n0 + nc, k0 + kc, kc);
-      for (int64_t m = 0; m < Mpad; m += kXtLd) {
-        const float* xs = xt + m * g.Kx + k0 * kXtLd;
-        for (int64_t r = 0; r < nc; r += 6) {
-          const float* ws = s.tile.data() + r * kOuterLd;
-          float* cs = acc + r * ldc + m;
-          if (Mpad - m >= 16) {
-            if (k0 == 0) micro6xN<2, false>(ws, kOuterLd, xs, len, cs, ldc);
-            else micro6xN<2, true>(ws, kOuterLd, xs, len, cs, ldc);
-          } else {
-            if (k0 == 0) micro6xN<1, false>(ws, kOuterLd, xs, len, cs, ldc);
-            else micro6xN<1, true>(ws, kOuterLd, xs, len, cs, ldc);
-          }
-        }
-      }
     }
-    store_transposed(p, n0, nc, acc, ldc);
+    void multiply(int64_t k0, int64_t len) {
+      // the first K slice stores, later ones accumulate: no zeroing
+      outer_tile(s.tile.data(), kOuterLd, nc, xt, g.Kx, Mpad, k0, len, s.out.data(), ldc);
+    }
+    void finish() { store_transposed(p, n0, nc, s.out.data(), ldc); }
+  };
+  return tile::tile_gemm(par, kOp, tile::Plan{g.N, kOuterRows, kOuterRows, g.Kx, kc}, [&](int64_t n0, int64_t nc) {
+    TaskScratch& s = tile_scratch(p, g, true, n0, nc, kOuterRows, kOuterLd, kOuterRows * ldc);
+    prefetch_rows(p, g, n0, n0 + nc, 0, kc);
+    return Tile{p, g, xt, Mpad, ldc, kc, n0, nc, s, consts};
   });
 }
 
@@ -881,7 +765,7 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   if (transposed) rows_per_task = (rows_per_task + kXtLd - 1) / kXtLd * kXtLd;  // no cache line shared by tasks
   const int64_t prep_tasks = (Mrows + rows_per_task - 1) / rows_per_task;
   float* xp = xbuf.data();
-  Status st = run_tasks(par, prep_tasks, [&](int64_t t) {
+  Status st = tile::run_tasks(par, prep_tasks, kOp, [&](int64_t t) {
     thread_local std::vector<float> tmp;
     const int64_t m0 = t * rows_per_task;
     prepare_rows(p, g, avx2, m0, std::min(Mrows, m0 + rows_per_task), xp, transposed, tmp);

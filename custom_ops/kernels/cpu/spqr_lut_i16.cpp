@@ -63,7 +63,7 @@ void pack(const Attrs& a, const uint32_t* codes, const uint32_t* stat_codes, uin
 }
 
 #if QC_X86
-bool available() { return cpu_has_avx512bw() && !env_flag("QCOMPILE_SPQR_LUT_FP32"); }
+bool available() { return avx512bw_enabled("QCOMPILE_SPQR_LUT_FP32"); }
 
 QC_AVX512BW bool build_tables(const float* xk, int64_t G, int16_t* lut, float* step) {
   // entry i of a pair table: (i & 7) - 4 times x_a plus (i >> 3) - 4 times x_b; four vectors of 16 entries

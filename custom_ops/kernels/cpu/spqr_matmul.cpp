@@ -22,7 +22,9 @@
 
 #include "qcompile/cpu_features.h"
 #include "qcompile/spqr_matmul.h"
+#include "simd.h"
 #include "spqr_lut_i16.h"
+#include "tile_gemm.h"
 
 namespace qcompile {
 namespace spqr {
@@ -111,18 +113,8 @@ void rows_scalar(const Call& c, int64_t r0, int64_t r1) {
 #if QC_X86
 // ---- AVX2 + FMA + F16C path ----
 
-QC_AVX2 inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
-
-inline uint32_t load_u32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
+using simd::hsum;
+using simd::load_u32;
 
 // Codes 8q..8q+7 of a 32-code chunk (4*BITS bytes at `chunk`) as floats. For 3 bits the 4th block is
 // read from byte 8 with shifts 8 larger, so no load ever leaves its 12-byte chunk.
@@ -460,92 +452,67 @@ QC_AVX2 void rows_avx2_m1(const Call& c, int64_t r0, int64_t r1) {
   }
 }
 
-// M > 1, GEMM-style: a panel of kPanel rows is dequantized K-slice by K-slice into a transposed buffer
-// (kSlice positions x 16 rows = 32 KB, L1/L2-resident) and every block of up to 6 rows of X runs an
-// outer-product micro-kernel over it (12 accumulators: per position 2 weight loads, 6 broadcasts, 12 FMAs).
+// M > 1, GEMM-style (tile::tile_gemm): a panel of kPanel rows is dequantized K-slice by K-slice into a
+// transposed buffer (kSlice positions x 16 rows = 32 KB, L1/L2-resident) and every block of up to 6 rows of
+// X runs an outer-product microkernel over it (12 accumulators: per position 2 weight loads, 6 broadcasts,
+// 12 FMAs).
 constexpr int kPanel = 16;
 constexpr int64_t kSlice = 512;  // multiple of 32
 
-// Named accumulators (not an array) so that they stay in registers.
-template <int MR>
-QC_AVX2 inline void panel_kernel(const float* panel, int64_t len, const float* const* xrows, float* out /*[MR][16]*/) {
-  static_assert(MR >= 1 && MR <= 6, "1..6 rows of X");
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
-  __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
-  const float* x0 = xrows[0];
-  const float* x1 = xrows[MR > 1 ? 1 : 0];
-  const float* x2 = xrows[MR > 2 ? 2 : 0];
-  const float* x3 = xrows[MR > 3 ? 3 : 0];
-  const float* x4 = xrows[MR > 4 ? 4 : 0];
-  const float* x5 = xrows[MR > 5 ? 5 : 0];
-  for (int64_t p = 0; p < len; ++p) {
-    const __m256 w0 = _mm256_loadu_ps(panel + p * kPanel), w1 = _mm256_loadu_ps(panel + p * kPanel + 8);
-    __m256 xv = _mm256_broadcast_ss(x0 + p);
-    a0 = _mm256_fmadd_ps(xv, w0, a0);
-    b0 = _mm256_fmadd_ps(xv, w1, b0);
-    if constexpr (MR > 1) {
-      xv = _mm256_broadcast_ss(x1 + p);
-      a1 = _mm256_fmadd_ps(xv, w0, a1);
-      b1 = _mm256_fmadd_ps(xv, w1, b1);
-    }
-    if constexpr (MR > 2) {
-      xv = _mm256_broadcast_ss(x2 + p);
-      a2 = _mm256_fmadd_ps(xv, w0, a2);
-      b2 = _mm256_fmadd_ps(xv, w1, b2);
-    }
-    if constexpr (MR > 3) {
-      xv = _mm256_broadcast_ss(x3 + p);
-      a3 = _mm256_fmadd_ps(xv, w0, a3);
-      b3 = _mm256_fmadd_ps(xv, w1, b3);
-    }
-    if constexpr (MR > 4) {
-      xv = _mm256_broadcast_ss(x4 + p);
-      a4 = _mm256_fmadd_ps(xv, w0, a4);
-      b4 = _mm256_fmadd_ps(xv, w1, b4);
-    }
-    if constexpr (MR > 5) {
-      xv = _mm256_broadcast_ss(x5 + p);
-      a5 = _mm256_fmadd_ps(xv, w0, a5);
-      b5 = _mm256_fmadd_ps(xv, w1, b5);
-    }
-  }
-  const __m256 as[6] = {a0, a1, a2, a3, a4, a5}, bs[6] = {b0, b1, b2, b3, b4, b5};
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(out + i * kPanel, as[i]);
-    _mm256_storeu_ps(out + i * kPanel + 8, bs[i]);
-  }
+// One outlier of a panel: stored position, row within the panel, value.
+struct PanelEntry {
+  int32_t p;
+  int32_t r;
+  float v;
+};
+
+// A panel's working set, kept per thread across calls.
+struct PanelScratch {
+  std::vector<float> panel, scale, zero, offs;
+  std::vector<PanelEntry> entries;  // the panel's outliers, bucketed by K slice
+  std::vector<size_t> bucket_start, fill_pos;
+  const uint8_t* rows[kPanel];
+};
+
+PanelScratch& panel_scratch() {
+  thread_local PanelScratch s;
+  return s;
 }
 
-template <int MR>
-QC_AVX2 void panel_rows(const Call& c, const float* panel, int64_t ks, int64_t len, int64_t m0, int64_t n0, int nr) {
-  const float* xrows[MR];
-  for (int i = 0; i < MR; ++i) xrows[i] = c.xk + (m0 + i) * c.Kc + ks;
-  alignas(32) float out[MR * kPanel];
-  panel_kernel<MR>(panel, len, xrows, out);
-  for (int i = 0; i < MR; ++i) {
-    float* y = c.y + (m0 + i) * c.s->N + n0;
-    for (int r = 0; r < nr; ++r) y[r] += out[i * kPanel + r];
+// Statistics and row pointers of rows [n0, n0 + nr), their outputs zeroed, their outliers bucketed by the
+// K slice of their stored position (a column names an input feature).
+QC_AVX2 void panel_begin(const Call& c, int64_t n0, int nr, PanelScratch& s) {
+  const Attrs& a = *c.s;
+  const int64_t Gp = c.Gp;
+  s.bucket_start.resize((size_t)((c.Kc + kSlice - 1) / kSlice + 1));
+  s.panel.resize((size_t)(kSlice * kPanel));
+  s.scale.resize((size_t)(kPanel * Gp));
+  s.zero.resize((size_t)(kPanel * Gp));
+  s.offs.resize((size_t)(kPanel * Gp));
+  for (int r = 0; r < nr; ++r) {
+    stats_avx2(c, n0 + r, s.scale.data() + r * Gp, s.zero.data() + r * Gp);
+    for (int64_t g = 0; g < Gp; ++g)
+      s.offs[(size_t)(r * Gp + g)] = -s.scale[(size_t)(r * Gp + g)] * s.zero[(size_t)(r * Gp + g)];
+    s.rows[r] = (const uint8_t*)c.w->codes + (n0 + r) * a.code_words() * 4;
   }
-}
-
-// In-register 8x8 transpose: v[i][t] -> v[t][i].
-QC_AVX2 inline void transpose8(__m256 v[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  v[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
-  v[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-  v[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
-  v[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-  v[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-  v[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-  v[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-  v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+  for (int r = nr; r < kPanel; ++r) s.rows[r] = s.rows[0];
+  for (int64_t m = 0; m < c.M; ++m) std::memset(c.y + m * a.N + n0, 0, sizeof(float) * (size_t)nr);
+  std::fill(s.bucket_start.begin(), s.bucket_start.end(), 0);
+  const int64_t o0 = row_offset(*c.w, n0), o1 = row_offset(*c.w, n0 + nr);
+  s.entries.resize((size_t)(o1 - o0));
+  for (int r = 0; r < nr; ++r)
+    for (int64_t o = row_offset(*c.w, n0 + r), end = row_offset(*c.w, n0 + r + 1); o < end; ++o) {
+      const int64_t col = col_at(*c.w, o);
+      ++s.bucket_start[(size_t)((c.inv_perm ? c.inv_perm[col] : col) / kSlice) + 1];
+    }
+  for (size_t b = 1; b < s.bucket_start.size(); ++b) s.bucket_start[b] += s.bucket_start[b - 1];
+  s.fill_pos.assign(s.bucket_start.begin(), s.bucket_start.end() - 1);
+  for (int r = 0; r < nr; ++r)
+    for (int64_t o = row_offset(*c.w, n0 + r), end = row_offset(*c.w, n0 + r + 1); o < end; ++o) {
+      const int64_t col = col_at(*c.w, o);
+      const int32_t p = c.inv_perm ? c.inv_perm[col] : (int32_t)col;
+      s.entries[s.fill_pos[(size_t)(p / kSlice)]++] = PanelEntry{p, r, _cvtsh_ss(c.w->values[o])};
+    }
 }
 
 // Dequantizes block q (codes 8q..8q+7) of chunk ch for 8 rows and stores it transposed: panel row p holds
@@ -558,112 +525,107 @@ QC_AVX2 inline void panel_block(const uint8_t* const* rows, int nr8, int64_t ch,
     v[r] = r < nr8 ? _mm256_fmadd_ps(decode8q<BITS, Q>(rows[r] + 4 * BITS * ch), _mm256_set1_ps(sc[r]),
                                      _mm256_set1_ps(off[r]))
                    : _mm256_setzero_ps();
-  transpose8(v);
+  simd::transpose8(v);
   for (int t = 0; t < 8; ++t) _mm256_storeu_ps(dst + t * kPanel, v[t]);
 }
 
+// The panel's weights at stored positions [ks, ks + len), transposed, outliers added.
 template <int BITS>
-QC_AVX2 void rows_avx2_mm(const Call& c, int64_t r0, int64_t r1) {
-  const Attrs& s = *c.s;
+QC_AVX2 void panel_decode(const Call& c, int64_t ks, int64_t len, int nr, PanelScratch& s) {
+  const Attrs& a = *c.s;
   const int64_t Gp = c.Gp;
-  struct Entry {
-    int32_t p;
-    int32_t r;
-    float v;
-  };
-  thread_local std::vector<float> panel, scale, zero, offs;
-  thread_local std::vector<Entry> entries;
-  thread_local std::vector<size_t> bucket_start, fill_pos;
-  bucket_start.resize((size_t)((c.Kc + kSlice - 1) / kSlice + 1));
-  panel.resize((size_t)(kSlice * kPanel));
-  scale.resize((size_t)(kPanel * Gp));
-  zero.resize((size_t)(kPanel * Gp));
-  offs.resize((size_t)(kPanel * Gp));
-  for (int64_t n0 = r0; n0 < r1; n0 += kPanel) {
-    const int nr = (int)std::min<int64_t>(kPanel, r1 - n0);
-    const uint8_t* rows[kPanel];
-    for (int r = 0; r < nr; ++r) {
-      stats_avx2(c, n0 + r, scale.data() + r * Gp, zero.data() + r * Gp);
-      for (int64_t g = 0; g < Gp; ++g) offs[(size_t)(r * Gp + g)] = -scale[(size_t)(r * Gp + g)] * zero[(size_t)(r * Gp + g)];
-      rows[r] = (const uint8_t*)c.w->codes + (n0 + r) * s.code_words() * 4;
+  for (int64_t ch = ks / 32; ch < (ks + len) / 32; ++ch) {
+    // a group is a multiple of 16 positions: each half-chunk lies in one group
+    const int64_t ga = (32 * ch) / a.group_size, gb = (32 * ch + 16) / a.group_size;
+    float* dst = s.panel.data() + (32 * ch - ks) * kPanel;
+    for (int half = 0; half < 2; ++half) {
+      const int nr8 = std::max(0, std::min(8, nr - 8 * half));
+      const uint8_t* const* rr = s.rows + 8 * half;
+      float sa[8], oa[8], sb[8], ob[8];
+      for (int r = 0; r < 8; ++r) {
+        const int rr_idx = 8 * half + r;
+        const bool live = r < nr8;
+        sa[r] = live ? s.scale[(size_t)(rr_idx * Gp + ga)] : 0.f;
+        oa[r] = live ? s.offs[(size_t)(rr_idx * Gp + ga)] : 0.f;
+        sb[r] = live ? s.scale[(size_t)(rr_idx * Gp + gb)] : 0.f;
+        ob[r] = live ? s.offs[(size_t)(rr_idx * Gp + gb)] : 0.f;
+      }
+      float* d = dst + 8 * half;
+      panel_block<BITS, 0>(rr, nr8, ch, sa, oa, d);
+      panel_block<BITS, 1>(rr, nr8, ch, sa, oa, d + 8 * kPanel);
+      panel_block<BITS, 2>(rr, nr8, ch, sb, ob, d + 16 * kPanel);
+      panel_block<BITS, 3>(rr, nr8, ch, sb, ob, d + 24 * kPanel);
     }
-    for (int r = nr; r < kPanel; ++r) rows[r] = rows[0];
-    for (int64_t m = 0; m < c.M; ++m) std::memset(c.y + m * s.N + n0, 0, sizeof(float) * (size_t)nr);
-    // the panel's outliers, bucketed by K-slice of their stored position (a column names an input feature)
-    std::fill(bucket_start.begin(), bucket_start.end(), 0);
-    const int64_t o0 = row_offset(*c.w, n0), o1 = row_offset(*c.w, n0 + nr);
-    entries.resize((size_t)(o1 - o0));
-    for (int r = 0; r < nr; ++r)
-      for (int64_t o = row_offset(*c.w, n0 + r), end = row_offset(*c.w, n0 + r + 1); o < end; ++o) {
-        const int64_t col = col_at(*c.w, o);
-        ++bucket_start[(size_t)((c.inv_perm ? c.inv_perm[col] : col) / kSlice) + 1];
-      }
-    for (size_t b = 1; b < bucket_start.size(); ++b) bucket_start[b] += bucket_start[b - 1];
-    fill_pos.assign(bucket_start.begin(), bucket_start.end() - 1);
-    for (int r = 0; r < nr; ++r)
-      for (int64_t o = row_offset(*c.w, n0 + r), end = row_offset(*c.w, n0 + r + 1); o < end; ++o) {
-        const int64_t col = col_at(*c.w, o);
-        const int32_t p = c.inv_perm ? c.inv_perm[col] : (int32_t)col;
-        entries[fill_pos[(size_t)(p / kSlice)]++] = Entry{p, r, _cvtsh_ss(c.w->values[o])};
-      }
-    for (int64_t ks = 0; ks < c.Kc; ks += kSlice) {
-      const int64_t len = std::min(kSlice, c.Kc - ks);
-      for (int64_t ch = ks / 32; ch < (ks + len) / 32; ++ch) {
-        // a group is a multiple of 16 positions: each half-chunk lies in one group
-        const int64_t ga = (32 * ch) / s.group_size, gb = (32 * ch + 16) / s.group_size;
-        float* dst = panel.data() + (32 * ch - ks) * kPanel;
-        for (int half = 0; half < 2; ++half) {
-          const int nr8 = std::max(0, std::min(8, nr - 8 * half));
-          const uint8_t* const* rr = rows + 8 * half;
-          float sa[8], oa[8], sb[8], ob[8];
-          for (int r = 0; r < 8; ++r) {
-            const int rr_idx = 8 * half + r;
-            const bool live = r < nr8;
-            sa[r] = live ? scale[(size_t)(rr_idx * Gp + ga)] : 0.f;
-            oa[r] = live ? offs[(size_t)(rr_idx * Gp + ga)] : 0.f;
-            sb[r] = live ? scale[(size_t)(rr_idx * Gp + gb)] : 0.f;
-            ob[r] = live ? offs[(size_t)(rr_idx * Gp + gb)] : 0.f;
-          }
-          float* d = dst + 8 * half;
-          panel_block<BITS, 0>(rr, nr8, ch, sa, oa, d);
-          panel_block<BITS, 1>(rr, nr8, ch, sa, oa, d + 8 * kPanel);
-          panel_block<BITS, 2>(rr, nr8, ch, sb, ob, d + 16 * kPanel);
-          panel_block<BITS, 3>(rr, nr8, ch, sb, ob, d + 24 * kPanel);
-        }
-      }
-      // padding positions p >= K meet x == 0; keep them exactly 0 even for non-finite statistics
-      for (int64_t p = std::max(ks, s.K); p < ks + len; ++p)
-        std::memset(panel.data() + (p - ks) * kPanel, 0, sizeof(float) * kPanel);
-      // outliers add to the dequantized panel, in this slice's bucket
-      for (size_t e = bucket_start[(size_t)(ks / kSlice)]; e < bucket_start[(size_t)(ks / kSlice) + 1]; ++e)
-        panel[(size_t)(entries[e].p - ks) * kPanel + entries[e].r] += entries[e].v;
-      int64_t m0 = 0;
-      while (m0 < c.M) {
-        const int64_t rem = c.M - m0;
-        if (rem >= 6) {
-          panel_rows<6>(c, panel.data(), ks, len, m0, n0, nr);
-          m0 += 6;
-        } else if (rem >= 4) {
-          panel_rows<4>(c, panel.data(), ks, len, m0, n0, nr);
-          m0 += 4;
-        } else if (rem >= 2) {
-          panel_rows<2>(c, panel.data(), ks, len, m0, n0, nr);
-          m0 += 2;
-        } else {
-          panel_rows<1>(c, panel.data(), ks, len, m0, n0, nr);
-          m0 += 1;
-        }
-      }
-    }
-    if (c.bias)
-      for (int64_t m = 0; m < c.M; ++m)
-        for (int r = 0; r < nr; ++r) c.y[m * s.N + n0 + r] += c.bias[n0 + r];
   }
+  // padding positions p >= K meet x == 0; keep them exactly 0 even for non-finite statistics
+  for (int64_t p = std::max(ks, a.K); p < ks + len; ++p)
+    std::memset(s.panel.data() + (p - ks) * kPanel, 0, sizeof(float) * kPanel);
+  // outliers add to the dequantized panel, in this slice's bucket
+  for (size_t e = s.bucket_start[(size_t)(ks / kSlice)]; e < s.bucket_start[(size_t)(ks / kSlice) + 1]; ++e)
+    s.panel[(size_t)(s.entries[e].p - ks) * kPanel + s.entries[e].r] += s.entries[e].v;
+}
+
+// Y[m0 .. m0+MR) [n0 .. n0+nr) += X rows (stored order, positions ks ..) times the panel slice.
+template <int MR>
+QC_AVX2 void panel_rows(const Call& c, const float* panel, int64_t ks, int64_t len, int64_t m0, int64_t n0, int nr) {
+  const float* xrows[MR];
+  for (int i = 0; i < MR; ++i) xrows[i] = c.xk + (m0 + i) * c.Kc + ks;
+  alignas(32) float out[MR * kPanel];
+  tile::outer_product<MR, 2, false>(xrows, panel, kPanel, len, out, kPanel);
+  for (int i = 0; i < MR; ++i) {
+    float* y = c.y + (m0 + i) * c.s->N + n0;
+    for (int r = 0; r < nr; ++r) y[r] += out[i * kPanel + r];
+  }
+}
+
+// Every row of X against the panel slice, in blocks of 6 (then 4, 2, 1).
+QC_AVX2 void panel_multiply(const Call& c, const float* panel, int64_t ks, int64_t len, int64_t n0, int nr) {
+  int64_t m0 = 0;
+  while (m0 < c.M) {
+    const int64_t rem = c.M - m0;
+    if (rem >= 6) {
+      panel_rows<6>(c, panel, ks, len, m0, n0, nr);
+      m0 += 6;
+    } else if (rem >= 4) {
+      panel_rows<4>(c, panel, ks, len, m0, n0, nr);
+      m0 += 4;
+    } else if (rem >= 2) {
+      panel_rows<2>(c, panel, ks, len, m0, n0, nr);
+      m0 += 2;
+    } else {
+      panel_rows<1>(c, panel, ks, len, m0, n0, nr);
+      m0 += 1;
+    }
+  }
+}
+
+template <int BITS>
+Status run_panels(const Call& c, int64_t rows_per_task, const Parallel& par) {
+  struct Panel {
+    const Call& c;
+    int64_t n0;
+    int nr;
+    PanelScratch& s;
+    void decode(int64_t ks, int64_t len) { panel_decode<BITS>(c, ks, len, nr, s); }
+    void multiply(int64_t ks, int64_t len) { panel_multiply(c, s.panel.data(), ks, len, n0, nr); }
+    void finish() {
+      if (c.bias)
+        for (int64_t m = 0; m < c.M; ++m)
+          for (int r = 0; r < nr; ++r) c.y[m * c.s->N + n0 + r] += c.bias[n0 + r];
+    }
+  };
+  const tile::Plan plan{c.s->N, rows_per_task, kPanel, c.Kc, kSlice};
+  return tile::tile_gemm(par, "SpQRMatMul", plan, [&](int64_t n0, int64_t nr) {
+    PanelScratch& s = panel_scratch();
+    panel_begin(c, n0, (int)nr, s);
+    return Panel{c, n0, (int)nr, s};
+  });
 }
 
 #endif
 
 bool force_scalar() { return env_flag("QCOMPILE_SPQR_SCALAR"); }
+bool use_avx2() { return avx2_enabled("QCOMPILE_SPQR_SCALAR"); }
 
 // The batch-1 walk over constant codes runs on fixed-point pair tables (spqr_lut_i16.h) for this layer on
 // this CPU: what prepare_constant_codes lays the codes out for, and what matmul_cpu checks it against.
@@ -682,9 +644,7 @@ QC_AVX2 void pairs_block(const Call& c, const PreparedCodes& prep, const int16_t
   for (int64_t rb = rb0; rb <= rb1; ++rb) {
     const uint16_t* src = c.w->stat_params + rb * 4 * G;
     float* dst = params.data() + (rb - rb0) * 4 * G;
-    int64_t i = 0;
-    for (; i + 8 <= 4 * G; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
-    for (; i < 4 * G; ++i) dst[i] = half_to_float(src[i]);
+    simd::half_to_float_avx2(src, dst, 4 * G);
     for (int64_t g = 0; g < G; ++g) dst[3 * G + g] -= 4.f;
   }
   acc.resize((size_t)round_up(R, lut_i16::kRowGroup));
@@ -731,8 +691,8 @@ void gather(const float* src, const Idx* idx, int64_t K, float* dst) {
 }
 
 // Shared driver: xf is fp32 [M, K] in original order; y fp32 [M, N].
-void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
-         const PreparedCodes* prep, const Parallel& par) {
+Status run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
+           const PreparedCodes* prep, const Parallel& par) {
   const int64_t Kc = s.chunks() * kChunk, G = s.groups(), Gp = round_up(G, 8);
   // Kept per calling thread: no allocation (nor page faults) per call.
   thread_local std::vector<float> xk, xsum;
@@ -758,7 +718,7 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
   }
 #if QC_X86
   if (prep && !prep->pairs.empty()) {
-    if (run_pairs(s, w, xk.data(), xf, xsum.data(), Gp, bias, y, *prep, par)) return;
+    if (run_pairs(s, w, xk.data(), xf, xsum.data(), Gp, bias, y, *prep, par)) return Status::OK();
     prep = nullptr;  // a non-finite activation: the fp32 walk over the packed codes carries it
   }
 #endif
@@ -778,18 +738,15 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
   const Call c{&s, &w, M, xk.data(), Kc, xf, xsum.data(), Gp, bias, y, inv.empty() ? nullptr : inv.data(),
                prep, prep ? xl.data() : nullptr};
   const int64_t rpt = rows_per_task(s, M);
-  const size_t tasks = (size_t)((s.N + rpt - 1) / rpt);
   void (*rows)(const Call&, int64_t, int64_t) = rows_scalar;
 #if QC_X86
-  if (cpu_has_avx2() && !force_scalar()) {
-    if (M == 1)
-      rows = s.bits == 4 ? rows_avx2_m1<4> : rows_avx2_m1<3>;
-    else
-      rows = s.bits == 4 ? rows_avx2_mm<4> : rows_avx2_mm<3>;
+  if (use_avx2()) {
+    if (M > 1) return s.bits == 4 ? run_panels<4>(c, rpt, par) : run_panels<3>(c, rpt, par);
+    rows = s.bits == 4 ? rows_avx2_m1<4> : rows_avx2_m1<3>;
   }
 #endif
-  par.for_each(tasks, [&](size_t t) {
-    const int64_t r0 = (int64_t)t * rpt;
+  return tile::run_tasks(par, (s.N + rpt - 1) / rpt, "SpQRMatMul", [&](int64_t t) {
+    const int64_t r0 = t * rpt;
     rows(c, r0, std::min(s.N, r0 + rpt));
   });
 }
@@ -863,10 +820,7 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
                (!p.prepared->pairs.empty() && use_pairs_walk(a)))
           ? p.prepared
           : nullptr;
-  if (p.dtype == DType::kFloat32) {
-    run((const float*)p.x, p.M, a, p.w, (const float*)p.bias, (float*)p.y, prep, par);
-    return Status::OK();
-  }
+  if (p.dtype == DType::kFloat32) return run((const float*)p.x, p.M, a, p.w, (const float*)p.bias, (float*)p.y, prep, par);
   const uint16_t* x = (const uint16_t*)p.x;
   std::vector<float> xf((size_t)(p.M * a.K)), yf((size_t)(p.M * a.N)), bf;
   for (size_t i = 0; i < xf.size(); ++i) xf[i] = half_to_float(x[i]);
@@ -874,7 +828,7 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
     bf.resize((size_t)a.N);
     for (int64_t n = 0; n < a.N; ++n) bf[(size_t)n] = half_to_float(((const uint16_t*)p.bias)[n]);
   }
-  run(xf.data(), p.M, a, p.w, p.bias ? bf.data() : nullptr, yf.data(), prep, par);
+  QCOMPILE_RETURN_IF_ERROR(run(xf.data(), p.M, a, p.w, p.bias ? bf.data() : nullptr, yf.data(), prep, par));
   uint16_t* y = (uint16_t*)p.y;
   for (size_t i = 0; i < yf.size(); ++i) y[i] = float_to_half(yf[i]);
   return Status::OK();
