@@ -6,9 +6,8 @@
 //    groups l, l+32, ...: it reads the group's M codes (contiguous across the warp), sums M codewords
 //    (one 16-byte load each when d == 8) and dots the sum with every activation row, so W is decoded
 //    once for the whole batch. A warp shuffle reduction finishes the row; scale and bias once per output.
-//  * rows > 8 (prefill): decode-then-GEMM in one kernel: 64x64 output tiles; each K step of 32 stages a
-//    64x32 X tile and decodes the matching 64x32 W tile (4 groups per channel) into shared memory, then
-//    every thread accumulates a 4x4 block.
+//  * rows > 8 (prefill): decode-then-GEMM in one kernel, cuda::tile_loop (tile_loop.cuh) over 64x64 output
+//    tiles; each K step of 32 decodes the matching 64x32 W tile (4 groups per channel) into shared memory.
 // Every code index is clamped to codebook_size-1 before use, so a corrupt code can never read out of
 // bounds; check_codes_cuda turns a bad code into an error before the matmul runs (the adapter calls it).
 #include <cuda_fp16.h>
@@ -18,7 +17,9 @@
 #include <cstdint>
 #include <string>
 
+#include "common.cuh"
 #include "qcompile/codebook_matmul.h"
+#include "tile_loop.cuh"
 
 namespace qcompile {
 namespace codebook {
@@ -28,17 +29,14 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kMaxRows = 8;               // GEMV path serves up to this many X rows
 constexpr int kSmemCodebookBytes = 32768;  // stage codebooks in shared memory up to this size
-constexpr int kBM = 64, kBN = 64, kBK = 32, kTileThreads = 256;
 
 struct DevAttrs {
   int K, N, G, M, S, d;
   int rows;
 };
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ void from_f(float* p, float v) { *p = v; }
-__device__ __forceinline__ void from_f(__half* p, float v) { *p = __float2half_rn(v); }
+using cuda::from_f;
+using cuda::to_f;
 
 template <typename C>
 __device__ __forceinline__ int clamp_code(C c, int S) {
@@ -134,26 +132,20 @@ __global__ void gemv_kernel(DevAttrs a, const T* __restrict__ x, const C* __rest
   }
 }
 
-// Prefill: C[64 x 64] tile of Y per block; W tile decoded from codes into shared memory each K step.
+// Prefill (cuda::tile_loop): the W tile is decoded weight by weight (k -> group, position), scale applied
+// with the bias per output.
 template <typename T, typename S_T, typename C>
 __global__ void tiled_kernel(DevAttrs a, const T* __restrict__ x, const C* __restrict__ codes,
                              const __half* __restrict__ cb, const S_T* __restrict__ scales,
                              const T* __restrict__ bias, T* __restrict__ y) {
-  __shared__ float xs[kBK][kBM + 1];
-  __shared__ float ws[kBK][kBN + 1];
-  const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // 16 x 16 threads, 4 x 4 outputs each
-  float acc[4][4] = {};
-  for (int k0 = 0; k0 < a.K; k0 += kBK) {
-    // X tile: 64 rows x 32 k.
-    for (int i = threadIdx.x; i < kBM * kBK; i += kTileThreads) {
-      const int r = i / kBK, k = i % kBK;
-      const int gr = m0 + r, gk = k0 + k;
-      xs[k][r] = (gr < a.rows && gk < a.K) ? to_f(x[static_cast<size_t>(gr) * a.K + gk]) : 0.0f;
-    }
-    // W tile: 64 channels x 32 k, decoded weight by weight (k -> group, position), scale applied later.
-    for (int i = threadIdx.x; i < kBN * kBK; i += kTileThreads) {
-      const int c = i / kBK, k = i % kBK;
+  __shared__ cuda::TileSmem smem;
+  // 32-bit indices: K, N and the rows of X are below 2^31 (checked before the launch)
+  const int m0 = blockIdx.y * cuda::kTileM, n0 = blockIdx.x * cuda::kTileN;
+  float acc[cuda::kThreadM][cuda::kThreadN];
+  const auto x_at = [&](int m, int k) { return to_f(x[static_cast<size_t>(m) * a.K + k]); };
+  const auto stage_w = [&](int k0, float (&ws)[cuda::kTileK][cuda::kTileN + 1]) {
+    for (int i = threadIdx.x; i < cuda::kTileN * cuda::kTileK; i += cuda::kTileThreads) {
+      const int c = i / cuda::kTileK, k = i % cuda::kTileK;
       const int gn = n0 + c, gk = k0 + k;
       float w = 0.0f;
       if (gn < a.N && gk < a.K) {
@@ -164,34 +156,13 @@ __global__ void tiled_kernel(DevAttrs a, const T* __restrict__ x, const C* __res
       }
       ws[k][c] = w;
     }
-    __syncthreads();
-#pragma unroll 4
-    for (int k = 0; k < kBK; ++k) {
-      float xv[4], wv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) xv[i] = xs[k][ty * 4 + i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) wv[j] = ws[k][tx * 4 + j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += xv[i] * wv[j];
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int r = m0 + ty * 4 + i;
-    if (r >= a.rows) continue;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int n = n0 + tx * 4 + j;
-      if (n >= a.N) continue;
-      float v = acc[i][j] * to_f(scales[n]);
-      if (bias) v += to_f(bias[n]);
-      from_f(y + static_cast<size_t>(r) * a.N + n, v);
-    }
-  }
+  };
+  cuda::tile_loop<4>(smem, a.rows, a.K, m0, x_at, stage_w, acc);
+  cuda::tile_store(a.rows, a.N, m0, n0, acc, [&](int m, int n, float v) {
+    v *= to_f(scales[n]);
+    if (bias) v += to_f(bias[n]);
+    from_f(y + static_cast<size_t>(m) * a.N + n, v);
+  });
 }
 
 template <typename C>
@@ -202,10 +173,7 @@ __global__ void check_kernel(const C* __restrict__ codes, size_t total, int S, u
   }
 }
 
-Status cuda_status(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return Status::OK();
-  return Status::Error(std::string("CodebookMatMul (CUDA): ") + what + ": " + cudaGetErrorString(e));
-}
+Status cuda_status(cudaError_t e, const char* what) { return cuda::cuda_status(e, "CodebookMatMul", what); }
 
 template <typename T, typename S_T, typename C>
 Status launch(const Problem& p, const DevAttrs& a, cudaStream_t stream) {
@@ -228,9 +196,10 @@ Status launch(const Problem& p, const DevAttrs& a, cudaStream_t stream) {
     else QC_GEMV(8);
 #undef QC_GEMV
   } else {
-    if ((p.rows + kBM - 1) / kBM > 65535) return Status::Error("CodebookMatMul (CUDA): too many rows in X");
-    const dim3 grid((a.N + kBN - 1) / kBN, (p.rows + kBM - 1) / kBM);
-    tiled_kernel<T, S_T, C><<<grid, kTileThreads, 0, stream>>>(a, x, codes, cb, scales, bias, y);
+    if ((p.rows + cuda::kTileM - 1) / cuda::kTileM > 65535)
+      return Status::Error("CodebookMatMul (CUDA): too many rows in X");
+    const dim3 grid((a.N + cuda::kTileN - 1) / cuda::kTileN, (p.rows + cuda::kTileM - 1) / cuda::kTileM);
+    tiled_kernel<T, S_T, C><<<grid, cuda::kTileThreads, 0, stream>>>(a, x, codes, cb, scales, bias, y);
   }
   return cuda_status(cudaGetLastError(), "kernel launch");
 }
