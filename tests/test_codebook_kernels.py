@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from cpu_flags import has_avx512bw
 from qcompile.reference import codebook as ref
@@ -117,7 +118,7 @@ def test_out_of_range_code_is_an_error(ops_session, monkeypatch, path, rows, S, 
     x, codes, books, scales, b, attrs = make_case(rows, 64, 40, 2, S)
     codes[17, 3, 1] = S  # one past the end of codebook 1
     feeds = {"x": x, "codes": codes} if codes_as_input else {"x": x}
-    with pytest.raises(Exception, match=rf"code {S} at \[17, 3, 1\] is out of range"):
+    with pytest.raises(InvalidArgument, match=rf"code {S} at \[17, 3, 1\] is out of range"):
         sess = ops_session(make_model(x.dtype, codes, books, scales, b, attrs, codes_as_input=codes_as_input))
         sess.run(None, feeds)
 
@@ -182,11 +183,12 @@ def test_fixed_point_walk_propagates_nan_and_inf(ops_session, bad):
     np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
 
 
-def test_bad_constant_code_fails_session_creation(ops_session):
+def test_bad_constant_code_is_an_invalid_argument(ops_session):
+    # checked once when the session is created, reported by the runs as ORT_INVALID_ARGUMENT
     x, codes, books, scales, b, attrs = make_case(1, 64, 2048, 2, 250)
     codes[2047, 7, 0] = 255
-    with pytest.raises(Exception, match=r"code 255 at \[2047, 7, 0\] is out of range"):
-        ops_session(make_model(x.dtype, codes, books, scales, b, attrs))
+    with pytest.raises(InvalidArgument, match=r"code 255 at \[2047, 7, 0\] is out of range"):
+        ops_session(make_model(x.dtype, codes, books, scales, b, attrs)).run(None, {"x": x})
 
 
 def test_codes_fed_at_run_time_are_checked_every_call(ops_session):
@@ -243,7 +245,8 @@ def test_bad_shapes_and_dtypes_raise(ops_session, mutation):
                                  dict(codebook_size=70000), dict(N=-1)])
 def test_bad_attributes_raise(ops_session, bad):
     x, codes, books, scales, b, attrs = make_case(1, 64, 16, 1, 256)
-    with pytest.raises(Exception, match="CodebookMatMul"):
+    # found when the session is created, reported as ORT_INVALID_ARGUMENT (docs/ops.md), not RuntimeException
+    with pytest.raises(InvalidArgument, match="CodebookMatMul"):
         sess = ops_session(make_model(x.dtype, codes, books, scales, b, attrs, extra_attrs=bad))
         sess.run(None, {"x": x})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from cpu_flags import has_avx512bw
 from qcompile.reference import spqr as ref
@@ -271,7 +272,7 @@ def test_malformed_weights_raise(ops_session, what, as_inputs, idx):
     with pytest.raises(ref.SpQRLayoutError):  # the reference rejects it too
         ref.validate_inputs(None, *(bad.get(k) for k in WEIGHT_INPUTS), **attrs)
     x = np.ones((2, 64), F32)
-    with pytest.raises(Exception, match="SpQRMatMul|shape|type"):
+    with pytest.raises(InvalidArgument, match="SpQRMatMul|shape|type"):
         sess = ops_session(spqr_model(bad, attrs, as_inputs=as_inputs))
         sess.run(None, feeds(x, bad, None, as_inputs))
 
@@ -295,7 +296,8 @@ def test_index_tensors_of_other_types_raise(ops_session, name, dtype):
 def test_bad_attributes_raise(ops_session, change):
     attrs = dict(K=64, N=32, bits=3, group_size=16, stat_bits=3, stat_group=16)
     packed = ref.random_packed(64, 32, seed=1)
-    with pytest.raises(Exception, match="SpQRMatMul"):
+    # found when the session is created, reported as ORT_INVALID_ARGUMENT (docs/ops.md), not RuntimeException
+    with pytest.raises(InvalidArgument, match="SpQRMatMul"):
         sess = ops_session(spqr_model(packed, attrs | change))
         sess.run(None, {"x": np.ones((1, 64), F32)})
 
@@ -304,10 +306,10 @@ def test_bad_activation_shape_and_bias_raise(ops_session):
     attrs = dict(K=64, N=32, bits=3, group_size=16, stat_bits=3, stat_group=16)
     packed = ref.random_packed(64, 32, seed=2)
     sess = ops_session(spqr_model(packed, attrs))
-    with pytest.raises(Exception, match="K=64"):
+    with pytest.raises(InvalidArgument, match="K=64"):
         sess.run(None, {"x": np.ones((1, 63), F32)})
     sess = ops_session(spqr_model(packed, attrs, bias=np.ones(31, F32)))
-    with pytest.raises(Exception, match="bias"):
+    with pytest.raises(InvalidArgument, match="bias"):
         sess.run(None, {"x": np.ones((1, 64), F32)})
 
 
