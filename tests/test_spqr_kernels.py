@@ -219,6 +219,45 @@ def test_pair_tables_propagate_nan_and_inf(ops_session, monkeypatch, bad):
     np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
 
 
+# One row of activations near 4e37: the outputs fit fp32 (as two rows and the reference show), but the
+# M == 1 walks sum x·code and x over a group before the group's scale shrinks them, which overflowed to
+# NaN. Every CPU path that serves one row: the AVX-512 pair tables, the AVX2 walk over the prepared lanes
+# and over codes fed at run time, the scalar path.
+HUGE_X_PATHS = ["pair-tables", "avx2-lanes", "avx2-packed", "scalar"]
+
+
+@pytest.mark.parametrize("path", HUGE_X_PATHS)
+def test_one_row_of_huge_activations_matches_reference(ops_session, monkeypatch, path):
+    if path == "pair-tables":
+        if not has_avx512bw():
+            pytest.skip("the fixed-point pair tables need AVX-512BW")
+        monkeypatch.delenv("QCOMPILE_SPQR_LUT_FP32")
+    if path == "scalar":
+        monkeypatch.setenv("QCOMPILE_SPQR_SCALAR", "1")
+    attrs = dict(K=256, N=64, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(256, 64, outlier_rate=0.02, with_perm=True, seed=7)
+    rng = np.random.default_rng(7)
+    bias = rng.standard_normal(64).astype(F32)
+    x = (rng.standard_normal((2, 256)) * 4e37).astype(F32)
+    as_inputs = path == "avx2-packed"
+    model = spqr_model(packed, attrs, bias=bias, as_inputs=as_inputs)
+    sess = ops_session(model)
+    one = sess.run(None, feeds(x[:1], packed, bias, as_inputs))[0]
+    two = sess.run(None, feeds(x, packed, bias, as_inputs))[0]
+    want, scale = reference(x, packed, attrs, bias)
+    assert np.isfinite(want).all() and np.abs(want).max() > 1e36
+    check(two, x, packed, attrs, bias, F32)
+    assert np.isfinite(one).all()
+    if path != "pair-tables":
+        check(one, x[:1], packed, attrs, bias, F32)
+        return
+    bound = ref.pair_table_error_bound(x[0], packed["stat_codes"], packed["stat_params"], packed.get("perm"), **attrs)
+    err = np.abs(one[0].astype(np.float64) - want[0])
+    assert (err <= bound + 2e-6 * scale[0] + 1e-6).all(), (err - bound - 2e-6 * scale[0]).max()
+    monkeypatch.setenv("QCOMPILE_SPQR_LUT_FP32", "1")
+    assert not np.array_equal(one, ops_session(model).run(None, {"x": x[:1]})[0])  # the pair tables did run
+
+
 # ---- malformed inputs: always an exception, never a crash ----------------------------------------------
 
 def _corrupt(packed: dict, what: str) -> dict:

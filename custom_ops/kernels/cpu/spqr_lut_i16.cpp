@@ -202,7 +202,7 @@ QC_AVX2 void pairs_block(const Call& c, const PreparedCodes& prep, const int16_t
   walk_block(s, prep.pairs.data() + n0 / kRowGroup * G * kGroupBytes, n0, R, lut, step, c.xsum, params.data(),
              acc.data());
   for (int64_t r = 0; r < R; ++r) {
-    float v = acc[(size_t)r] + detail::outliers_avx2(c, n0 + r, 0);
+    float v = acc[(size_t)r] * c.dense_scale + detail::outliers_avx2(c, n0 + r, 0);
     if (c.bias) v += c.bias[n0 + r];
     c.y[n0 + r] = v;
   }
@@ -213,7 +213,8 @@ QC_AVX2 void pairs_block(const Call& c, const PreparedCodes& prep, const int16_t
 // M == 1 over the fixed-point walk's layout: tables once per call, then per block of rows the dense parts,
 // then each row's outliers and bias.
 Status run(const Attrs& s, const Weights& w, const float* xk, const float* xorig, const float* xsum, int64_t Gp,
-           const float* bias, float* y, const PreparedCodes& prep, const Parallel& par, bool* ran) {
+           float dense_scale, const float* bias, float* y, const PreparedCodes& prep, const Parallel& par,
+           bool* ran) {
   const int64_t G = s.groups();
   thread_local std::vector<int16_t> lut_buf;
   thread_local std::vector<float> step_buf;
@@ -223,7 +224,7 @@ Status run(const Attrs& s, const Weights& w, const float* xk, const float* xorig
   if (!*ran) return Status::OK();
   const int16_t* lut = lut_buf.data();  // the calling thread's buffers, shared with the tasks
   const float* step = step_buf.data();
-  const Call c{&s, &w, 1, xk, s.chunks() * kChunk, xorig, xsum, Gp, bias, y, nullptr, nullptr, nullptr};
+  const Call c{&s, &w, 1, xk, s.chunks() * kChunk, xorig, xsum, Gp, bias, y, nullptr, nullptr, nullptr, dense_scale};
   const int64_t blocks = (s.N + kBlockRows - 1) / kBlockRows;
   return tile::run_tasks(par, blocks, kOp, [&](int64_t t) { pairs_block(c, prep, lut, step, t * kBlockRows); });
 }

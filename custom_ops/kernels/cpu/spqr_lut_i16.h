@@ -56,11 +56,13 @@ void walk_block(const Attrs& a, const uint8_t* blk, int64_t n0, int64_t R, const
                 const float* xsum, const float* params, float* acc);
 
 // The whole walk for one row of X (spqr_matmul.cpp calls it when the prepared layout is `pairs`): xk the
-// stored-order activations (16·G entries, zero padded), xorig the original-order row (outliers), xsum the
-// per-group sums (Gp entries); y[n] = dense part + outliers + bias. *ran = false, with nothing written, on
-// a non-finite activation: the caller then takes the fp32 walk, which propagates it.
+// stored-order activations (16·G entries, zero padded) divided by dense_scale, xorig the original-order row
+// (outliers), xsum the per-group sums of xk (Gp entries); y[n] = dense part · dense_scale + outliers + bias.
+// *ran = false, with nothing written, on a non-finite activation: the caller then takes the fp32 walk,
+// which propagates it.
 Status run(const Attrs& a, const Weights& w, const float* xk, const float* xorig, const float* xsum, int64_t Gp,
-           const float* bias, float* y, const PreparedCodes& prep, const Parallel& par, bool* ran);
+           float dense_scale, const float* bias, float* y, const PreparedCodes& prep, const Parallel& par,
+           bool* ran);
 
 }  // namespace lut_i16
 }  // namespace spqr

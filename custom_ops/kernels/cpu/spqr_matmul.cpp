@@ -31,6 +31,20 @@ namespace qcompile {
 namespace spqr {
 namespace detail {
 
+float scale_down_large_activations(float* x, int64_t n) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    amax = a > amax ? a : amax;  // (a NaN is skipped; it propagates through the walk anyway)
+  }
+  constexpr int kLargest = 64;  // exponent the largest activation is brought down to
+  if (!(amax > 0x1p64f) || !std::isfinite(amax)) return 1.0f;
+  const int e = std::ilogb(amax) - kLargest;
+  const float down = std::ldexp(1.0f, -e);
+  for (int64_t i = 0; i < n; ++i) x[i] *= down;
+  return std::ldexp(1.0f, e);
+}
+
 // Scalar statistics of groups [g0, G) of row n into scale/zero.
 void stats_scalar(const Call& c, int64_t n, int64_t g0, float* scale, float* zero) {
   const Attrs& s = *c.s;
@@ -69,22 +83,25 @@ inline float outliers(const Call& c, int64_t n, int64_t m) {
 void rows_scalar(const Call& c, int64_t r0, int64_t r1) {
   const Attrs& s = *c.s;
   const int64_t G = s.groups();
-  thread_local std::vector<float> wrow, scale, zero;
-  wrow.assign((size_t)c.Kc, 0.f);
-  scale.assign((size_t)G, 0.f);
-  zero.assign((size_t)G, 0.f);
+  thread_local std::vector<float> wrow_buf, scale_buf, zero_buf;  // reached once, not per row
+  wrow_buf.assign((size_t)c.Kc, 0.f);
+  scale_buf.assign((size_t)G, 0.f);
+  zero_buf.assign((size_t)G, 0.f);
+  float* const wrow = wrow_buf.data();
+  float* const scale = scale_buf.data();
+  float* const zero = zero_buf.data();
   for (int64_t n = r0; n < r1; ++n) {
-    stats_scalar(c, n, 0, scale.data(), zero.data());
+    stats_scalar(c, n, 0, scale, zero);
     const uint32_t* row = c.w->codes + n * s.code_words();
     for (int64_t p = 0; p < s.K; ++p) {
       const int64_t g = p / s.group_size;
-      wrow[(size_t)p] = scale[(size_t)g] * ((float)code_at(row, p, s.bits) - zero[(size_t)g]);
+      wrow[p] = scale[g] * ((float)code_at(row, p, s.bits) - zero[g]);
     }
     for (int64_t m = 0; m < c.M; ++m) {
       const float* x = c.xk + m * c.Kc;
       float acc = 0.f;
-      for (int64_t p = 0; p < s.K; ++p) acc += x[p] * wrow[(size_t)p];
-      acc += outliers(c, n, m);
+      for (int64_t p = 0; p < s.K; ++p) acc += x[p] * wrow[p];
+      acc = acc * c.dense_scale + outliers(c, n, m);
       if (c.bias) acc += c.bias[n];
       c.y[m * s.N + n] = acc;
     }
@@ -130,7 +147,11 @@ Status run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const f
     } else {
       std::memcpy(dst, src, sizeof(float) * (size_t)s.K);
     }
-    for (int64_t p = 0; p < s.K; ++p) xsum[(size_t)(m * Gp + p / s.group_size)] += dst[p];
+  }
+  const float dense_scale = M == 1 ? scale_down_large_activations(xk.data(), s.K) : 1.0f;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xs = xk.data() + m * Kc;
+    for (int64_t p = 0; p < s.K; ++p) xsum[(size_t)(m * Gp + p / s.group_size)] += xs[p];
   }
   thread_local std::vector<int32_t> inv;
   inv.clear();
@@ -141,7 +162,8 @@ Status run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const f
 #if QC_X86
   if (prep && !prep->pairs.empty()) {
     bool ran = false;
-    QCOMPILE_RETURN_IF_ERROR(lut_i16::run(s, w, xk.data(), xf, xsum.data(), Gp, bias, y, *prep, par, &ran));
+    QCOMPILE_RETURN_IF_ERROR(
+        lut_i16::run(s, w, xk.data(), xf, xsum.data(), Gp, dense_scale, bias, y, *prep, par, &ran));
     if (ran) return Status::OK();
     prep = nullptr;  // a non-finite activation: the fp32 walk over the packed codes carries it
   }
@@ -160,7 +182,7 @@ Status run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const f
         }
   }
   const Call c{&s, &w, M, xk.data(), Kc, xf, xsum.data(), Gp, bias, y, inv.empty() ? nullptr : inv.data(),
-               prep, prep ? xl.data() : nullptr};
+               prep, prep ? xl.data() : nullptr, dense_scale};
   const int64_t rpt = rows_per_task(s, M);
   void (*rows)(const Call&, int64_t, int64_t) = rows_scalar;
 #if QC_X86

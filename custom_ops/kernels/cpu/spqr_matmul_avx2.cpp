@@ -363,7 +363,7 @@ QC_AVX2 void rows_avx2_m1(const Call& c, int64_t r0, int64_t r1) {
           acc0 = _mm256_fmadd_ps(t, _mm256_broadcast_ss(scale + g), acc0);
       }
     }
-    float v = hsum(_mm256_add_ps(acc0, acc1)) - hsum(corr) + outliers_avx2(c, n, 0);
+    float v = (hsum(_mm256_add_ps(acc0, acc1)) - hsum(corr)) * c.dense_scale + outliers_avx2(c, n, 0);
     if (c.bias) v += c.bias[n];
     c.y[n] = v;
   }

@@ -35,7 +35,19 @@ struct Call {
   const int32_t* inv_perm;  // [K] stored position of each input feature (M > 1 with perm), else nullptr
   const PreparedCodes* prep;  // lane layout of these codes (M == 1 AVX2 path), else nullptr
   const float* xl;            // with prep: xk over whole blocks, slot i scaled by 2^-(bits·i) (lanes_dot_g16)
+  // M == 1: xk and xsum are the activations times 1 / dense_scale (a power of two, see
+  // scale_down_large_activations); a row's dense part is computed from them and multiplied by dense_scale
+  // before the outliers (read from xorig, unscaled) and the bias are added.
+  float dense_scale = 1.0f;
 };
+
+// M == 1 walks sum x·code and x over a group before the group's scale shrinks them, so activations far
+// below FLT_MAX (|x| > ~1e36) overflow there while the op's result, and the reference's
+// dequantize-then-multiply, stay finite. When max |x[0..n)| > 2^64 this scales x by 2^-e so that the
+// largest is about 2^64 and returns 2^e (the caller multiplies the dense part back); otherwise, and for a
+// non-finite max, it changes nothing and returns 1. Powers of two are exact: results that did not overflow
+// are unchanged.
+float scale_down_large_activations(float* x, int64_t n);
 
 // fp16 second-level parameters [4, G] of row n's row block.
 inline const uint16_t* row_params(const Call& c, int64_t n) {
