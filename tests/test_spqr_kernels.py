@@ -258,6 +258,53 @@ def test_one_row_of_huge_activations_matches_reference(ops_session, monkeypatch,
     assert not np.array_equal(one, ops_session(model).run(None, {"x": x[:1]})[0])  # the pair tables did run
 
 
+def assert_same_non_finite(got, want):
+    """NaN where the reference has NaN, an Inf of the same sign where it has one."""
+    got = np.asarray(got, np.float64).reshape(want.shape)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got) & (got > 0), np.isinf(want) & (want > 0))
+    np.testing.assert_array_equal(np.isinf(got) & (got < 0), np.isinf(want) & (want < 0))
+
+
+# An Inf in stat_params (scale step or min, zero step or min of one group of one row block): the reference
+# dequantizes first, scale · (code − zero) per position, so the group's terms are ±Inf of both signs and
+# sum to NaN; the rearranged walks gave ±Inf. Every CPU path: one row on the AVX-512 pair tables, the AVX2
+# lane and packed walks and the scalar path; several rows on the AVX2 panels and the scalar path.
+STAT_INF_PATHS = ["pair-tables", "avx2-lanes", "avx2-packed", "scalar", "avx2-rows", "scalar-rows"]
+
+
+@pytest.mark.parametrize("field", [0, 1, 2, 3], ids=["scale_step", "scale_min", "zero_step", "zero_min"])
+@pytest.mark.parametrize("path", STAT_INF_PATHS)
+def test_inf_in_stat_params_propagates_as_the_reference(ops_session, monkeypatch, path, field):
+    if path == "pair-tables":
+        if not has_avx512bw():
+            pytest.skip("the fixed-point pair tables need AVX-512BW")
+        monkeypatch.delenv("QCOMPILE_SPQR_LUT_FP32")
+    if path.startswith("scalar"):
+        monkeypatch.setenv("QCOMPILE_SPQR_SCALAR", "1")
+    attrs = dict(K=256, N=64, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(256, 64, outlier_rate=0.02, with_perm=True, seed=4)
+    packed["stat_params"][1, field, 5] = np.inf  # rows 16..31, group 5
+    packed["stat_params"][3, field, 9] = -np.inf  # rows 48..63, group 9
+    rng = np.random.default_rng(4)
+    bias = rng.standard_normal(64).astype(F32)
+    x = rng.standard_normal((3 if path.endswith("rows") else 1, 256)).astype(F32)
+    as_inputs = path == "avx2-packed"
+    y = ops_session(spqr_model(packed, attrs, bias=bias, as_inputs=as_inputs)).run(
+        None, feeds(x, packed, bias, as_inputs))[0].astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        want, scale = reference(x, packed, attrs, bias)
+    assert not np.isfinite(want[:, 16:32]).any() and np.isfinite(want[:, :16]).all()
+    assert_same_non_finite(y, want)
+    finite = np.isfinite(want)
+    tol = 2e-6 * scale + 1e-6
+    if path == "pair-tables":
+        with np.errstate(invalid="ignore"):
+            tol = tol + ref.pair_table_error_bound(x[0], packed["stat_codes"], packed["stat_params"],
+                                                   packed.get("perm"), **attrs)
+    assert (np.abs(y - want)[finite] <= tol[finite]).all()
+
+
 # ---- malformed inputs: always an exception, never a crash ----------------------------------------------
 
 def _corrupt(packed: dict, what: str) -> dict:

@@ -21,6 +21,7 @@
 // (QCOMPILE_CODEBOOK_NO_AVX2=1 forces the portable path, which the tests also exercise).
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -31,6 +32,7 @@
 #include "qcompile/codebook_matmul.h"
 #include "qcompile/cpu_features.h"
 #include "qcompile/half.h"
+#include "simd.h"
 #include "tile_gemm.h"
 
 namespace qcompile {
@@ -452,6 +454,37 @@ Status dispatch(const Problem& p, const Geometry& g, const Prepared& in, bool av
   }
 }
 
+// Outputs the paths left non-finite, recomputed the way the reference computes them
+// (qcompile/reference/codebook.py): row n of W = (sum of its codewords) · scales[n] in fp32, then the dot
+// product with X in fp32, plus the bias. The paths scale the finished dot product instead, which turns the
+// reference's NaN (an Inf scale times a zero codeword sum, or ±Inf terms of both signs) into ±Inf.
+void recompute_non_finite(const Problem& p, const Geometry& g, const Prepared& in) {
+  std::vector<float> wrow;  // allocated only when an output needs it
+  const uint32_t last = static_cast<uint32_t>(g.S - 1);
+  for (int64_t n = 0; n < g.N; ++n) {
+    bool any = false;
+    for (int64_t r = 0; r < p.rows; ++r) any = any || !std::isfinite(load_elem(p.y, p.dtype, r * g.N + n));
+    if (!any) continue;
+    wrow.assign(static_cast<size_t>(g.K), 0.0f);
+    for (int64_t gi = 0; gi < g.G; ++gi)
+      for (int64_t m = 0; m < g.M; ++m) {
+        const int64_t i = (n * g.G + gi) * g.M + m;
+        const uint32_t code = p.code_type == CodeType::kUint8 ? static_cast<const uint8_t*>(p.codes)[i]
+                                                                : static_cast<const uint16_t*>(p.codes)[i];
+        const float* cw = in.cb.data() + (m * g.S + std::min(code, last)) * g.d;
+        for (int64_t j = 0; j < g.d; ++j) wrow[gi * g.d + j] += cw[j];
+      }
+    for (float& v : wrow) v *= in.scales[n];
+    for (int64_t r = 0; r < p.rows; ++r) {
+      if (std::isfinite(load_elem(p.y, p.dtype, r * g.N + n))) continue;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < g.K; ++k) acc += in.x[r * in.Kp + k] * wrow[k];
+      if (!in.bias.empty()) acc += in.bias[n];
+      store_elem(p.y, p.dtype, r * g.N + n, acc);
+    }
+  }
+}
+
 }  // namespace
 
 Status prepare_constant_codes(const Attrs& a, const void* codes, CodeType code_type, PreparedCodes* out) {
@@ -523,6 +556,10 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
     const uint32_t mx = *std::max_element(maxc.begin(), maxc.end());
     if (mx >= static_cast<uint32_t>(g.S)) return check_codes_host(p.attrs, p.codes, p.code_type);
   }
+  const int64_t outputs = p.rows * g.N;
+  const bool finite = p.dtype == DType::kFloat16 ? simd::all_finite(static_cast<const uint16_t*>(p.y), outputs)
+                                                 : simd::all_finite(static_cast<const float*>(p.y), outputs);
+  if (!finite) recompute_non_finite(p, g, in);
   return Status::OK();
 }
 

@@ -1,6 +1,6 @@
-// Small AVX2 building blocks every CPU kernel uses: horizontal sums, an in-register 8x8 transpose, fp16
-// widening and unaligned scalar loads. All are QC_AVX2 inline functions: call them only from QC_AVX2 code
-// (after cpu_has_avx2()), where they inline.
+// Small building blocks every CPU kernel uses: horizontal sums, an in-register 8x8 transpose, fp16 widening
+// (QC_AVX2 inline functions: call them only from QC_AVX2 code, after cpu_has_avx2(), where they inline),
+// and portable scans (unaligned loads, finiteness checks).
 #pragma once
 
 #include <cstdint>
@@ -17,6 +17,24 @@ inline uint32_t load_u32(const uint8_t* p) {
   uint32_t v;
   std::memcpy(&v, p, 4);
   return v;
+}
+
+// No x[i] is Inf or NaN. Branch-free over the exponent bits, so the compiler vectorises it.
+inline bool all_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, x + i, 4);
+    bad |= (b & 0x7F800000u) == 0x7F800000u;
+  }
+  return bad == 0;
+}
+
+// The same for fp16 bits.
+inline bool all_finite(const uint16_t* h, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= (h[i] & 0x7C00u) == 0x7C00u;
+  return bad == 0;
 }
 
 #if QC_X86

@@ -23,6 +23,7 @@
 
 #include "qcompile/cpu_features.h"
 #include "qcompile/spqr_matmul.h"
+#include "simd.h"
 #include "spqr_lut_i16.h"
 #include "spqr_matmul_internal.h"
 #include "tile_gemm.h"
@@ -129,9 +130,45 @@ void gather(const float* src, const Idx* idx, int64_t K, float* dst) {
   for (int64_t p = 0; p < K; ++p) dst[p] = src[idx[p]];
 }
 
-// Shared driver: xf is fp32 [M, K] in original order; y fp32 [M, N].
-Status run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
-           const PreparedCodes* prep, const Parallel& par) {
+// y[m, n] the way the reference computes it (qcompile/reference/spqr.py): row n of W dequantized in fp32,
+// scale · (code − zero) per position, outliers added to it, then the dot product with X in float64.
+// For outputs the fast paths leave non-finite: their rearranged sums lose the NaN of +inf and −inf terms
+// (an Inf in stat_params makes scale · (Σ x·code − zero · Σ x) ±inf where the reference's per-position
+// products are ±inf of both signs), or overflow where the reference does not.
+void recompute_non_finite(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y) {
+  std::vector<float> wcol, scale, zero;  // allocated only when an output needs it
+  const Call c{&s, &w, M, nullptr, 0, xf, nullptr, 0, bias, y, nullptr, nullptr, nullptr};
+  for (int64_t n = 0; n < s.N; ++n) {
+    bool any = false;
+    for (int64_t m = 0; m < M; ++m) any = any || !std::isfinite(y[m * s.N + n]);
+    if (!any) continue;
+    const int64_t G = s.groups();
+    wcol.assign((size_t)s.K, 0.f);
+    scale.resize((size_t)G);
+    zero.resize((size_t)G);
+    stats_scalar(c, n, 0, scale.data(), zero.data());
+    const uint32_t* row = w.codes + n * s.code_words();
+    for (int64_t p = 0; p < s.K; ++p) {
+      const int64_t g = p / s.group_size;
+      const float dense = scale[(size_t)g] * ((float)code_at(row, p, s.bits) - zero[(size_t)g]);
+      wcol[(size_t)(w.perm ? perm_at(w, p) : p)] = dense;
+    }
+    for (int64_t o = row_offset(w, n), end = row_offset(w, n + 1); o < end; ++o)
+      wcol[(size_t)col_at(w, o)] += half_to_float(w.values[o]);
+    for (int64_t m = 0; m < M; ++m) {
+      float& out = y[m * s.N + n];
+      if (std::isfinite(out)) continue;
+      double acc = 0.0;
+      for (int64_t k = 0; k < s.K; ++k) acc += (double)xf[m * s.K + k] * (double)wcol[(size_t)k];
+      if (bias) acc += (double)bias[n];
+      out = (float)acc;
+    }
+  }
+}
+
+// xf fp32 [M, K] in original order -> y fp32 [M, N], through the fastest path this CPU and layer allow.
+Status run_paths(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
+                 const PreparedCodes* prep, const Parallel& par) {
   const int64_t Kc = s.chunks() * kChunk, G = s.groups(), Gp = round_up(G, 8);
   // Kept per calling thread: no allocation (nor page faults) per call.
   thread_local std::vector<float> xk, xsum;
@@ -195,6 +232,14 @@ Status run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const f
     const int64_t r0 = t * rpt;
     rows(c, r0, std::min(s.N, r0 + rpt));
   });
+}
+
+// The driver: xf is fp32 [M, K] in original order; y fp32 [M, N].
+Status run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
+           const PreparedCodes* prep, const Parallel& par) {
+  QCOMPILE_RETURN_IF_ERROR(run_paths(xf, M, s, w, bias, y, prep, par));
+  if (!simd::all_finite(y, M * s.N)) recompute_non_finite(xf, M, s, w, bias, y);
+  return Status::OK();
 }
 
 }  // namespace

@@ -75,22 +75,17 @@ __device__ __forceinline__ void decode_group8(const C* cg, const __half* cb, int
   }
 }
 
-template <typename T, typename S_T, typename C, int R>
-__global__ void gemv_kernel(DevAttrs a, const T* __restrict__ x, const C* __restrict__ codes,
-                            const __half* __restrict__ cb_global, const S_T* __restrict__ scales,
-                            const T* __restrict__ bias, T* __restrict__ y, int smem_books) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const __half* cb = cb_global;
-  if (smem_books) {
-    __half* s = reinterpret_cast<__half*>(smem_raw);
-    stage_codebooks(cb_global, s, a.M * a.S * a.d);
-    cb = s;
-  }
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int n = blockIdx.x * kWarpsPerBlock + warp;
-  if (n >= a.N) return;
-  const C* row = codes + static_cast<size_t>(n) * a.G * a.M;
-  float acc[R];
+// An infinite scale multiplies the weights, as in the reference (W = codeword sum · scale, then X @ Wᵀ), so
+// that a zero codeword sum or ±Inf terms of both signs give NaN; a finite one multiplies the finished dot
+// product. weight_factor · output_factor = scale, and one of them is 1 (exact).
+__device__ __forceinline__ float weight_factor(float scale) { return isinf(scale) ? scale : 1.0f; }
+__device__ __forceinline__ float output_factor(float scale) { return isinf(scale) ? 1.0f : scale; }
+
+// Sums of the warp's share of row n of W (groups lane, lane + 32, ...) times up to R rows of X, each weight
+// multiplied by wf first.
+template <typename T, typename C, int R>
+__device__ __forceinline__ void row_dots(const DevAttrs& a, const T* __restrict__ x, const C* row, const __half* cb,
+                                         int lane, float wf, float (&acc)[R]) {
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;
   for (int g = lane; g < a.G; g += kWarp) {
@@ -98,6 +93,8 @@ __global__ void gemv_kernel(DevAttrs a, const T* __restrict__ x, const C* __rest
     if (a.d == 8) {
       float w[8];
       decode_group8(cg, cb, a.M, a.S, w);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) w[j] *= wf;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         if (r < a.rows) {
@@ -113,32 +110,59 @@ __global__ void gemv_kernel(DevAttrs a, const T* __restrict__ x, const C* __rest
         float w = 0.0f;
         for (int m = 0; m < a.M; ++m)
           w += __half2float(cb[(static_cast<size_t>(m) * a.S + clamp_code(cg[m], a.S)) * a.d + j]);
+        w *= wf;
 #pragma unroll
         for (int r = 0; r < R; ++r)
           if (r < a.rows) acc[r] += w * to_f(x[static_cast<size_t>(r) * a.K + g * a.d + j]);
       }
     }
   }
+}
+
+template <typename T, typename S_T, typename C, int R>
+__global__ void gemv_kernel(DevAttrs a, const T* __restrict__ x, const C* __restrict__ codes,
+                            const __half* __restrict__ cb_global, const S_T* __restrict__ scales,
+                            const T* __restrict__ bias, T* __restrict__ y, int smem_books) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const __half* cb = cb_global;
+  if (smem_books) {
+    __half* s = reinterpret_cast<__half*>(smem_raw);
+    stage_codebooks(cb_global, s, a.M * a.S * a.d);
+    cb = s;
+  }
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int n = blockIdx.x * kWarpsPerBlock + warp;
+  if (n >= a.N) return;
+  const C* row = codes + static_cast<size_t>(n) * a.G * a.M;
+  const float scale = to_f(scales[n]);
+  float acc[R];
+  row_dots<T, C, R>(a, x, row, cb, lane, weight_factor(scale), acc);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     float v = acc[r];
 #pragma unroll
     for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
     if (lane == 0 && r < a.rows) {
-      v *= to_f(scales[n]);
+      v *= output_factor(scale);
       if (bias) v += to_f(bias[n]);
       from_f(y + static_cast<size_t>(r) * a.N + n, v);
     }
   }
 }
 
-// Prefill (cuda::tile_loop): the W tile is decoded weight by weight (k -> group, position), scale applied
-// with the bias per output.
+// Prefill (cuda::tile_loop): the W tile is decoded weight by weight (k -> group, position), the scale applied
+// with the bias per output (an infinite one with the weights, see weight_factor).
 template <typename T, typename S_T, typename C>
 __global__ void tiled_kernel(DevAttrs a, const T* __restrict__ x, const C* __restrict__ codes,
                              const __half* __restrict__ cb, const S_T* __restrict__ scales,
                              const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ cuda::TileSmem smem;
+  __shared__ float wfs[cuda::kTileN];  // weight_factor of the tile's output channels
+  if (threadIdx.x < cuda::kTileN) {
+    const int gn = blockIdx.x * cuda::kTileN + threadIdx.x;
+    wfs[threadIdx.x] = gn < a.N ? weight_factor(to_f(scales[gn])) : 1.0f;
+  }
+  __syncthreads();
   // 32-bit indices: K, N and the rows of X are below 2^31 (checked before the launch)
   const int m0 = blockIdx.y * cuda::kTileM, n0 = blockIdx.x * cuda::kTileN;
   float acc[cuda::kThreadM][cuda::kThreadN];
@@ -154,12 +178,12 @@ __global__ void tiled_kernel(DevAttrs a, const T* __restrict__ x, const C* __res
         for (int m = 0; m < a.M; ++m)
           w += __half2float(cb[(static_cast<size_t>(m) * a.S + clamp_code(cg[m], a.S)) * a.d + j]);
       }
-      ws[k][c] = w;
+      ws[k][c] = w * wfs[c];
     }
   };
   cuda::tile_loop<4>(smem, a.rows, a.K, m0, x_at, stage_w, acc);
   cuda::tile_store(a.rows, a.N, m0, n0, acc, [&](int m, int n, float v) {
-    v *= to_f(scales[n]);
+    v *= output_factor(to_f(scales[n]));
     if (bias) v += to_f(bias[n]);
     from_f(y + static_cast<size_t>(m) * a.N + n, v);
   });
