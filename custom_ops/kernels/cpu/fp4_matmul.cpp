@@ -292,7 +292,7 @@ void store_transposed(const Problem& p, int64_t n0, int64_t count, const float* 
   }
 }
 
-// ---- drivers ---------------------------------------------------------------------------------------
+// ---- tiles -----------------------------------------------------------------------------------------
 
 TaskScratch& task_scratch() {
   thread_local TaskScratch s;
