@@ -385,18 +385,21 @@ Status run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x,
       decode_tile(p, g, avx2, c, n0, nc, kTileRows, s.scales.data(), k0, len, s.tile.data(), kTileLd);
     }
     void multiply(int64_t k0, int64_t len) {
+      const float* tile = s.tile.data();
+      float* out = s.out.data();
+      const int64_t ldx = g.ldx;
       for (int64_t m = 0; m < Mpad; m += kMR)
         for (int64_t r = 0; r < nc; r += kNR) {
-          const float* xs = x + m * g.ldx + k0;
-          const float* ws = s.tile.data() + r * kTileLd;
-          float* cs = s.out.data() + m * kTileRows + r;
+          const float* xs = x + m * ldx + k0;
+          const float* ws = tile + r * kTileLd;
+          float* cs = out + m * kTileRows + r;
 #if QC_X86
           if (avx2) {
-            tile::dot_rx4_avx2<kMR, true>(xs, g.ldx, ws, kTileLd, len, cs, kTileRows);
+            tile::dot_rx4_avx2<kMR, true>(xs, ldx, ws, kTileLd, len, cs, kTileRows);
             continue;
           }
 #endif
-          tile::dot_rx4<kMR, true>(xs, g.ldx, ws, kTileLd, len, cs, kTileRows);
+          tile::dot_rx4<kMR, true>(xs, ldx, ws, kTileLd, len, cs, kTileRows);
         }
     }
     void finish() {
