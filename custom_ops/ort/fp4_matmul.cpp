@@ -10,7 +10,6 @@ namespace qcompile {
 namespace ort {
 namespace {
 
-constexpr const char* kOpName = "FP4MatMul";
 enum Input : size_t { kX = 0, kW = 1, kScales = 2, kTensorScale = 3, kBias = 4, kNumInputs = 5 };
 
 struct Fp4Kernel : KernelBase<Fp4Kernel> {

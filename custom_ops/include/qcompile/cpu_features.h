@@ -12,6 +12,8 @@
 // Functions compiled for AVX-512F + BW (the fixed-point table walks); call them only when
 // cpu_has_avx512bw() is true.
 #define QC_AVX512BW __attribute__((target("avx512f,avx512bw")))
+// QC_AVX2 plus BMI1/2 (scalar bit-field extraction in table walks); every AVX2 CPU has them.
+#define QC_AVX2_BMI2 __attribute__((target("avx2,fma,f16c,bmi,bmi2")))
 #else
 #define QC_X86 0
 #endif
@@ -44,5 +46,13 @@ inline bool env_flag(const char* name) {
   const char* v = std::getenv(name);
   return v && v[0] && v[0] != '0';
 }
+
+// An op's AVX2 paths run: the CPU has AVX2 + FMA + F16C and the op's switch `disable_env` (e.g.
+// QCOMPILE_FP4_NO_AVX2, which tests set to pin the portable path) is not set.
+inline bool avx2_enabled(const char* disable_env) { return cpu_has_avx2() && !env_flag(disable_env); }
+
+// An op's AVX-512BW fixed-point walk runs: the CPU has AVX-512F + BW and `disable_env` (e.g.
+// QCOMPILE_SPQR_LUT_FP32) is not set.
+inline bool avx512bw_enabled(const char* disable_env) { return cpu_has_avx512bw() && !env_flag(disable_env); }
 
 }  // namespace qcompile

@@ -19,6 +19,17 @@ Status expect(const char* name, const std::vector<int64_t>& got, const std::vect
   return err(std::string(name) + " shape must be " + how + " = " + shape_str(want) + ", got " + shape_str(got));
 }
 
+// *lo, *hi = the smallest and largest of n indices, 0 included (a plain loop the compiler vectorises).
+template <typename T>
+void index_range(const T* c, int64_t n, int64_t* lo, int64_t* hi) {
+  T mn = 0, mx = 0;
+  for (int64_t o = 0; o < n; ++o) {
+    mn = c[o] < mn ? c[o] : mn;
+    mx = c[o] > mx ? c[o] : mx;
+  }
+  *lo = mn, *hi = mx;
+}
+
 }  // namespace
 
 Status validate_attrs(const Attrs& a) {
@@ -80,21 +91,9 @@ Status validate_indices(const Attrs& a, const Weights& w) {
   // min/max first (vectorises); the slow path only runs to name the offender
   int64_t lo = 0, hi = 0;
   if (w.col_int16) {
-    const int16_t* c = (const int16_t*)w.col_indices;
-    int16_t mn = 0, mx = 0;
-    for (int64_t o = 0; o < w.nnz; ++o) {
-      mn = c[o] < mn ? c[o] : mn;
-      mx = c[o] > mx ? c[o] : mx;
-    }
-    lo = mn, hi = mx;
+    index_range((const int16_t*)w.col_indices, w.nnz, &lo, &hi);
   } else {
-    const int32_t* c = (const int32_t*)w.col_indices;
-    int32_t mn = 0, mx = 0;
-    for (int64_t o = 0; o < w.nnz; ++o) {
-      mn = c[o] < mn ? c[o] : mn;
-      mx = c[o] > mx ? c[o] : mx;
-    }
-    lo = mn, hi = mx;
+    index_range((const int32_t*)w.col_indices, w.nnz, &lo, &hi);
   }
   if (lo < 0 || hi >= a.K) {
     for (int64_t o = 0; o < w.nnz; ++o) {

@@ -41,8 +41,9 @@ void pack_block(const uint8_t* codes, int64_t T, int64_t T16, int64_t n0, int64_
     }
 }
 
+bool available() { return avx512bw_enabled("QCOMPILE_CODEBOOK_LUT_FP32"); }
+
 #if QC_X86
-bool available() { return cpu_has_avx512bw() && !env_flag("QCOMPILE_CODEBOOK_LUT_FP32"); }
 
 QC_AVX512BW bool quantize_slices(const float* lut, int64_t s0, int64_t s1, int16_t* q, float* step) {
   for (int64_t s = s0; s < s1; ++s) {
@@ -127,7 +128,6 @@ QC_AVX512BW void walk_block(const uint8_t* blk, const int16_t* q, const float* s
 
 #else  // not x86: the fp32 walk serves every call
 
-bool available() { return false; }
 bool quantize_slices(const float*, int64_t, int64_t, int16_t*, float*) { return false; }
 void walk_block(const uint8_t*, const int16_t*, const float*, int64_t, int64_t, float*) {}
 

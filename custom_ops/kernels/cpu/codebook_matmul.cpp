@@ -1,14 +1,18 @@
-// CPU kernel for qcompile.CodebookMatMul (AQLM additive codebooks).
+// CPU kernel for qcompile.CodebookMatMul (AQLM additive codebooks): the plan, the portable kernels, the
+// drivers and the dispatch. AVX2 kernels are in codebook_matmul_avx2.cpp, the batch-1 byte walk in
+// codebook_byte_walk.cpp (AVX-512BW fixed-point form: codebook_lut_i16.cpp).
 //
-// Two paths, chosen per call:
-//  * LUT GEMV (few rows, and M*S small next to N): for one X row, the dot product of every input group
-//    with every codeword, lut[g][m][s] = x_g . C[m][s] (G*M*S floats; built vectorised over s from a
-//    codeword-transposed copy of the codebooks). Then y[n] = scale[n] * sum_{g,m} lut[g][m][code[n,g,m]]:
-//    M table lookups per group instead of 8 multiply-adds, and W is never materialised. Tasks own
-//    blocks of output rows; the lookups are AVX2 gathers when available.
-//  * decode + GEMM (prefill, or codebooks too large for a LUT to pay): a task owns 16 output channels,
-//    decodes their weights for all K into a K-major float tile [K][16], then a 6x16 register-blocked
-//    FMA microkernel reuses that tile for every X row. Scales and bias are applied once per output.
+// Three paths, chosen per call (dispatch):
+//  * LUT GEMV (few rows; codewords long and codebooks small, or one row of aqlm-2x8 byte codes over many
+//    output rows): for one X row, the dot product of every input group with every codeword,
+//    lut[g][m][s] = x_g . C[m][s] (G*M*S floats; built vectorised over s from a codeword-transposed copy
+//    of the codebooks). Then y[n] = scale[n] * sum_{g,m} lut[g][m][code[n,g,m]]: M table lookups per group
+//    instead of 8 multiply-adds, and W is never materialised. Tasks own blocks of output rows.
+//  * fused decode-dot (up to 8 rows): each group's codewords are summed (codebooks stay in L1) and dotted
+//    with every X row.
+//  * decode + GEMM (prefill, tile::tile_gemm): a tile of 16 output channels is decoded for all of K into a
+//    row-major float tile [16][Kp]; 3x4 dot-product microkernels reuse it for every block of 3 X rows.
+// Scales and bias are applied once per output.
 //
 // Codes are validated on the fly: every index is clamped to S-1 before it is used (so no read is ever out
 // of bounds) and the largest code seen is recorded; a code >= S fails the call with an error naming it.
@@ -17,47 +21,23 @@
 // (QCOMPILE_CODEBOOK_NO_AVX2=1 forces the portable path, which the tests also exercise).
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
-#include "qcompile/codebook_matmul.h"
-
 #include "codebook_lut_i16.h"
+#include "codebook_matmul_internal.h"
+#include "qcompile/codebook_matmul.h"
 #include "qcompile/cpu_features.h"
 #include "qcompile/half.h"
+#include "simd.h"
+#include "tile_gemm.h"
 
 namespace qcompile {
 namespace codebook {
-namespace {
-
-constexpr int64_t kNR = 16;          // output channels per GEMM task (decoded once, reused by all rows)
-constexpr int64_t kMR = 3;           // X rows per microkernel call (3 x 4 dot-product blocks)
-constexpr int64_t kLutMaxRows = 4;   // up to this many X rows use the LUT path
-constexpr int64_t kGemvRowsPerTask = 64;
-constexpr int64_t kFusedRows = 4;     // X rows sharing one decode in the fused path
-constexpr int64_t kFusedMaxRows = 8;  // up to this many X rows use the fused path
-
-bool use_avx2() { return cpu_has_avx2() && !env_flag("QCOMPILE_CODEBOOK_NO_AVX2"); }
-
-// The batch-1 byte walk runs in fixed point (codebook_lut_i16.h) on this CPU: what prepare_constant_codes
-// lays the codes out for, and what run_lut checks the layout against.
-bool use_fixed_point_walk() { return use_avx2() && lut_i16::available(); }
-
-// Per-thread scratch that survives across calls (ORT pool threads persist), so tasks do not page-fault
-// fresh allocations every call.
-template <typename T>
-T* scratch(std::vector<T>& buf, size_t n) {
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
-
-struct Geometry {
-  int64_t K, N, G, M, S, d;
-  int64_t T;   // G*M: codes per output row
-  int64_t LS;  // LUT row stride: S rounded up to 8
-};
+namespace detail {
 
 Geometry geometry(const Attrs& a) {
   Geometry g;
@@ -71,6 +51,23 @@ Geometry geometry(const Attrs& a) {
   g.LS = (g.S + 7) / 8 * 8;
   return g;
 }
+
+}  // namespace detail
+
+using namespace detail;
+namespace {
+
+constexpr int64_t kMR = 3;           // X rows per microkernel call (3 x 4 dot-product blocks)
+constexpr int64_t kLutMaxRows = 4;   // up to this many X rows use the LUT path
+constexpr int64_t kGemvRowsPerTask = 64;
+constexpr int64_t kFusedRows = 4;     // X rows sharing one decode in the fused path
+constexpr int64_t kFusedMaxRows = 8;  // up to this many X rows use the fused path
+
+bool use_avx2() { return avx2_enabled("QCOMPILE_CODEBOOK_NO_AVX2"); }
+
+// The batch-1 byte walk runs in fixed point (codebook_lut_i16.h) on this CPU: what prepare_constant_codes
+// lays the codes out for, and what run_lut checks the layout against.
+bool use_fixed_point_walk() { return use_avx2() && lut_i16::available(); }
 
 float load_elem(const void* base, DType t, int64_t i) {
   return t == DType::kFloat16 ? half_to_float(static_cast<const uint16_t*>(base)[i])
@@ -102,122 +99,6 @@ void lut_build_ref(const float* x, const float* cbt, const Geometry& g, int64_t 
     }
   }
 }
-
-#if QC_X86
-QC_AVX2 void lut_build_avx2(const float* x, const float* cbt, const Geometry& g, int64_t g0, int64_t g1, float* lut) {
-  constexpr int64_t kChunk = 64;  // 8 accumulators of 8 codewords
-  for (int64_t gi = g0; gi < g1; ++gi) {
-    const float* xg = x + gi * g.d;
-    for (int64_t m = 0; m < g.M; ++m) {
-      float* out = lut + (gi * g.M + m) * g.LS;
-      const float* cm = cbt + m * g.d * g.LS;
-      int64_t s = 0;
-      for (; s + kChunk <= g.LS; s += kChunk) {
-        __m256 acc[8];
-        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < g.d; ++j) {
-          const __m256 xv = _mm256_broadcast_ss(xg + j);
-          const float* c = cm + j * g.LS + s;
-          for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c + 8 * i), acc[i]);
-        }
-        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + s + 8 * i, acc[i]);
-      }
-      for (; s < g.LS; s += 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t j = 0; j < g.d; ++j)
-          acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xg + j), _mm256_loadu_ps(cm + j * g.LS + s), acc);
-        _mm256_storeu_ps(out + s, acc);
-      }
-    }
-  }
-}
-#endif
-
-// ---- LUT gather: sum_t lut[t*LS + code[t]] over one output row's T codes ----------------------------
-
-template <typename C, bool kCheck>
-float lut_row_ref(const C* codes, const float* lut, const Geometry& g, uint32_t* maxc) {
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  uint32_t mx = 0;
-  const uint32_t last = static_cast<uint32_t>(g.S - 1);
-  int64_t t = 0;
-  for (; t + 4 <= g.T; t += 4) {
-    for (int i = 0; i < 4; ++i) {
-      uint32_t c = codes[t + i];
-      if (kCheck) {
-        mx = std::max(mx, c);
-        c = std::min(c, last);
-      }
-      acc[i] += lut[(t + i) * g.LS + c];
-    }
-  }
-  for (; t < g.T; ++t) {
-    uint32_t c = codes[t];
-    if (kCheck) {
-      mx = std::max(mx, c);
-      c = std::min(c, last);
-    }
-    acc[0] += lut[t * g.LS + c];
-  }
-  if (kCheck) *maxc = std::max(*maxc, mx);
-  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
-}
-
-#if QC_X86
-template <typename C>
-QC_AVX2 inline __m256i load8_codes(const C* p) {
-  if constexpr (sizeof(C) == 1) {
-    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  } else {
-    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-}
-
-template <typename C, bool kCheck>
-QC_AVX2 float lut_row_avx2(const C* codes, const float* lut, const Geometry& g, uint32_t* maxc) {
-  // Offsets of 8 consecutive LUT rows, advanced by 8 rows per step (fits int32: G*M*LS < 2^31 checked).
-  const int32_t ls = static_cast<int32_t>(g.LS);
-  __m256i base = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(ls));
-  const __m256i step = _mm256_set1_epi32(8 * ls);
-  const __m256i last = _mm256_set1_epi32(static_cast<int32_t>(g.S - 1));
-  __m256i mx = _mm256_setzero_si256();
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t t = 0;
-  for (; t + 16 <= g.T; t += 16) {
-    __m256i c0 = load8_codes(codes + t), c1 = load8_codes(codes + t + 8);
-    if (kCheck) {
-      mx = _mm256_max_epu32(mx, _mm256_max_epu32(c0, c1));
-      c0 = _mm256_min_epu32(c0, last);
-      c1 = _mm256_min_epu32(c1, last);
-    }
-    acc0 = _mm256_add_ps(acc0, _mm256_i32gather_ps(lut, _mm256_add_epi32(base, c0), 4));
-    base = _mm256_add_epi32(base, step);
-    acc1 = _mm256_add_ps(acc1, _mm256_i32gather_ps(lut, _mm256_add_epi32(base, c1), 4));
-    base = _mm256_add_epi32(base, step);
-  }
-  acc0 = _mm256_add_ps(acc0, acc1);
-  alignas(32) float part[8];
-  _mm256_store_ps(part, acc0);
-  float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-  uint32_t m = 0;
-  if (kCheck) {
-    alignas(32) uint32_t mv[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(mv), mx);
-    for (int i = 0; i < 8; ++i) m = std::max(m, mv[i]);
-  }
-  const uint32_t lastc = static_cast<uint32_t>(g.S - 1);
-  for (; t < g.T; ++t) {
-    uint32_t c = codes[t];
-    if (kCheck) {
-      m = std::max(m, c);
-      c = std::min(c, lastc);
-    }
-    sum += lut[t * g.LS + c];
-  }
-  if (kCheck) *maxc = std::max(*maxc, m);
-  return sum;
-}
-#endif
 
 // ---- decode: up to 16 output channels into a row-major tile wt[i*Kp + k] (zero-padded) -------------------
 
@@ -251,92 +132,22 @@ void decode_tile_ref(const C* codes, const float* cb, const Geometry& g, int64_t
   if (kCheck) *maxc = std::max(*maxc, mx);
 }
 
-#if QC_X86
-// d == 8: one codeword is one vector, so a group decodes to M loads, M-1 adds and one store.
-template <typename C, bool kCheck>
-QC_AVX2 void decode_tile_avx2_d8(const C* codes, const float* cb, const Geometry& g, int64_t n0, int64_t nb,
-                                 int64_t Kp, float* wt, uint32_t* maxc) {
-  const uint32_t last = static_cast<uint32_t>(g.S - 1);
-  uint32_t mx = 0;
-  for (int64_t i = 0; i < kNR; ++i) {
-    float* dst = wt + i * Kp;
-    if (i >= nb) {
-      std::fill(dst, dst + Kp, 0.0f);
-      continue;
-    }
-    const C* row = codes + (n0 + i) * g.T;
-    for (int64_t gi = 0; gi < g.G; ++gi) {
-      const C* cg = row + gi * g.M;
-      __m256 w = _mm256_setzero_ps();
-      for (int64_t m = 0; m < g.M; ++m) {
-        uint32_t c = cg[m];
-        if (kCheck) {
-          mx = std::max(mx, c);
-          c = std::min(c, last);
-        }
-        w = _mm256_add_ps(w, _mm256_loadu_ps(cb + ((m * g.S + c) << 3)));
-      }
-      _mm256_storeu_ps(dst + (gi << 3), w);
-    }
-  }
-  if (kCheck) *maxc = std::max(*maxc, mx);
-}
-#endif
-
 // ---- GEMM microkernel: c[r][j] = dot(x[r], w[j]) over Kp (a multiple of 8), R x rows, 4 W rows ----------
-
-template <int R>
-void micro_ref(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t Kp, float* c, int64_t ldc) {
-  for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < 4; ++j) {
-      float acc[8] = {};
-      const float* xr = x + r * ldx;
-      const float* wj = w + j * ldw;
-      for (int64_t k = 0; k < Kp; k += 8)
-        for (int e = 0; e < 8; ++e) acc[e] += xr[k + e] * wj[k + e];
-      c[r * ldc + j] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    }
-  }
-}
-
-#if QC_X86
-QC_AVX2 inline __m128 reduce4(__m256 p, __m256 q, __m256 r, __m256 s) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(p, q), _mm256_hadd_ps(r, s));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-template <int R>
-QC_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t Kp, float* c,
-                        int64_t ldc) {
-  __m256 a[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) a[r][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < Kp; k += 8) {
-    __m256 xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * ldx + k);
-    for (int j = 0; j < 4; ++j) {
-      const __m256 wv = _mm256_loadu_ps(w + j * ldw + k);
-      for (int r = 0; r < R; ++r) a[r][j] = _mm256_fmadd_ps(xv[r], wv, a[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm_storeu_ps(c + r * ldc, reduce4(a[r][0], a[r][1], a[r][2], a[r][3]));
-}
-#endif
 
 // c[r][0..4) for R = 1..3 rows of x against 4 rows of w.
 void micro(bool avx2, int R, const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t Kp, float* c,
            int64_t ldc) {
 #if QC_X86
   if (avx2) {
-    if (R == 1) micro_avx2<1>(x, ldx, w, ldw, Kp, c, ldc);
-    else if (R == 2) micro_avx2<2>(x, ldx, w, ldw, Kp, c, ldc);
-    else micro_avx2<3>(x, ldx, w, ldw, Kp, c, ldc);
+    if (R == 1) tile::dot_rx4_avx2<1, false>(x, ldx, w, ldw, Kp, c, ldc);
+    else if (R == 2) tile::dot_rx4_avx2<2, false>(x, ldx, w, ldw, Kp, c, ldc);
+    else tile::dot_rx4_avx2<3, false>(x, ldx, w, ldw, Kp, c, ldc);
     return;
   }
 #endif
-  if (R == 1) micro_ref<1>(x, ldx, w, ldw, Kp, c, ldc);
-  else if (R == 2) micro_ref<2>(x, ldx, w, ldw, Kp, c, ldc);
-  else micro_ref<3>(x, ldx, w, ldw, Kp, c, ldc);
+  if (R == 1) tile::dot_rx4<1, false>(x, ldx, w, ldw, Kp, c, ldc);
+  else if (R == 2) tile::dot_rx4<2, false>(x, ldx, w, ldw, Kp, c, ldc);
+  else tile::dot_rx4<3, false>(x, ldx, w, ldw, Kp, c, ldc);
 }
 
 // ---- fused decode-dot (GEMV, few rows): y[r][n] = sum_g dot(x[r]_g, sum_m C[m][code]) ------------------
@@ -366,133 +177,6 @@ void fused_rows_ref(const C* codes, const float* cb, const Geometry& g, const fl
   }
   if (kCheck) *maxc = std::max(*maxc, mx);
 }
-
-#if QC_X86
-QC_AVX2 inline float hsum8(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
-
-template <typename C, bool kCheck>
-QC_AVX2 inline __m256 decode_group_d8(const C* cg, const float* cb, int64_t M, int64_t S, uint32_t last,
-                                       uint32_t& mx) {
-  uint32_t c = cg[0];
-  if (kCheck) {
-    mx = std::max(mx, c);
-    c = std::min(c, last);
-  }
-  __m256 w = _mm256_loadu_ps(cb + (static_cast<int64_t>(c) << 3));
-  for (int64_t m = 1; m < M; ++m) {
-    c = cg[m];
-    if (kCheck) {
-      mx = std::max(mx, c);
-      c = std::min(c, last);
-    }
-    w = _mm256_add_ps(w, _mm256_loadu_ps(cb + ((m * S + c) << 3)));
-  }
-  return w;
-}
-
-template <typename C, bool kCheck, int kM>
-QC_AVX2 inline __m256 decode_group_fixed(const C* cg, const float* cb, int64_t S, uint32_t last, uint32_t& mx) {
-  if constexpr (kM == 2 && sizeof(C) == 1 && !kCheck) {  // both codes in one 16-bit load
-    uint16_t pair;
-    std::memcpy(&pair, cg, 2);
-    return _mm256_add_ps(_mm256_loadu_ps(cb + (static_cast<uint32_t>(pair & 0xFF) << 3)),
-                         _mm256_loadu_ps(cb + ((S + (pair >> 8)) << 3)));
-  }
-  __m256 w;
-  for (int m = 0; m < kM; ++m) {
-    uint32_t c = cg[m];
-    if (kCheck) {
-      mx = std::max(mx, c);
-      c = std::min(c, last);
-    }
-    const __m256 v = _mm256_loadu_ps(cb + ((m * S + c) << 3));
-    w = m == 0 ? v : _mm256_add_ps(w, v);
-  }
-  return w;
-}
-
-// R == 1 with M known at compile time: four output channels at once share each x load and give four
-// independent FMA chains.
-template <typename C, bool kCheck, int kM>
-QC_AVX2 void fused_gemv_avx2_d8(const C* codes, const float* cb, const Geometry& g, const float* x, int64_t n0,
-                                int64_t n1, float* out, uint32_t* maxc) {
-  const uint32_t last = static_cast<uint32_t>(g.S - 1);
-  uint32_t mx = 0;
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    const C* r0 = codes + n * g.T;
-    const C* r1 = r0 + g.T;
-    const C* r2 = r1 + g.T;
-    const C* r3 = r2 + g.T;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    int64_t gi = 0;
-    for (; gi + 2 <= g.G; gi += 2) {
-      const __m256 xv = _mm256_loadu_ps(x + (gi << 3)), xw = _mm256_loadu_ps(x + (gi << 3) + 8);
-      const int64_t o = gi * kM, q = o + kM;
-      a0 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r0 + o, cb, g.S, last, mx), xv, a0);
-      a1 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r1 + o, cb, g.S, last, mx), xv, a1);
-      a2 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r2 + o, cb, g.S, last, mx), xv, a2);
-      a3 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r3 + o, cb, g.S, last, mx), xv, a3);
-      b0 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r0 + q, cb, g.S, last, mx), xw, b0);
-      b1 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r1 + q, cb, g.S, last, mx), xw, b1);
-      b2 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r2 + q, cb, g.S, last, mx), xw, b2);
-      b3 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r3 + q, cb, g.S, last, mx), xw, b3);
-    }
-    for (; gi < g.G; ++gi) {
-      const __m256 xv = _mm256_loadu_ps(x + (gi << 3));
-      const int64_t o = gi * kM;
-      a0 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r0 + o, cb, g.S, last, mx), xv, a0);
-      a1 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r1 + o, cb, g.S, last, mx), xv, a1);
-      a2 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r2 + o, cb, g.S, last, mx), xv, a2);
-      a3 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r3 + o, cb, g.S, last, mx), xv, a3);
-    }
-    _mm_storeu_ps(out + (n - n0), reduce4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2),
-                                          _mm256_add_ps(a3, b3)));
-  }
-  for (; n < n1; ++n) {
-    const C* r0 = codes + n * g.T;
-    __m256 a0 = _mm256_setzero_ps();
-    for (int64_t gi = 0; gi < g.G; ++gi)
-      a0 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r0 + gi * kM, cb, g.S, last, mx),
-                           _mm256_loadu_ps(x + (gi << 3)), a0);
-    out[n - n0] = hsum8(a0);
-  }
-  if (kCheck) *maxc = std::max(*maxc, mx);
-}
-
-template <typename C, bool kCheck, int R>
-QC_AVX2 void fused_rows_avx2_d8(const C* codes, const float* cb, const Geometry& g, const float* x, int64_t ldx,
-                                int64_t n0, int64_t n1, float* out, uint32_t* maxc) {
-  if (R == 1 && g.M == 1) return fused_gemv_avx2_d8<C, kCheck, 1>(codes, cb, g, x, n0, n1, out, maxc);
-  if (R == 1 && g.M == 2) return fused_gemv_avx2_d8<C, kCheck, 2>(codes, cb, g, x, n0, n1, out, maxc);
-  const uint32_t last = static_cast<uint32_t>(g.S - 1);
-  uint32_t mx = 0;
-  for (int64_t n = n0; n < n1; ++n) {
-    const C* row = codes + n * g.T;
-    __m256 a0[R], a1[R];  // two chains per row hide the FMA latency
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
-    int64_t gi = 0;
-    for (; gi + 2 <= g.G; gi += 2) {
-      const __m256 w0 = decode_group_d8<C, kCheck>(row + gi * g.M, cb, g.M, g.S, last, mx);
-      const __m256 w1 = decode_group_d8<C, kCheck>(row + (gi + 1) * g.M, cb, g.M, g.S, last, mx);
-      for (int r = 0; r < R; ++r) {
-        a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ldx + (gi << 3)), a0[r]);
-        a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * ldx + ((gi + 1) << 3)), a1[r]);
-      }
-    }
-    if (gi < g.G) {
-      const __m256 w0 = decode_group_d8<C, kCheck>(row + gi * g.M, cb, g.M, g.S, last, mx);
-      for (int r = 0; r < R; ++r) a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ldx + (gi << 3)), a0[r]);
-    }
-    for (int r = 0; r < R; ++r) out[r * (n1 - n0) + (n - n0)] = hsum8(_mm256_add_ps(a0[r], a1[r]));
-  }
-  if (kCheck) *maxc = std::max(*maxc, mx);
-}
-#endif
 
 template <typename C, bool kCheck, int R>
 void fused_rows(bool avx2, const C* codes, const float* cb, const Geometry& g, const float* x, int64_t ldx,
@@ -542,178 +226,9 @@ inline float lut_slice(const C* codes, const float* lut, int64_t cnt, int64_t LS
   return (s0 + s1) + (s2 + s3);
 }
 
-// Byte codes over full 256-entry tables (no range check needed): the sum of 16 lookups in 16 consecutive
-// tables, codes taken from two 64-bit loads (register shifts instead of 16 byte loads) and added as a tree
-// (short dependency chains, each add folds its table load).
-inline float lut16_u8(const uint8_t* c, const float* L) {
-  uint64_t a, b;
-  std::memcpy(&a, c, 8);
-  std::memcpy(&b, c + 8, 8);
-  const float v0 = L[a & 255] + L[256 + ((a >> 8) & 255)];
-  const float v1 = L[512 + ((a >> 16) & 255)] + L[768 + ((a >> 24) & 255)];
-  const float v2 = L[1024 + ((a >> 32) & 255)] + L[1280 + ((a >> 40) & 255)];
-  const float v3 = L[1536 + ((a >> 48) & 255)] + L[1792 + (a >> 56)];
-  const float v4 = L[2048 + (b & 255)] + L[2304 + ((b >> 8) & 255)];
-  const float v5 = L[2560 + ((b >> 16) & 255)] + L[2816 + ((b >> 24) & 255)];
-  const float v6 = L[3072 + ((b >> 32) & 255)] + L[3328 + ((b >> 40) & 255)];
-  const float v7 = L[3584 + ((b >> 48) & 255)] + L[3840 + (b >> 56)];
-  return ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7));
-}
-
-#if QC_X86
-// The same sum with AVX2-era scalar code: BMI2 shifts (no register copies) pick the bytes, and half of the
-// adds are FMAs with 1.0 (exact, one rounding like an add) so they issue on the FMA pipes next to the adders.
-#define QC_LUT_ISA __attribute__((target("avx2,fma,bmi,bmi2")))
-QC_LUT_ISA inline float lut16_u8_avx2(const uint8_t* c, const float* L) {
-  uint64_t a, b;
-  std::memcpy(&a, c, 8);
-  std::memcpy(&b, c + 8, 8);
-  const __m128 one = _mm_set_ss(1.0f);
-#define QC_LD(t, v, sh) _mm_load_ss(L + (t) * 256 + (((v) >> (sh)) & 255))
-#define QC_FADD(acc, v) _mm_fmadd_ss((v), one, (acc))
-  const __m128 v0 = _mm_add_ss(QC_LD(0, a, 0), QC_LD(1, a, 8));
-  const __m128 v1 = QC_FADD(QC_LD(2, a, 16), QC_LD(3, a, 24));
-  const __m128 v2 = _mm_add_ss(QC_LD(4, a, 32), QC_LD(5, a, 40));
-  const __m128 v3 = QC_FADD(QC_LD(6, a, 48), QC_LD(7, a, 56));
-  const __m128 v4 = _mm_add_ss(QC_LD(8, b, 0), QC_LD(9, b, 8));
-  const __m128 v5 = QC_FADD(QC_LD(10, b, 16), QC_LD(11, b, 24));
-  const __m128 v6 = _mm_add_ss(QC_LD(12, b, 32), QC_LD(13, b, 40));
-  const __m128 v7 = QC_FADD(QC_LD(14, b, 48), QC_LD(15, b, 56));
-  return _mm_cvtss_f32(
-      _mm_add_ss(QC_FADD(_mm_add_ss(v0, v1), QC_FADD(v2, v3)), QC_FADD(_mm_add_ss(v4, v5), QC_FADD(v6, v7))));
-#undef QC_LD
-#undef QC_FADD
-}
-#endif
-
-// The same sum, codes 0-7 extracted from one 64-bit load by shifts and codes 8-15 read by their own byte
-// loads (movzx from memory, no ALU work): spreads the work over the ALUs and the load ports, ~7% faster
-// on the prepared walk than extracting all 16 by shifts on Zen 3 (bound by the instructions per lookup).
-QC_LUT_ISA inline float lut16_u8_mixed(const uint8_t* c, const float* L) {
-  uint64_t a;
-  std::memcpy(&a, c, 8);
-  const float v0 = L[a & 255] + L[256 + ((a >> 8) & 255)];
-  const float v1 = L[512 + ((a >> 16) & 255)] + L[768 + ((a >> 24) & 255)];
-  const float v2 = L[1024 + ((a >> 32) & 255)] + L[1280 + ((a >> 40) & 255)];
-  const float v3 = L[1536 + ((a >> 48) & 255)] + L[1792 + (a >> 56)];
-#define QC_LB(t) L[(t) * 256 + c[t]]
-  const float v4 = QC_LB(8) + QC_LB(9), v5 = QC_LB(10) + QC_LB(11), v6 = QC_LB(12) + QC_LB(13),
-              v7 = QC_LB(14) + QC_LB(15);
-#undef QC_LB
-  return ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7));
-}
-
-constexpr int64_t kLutRowsPerTask = 512;  // the LUT (1 MB for 2x8 at K=4096) streams once per task
-
-// Tables T16..T-1 (fewer than a slice of 16) for rows n0..n1-1, read from the file-order codes.
-inline void lut_rows_u8_tail(const uint8_t* codes, const float* lut, int64_t T, int64_t T16, int64_t n0, int64_t n1,
-                             float* acc) {
-  if (T16 >= T) return;
-  for (int64_t n = n0; n < n1; ++n) {
-    float s = 0.f;
-    for (int64_t t = T16; t < T; ++t) s += lut[t * 256 + codes[n * T + t]];
-    acc[n - n0] += s;
-  }
-}
-
-// y[n] += sum_t lut[t][codes[n, t]] for rows [n0, n1), uint8 codes into 256-entry tables (LS == 256).
-// Codes are row-major with a row stride of T bytes (1 KB at K=4096), so walking 16-byte slices of many
-// rows would thrash the cache sets. Instead, per super-slice of up to kSuper tables, the task first copies
-// each row's codes (whole cache lines, prefetched ahead) into a slice-major buffer (L2-resident), then
-// walks 16 KB LUT slices of 16 tables, L1-resident, over the buffer read sequentially.
-constexpr int64_t kSuper = 256;
-template <float (*Lut16)(const uint8_t*, const float*)>
-__attribute__((always_inline)) inline void lut_rows_u8_impl(const uint8_t* codes, const float* lut, int64_t T,
-                                                            int64_t n0, int64_t n1, float* acc) {
-  thread_local std::vector<uint8_t> buf_store;
-  const int64_t R = n1 - n0;
-  const int64_t QS = R * 16 + 64;  // sub-slice stride, one line off a multiple of 4 KB (no set conflicts)
-  if (buf_store.size() < static_cast<size_t>(kSuper / 16 * QS)) buf_store.resize(static_cast<size_t>(kSuper / 16 * QS));
-  uint8_t* buf = buf_store.data();
-  const int64_t T16 = T / 16 * 16;
-  constexpr int64_t kAhead = 8;  // rows prefetched ahead of the copy
-  for (int64_t t0 = 0; t0 < T16; t0 += kSuper) {
-    const int64_t q_end = std::min<int64_t>(kSuper, T16 - t0) / 16;
-    const uint8_t* src = codes + n0 * T + t0;
-    for (int64_t r = 0; r < R; ++r, src += T) {
-      if (r + kAhead < R)
-        for (int64_t b = 0; b < 16 * q_end; b += 64) __builtin_prefetch(src + kAhead * T + b);
-      if (q_end == kSuper / 16) {  // the common case, fully unrolled
-        for (int64_t q = 0; q < kSuper / 16; ++q) std::memcpy(buf + q * QS + r * 16, src + 16 * q, 16);
-      } else {
-        for (int64_t q = 0; q < q_end; ++q) std::memcpy(buf + q * QS + r * 16, src + 16 * q, 16);
-      }
-    }
-    // While the rows pass over the first four sub-slices, prefetch the next super-slice's code lines (one
-    // line per row per pass), so the next copy finds them in cache.
-    const int64_t next = t0 + kSuper;
-    for (int64_t q = 0; q < q_end; ++q) {
-      const float* L = lut + (t0 + 16 * q) * 256;
-      const uint8_t* c = buf + q * QS;
-      if (q < 4 && next + 64 * q < T16) {
-        const uint8_t* pf = codes + n0 * T + next + 64 * q;
-        for (int64_t r = 0; r < R; ++r, c += 16, pf += T) {
-          __builtin_prefetch(pf, 0, 2);
-          acc[r] += Lut16(c, L);
-        }
-      } else {
-        for (int64_t r = 0; r < R; ++r, c += 16) acc[r] += Lut16(c, L);
-      }
-    }
-  }
-  lut_rows_u8_tail(codes, lut, T, T16, n0, n1, acc);
-}
-
-// Code bytes ahead of the sliced walk to prefetch (into L1): the walk streams them once, from DRAM when the
-// caches are cold, and the hardware prefetcher alone did not keep up (the same held for SpQR's lanes). A/B on
-// a 2-core AMD EPYC (Zen 4) VM, 4096x4096 aqlm-2x8, M = 1, one thread, cold: 1.23-1.30 ms -> 1.03-1.11 ms.
-constexpr int64_t kCodePrefetch = 2048;
-
-// The same sums over codes prepared once in slice order (PreparedCodes::sliced; `blk` is this block of
-// rows): the walk reads them strictly sequentially, no per-call copy.
-template <float (*Lut16)(const uint8_t*, const float*)>
-__attribute__((always_inline)) inline void lut_rows_u8_sliced_impl(const uint8_t* codes, const uint8_t* blk,
-                                                                   const float* lut, int64_t T, int64_t n0,
-                                                                   int64_t n1, float* acc) {
-  const int64_t R = n1 - n0;
-  const int64_t T16 = T / 16 * 16;
-  const uint8_t* c = blk;
-  constexpr int64_t kSliceLines = 16 * 256 * 4 / 64;  // cache lines of one 16-table LUT slice
-  for (int64_t t0 = 0; t0 < T16; t0 += 16) {
-    const float* L = lut + t0 * 256;
-    // While walking this slice, prefetch the next one a line per two rows (all of it for blocks of 512 rows),
-    // so it comes from L2 rather than on demand from L3 (the whole LUT is larger than L2).
-    const char* next = reinterpret_cast<const char*>(L + 16 * 256);
-    const int64_t lines = t0 + 16 < T16 ? kSliceLines : 0;
-    int64_t r = 0, line = 0;
-    for (; r + 2 <= R; r += 2, c += 32) {
-      if (line < lines) __builtin_prefetch(next + 64 * line++, 0, 1);
-      if (r & 2) __builtin_prefetch(c + kCodePrefetch, 0, 3);  // a 64-byte line of codes per 4 rows
-      acc[r] += Lut16(c, L);
-      acc[r + 1] += Lut16(c + 16, L);
-    }
-    for (; r < R; ++r, c += 16) acc[r] += Lut16(c, L);
-  }
-  lut_rows_u8_tail(codes, lut, T, T16, n0, n1, acc);
-}
-
-void lut_rows_u8(const uint8_t* codes, const uint8_t* blk, const float* lut, int64_t T, int64_t n0, int64_t n1,
-                 float* acc) {
-  if (blk) lut_rows_u8_sliced_impl<lut16_u8>(codes, blk, lut, T, n0, n1, acc);
-  else lut_rows_u8_impl<lut16_u8>(codes, lut, T, n0, n1, acc);
-}
-#if QC_X86
-QC_LUT_ISA void lut_rows_u8_avx2(const uint8_t* codes, const uint8_t* blk, const float* lut, int64_t T, int64_t n0,
-                                 int64_t n1, float* acc) {
-  // (the copying walk gains nothing from the mixed form: measured equal)
-  if (blk) lut_rows_u8_sliced_impl<lut16_u8_mixed>(codes, blk, lut, T, n0, n1, acc);
-  else lut_rows_u8_impl<lut16_u8_avx2>(codes, lut, T, n0, n1, acc);
-}
-#endif
-
 template <typename C, bool kCheck>
-void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
-             std::vector<uint32_t>& maxc) {
+Status run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
+               std::vector<uint32_t>& maxc) {
   // Codeword-transposed codebooks: cbt[(m*d + j)*LS + s].
   // Buffers are per calling thread and reused across calls (no page faults for a fresh 1 MB every token).
   thread_local std::vector<float> cbt_buf, lut_buf;
@@ -772,11 +287,11 @@ void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2,
       });
       fixed_point = finite;  // a NaN or Inf in the table: the fp32 walk (over the file-order codes) carries it
     }
-    par.for_each(static_cast<size_t>(gather_tasks), [&](size_t t) {
+    const Status st = tile::run_tasks(par, gather_tasks, kOp, [&](int64_t t) {
       // Walk the LUT in L1-sized slices of (group, codebook) entries, all of this task's rows per slice:
       // two loads per lookup (code, table entry), no gathers, and the table slice never leaves L1.
       thread_local std::vector<float> acc_buf;
-      const int64_t n0 = static_cast<int64_t>(t) * rows_per_task, n1 = std::min(g.N, n0 + rows_per_task);
+      const int64_t n0 = t * rows_per_task, n1 = std::min(g.N, n0 + rows_per_task);
       const int64_t padded = (n1 - n0 + lut_i16::kRowGroup - 1) / lut_i16::kRowGroup * lut_i16::kRowGroup;
       float* acc = scratch(acc_buf, static_cast<size_t>(padded));
       std::fill(acc, acc + padded, 0.0f);
@@ -807,53 +322,71 @@ void run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx2,
       }
       if (kCheck) maxc[t] = std::max(maxc[t], mx);
     });
+    QCOMPILE_RETURN_IF_ERROR(st);
   }
+  return Status::OK();
 }
 
+// Prefill (tile::tile_gemm): tiles of 16 output channels, decoded once for all of K into a row-major tile
+// [16][Kp], which 3x4 dot-product microkernels reuse for every block of 3 X rows; scales and bias are applied
+// once per output.
 template <typename C, bool kCheck>
-void run_gemm(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
-              std::vector<uint32_t>& maxc) {
-  const C* codes = static_cast<const C*>(p.codes);
-  const int64_t Kp = in.Kp;
-  const int64_t tasks = (g.N + kNR - 1) / kNR;
-  par.for_each(static_cast<size_t>(tasks), [&](size_t t) {
-    thread_local std::vector<float> wbuf;
-    const int64_t n0 = static_cast<int64_t>(t) * kNR, nb = std::min(kNR, g.N - n0);
-    float* wt = scratch(wbuf, static_cast<size_t>(Kp * kNR));
-    uint32_t mx = 0;
+Status run_gemm(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
+                std::vector<uint32_t>& maxc) {
+  struct Tile {
+    const Problem& p;
+    const Geometry& g;
+    const Prepared& in;
+    bool avx2;
+    int64_t n0, nb;
+    float* wt;
+    uint32_t* maxc;
+    void decode(int64_t, int64_t) {
+      const C* codes = static_cast<const C*>(p.codes);
+      uint32_t mx = 0;
 #if QC_X86
-    if (avx2 && g.d == 8) {
-      decode_tile_avx2_d8<C, kCheck>(codes, in.cb.data(), g, n0, nb, Kp, wt, &mx);
-    } else {
-      decode_tile_ref<C, kCheck>(codes, in.cb.data(), g, n0, nb, Kp, wt, &mx);
-    }
+      if (avx2 && g.d == 8) {
+        decode_tile_avx2_d8<C, kCheck>(codes, in.cb.data(), g, n0, nb, in.Kp, wt, &mx);
+      } else {
+        decode_tile_ref<C, kCheck>(codes, in.cb.data(), g, n0, nb, in.Kp, wt, &mx);
+      }
 #else
-    decode_tile_ref<C, kCheck>(codes, in.cb.data(), g, n0, nb, Kp, wt, &mx);
+      decode_tile_ref<C, kCheck>(codes, in.cb.data(), g, n0, nb, in.Kp, wt, &mx);
 #endif
-    if (kCheck) maxc[t] = mx;
-    float c[kMR * kNR];
-    for (int64_t r0 = 0; r0 < p.rows; r0 += kMR) {
-      const int rr = static_cast<int>(std::min(kMR, p.rows - r0));
-      for (int64_t j0 = 0; j0 < kNR; j0 += 4)
-        micro(avx2, rr, in.x.data() + r0 * Kp, Kp, wt + j0 * Kp, Kp, Kp, c + j0, kNR);
-      for (int r = 0; r < rr; ++r) {
-        for (int64_t i = 0; i < nb; ++i) {
-          float v = c[r * kNR + i] * in.scales[n0 + i];
-          if (!in.bias.empty()) v += in.bias[n0 + i];
-          store_elem(p.y, p.dtype, (r0 + r) * g.N + n0 + i, v);
+      if (kCheck) *maxc = mx;
+    }
+    void multiply(int64_t, int64_t) {
+      const int64_t Kp = in.Kp;
+      float c[kMR * kNR];
+      for (int64_t r0 = 0; r0 < p.rows; r0 += kMR) {
+        const int rr = static_cast<int>(std::min(kMR, p.rows - r0));
+        for (int64_t j0 = 0; j0 < kNR; j0 += 4)
+          micro(avx2, rr, in.x.data() + r0 * Kp, Kp, wt + j0 * Kp, Kp, Kp, c + j0, kNR);
+        for (int r = 0; r < rr; ++r) {
+          for (int64_t i = 0; i < nb; ++i) {
+            float v = c[r * kNR + i] * in.scales[n0 + i];
+            if (!in.bias.empty()) v += in.bias[n0 + i];
+            store_elem(p.y, p.dtype, (r0 + r) * g.N + n0 + i, v);
+          }
         }
       }
     }
+    void finish() {}
+  };
+  return tile::tile_gemm(par, kOp, tile::Plan{g.N, kNR, kNR, in.Kp, in.Kp}, [&](int64_t n0, int64_t nb) {
+    thread_local std::vector<float> wbuf;
+    float* wt = scratch(wbuf, static_cast<size_t>(in.Kp * kNR));
+    return Tile{p, g, in, avx2, n0, nb, wt, &maxc[static_cast<size_t>(n0 / kNR)]};
   });
 }
 
 template <typename C, bool kCheck>
-void run_fused(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
-               std::vector<uint32_t>& maxc) {
+Status run_fused(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
+                 std::vector<uint32_t>& maxc) {
   const C* codes = static_cast<const C*>(p.codes);
   const int64_t tasks = (g.N + kGemvRowsPerTask - 1) / kGemvRowsPerTask;
-  par.for_each(static_cast<size_t>(tasks), [&](size_t t) {
-    const int64_t n0 = static_cast<int64_t>(t) * kGemvRowsPerTask, n1 = std::min(g.N, n0 + kGemvRowsPerTask);
+  return tile::run_tasks(par, tasks, kOp, [&](int64_t t) {
+    const int64_t n0 = t * kGemvRowsPerTask, n1 = std::min(g.N, n0 + kGemvRowsPerTask);
     float out[kFusedRows * kGemvRowsPerTask];
     uint32_t mx = 0;
     for (int64_t r0 = 0; r0 < p.rows; r0 += kFusedRows) {
@@ -895,7 +428,7 @@ Path forced_path() {
 }
 
 template <typename C, bool kCheck>
-void dispatch(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
+Status dispatch(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
               std::vector<uint32_t>& maxc) {
   const bool lut_ok = g.T * g.LS < (int64_t{1} << 30);
   Path path = forced_path();
@@ -915,9 +448,40 @@ void dispatch(const Problem& p, const Geometry& g, const Prepared& in, bool avx2
     else path = Path::kGemm;
   }
   switch (path) {
-    case Path::kLut: run_lut<C, kCheck>(p, g, in, avx2, par, maxc); break;
-    case Path::kFused: run_fused<C, kCheck>(p, g, in, avx2, par, maxc); break;
-    default: run_gemm<C, kCheck>(p, g, in, avx2, par, maxc); break;
+    case Path::kLut: return run_lut<C, kCheck>(p, g, in, avx2, par, maxc);
+    case Path::kFused: return run_fused<C, kCheck>(p, g, in, avx2, par, maxc);
+    default: return run_gemm<C, kCheck>(p, g, in, avx2, par, maxc);
+  }
+}
+
+// Outputs the paths left non-finite, recomputed the way the reference computes them
+// (qcompile/reference/codebook.py): row n of W = (sum of its codewords) · scales[n] in fp32, then the dot
+// product with X in fp32, plus the bias. The paths scale the finished dot product instead, which turns the
+// reference's NaN (an Inf scale times a zero codeword sum, or ±Inf terms of both signs) into ±Inf.
+void recompute_non_finite(const Problem& p, const Geometry& g, const Prepared& in) {
+  std::vector<float> wrow;  // allocated only when an output needs it
+  const uint32_t last = static_cast<uint32_t>(g.S - 1);
+  for (int64_t n = 0; n < g.N; ++n) {
+    bool any = false;
+    for (int64_t r = 0; r < p.rows; ++r) any = any || !std::isfinite(load_elem(p.y, p.dtype, r * g.N + n));
+    if (!any) continue;
+    wrow.assign(static_cast<size_t>(g.K), 0.0f);
+    for (int64_t gi = 0; gi < g.G; ++gi)
+      for (int64_t m = 0; m < g.M; ++m) {
+        const int64_t i = (n * g.G + gi) * g.M + m;
+        const uint32_t code = p.code_type == CodeType::kUint8 ? static_cast<const uint8_t*>(p.codes)[i]
+                                                                : static_cast<const uint16_t*>(p.codes)[i];
+        const float* cw = in.cb.data() + (m * g.S + std::min(code, last)) * g.d;
+        for (int64_t j = 0; j < g.d; ++j) wrow[gi * g.d + j] += cw[j];
+      }
+    for (float& v : wrow) v *= in.scales[n];
+    for (int64_t r = 0; r < p.rows; ++r) {
+      if (std::isfinite(load_elem(p.y, p.dtype, r * g.N + n))) continue;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < g.K; ++k) acc += in.x[r * in.Kp + k] * wrow[k];
+      if (!in.bias.empty()) acc += in.bias[n];
+      store_elem(p.y, p.dtype, r * g.N + n, acc);
+    }
   }
 }
 
@@ -979,17 +543,23 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   const bool check = !checked_once && (u8 ? g.S < 256 : g.S < 65536);
   thread_local std::vector<uint32_t> maxc;
   maxc.assign(static_cast<size_t>(std::max<int64_t>((g.N + kNR - 1) / kNR, 1) + 64), 0);  // >= tasks of any path
+  Status st;
   if (u8) {
-    if (check) dispatch<uint8_t, true>(p, g, in, avx2, par, maxc);
-    else dispatch<uint8_t, false>(p, g, in, avx2, par, maxc);
+    st = check ? dispatch<uint8_t, true>(p, g, in, avx2, par, maxc)
+               : dispatch<uint8_t, false>(p, g, in, avx2, par, maxc);
   } else {
-    if (check) dispatch<uint16_t, true>(p, g, in, avx2, par, maxc);
-    else dispatch<uint16_t, false>(p, g, in, avx2, par, maxc);
+    st = check ? dispatch<uint16_t, true>(p, g, in, avx2, par, maxc)
+               : dispatch<uint16_t, false>(p, g, in, avx2, par, maxc);
   }
+  QCOMPILE_RETURN_IF_ERROR(st);
   if (check) {
     const uint32_t mx = *std::max_element(maxc.begin(), maxc.end());
     if (mx >= static_cast<uint32_t>(g.S)) return check_codes_host(p.attrs, p.codes, p.code_type);
   }
+  const int64_t outputs = p.rows * g.N;
+  const bool finite = p.dtype == DType::kFloat16 ? simd::all_finite(static_cast<const uint16_t*>(p.y), outputs)
+                                                 : simd::all_finite(static_cast<const float*>(p.y), outputs);
+  if (!finite) recompute_non_finite(p, g, in);
   return Status::OK();
 }
 

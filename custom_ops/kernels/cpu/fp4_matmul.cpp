@@ -1,4 +1,5 @@
-// CPU kernel for qcompile.FP4MatMul.
+// CPU kernel for qcompile.FP4MatMul: activation preparation, the portable kernels, the tiled prefill driver
+// and the dispatch. The AVX2 path is in fp4_matmul_avx2.cpp, shared internals in fp4_matmul_internal.h.
 //
 // Work plan (both paths read every byte of W exactly once):
 //  1. Activations: X rows -> float, Hadamard (in-place fast Walsh-Hadamard on a scratch copy), zero-padded
@@ -17,163 +18,27 @@
 //     reuses it for all M rows with a 3x4 dot-product microkernel.
 //     Buffer strides are padded so no power-of-two stride aliases cache sets.
 //
-// SIMD decode (AVX2): E2M1 values are exactly representable in bfloat16, i.e. each one is a float whose
-// low 16 bits are zero. Two pshufb lookups per nibble vector give the top and second byte of that float,
-// one byte-unpack forms the bf16 pairs, and a shift / mask turns a dword holding two bf16 into two floats.
 // The library is compiled for x86-64-v2; the AVX2/FMA/F16C code is selected at run time
 // (QCOMPILE_FP4_NO_AVX2=1 forces the portable path, which the tests also exercise).
 #include <algorithm>
-#include <atomic>
-#include <cstdint>
 #include <cmath>
-#include <cstdlib>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "fp4_matmul_internal.h"
 #include "qcompile/cpu_features.h"
 #include "qcompile/fp4_matmul.h"
 #include "qcompile/half.h"
+#include "simd.h"
+#include "tile_gemm.h"
 
 namespace qcompile {
 namespace fp4 {
+using namespace detail;
 namespace {
 
-constexpr int64_t kBlock = 64;   // weights per decode block (32 bytes of W)
-constexpr int64_t kTileRows = 16;  // W rows per task in the dot-product M > 1 path (multiple of kNR)
-constexpr int64_t kKC = 256;     // K slice of the decoded tile (multiple of kBlock)
-constexpr int64_t kTileLd = kKC + 16;  // tile row stride (padded against cache-set aliasing)
-constexpr int64_t kMR = 3;       // dot-product microkernel: rows of X
-constexpr int64_t kNR = 4;       // dot-product microkernel: rows of W
-constexpr int64_t kOuterRows = 12;  // AVX2 outer-product path: W rows per task (multiple of 6)
-constexpr int64_t kOuterKC = 256;   // its K slice (multiple of kBlock; 128 and 24 rows measured the same)
-constexpr int64_t kOuterLd = kOuterKC + 16;  // its tile row stride
-constexpr int64_t kXtLd = 16;      // columns (rows of X) per block of the transposed activations
-constexpr int64_t kOuterMinM = 6;  // use the outer-product kernel from this many rows of X
-
-// ---- tables --------------------------------------------------------------------------------------------
-
-struct Tables {
-  float e2m1[16];
-  float e8m0[256];
-  float e4m3[256];
-  float pair[256][2];      // byte -> (value of low nibble, value of high nibble)
-  int perm[kBlock];        // AVX2 decode order: decoded element q of a block is weight k = perm[q]
-  int sidx[2][8];          // AVX2: group offset (in groups) of each lane for vectors 0-3 / 4-7, per G<64
-  uint8_t bf16_top[16];    // E2M1 code -> top byte of its float bits
-  uint8_t bf16_second[16]; // E2M1 code -> second byte
-  bool perm_ok = false;
-
-  Tables() {
-    static const float mag[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
-    for (int c = 0; c < 16; ++c) {
-      e2m1[c] = (c & 8) ? -mag[c & 7] : mag[c & 7];
-      uint32_t bits;
-      std::memcpy(&bits, &e2m1[c], 4);
-      bf16_top[c] = static_cast<uint8_t>(bits >> 24);
-      bf16_second[c] = static_cast<uint8_t>(bits >> 16);
-    }
-    for (int b = 0; b < 256; ++b) {
-      pair[b][0] = e2m1[b & 15];
-      pair[b][1] = e2m1[b >> 4];
-      e8m0[b] = b == 255 ? std::nanf("") : std::ldexp(1.0f, b - 127);
-      const int sign = b >> 7, e = (b >> 3) & 15, m = b & 7;
-      float v;
-      if (e == 15 && m == 7) {
-        v = std::nanf("");
-      } else if (e == 0) {
-        v = std::ldexp(static_cast<float>(m), -9);  // m/8 * 2^-6
-      } else {
-        v = std::ldexp(1.0f + m / 8.0f, e - 7);
-      }
-      e4m3[b] = sign ? -v : v;
-    }
-    // Order produced by decode_block_avx2: vector v (0..7), lane e (0..7).
-    for (int v = 0; v < 8; ++v) {
-      for (int e = 0; e < 8; ++e) {
-        const int lane = e >> 2, d = e & 3;
-        const int p = 2 * d + (v & 1);                 // 16-bit element within the unpacked half-lane
-        const int j = 16 * lane + (v >= 4 ? 8 : 0) + p;  // byte of the 32-byte block
-        const bool high = (v & 2) != 0;                // vectors 2,3,6,7 come from the high nibbles
-        perm[v * 8 + e] = 2 * j + (high ? 1 : 0);
-      }
-    }
-    perm_ok = true;
-    bool seen[kBlock] = {};
-    for (int q = 0; q < kBlock; ++q) {
-      if (perm[q] < 0 || perm[q] >= kBlock || seen[perm[q]]) perm_ok = false;
-      else seen[perm[q]] = true;
-    }
-  }
-};
-
-const Tables& tables() {
-  static const Tables t;
-  return t;
-}
-
-// Lane -> group offsets for the two scale vectors of a block, for group size G (< 64; else all 0).
-// Returns false if the decode order ever mixes groups inside one lane (it does not; checked anyway).
-bool scale_lanes(int64_t G, int idx[2][8]) {
-  const Tables& t = tables();
-  for (int half = 0; half < 2; ++half) {
-    for (int e = 0; e < 8; ++e) {
-      const int g = G >= kBlock ? 0 : t.perm[(half * 4) * 8 + e] / static_cast<int>(G);
-      for (int v = half * 4; v < half * 4 + 4; ++v) {
-        const int gv = G >= kBlock ? 0 : t.perm[v * 8 + e] / static_cast<int>(G);
-        if (gv != g) return false;
-      }
-      idx[half][e] = g;
-    }
-  }
-  return true;
-}
-
-#if QC_X86
-QC_AVX2 void half_to_float_avx2(const uint16_t* h, float* out, int64_t n);
-#endif
-
-bool use_avx2() { return cpu_has_avx2() && tables().perm_ok && !env_flag("QCOMPILE_FP4_NO_AVX2"); }
-
-// ---- shared helpers ------------------------------------------------------------------------------------
-
-struct Geometry {
-  int64_t K, N, G, Kp, Kx, ldx, ng, scale_len, row_bytes, nblk;
-  int gshift;  // log2(G): group of weight k is k >> gshift (no division in inner loops)
-};
-
-Geometry geometry(const Attrs& a) {
-  Geometry g;
-  g.K = a.K;
-  g.N = a.N;
-  g.G = a.group_size;
-  g.Kp = padded_k(a.K, a.group_size);
-  g.Kx = (g.Kp + kBlock - 1) / kBlock * kBlock;
-  g.ldx = g.Kx + 16;  // row stride of the X buffer: never a power of two (cache-set aliasing)
-  g.ng = g.Kp / g.G;
-  g.gshift = 0;
-  while ((int64_t{1} << g.gshift) < g.G) ++g.gshift;
-  g.scale_len = (g.Kx + g.G - 1) / g.G + 8;  // room for the 8-wide scale loads of the last block
-  g.row_bytes = g.Kp / 2;
-  g.nblk = g.Kx / kBlock;
-  return g;
-}
-
-#if QC_X86
-QC_AVX2 int64_t decode_scales_avx2(const uint8_t* s, int64_t n, ScaleFormat fmt, float ts, float* out);
-#endif
-
-// Per-row float scales (tensor_scale folded in), zero-padded to scale_len.
-void decode_scales(const Problem& p, const Geometry& g, int64_t n, float* out, bool avx2) {
-  const Tables& t = tables();
-  const float* lut = p.attrs.scale_format == ScaleFormat::kE8M0 ? t.e8m0 : t.e4m3;
-  const uint8_t* s = p.scales + n * g.ng;
-  int64_t i = 0;
-#if QC_X86
-  if (avx2) i = decode_scales_avx2(s, g.ng, p.attrs.scale_format, p.tensor_scale, out);
-#endif
-  for (; i < g.ng; ++i) out[i] = lut[s[i]] * p.tensor_scale;
-  for (i = g.ng; i < g.scale_len; ++i) out[i] = 0.0f;
-}
+// ---- activations -----------------------------------------------------------------------------------------
 
 // In-place normalized Walsh-Hadamard transform of each contiguous block of b in x[0..K).
 void fwht(float* x, int64_t K, int64_t b) {
@@ -193,37 +58,8 @@ void fwht(float* x, int64_t K, int64_t b) {
   }
 }
 
-#if QC_X86
-// fwht for b >= 8, 8 lanes at a time: the butterflies of strides 1, 2, 4 inside each vector (lane swap,
-// add / subtract, blend), strides >= 8 between vectors. Same operations in the same order as fwht, so the
-// results are identical.
-QC_AVX2 void fwht_avx2(float* x, int64_t K, int64_t b) {
-  const __m256 norm = _mm256_set1_ps(1.0f / std::sqrt(static_cast<float>(b)));
-  for (int64_t i = 0; i < K; i += 8) {
-    __m256 v = _mm256_loadu_ps(x + i), t;
-    t = _mm256_permute_ps(v, 0xB1);  // stride 1: (a0, a1) -> (a0 + a1, a0 - a1)
-    v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xAA);
-    t = _mm256_permute_ps(v, 0x4E);  // stride 2
-    v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xCC);
-    t = _mm256_permute2f128_ps(v, v, 1);  // stride 4
-    v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xF0);
-    _mm256_storeu_ps(x + i, v);
-  }
-  for (int64_t base = 0; base < K; base += b) {
-    float* v = x + base;
-    for (int64_t h = 8; h < b; h *= 2)
-      for (int64_t i = 0; i < b; i += 2 * h)
-        for (int64_t j = i; j < i + h; j += 8) {
-          const __m256 a = _mm256_loadu_ps(v + j), c = _mm256_loadu_ps(v + j + h);
-          _mm256_storeu_ps(v + j, _mm256_add_ps(a, c));
-          _mm256_storeu_ps(v + j + h, _mm256_sub_ps(a, c));
-        }
-    for (int64_t j = 0; j < b; j += 8) _mm256_storeu_ps(v + j, _mm256_mul_ps(_mm256_loadu_ps(v + j), norm));
-  }
-}
-#endif
-
-void row_to_float(const Problem& p, int64_t m, float* out) {
+// Row m of X as floats.
+void row_to_float(const Problem& p, int64_t m, bool avx2, float* out) {
   const int64_t K = p.attrs.K;
   if (p.dtype == DType::kFloat32) {
     std::memcpy(out, static_cast<const float*>(p.x) + m * K, K * sizeof(float));
@@ -232,34 +68,13 @@ void row_to_float(const Problem& p, int64_t m, float* out) {
   const uint16_t* h = static_cast<const uint16_t*>(p.x) + m * K;
   int64_t k = 0;
 #if QC_X86
-  if (use_avx2()) {
-    half_to_float_avx2(h, out, K);
+  if (avx2) {
+    simd::half_to_float_avx2(h, out, K);
     return;
   }
 #endif
   for (; k < K; ++k) out[k] = half_to_float(h[k]);
 }
-
-#if QC_X86
-// 64 activations in natural order -> the decoder's order (Tables::perm). Decoded vector v holds weights
-// base_v + {0, 4, 8, 12, 32, 36, 40, 44}: a 4x4 transpose of the 4-float groups in each 128-bit half.
-QC_AVX2 void permute_block_avx2(const float* src, float* dst) {
-  for (int half = 0; half < 2; ++half) {
-    __m256 y[4];
-    for (int j = 0; j < 4; ++j) {
-      const float* a = src + 16 * half + 4 * j;
-      y[j] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(a)), _mm_loadu_ps(a + 32), 1);
-    }
-    const __m256 t0 = _mm256_unpacklo_ps(y[0], y[1]), t1 = _mm256_unpackhi_ps(y[0], y[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(y[2], y[3]), t3 = _mm256_unpackhi_ps(y[2], y[3]);
-    float* d = dst + 32 * half;
-    _mm256_storeu_ps(d + 0, _mm256_shuffle_ps(t0, t2, 0x44));   // elements 0 of each group
-    _mm256_storeu_ps(d + 16, _mm256_shuffle_ps(t0, t2, 0xEE));  // elements 1
-    _mm256_storeu_ps(d + 8, _mm256_shuffle_ps(t1, t3, 0x44));   // elements 2
-    _mm256_storeu_ps(d + 24, _mm256_shuffle_ps(t1, t3, 0xEE));  // elements 3
-  }
-}
-#endif
 
 // One activation row: float, rotated, zero-padded to Kx and (AVX2) block-permuted into out[0..Kx).
 void prepare_row(const Problem& p, const Geometry& g, bool avx2, int64_t m, float* tmp, float* out) {
@@ -268,7 +83,7 @@ void prepare_row(const Problem& p, const Geometry& g, bool avx2, int64_t m, floa
     return;
   }
   float* row = avx2 ? tmp : out;
-  row_to_float(p, m, row);
+  row_to_float(p, m, avx2, row);
   std::fill(row + g.K, row + g.Kx, 0.0f);
   if (p.attrs.hadamard_block > 1) {
 #if QC_X86
@@ -283,33 +98,6 @@ void prepare_row(const Problem& p, const Geometry& g, bool avx2, int64_t m, floa
   }
 #endif
 }
-
-#if QC_X86
-// rows[r][k] (8 rows, stride ld) -> dst[k * kXtLd + r] for k < len (a multiple of 8): 8x8 transposes.
-QC_AVX2 void transpose8_store(const float* rows, int64_t ld, int64_t len, float* dst) {
-  for (int64_t k = 0; k < len; k += 8) {
-    __m256 r[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows + i * ld + k);
-    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    float* d = dst + k * kXtLd;
-    _mm256_storeu_ps(d + 0 * kXtLd, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_storeu_ps(d + 1 * kXtLd, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_storeu_ps(d + 2 * kXtLd, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_storeu_ps(d + 3 * kXtLd, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_storeu_ps(d + 4 * kXtLd, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_storeu_ps(d + 5 * kXtLd, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_storeu_ps(d + 6 * kXtLd, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_storeu_ps(d + 7 * kXtLd, _mm256_permute2f128_ps(u3, u7, 0x31));
-  }
-}
-#endif
 
 // Activations for rows [m0, m1) (see prepare_row). Layout: row-major with stride ldx, or, for the AVX2
 // prefill path (`transposed`; m0 and m1 multiples of 8), blocks of 16 rows stored k-major: element (m, k)
@@ -333,47 +121,6 @@ void prepare_rows(const Problem& p, const Geometry& g, bool avx2, int64_t m0, in
     std::fill(dst + g.Kx, dst + g.ldx, 0.0f);
     prepare_row(p, g, avx2, m, tmp.data(), dst);
   }
-}
-
-void store_row(const Problem& p, int64_t m, int64_t n0, int64_t count, const float* vals) {
-  const int64_t N = p.attrs.N;
-  if (p.dtype == DType::kFloat32) {
-    float* y = static_cast<float*>(p.y) + m * N + n0;
-    const float* b = p.bias ? static_cast<const float*>(p.bias) + n0 : nullptr;
-    for (int64_t i = 0; i < count; ++i) y[i] = vals[i] + (b ? b[i] : 0.0f);
-  } else {
-    uint16_t* y = static_cast<uint16_t*>(p.y) + m * N + n0;
-    const uint16_t* b = p.bias ? static_cast<const uint16_t*>(p.bias) + n0 : nullptr;
-    for (int64_t i = 0; i < count; ++i) y[i] = float_to_half(vals[i] + (b ? half_to_float(b[i]) : 0.0f));
-  }
-}
-
-// Y[m, n0 + r] = acc[r * ldc + m] (+ bias) for r < count, every m: the prefill path's C^T tile.
-void store_transposed(const Problem& p, int64_t n0, int64_t count, const float* acc, int64_t ldc) {
-  static_assert(kOuterRows <= kTileRows, "bias buffer");
-  const int64_t N = p.attrs.N;
-  float bias[kTileRows] = {};
-  for (int64_t r = 0; r < count && p.bias; ++r)
-    bias[r] = p.dtype == DType::kFloat32 ? static_cast<const float*>(p.bias)[n0 + r]
-                                         : half_to_float(static_cast<const uint16_t*>(p.bias)[n0 + r]);
-  for (int64_t m = 0; m < p.M; ++m) {
-    if (p.dtype == DType::kFloat32) {
-      float* y = static_cast<float*>(p.y) + m * N + n0;
-      for (int64_t r = 0; r < count; ++r) y[r] = acc[r * ldc + m] + bias[r];
-    } else {
-      uint16_t* y = static_cast<uint16_t*>(p.y) + m * N + n0;
-      for (int64_t r = 0; r < count; ++r) y[r] = float_to_half(acc[r * ldc + m] + bias[r]);
-    }
-  }
-}
-
-// Pointer to the 32 bytes of block `blk` of a W row, or to a zero-padded copy for the ragged last block.
-inline const uint8_t* block_bytes(const uint8_t* row, const Geometry& g, int64_t blk, uint8_t* pad32) {
-  const int64_t off = blk * (kBlock / 2);
-  if (off + kBlock / 2 <= g.row_bytes) return row + off;
-  std::memset(pad32, 0, kBlock / 2);
-  std::memcpy(pad32, row + off, g.row_bytes - off);
-  return pad32;
 }
 
 // ---- portable path ---------------------------------------------------------------------------------
@@ -411,303 +158,192 @@ void decode_row_generic(const uint8_t* row, const float* sc, const Geometry& g, 
   }
 }
 
-// C[mr][nr] += dot(X rows, W rows) over len (multiple of 8). 8 independent lanes keep it vectorizable
-// without reassociation.
-void micro_generic(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* c, int64_t ldc) {
-  float acc[kMR][kNR][8] = {};
-  for (int64_t k = 0; k < len; k += 8) {
-    for (int i = 0; i < kMR; ++i) {
-      const float* xr = x + i * ldx + k;
-      for (int j = 0; j < kNR; ++j) {
-        const float* wr = w + j * ldw + k;
-        for (int l = 0; l < 8; ++l) acc[i][j][l] += xr[l] * wr[l];
-      }
-    }
+}  // namespace
+
+namespace detail {
+
+// ---- tables and geometry -------------------------------------------------------------------------------
+
+Tables::Tables() {
+  static const float mag[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+  for (int c = 0; c < 16; ++c) {
+    e2m1[c] = (c & 8) ? -mag[c & 7] : mag[c & 7];
+    uint32_t bits;
+    std::memcpy(&bits, &e2m1[c], 4);
+    bf16_top[c] = static_cast<uint8_t>(bits >> 24);
+    bf16_second[c] = static_cast<uint8_t>(bits >> 16);
   }
-  for (int i = 0; i < kMR; ++i)
-    for (int j = 0; j < kNR; ++j) {
-      float s = 0.f;
-      for (int l = 0; l < 8; ++l) s += acc[i][j][l];
-      c[i * ldc + j] += s;
-    }
-}
-
-// ---- AVX2 path -------------------------------------------------------------------------------------------
-#if QC_X86
-
-QC_AVX2 void half_to_float_avx2(const uint16_t* h, float* out, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
-  for (; i < n; ++i) out[i] = half_to_float(h[i]);
-}
-
-struct Avx2Consts {
-  __m256i top, second, low4, hi16;
-  __m256i sidx0, sidx1;
-};
-
-QC_AVX2 inline Avx2Consts avx2_consts(int64_t G) {
-  const Tables& t = tables();
-  Avx2Consts c;
-  c.top = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.bf16_top)));
-  c.second = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.bf16_second)));
-  c.low4 = _mm256_set1_epi8(0x0F);
-  c.hi16 = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  int idx[2][8];
-  scale_lanes(G, idx);
-  c.sidx0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx[0]));
-  c.sidx1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx[1]));
-  return c;
-}
-
-// 32 bytes of W -> 64 floats in 8 vectors (order: Tables::perm).
-QC_AVX2 inline void decode_block_avx2(const uint8_t* src, const Avx2Consts& c, __m256 f[8]) {
-  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-  const __m256i lo = _mm256_and_si256(b, c.low4);
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), c.low4);
-  const __m256i loT = _mm256_shuffle_epi8(c.top, lo), loS = _mm256_shuffle_epi8(c.second, lo);
-  const __m256i hiT = _mm256_shuffle_epi8(c.top, hi), hiS = _mm256_shuffle_epi8(c.second, hi);
-  const __m256i lo0 = _mm256_unpacklo_epi8(loS, loT), lo1 = _mm256_unpackhi_epi8(loS, loT);
-  const __m256i hi0 = _mm256_unpacklo_epi8(hiS, hiT), hi1 = _mm256_unpackhi_epi8(hiS, hiT);
-  f[0] = _mm256_castsi256_ps(_mm256_slli_epi32(lo0, 16));
-  f[1] = _mm256_castsi256_ps(_mm256_and_si256(lo0, c.hi16));
-  f[2] = _mm256_castsi256_ps(_mm256_slli_epi32(hi0, 16));
-  f[3] = _mm256_castsi256_ps(_mm256_and_si256(hi0, c.hi16));
-  f[4] = _mm256_castsi256_ps(_mm256_slli_epi32(lo1, 16));
-  f[5] = _mm256_castsi256_ps(_mm256_and_si256(lo1, c.hi16));
-  f[6] = _mm256_castsi256_ps(_mm256_slli_epi32(hi1, 16));
-  f[7] = _mm256_castsi256_ps(_mm256_and_si256(hi1, c.hi16));
-}
-
-QC_AVX2 inline void block_scales(const float* sc, const Geometry& g, int64_t blk, const Avx2Consts& c, __m256& s0,
-                                 __m256& s1) {
-  const __m256 raw = _mm256_loadu_ps(sc + ((blk * kBlock) >> g.gshift));
-  s0 = _mm256_permutevar8x32_ps(raw, c.sidx0);
-  s1 = _mm256_permutevar8x32_ps(raw, c.sidx1);
-}
-
-QC_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Scale codes -> floats (times ts) 8 at a time with bit arithmetic instead of the table; returns how many
-// were done (the caller finishes the tail with the table). Exact: same values as Tables::e8m0 / e4m3.
-QC_AVX2 int64_t decode_scales_avx2(const uint8_t* s, int64_t n, ScaleFormat fmt, float ts, float* out) {
-  const __m256 vts = _mm256_set1_ps(ts);
-  int64_t i = 0;
-  if (fmt == ScaleFormat::kE8M0) {
-    // 2^(s-127) is the float with exponent field s; s = 0 is the subnormal 2^-127, s = 255 NaN.
-    const __m256i zero = _mm256_setzero_si256(), ff = _mm256_set1_epi32(255);
-    const __m256i sub = _mm256_set1_epi32(0x00400000), nan = _mm256_set1_epi32(0x7FC00000);
-    for (; i + 8 <= n; i += 8) {
-      const __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i)));
-      __m256i bits = _mm256_slli_epi32(u, 23);
-      bits = _mm256_blendv_epi8(bits, sub, _mm256_cmpeq_epi32(u, zero));
-      bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpeq_epi32(u, ff));
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_castsi256_ps(bits), vts));
-    }
-  } else {
-    // E4M3 |code| = eeee mmm: normal (e > 0) -> float exponent e + 120, mantissa m << 20;
-    // subnormal (e = 0) -> m * 2^-9 (computed in floats: no subnormal intermediates); 0x7F -> NaN.
-    const __m256i m7f = _mm256_set1_epi32(0x7F);
-    const __m256i bias = _mm256_set1_epi32(120 << 23), nan = _mm256_set1_epi32(0x7FC00000);
-    const __m256 sub_unit = _mm256_set1_ps(1.0f / 512.0f);
-    for (; i + 8 <= n; i += 8) {
-      const __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i)));
-      const __m256i mag = _mm256_and_si256(u, m7f);
-      const __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), bias);
-      const __m256i subn = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(mag), sub_unit));
-      __m256i bits = _mm256_blendv_epi8(normal, subn, _mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag));
-      bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpeq_epi32(mag, m7f));
-      bits = _mm256_or_si256(bits, _mm256_slli_epi32(_mm256_srli_epi32(u, 7), 31));  // sign
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_castsi256_ps(bits), vts));
-    }
-  }
-  return i;
-}
-
-// Dot product of one W row with x over whole blocks [b0, b1); block blk's bytes are at src + 32 * (blk - b0).
-// kOneScale: G >= 32, so both halves of a block share one scale vector (lane 0: group g, lane 1: g or g+1)
-// and the block needs a single permute and a single scaled accumulate.
-// (Measured: interleaving 2 or 4 rows per pass to share the x loads was slower with cold caches: one
-// sequential W stream prefetches better than several.)
-template <bool kOneScale>
-QC_AVX2 __attribute__((always_inline)) inline void gemv_blocks_avx2(const uint8_t* src, const float* sc,
-                                                                    const float* x, int gshift, int64_t b0,
-                                                                    int64_t b1, const Avx2Consts& c, __m256& acc0,
-                                                                    __m256& acc1) {
-  const Avx2Consts k = c;  // local copy: lets the compiler keep the constants in registers
-  for (int64_t blk = b0; blk < b1; ++blk) {
-    const float* xv = x + blk * kBlock;
-    // 1 KB ahead in the W stream (measured 2-4% faster than leaving it to the hardware prefetcher; a
-    // prefetch past the end of W is harmless: it never faults and nothing is read from it)
-    _mm_prefetch(reinterpret_cast<const char*>(src + (blk - b0) * (kBlock / 2) + 1024), _MM_HINT_T0);
-    __m256 f[8];
-    decode_block_avx2(src + (blk - b0) * (kBlock / 2), k, f);
-    __m256 t0 = _mm256_mul_ps(f[0], _mm256_loadu_ps(xv));
-    __m256 t1 = _mm256_mul_ps(f[4], _mm256_loadu_ps(xv + 32));
-    t0 = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xv + 8), t0);
-    t1 = _mm256_fmadd_ps(f[5], _mm256_loadu_ps(xv + 40), t1);
-    t0 = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xv + 16), t0);
-    t1 = _mm256_fmadd_ps(f[6], _mm256_loadu_ps(xv + 48), t1);
-    t0 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xv + 24), t0);
-    t1 = _mm256_fmadd_ps(f[7], _mm256_loadu_ps(xv + 56), t1);
-    const __m256 raw = _mm256_loadu_ps(sc + ((blk * kBlock) >> gshift));
-    if (kOneScale) {
-      acc0 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_permutevar8x32_ps(raw, k.sidx0), acc0);
+  for (int b = 0; b < 256; ++b) {
+    pair[b][0] = e2m1[b & 15];
+    pair[b][1] = e2m1[b >> 4];
+    e8m0[b] = b == 255 ? std::nanf("") : std::ldexp(1.0f, b - 127);
+    const int sign = b >> 7, e = (b >> 3) & 15, m = b & 7;
+    float v;
+    if (e == 15 && m == 7) {
+      v = std::nanf("");
+    } else if (e == 0) {
+      v = std::ldexp(static_cast<float>(m), -9);  // m/8 * 2^-6
     } else {
-      acc0 = _mm256_fmadd_ps(t0, _mm256_permutevar8x32_ps(raw, k.sidx0), acc0);
-      acc1 = _mm256_fmadd_ps(t1, _mm256_permutevar8x32_ps(raw, k.sidx1), acc1);
+      v = std::ldexp(1.0f + m / 8.0f, e - 7);
+    }
+    e4m3[b] = sign ? -v : v;
+  }
+  // Order produced by decode_block_avx2: vector v (0..7), lane e (0..7).
+  for (int v = 0; v < 8; ++v) {
+    for (int e = 0; e < 8; ++e) {
+      const int lane = e >> 2, d = e & 3;
+      const int p = 2 * d + (v & 1);                 // 16-bit element within the unpacked half-lane
+      const int j = 16 * lane + (v >= 4 ? 8 : 0) + p;  // byte of the 32-byte block
+      const bool high = (v & 2) != 0;                // vectors 2,3,6,7 come from the high nibbles
+      perm[v * 8 + e] = 2 * j + (high ? 1 : 0);
+    }
+  }
+  perm_ok = true;
+  bool seen[kBlock] = {};
+  for (int q = 0; q < kBlock; ++q) {
+    if (perm[q] < 0 || perm[q] >= kBlock || seen[perm[q]]) perm_ok = false;
+    else seen[perm[q]] = true;
+  }
+}
+
+const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+
+// Lane -> group offsets for the two scale vectors of a block, for group size G (< 64; else all 0).
+// Returns false if the decode order ever mixes groups inside one lane (it does not; checked anyway).
+bool scale_lanes(int64_t G, int idx[2][8]) {
+  const Tables& t = tables();
+  for (int half = 0; half < 2; ++half) {
+    for (int e = 0; e < 8; ++e) {
+      const int g = G >= kBlock ? 0 : t.perm[(half * 4) * 8 + e] / static_cast<int>(G);
+      for (int v = half * 4; v < half * 4 + 4; ++v) {
+        const int gv = G >= kBlock ? 0 : t.perm[v * 8 + e] / static_cast<int>(G);
+        if (gv != g) return false;
+      }
+      idx[half][e] = g;
+    }
+  }
+  return true;
+}
+
+Geometry geometry(const Attrs& a) {
+  Geometry g;
+  g.K = a.K;
+  g.N = a.N;
+  g.G = a.group_size;
+  g.Kp = padded_k(a.K, a.group_size);
+  g.Kx = (g.Kp + kBlock - 1) / kBlock * kBlock;
+  g.ldx = g.Kx + 16;  // row stride of the X buffer: never a power of two (cache-set aliasing)
+  g.ng = g.Kp / g.G;
+  g.gshift = 0;
+  while ((int64_t{1} << g.gshift) < g.G) ++g.gshift;
+  g.scale_len = (g.Kx + g.G - 1) / g.G + 8;  // room for the 8-wide scale loads of the last block
+  g.row_bytes = g.Kp / 2;
+  g.nblk = g.Kx / kBlock;
+  return g;
+}
+
+// ---- scales and outputs --------------------------------------------------------------------------------
+
+// Per-row float scales (tensor_scale folded in), zero-padded to scale_len.
+void decode_scales(const Problem& p, const Geometry& g, int64_t n, float* out, bool avx2) {
+  const Tables& t = tables();
+  const float* lut = p.attrs.scale_format == ScaleFormat::kE8M0 ? t.e8m0 : t.e4m3;
+  const uint8_t* s = p.scales + n * g.ng;
+  int64_t i = 0;
+#if QC_X86
+  if (avx2) i = decode_scales_avx2(s, g.ng, p.attrs.scale_format, p.tensor_scale, out);
+#endif
+  for (; i < g.ng; ++i) out[i] = lut[s[i]] * p.tensor_scale;
+  for (i = g.ng; i < g.scale_len; ++i) out[i] = 0.0f;
+}
+
+void store_row(const Problem& p, int64_t m, int64_t n0, int64_t count, const float* vals) {
+  const int64_t N = p.attrs.N;
+  if (p.dtype == DType::kFloat32) {
+    float* y = static_cast<float*>(p.y) + m * N + n0;
+    const float* b = p.bias ? static_cast<const float*>(p.bias) + n0 : nullptr;
+    for (int64_t i = 0; i < count; ++i) y[i] = vals[i] + (b ? b[i] : 0.0f);
+  } else {
+    uint16_t* y = static_cast<uint16_t*>(p.y) + m * N + n0;
+    const uint16_t* b = p.bias ? static_cast<const uint16_t*>(p.bias) + n0 : nullptr;
+    for (int64_t i = 0; i < count; ++i) y[i] = float_to_half(vals[i] + (b ? half_to_float(b[i]) : 0.0f));
+  }
+}
+
+// Y[m, n0 + r] = acc[r * ldc + m] (+ bias) for r < count, every m: the prefill path's C^T tile.
+void store_transposed(const Problem& p, int64_t n0, int64_t count, const float* acc, int64_t ldc) {
+  static_assert(kOuterRows <= kTileRows, "bias buffer");
+  const int64_t N = p.attrs.N;
+  float bias[kTileRows] = {};
+  for (int64_t r = 0; r < count && p.bias; ++r)
+    bias[r] = p.dtype == DType::kFloat32 ? static_cast<const float*>(p.bias)[n0 + r]
+                                         : half_to_float(static_cast<const uint16_t*>(p.bias)[n0 + r]);
+  for (int64_t m = 0; m < p.M; ++m) {
+    if (p.dtype == DType::kFloat32) {
+      float* y = static_cast<float*>(p.y) + m * N + n0;
+      for (int64_t r = 0; r < count; ++r) y[r] = acc[r * ldc + m] + bias[r];
+    } else {
+      uint16_t* y = static_cast<uint16_t*>(p.y) + m * N + n0;
+      for (int64_t r = 0; r < count; ++r) y[r] = float_to_half(acc[r * ldc + m] + bias[r]);
     }
   }
 }
 
-// dot(W row, x). Whole blocks are read in place; only the ragged last block (Kp not a multiple of 64) goes
-// through a zero-padded copy, so the hot loop has no bounds check.
-template <bool kOneScale>
-QC_AVX2 float gemv_row_avx2(const uint8_t* row, const float* sc, const float* x, const Geometry& g,
-                            const Avx2Consts& c) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  const int64_t full = g.row_bytes / (kBlock / 2);
-  gemv_blocks_avx2<kOneScale>(row, sc, x, g.gshift, 0, full, c, acc0, acc1);
-  if (full < g.nblk) {  // at most one ragged block
-    alignas(32) uint8_t pad[kBlock / 2];
-    const uint8_t* tail = block_bytes(row, g, full, pad);
-    gemv_blocks_avx2<kOneScale>(tail, sc, x, g.gshift, full, full + 1, c, acc0, acc1);
-  }
-  return hsum(_mm256_add_ps(acc0, acc1));
-}
-
-// Decodes blocks [b0, b1) of one row, scales applied, into out (permuted order, 64 floats per block).
-QC_AVX2 void decode_row_avx2(const uint8_t* row, const float* sc, const Geometry& g, int64_t b0, int64_t b1,
-                             const Avx2Consts& c, float* out) {
-  alignas(32) uint8_t pad[kBlock / 2];
-  __m256 f[8];
-  for (int64_t blk = b0; blk < b1; ++blk, out += kBlock) {
-    decode_block_avx2(block_bytes(row, g, blk, pad), c, f);
-    __m256 s0, s1;
-    block_scales(sc, g, blk, c, s0, s1);
-    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + 8 * v, _mm256_mul_ps(f[v], s0));
-    for (int v = 4; v < 8; ++v) _mm256_storeu_ps(out + 8 * v, _mm256_mul_ps(f[v], s1));
-  }
-}
-
-// Four 8-lane accumulators -> their four sums.
-QC_AVX2 inline __m128 reduce4(__m256 p, __m256 q, __m256 r, __m256 s) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(p, q), _mm256_hadd_ps(r, s));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-QC_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* c,
-                        int64_t ldc) {
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-  __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-  __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
-  const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx;
-  const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw;
-  for (int64_t k = 0; k < len; k += 8) {
-    const __m256 xv0 = _mm256_loadu_ps(x0 + k), xv1 = _mm256_loadu_ps(x1 + k), xv2 = _mm256_loadu_ps(x2 + k);
-    __m256 wv = _mm256_loadu_ps(w0 + k);
-    a00 = _mm256_fmadd_ps(xv0, wv, a00);
-    a10 = _mm256_fmadd_ps(xv1, wv, a10);
-    a20 = _mm256_fmadd_ps(xv2, wv, a20);
-    wv = _mm256_loadu_ps(w1 + k);
-    a01 = _mm256_fmadd_ps(xv0, wv, a01);
-    a11 = _mm256_fmadd_ps(xv1, wv, a11);
-    a21 = _mm256_fmadd_ps(xv2, wv, a21);
-    wv = _mm256_loadu_ps(w2 + k);
-    a02 = _mm256_fmadd_ps(xv0, wv, a02);
-    a12 = _mm256_fmadd_ps(xv1, wv, a12);
-    a22 = _mm256_fmadd_ps(xv2, wv, a22);
-    wv = _mm256_loadu_ps(w3 + k);
-    a03 = _mm256_fmadd_ps(xv0, wv, a03);
-    a13 = _mm256_fmadd_ps(xv1, wv, a13);
-    a23 = _mm256_fmadd_ps(xv2, wv, a23);
-  }
-  _mm_storeu_ps(c, _mm_add_ps(_mm_loadu_ps(c), reduce4(a00, a01, a02, a03)));
-  _mm_storeu_ps(c + ldc, _mm_add_ps(_mm_loadu_ps(c + ldc), reduce4(a10, a11, a12, a13)));
-  _mm_storeu_ps(c + 2 * ldc, _mm_add_ps(_mm_loadu_ps(c + 2 * ldc), reduce4(a20, a21, a22, a23)));
-}
-
-// C[6][8*NV] += W[6 rows, len] * XT[len][16] (first 8*NV columns): 6*NV accumulators, one broadcast per
-// decoded weight. W is the decoded tile (row-major, stride ldw, L1), XT the transposed activations of one
-// block of 16 rows of X (k-major, packed once per call by pack_xt), so neither operand needs a transpose
-// per tile. C is the task's accumulator, [W row][X row] with stride ldc.
-// (Accumulators are named variables: GCC keeps an array of them in memory.)
-template <int NV, bool kAccumulate>
-QC_AVX2 void micro6xN(const float* w, int64_t ldw, const float* xt, int64_t len, float* c, int64_t ldc) {
-  static_assert(NV == 1 || NV == 2, "8 or 16 columns");
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw, *w4 = w + 4 * ldw, *w5 = w + 5 * ldw;
-  for (int64_t k = 0; k < len; ++k, xt += kXtLd) {
-    const __m256 b0 = _mm256_loadu_ps(xt);
-    const __m256 b1 = NV == 2 ? _mm256_loadu_ps(xt + 8) : b0;
-    __m256 a = _mm256_broadcast_ss(w0 + k);
-    c00 = _mm256_fmadd_ps(a, b0, c00);
-    if (NV == 2) c01 = _mm256_fmadd_ps(a, b1, c01);
-    a = _mm256_broadcast_ss(w1 + k);
-    c10 = _mm256_fmadd_ps(a, b0, c10);
-    if (NV == 2) c11 = _mm256_fmadd_ps(a, b1, c11);
-    a = _mm256_broadcast_ss(w2 + k);
-    c20 = _mm256_fmadd_ps(a, b0, c20);
-    if (NV == 2) c21 = _mm256_fmadd_ps(a, b1, c21);
-    a = _mm256_broadcast_ss(w3 + k);
-    c30 = _mm256_fmadd_ps(a, b0, c30);
-    if (NV == 2) c31 = _mm256_fmadd_ps(a, b1, c31);
-    a = _mm256_broadcast_ss(w4 + k);
-    c40 = _mm256_fmadd_ps(a, b0, c40);
-    if (NV == 2) c41 = _mm256_fmadd_ps(a, b1, c41);
-    a = _mm256_broadcast_ss(w5 + k);
-    c50 = _mm256_fmadd_ps(a, b0, c50);
-    if (NV == 2) c51 = _mm256_fmadd_ps(a, b1, c51);
-  }
-  const __m256 rows[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int i = 0; i < 6; ++i)
-    for (int v = 0; v < NV; ++v) {
-      float* ci = c + i * ldc + 8 * v;
-      _mm256_storeu_ps(ci, kAccumulate ? _mm256_add_ps(_mm256_loadu_ps(ci), rows[i][v]) : rows[i][v]);
-    }
-}
-
-#endif  // QC_X86
-
-// ---- drivers ---------------------------------------------------------------------------------------
-
-// Runs fn(i) for i in [0, n) on `par`; an exception (e.g. bad_alloc of a scratch buffer) must not escape
-// into the host's thread pool, so it is caught per task and reported as a Status.
-template <typename F>
-Status run_tasks(const Parallel& par, int64_t n, F&& fn) {
-  std::atomic<bool> failed{false};
-  par.for_each(static_cast<size_t>(n), [&](size_t i) {
-    if (failed.load(std::memory_order_relaxed)) return;
-    try {
-      fn(static_cast<int64_t>(i));
-    } catch (...) {
-      failed.store(true);
-    }
-  });
-  return failed.load() ? Status::Error("FP4MatMul: out of memory for scratch buffers") : Status::OK();
-}
-
-struct TaskScratch {
-  std::vector<float> scales, tile, out;
-};
+// ---- tiles -----------------------------------------------------------------------------------------
 
 TaskScratch& task_scratch() {
   thread_local TaskScratch s;
   return s;
 }
 
+// The calling thread's scratch for a tile of `rows` W rows: the decoded scales of rows [n0, n0 + nc), a tile
+// of row stride ld and `out` accumulator floats (left as they are: a tile zeroes or overwrites them).
+TaskScratch& tile_scratch(const Problem& p, const Geometry& g, bool avx2, int64_t n0, int64_t nc, int64_t rows,
+                          int64_t ld, int64_t out) {
+  TaskScratch& s = task_scratch();
+  s.scales.resize(rows * g.scale_len);
+  s.tile.resize(rows * ld);
+  s.out.resize(out);
+  for (int64_t r = 0; r < nc; ++r) decode_scales(p, g, n0 + r, s.scales.data() + r * g.scale_len, avx2);
+  return s;
+}
+
+// Weights [k0, k0 + len) of W rows [n0, n0 + nc), scales applied (`scales`: a row's decode_scales every
+// scale_len floats), into the first `rows` rows of a tile with row stride ld; rows past nc are zero.
+void decode_tile(const Problem& p, const Geometry& g, bool avx2, const Avx2Consts& c, int64_t n0, int64_t nc,
+                 int64_t rows, const float* scales, int64_t k0, int64_t len, float* tile, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = tile + r * ld;
+    if (r >= nc) {
+      std::fill(dst, dst + len, 0.0f);
+      continue;
+    }
+    const uint8_t* row = p.w + (n0 + r) * g.row_bytes;
+    const float* sc = scales + r * g.scale_len;
+#if QC_X86
+    if (avx2) {
+      decode_row_avx2(row, sc, g, k0 / kBlock, (k0 + len) / kBlock, c, dst);
+      continue;
+    }
+#endif
+    decode_row_generic(row, sc, g, k0, len, dst);
+  }
+}
+
+}  // namespace detail
+
+namespace {
+
+bool use_avx2() { return tables().perm_ok && avx2_enabled("QCOMPILE_FP4_NO_AVX2"); }
+
 Status run_gemv(const Problem& p, const Geometry& g, bool avx2, const float* x, const Parallel& par) {
   // ~64K weights per task, but at least 16 tasks when N allows (load balance on many-core machines)
   const int64_t rows_per_task = std::max<int64_t>(1, std::min(65536 / g.Kx, (g.N + 15) / 16));
   const int64_t tasks = (g.N + rows_per_task - 1) / rows_per_task;
-  return run_tasks(par, tasks, [&](int64_t task) {
+  return tile::run_tasks(par, tasks, kOp, [&](int64_t task) {
     TaskScratch& s = task_scratch();
     s.scales.resize(g.scale_len);
     const int64_t n0 = static_cast<int64_t>(task) * rows_per_task;
@@ -715,144 +351,67 @@ Status run_gemv(const Problem& p, const Geometry& g, bool avx2, const float* x, 
     s.out.resize(n1 - n0);
 #if QC_X86
     if (avx2) {
-      const Avx2Consts c = avx2_consts(g.G);
-      for (int64_t n = n0; n < n1; ++n) {
-        decode_scales(p, g, n, s.scales.data(), true);
-        const uint8_t* row = p.w + n * g.row_bytes;
-        s.out[n - n0] = g.G >= 32 ? gemv_row_avx2<true>(row, s.scales.data(), x, g, c)
-                                  : gemv_row_avx2<false>(row, s.scales.data(), x, g, c);
-      }
-      store_row(p, 0, n0, n1 - n0, s.out.data());
-      return;
-    }
+      gemv_rows_avx2(p, g, n0, n1, x, s.scales.data(), s.out.data());
+    } else
 #endif
-    for (int64_t n = n0; n < n1; ++n) {
-      decode_scales(p, g, n, s.scales.data(), false);
-      s.out[n - n0] = gemv_row_generic(p.w + n * g.row_bytes, s.scales.data(), x, g);
+    {
+      for (int64_t n = n0; n < n1; ++n) {
+        decode_scales(p, g, n, s.scales.data(), false);
+        s.out[n - n0] = gemv_row_generic(p.w + n * g.row_bytes, s.scales.data(), x, g);
+      }
     }
     store_row(p, 0, n0, n1 - n0, s.out.data());
   });
 }
 
-// M > 1. A task owns 16 W rows: for each K slice it decodes them (scales applied) into a tile, then runs
-// every block of X rows against it, accumulating into the task's own [Mpad, 16] buffer. W is decoded
-// once overall; the tile stays in L1/L2 while the X slice streams past.
+// M > 1 (portable, or AVX2 below kOuterMinM rows): tiles of 16 W rows. Per K slice the tile's rows are
+// decoded (scales applied) into a row-major tile, then 3x4 dot-product microkernels run every block of 3
+// X rows against it, accumulating into the tile's own [Mpad, 16] buffer.
 Status run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x, int64_t Mpad,
                  const Parallel& par) {
-  const int64_t tasks = (g.N + kTileRows - 1) / kTileRows;
-  return run_tasks(par, tasks, [&](int64_t task) {
-    TaskScratch& s = task_scratch();
-    const int64_t n0 = static_cast<int64_t>(task) * kTileRows;
-    const int64_t nc = std::min(kTileRows, g.N - n0);
-    s.scales.resize(kTileRows * g.scale_len);
-    s.tile.resize(kTileRows * kTileLd);
-    s.out.assign(Mpad * kTileRows, 0.0f);
-    float* acc = s.out.data();
-    for (int64_t r = 0; r < nc; ++r) decode_scales(p, g, n0 + r, s.scales.data() + r * g.scale_len, avx2);
+  Avx2Consts consts;
 #if QC_X86
-    Avx2Consts c;
-    if (avx2) c = avx2_consts(g.G);
+  if (avx2) consts = avx2_consts(g.G);
 #endif
-    for (int64_t k0 = 0; k0 < g.Kx; k0 += kKC) {
-      const int64_t len = std::min(kKC, g.Kx - k0);
-      for (int64_t r = 0; r < kTileRows; ++r) {
-        float* dst = s.tile.data() + r * kTileLd;
-        if (r >= nc) {
-          std::fill(dst, dst + len, 0.0f);
-          continue;
-        }
-        const uint8_t* row = p.w + (n0 + r) * g.row_bytes;
-        const float* sc = s.scales.data() + r * g.scale_len;
-#if QC_X86
-        if (avx2) {
-          decode_row_avx2(row, sc, g, k0 / kBlock, (k0 + len) / kBlock, c, dst);
-          continue;
-        }
-#endif
-        decode_row_generic(row, sc, g, k0, len, dst);
-      }
-      for (int64_t m = 0; m < Mpad; m += kMR) {
+  struct Tile {
+    const Problem& p;
+    const Geometry& g;
+    bool avx2;
+    const float* x;
+    int64_t Mpad, n0, nc;
+    TaskScratch& s;
+    const Avx2Consts& c;
+    void decode(int64_t k0, int64_t len) {
+      decode_tile(p, g, avx2, c, n0, nc, kTileRows, s.scales.data(), k0, len, s.tile.data(), kTileLd);
+    }
+    void multiply(int64_t k0, int64_t len) {
+      const float* tile = s.tile.data();
+      float* out = s.out.data();
+      const int64_t ldx = g.ldx;
+      for (int64_t m = 0; m < Mpad; m += kMR)
         for (int64_t r = 0; r < nc; r += kNR) {
-          const float* xs = x + m * g.ldx + k0;
-          const float* ws = s.tile.data() + r * kTileLd;
-          float* cs = acc + m * kTileRows + r;
+          const float* xs = x + m * ldx + k0;
+          const float* ws = tile + r * kTileLd;
+          float* cs = out + m * kTileRows + r;
 #if QC_X86
           if (avx2) {
-            micro_avx2(xs, g.ldx, ws, kTileLd, len, cs, kTileRows);
+            tile::dot_rx4_avx2<kMR, true>(xs, ldx, ws, kTileLd, len, cs, kTileRows);
             continue;
           }
 #endif
-          micro_generic(xs, g.ldx, ws, kTileLd, len, cs, kTileRows);
+          tile::dot_rx4<kMR, true>(xs, ldx, ws, kTileLd, len, cs, kTileRows);
         }
-      }
     }
-    for (int64_t m = 0; m < p.M; ++m) store_row(p, m, n0, nc, acc + m * kTileRows);
+    void finish() {
+      for (int64_t m = 0; m < p.M; ++m) store_row(p, m, n0, nc, s.out.data() + m * kTileRows);
+    }
+  };
+  return tile::tile_gemm(par, kOp, tile::Plan{g.N, kTileRows, kTileRows, g.Kx, kKC}, [&](int64_t n0, int64_t nc) {
+    TaskScratch& s = tile_scratch(p, g, avx2, n0, nc, kTileRows, kTileLd, Mpad * kTileRows);
+    std::fill(s.out.begin(), s.out.end(), 0.0f);
+    return Tile{p, g, avx2, x, Mpad, n0, nc, s, consts};
   });
 }
-
-#if QC_X86
-// Prefetches the bytes of W rows [r0, r1) that hold weights [k0, k0 + len): the decoder reads 12 rows
-// 2 KB apart 128 bytes at a time, a pattern the hardware prefetcher does not follow far enough ahead.
-inline void prefetch_rows(const Problem& p, const Geometry& g, int64_t r0, int64_t r1, int64_t k0, int64_t len) {
-  const int64_t b0 = k0 / 2, b1 = std::min(g.row_bytes, (k0 + len) / 2);
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t b = b0; b < b1; b += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(p.w + r * g.row_bytes + b), _MM_HINT_T0);
-}
-
-// M >= kOuterMinM with AVX2. A task owns 12 W rows: per K slice it decodes them (scales applied) into a
-// row-major tile and multiplies it with every 16-row block of the transposed activations xt
-// ([Mpad/16][Kx][16]), accumulating C^T [12][Mpad]; the next slice's W bytes are prefetched meanwhile.
-Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t Mpad, const Parallel& par) {
-  const int64_t tasks = (g.N + kOuterRows - 1) / kOuterRows;
-  const int64_t ldc = Mpad + 8;  // accumulator row stride, off powers of two
-  // K slices of at most kOuterKC, as even as whole blocks allow (576 -> 3 x 192, not 256 + 256 + 64: a short
-  // slice pays the microkernel's fixed cost for little work)
-  const int64_t nslices = (g.Kx + kOuterKC - 1) / kOuterKC;
-  const int64_t kc = (g.Kx / kBlock + nslices - 1) / nslices * kBlock;
-  return run_tasks(par, tasks, [&](int64_t task) {
-    TaskScratch& s = task_scratch();
-    const int64_t n0 = task * kOuterRows;
-    const int64_t nc = std::min(kOuterRows, g.N - n0);
-    s.scales.resize(kOuterRows * g.scale_len);
-    s.tile.resize(kOuterRows * kOuterLd);
-    s.out.resize(kOuterRows * ldc);  // the first K slice stores, later ones accumulate: no zeroing
-    float* acc = s.out.data();
-    for (int64_t r = 0; r < nc; ++r) decode_scales(p, g, n0 + r, s.scales.data() + r * g.scale_len, true);
-    const Avx2Consts c = avx2_consts(g.G);
-    prefetch_rows(p, g, n0, n0 + nc, 0, kc);
-    for (int64_t k0 = 0; k0 < g.Kx; k0 += kc) {
-      const int64_t len = std::min(kc, g.Kx - k0);
-      for (int64_t r = 0; r < kOuterRows; ++r) {
-        float* dst = s.tile.data() + r * kOuterLd;
-        if (r >= nc) {
-          std::fill(dst, dst + len, 0.0f);
-          continue;
-        }
-        decode_row_avx2(p.w + (n0 + r) * g.row_bytes, s.scales.data() + r * g.scale_len, g, k0 / kBlock,
-                        (k0 + len) / kBlock, c, dst);
-      }
-      if (k0 + kc < g.Kx) prefetch_rows(p, g, n0, n0 + nc, k0 + kc, kc);
-      for (int64_t m = 0; m < Mpad; m += kXtLd) {
-        const float* xs = xt + m * g.Kx + k0 * kXtLd;
-        for (int64_t r = 0; r < nc; r += 6) {
-          const float* ws = s.tile.data() + r * kOuterLd;
-          float* cs = acc + r * ldc + m;
-          if (Mpad - m >= 16) {
-            if (k0 == 0) micro6xN<2, false>(ws, kOuterLd, xs, len, cs, ldc);
-            else micro6xN<2, true>(ws, kOuterLd, xs, len, cs, ldc);
-          } else {
-            if (k0 == 0) micro6xN<1, false>(ws, kOuterLd, xs, len, cs, ldc);
-            else micro6xN<1, true>(ws, kOuterLd, xs, len, cs, ldc);
-          }
-        }
-      }
-    }
-    store_transposed(p, n0, nc, acc, ldc);
-  });
-}
-
-#endif
 
 }  // namespace
 
@@ -881,7 +440,7 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   if (transposed) rows_per_task = (rows_per_task + kXtLd - 1) / kXtLd * kXtLd;  // no cache line shared by tasks
   const int64_t prep_tasks = (Mrows + rows_per_task - 1) / rows_per_task;
   float* xp = xbuf.data();
-  Status st = run_tasks(par, prep_tasks, [&](int64_t t) {
+  Status st = tile::run_tasks(par, prep_tasks, kOp, [&](int64_t t) {
     thread_local std::vector<float> tmp;
     const int64_t m0 = t * rows_per_task;
     prepare_rows(p, g, avx2, m0, std::min(Mrows, m0 + rows_per_task), xp, transposed, tmp);

@@ -1,11 +1,16 @@
-// Fixed-point pair-table walk for SpQRMatMul at batch 1 (see spqr_lut_i16.h).
+// Fixed-point pair-table walk for SpQRMatMul at batch 1 (see spqr_lut_i16.h): the prepared layout, the
+// per-call tables, the AVX-512BW walk and its driver (run_pairs).
 #include "spqr_lut_i16.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "qcompile/cpu_features.h"
+#include "simd.h"
+#include "spqr_matmul_internal.h"
+#include "tile_gemm.h"
 
 // GCC 12 reports its own AVX-512 intrinsics' deliberately undefined pass-through operands (_mm512_undefined_*)
 #if defined(__GNUC__) && !defined(__clang__)
@@ -62,8 +67,9 @@ void pack(const Attrs& a, const uint32_t* codes, const uint32_t* stat_codes, uin
   }
 }
 
+bool available() { return avx512bw_enabled("QCOMPILE_SPQR_LUT_FP32"); }
+
 #if QC_X86
-bool available() { return cpu_has_avx512bw() && !env_flag("QCOMPILE_SPQR_LUT_FP32"); }
 
 QC_AVX512BW bool build_tables(const float* xk, int64_t G, int16_t* lut, float* step) {
   // entry i of a pair table: (i & 7) - 4 times x_a plus (i >> 3) - 4 times x_b; four vectors of 16 entries
@@ -171,9 +177,60 @@ QC_AVX512BW void walk_block(const Attrs& a, const uint8_t* blk, int64_t n0, int6
   }
 }
 
+// ---- per-call driver ----------------------------------------------------------------------------------
+
+namespace {
+using detail::Call;
+using detail::kOp;
+
+// One block of rows of run_pairs: dense parts, then outliers and bias.
+QC_AVX2 void pairs_block(const Call& c, const PreparedCodes& prep, const int16_t* lut, const float* step, int64_t n0) {
+  const Attrs& s = *c.s;
+  const int64_t G = s.groups(), R = std::min(kBlockRows, s.N - n0);
+  // this block's second-level parameters widened to fp32 [rb][4][G], the zero offset shifted by 4 (the
+  // tables centre the codes)
+  const int64_t rb0 = n0 / s.stat_group, rb1 = (n0 + R - 1) / s.stat_group;
+  thread_local std::vector<float> params, acc;
+  params.resize((size_t)((rb1 - rb0 + 1) * 4 * G));
+  for (int64_t rb = rb0; rb <= rb1; ++rb) {
+    const uint16_t* src = c.w->stat_params + rb * 4 * G;
+    float* dst = params.data() + (rb - rb0) * 4 * G;
+    simd::half_to_float_avx2(src, dst, 4 * G);
+    for (int64_t g = 0; g < G; ++g) dst[3 * G + g] -= 4.f;
+  }
+  acc.resize((size_t)detail::round_up(R, kRowGroup));
+  walk_block(s, prep.pairs.data() + n0 / kRowGroup * G * kGroupBytes, n0, R, lut, step, c.xsum, params.data(),
+             acc.data());
+  for (int64_t r = 0; r < R; ++r) {
+    float v = acc[(size_t)r] * c.dense_scale + detail::outliers_avx2(c, n0 + r, 0);
+    if (c.bias) v += c.bias[n0 + r];
+    c.y[n0 + r] = v;
+  }
+}
+
+}  // namespace
+
+// M == 1 over the fixed-point walk's layout: tables once per call, then per block of rows the dense parts,
+// then each row's outliers and bias.
+Status run(const Attrs& s, const Weights& w, const float* xk, const float* xorig, const float* xsum, int64_t Gp,
+           float dense_scale, const float* bias, float* y, const PreparedCodes& prep, const Parallel& par,
+           bool* ran) {
+  const int64_t G = s.groups();
+  thread_local std::vector<int16_t> lut_buf;
+  thread_local std::vector<float> step_buf;
+  lut_buf.resize((size_t)(G * kPairs * kEntries));
+  step_buf.resize((size_t)G);
+  *ran = build_tables(xk, G, lut_buf.data(), step_buf.data());
+  if (!*ran) return Status::OK();
+  const int16_t* lut = lut_buf.data();  // the calling thread's buffers, shared with the tasks
+  const float* step = step_buf.data();
+  const Call c{&s, &w, 1, xk, s.chunks() * kChunk, xorig, xsum, Gp, bias, y, nullptr, nullptr, nullptr, dense_scale};
+  const int64_t blocks = (s.N + kBlockRows - 1) / kBlockRows;
+  return tile::run_tasks(par, blocks, kOp, [&](int64_t t) { pairs_block(c, prep, lut, step, t * kBlockRows); });
+}
+
 #else  // not x86: the fp32 walk serves every call
 
-bool available() { return false; }
 bool build_tables(const float*, int64_t, int16_t*, float*) { return false; }
 void walk_block(const Attrs&, const uint8_t*, int64_t, int64_t, const int16_t*, const float*, const float*,
                 const float*, float*) {}

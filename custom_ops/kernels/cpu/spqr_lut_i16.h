@@ -14,7 +14,9 @@
 #pragma once
 #include <cstdint>
 
+#include "qcompile/parallel.h"
 #include "qcompile/spqr_matmul.h"
+#include "qcompile/status.h"
 
 namespace qcompile {
 namespace spqr {
@@ -52,6 +54,15 @@ bool build_tables(const float* xk, int64_t G, int16_t* lut, float* step);
 // blocks n0 / stat_group .. (n0 + R - 1) / stat_group of this block, in order.
 void walk_block(const Attrs& a, const uint8_t* blk, int64_t n0, int64_t R, const int16_t* lut, const float* step,
                 const float* xsum, const float* params, float* acc);
+
+// The whole walk for one row of X (spqr_matmul.cpp calls it when the prepared layout is `pairs`): xk the
+// stored-order activations (16·G entries, zero padded) divided by dense_scale, xorig the original-order row
+// (outliers), xsum the per-group sums of xk (Gp entries); y[n] = dense part · dense_scale + outliers + bias.
+// *ran = false, with nothing written, on a non-finite activation: the caller then takes the fp32 walk,
+// which propagates it.
+Status run(const Attrs& a, const Weights& w, const float* xk, const float* xorig, const float* xsum, int64_t Gp,
+           float dense_scale, const float* bias, float* y, const PreparedCodes& prep, const Parallel& par,
+           bool* ran);
 
 }  // namespace lut_i16
 }  // namespace spqr

@@ -1,4 +1,6 @@
-// CPU kernels for qcompile.SpQRMatMul (contract: include/qcompile/spqr_matmul.h, docs/ops.md).
+// CPU kernel for qcompile.SpQRMatMul (contract: include/qcompile/spqr_matmul.h, docs/ops.md): activation
+// preparation, the portable scalar path, the dispatch and the layouts prepared at session creation. The
+// AVX2 walks are in spqr_matmul_avx2.cpp, the AVX-512BW fixed-point pair tables in spqr_lut_i16.cpp.
 //
 // Per call, activations are converted to fp32, gathered into stored (permuted) order once (K gathers per
 // row of X; the weight is never un-permuted) and zero-padded to whole 32-position chunks. Per row of W:
@@ -16,41 +18,32 @@
 // SIMD) serves other CPUs and the tests (QCOMPILE_SPQR_SCALAR=1 forces it).
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "qcompile/cpu_features.h"
 #include "qcompile/spqr_matmul.h"
+#include "simd.h"
 #include "spqr_lut_i16.h"
+#include "spqr_matmul_internal.h"
+#include "tile_gemm.h"
 
 namespace qcompile {
 namespace spqr {
-namespace {
+namespace detail {
 
-inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-// Power of two that slot i of the prepared lanes carries (lane_slot): bits·i, except the slot holding bit 31.
-inline int slot_exponent(int bits, int i) { return bits * (i + 1) == 32 ? 0 : bits * i; }
-
-struct Call {
-  const Attrs* s;
-  const Weights* w;
-  int64_t M;
-  const float* xk;     // [M, Kc] stored order, zero padded
-  int64_t Kc;          // chunks * 32
-  const float* xorig;  // [M, K] original order (outliers index the original feature)
-  const float* xsum;   // [M, Gp] per-group sums of xk, zero padded to Gp = round_up(G, 8)
-  int64_t Gp;
-  const float* bias;   // [N] fp32 or nullptr
-  float* y;            // [M, N]
-  const int32_t* inv_perm;  // [K] stored position of each input feature (M > 1 with perm), else nullptr
-  const PreparedCodes* prep;  // lane layout of these codes (M == 1 AVX2 path), else nullptr
-  const float* xl;            // with prep: xk over whole blocks, slot i scaled by 2^-(bits·i) (lanes_dot_g16)
-};
-
-inline const uint16_t* row_params(const Call& c, int64_t n) {
-  return c.w->stat_params + (n / c.s->stat_group) * 4 * c.s->groups();
+float scale_down_large_activations(float* x, int64_t n) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    amax = a > amax ? a : amax;  // (a NaN is skipped; it propagates through the walk anyway)
+  }
+  constexpr int kLargest = 64;  // exponent the largest activation is brought down to
+  if (!(amax > 0x1p64f) || !std::isfinite(amax)) return 1.0f;
+  const int e = std::ilogb(amax) - kLargest;
+  const float down = std::ldexp(1.0f, -e);
+  for (int64_t i = 0; i < n; ++i) x[i] *= down;
+  return std::ldexp(1.0f, e);
 }
 
 // Scalar statistics of groups [g0, G) of row n into scale/zero.
@@ -66,6 +59,11 @@ void stats_scalar(const Call& c, int64_t n, int64_t g0, float* scale, float* zer
     zero[g] = (float)zc * half_to_float(sp[2 * G + g]) + half_to_float(sp[3 * G + g]);
   }
 }
+
+}  // namespace detail
+
+using namespace detail;
+namespace {
 
 template <typename Idx>
 inline float outlier_sum(const Call& c, const Idx* cols, int64_t n, int64_t m) {
@@ -86,635 +84,37 @@ inline float outliers(const Call& c, int64_t n, int64_t m) {
 void rows_scalar(const Call& c, int64_t r0, int64_t r1) {
   const Attrs& s = *c.s;
   const int64_t G = s.groups();
-  thread_local std::vector<float> wrow, scale, zero;
-  wrow.assign((size_t)c.Kc, 0.f);
-  scale.assign((size_t)G, 0.f);
-  zero.assign((size_t)G, 0.f);
+  thread_local std::vector<float> wrow_buf, scale_buf, zero_buf;  // reached once, not per row
+  wrow_buf.assign((size_t)c.Kc, 0.f);
+  scale_buf.assign((size_t)G, 0.f);
+  zero_buf.assign((size_t)G, 0.f);
+  float* const wrow = wrow_buf.data();
+  float* const scale = scale_buf.data();
+  float* const zero = zero_buf.data();
   for (int64_t n = r0; n < r1; ++n) {
-    stats_scalar(c, n, 0, scale.data(), zero.data());
+    stats_scalar(c, n, 0, scale, zero);
     const uint32_t* row = c.w->codes + n * s.code_words();
     for (int64_t p = 0; p < s.K; ++p) {
       const int64_t g = p / s.group_size;
-      wrow[(size_t)p] = scale[(size_t)g] * ((float)code_at(row, p, s.bits) - zero[(size_t)g]);
+      wrow[p] = scale[g] * ((float)code_at(row, p, s.bits) - zero[g]);
     }
     for (int64_t m = 0; m < c.M; ++m) {
       const float* x = c.xk + m * c.Kc;
       float acc = 0.f;
-      for (int64_t p = 0; p < s.K; ++p) acc += x[p] * wrow[(size_t)p];
-      acc += outliers(c, n, m);
+      for (int64_t p = 0; p < s.K; ++p) acc += x[p] * wrow[p];
+      acc = acc * c.dense_scale + outliers(c, n, m);
       if (c.bias) acc += c.bias[n];
       c.y[m * s.N + n] = acc;
     }
   }
 }
 
-#if QC_X86
-// ---- AVX2 + FMA + F16C path ----
-
-QC_AVX2 inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
-
-inline uint32_t load_u32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
-// Codes 8q..8q+7 of a 32-code chunk (4*BITS bytes at `chunk`) as floats. For 3 bits the 4th block is
-// read from byte 8 with shifts 8 larger, so no load ever leaves its 12-byte chunk.
-template <int BITS, int Q>
-QC_AVX2 inline __m256 decode8q(const uint8_t* chunk) {
-  constexpr int off = BITS == 4 ? 4 * Q : (Q == 3 ? 8 : 3 * Q);
-  constexpr int extra = (BITS == 3 && Q == 3) ? 8 : 0;
-  const __m256i sh = BITS == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)
-                               : _mm256_setr_epi32(extra, 3 + extra, 6 + extra, 9 + extra, 12 + extra, 15 + extra,
-                                                   18 + extra, 21 + extra);
-  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)load_u32(chunk + off)), sh), mask));
-}
-
-// Codes 8j..8j+7 of a row (bytes at `row`) as floats.
-template <int BITS>
-QC_AVX2 inline __m256 decode8(const uint8_t* row, int64_t j) {
-  const uint8_t* chunk = row + 4 * BITS * (j >> 2);
-  switch (j & 3) {
-    case 0: return decode8q<BITS, 0>(chunk);
-    case 1: return decode8q<BITS, 1>(chunk);
-    case 2: return decode8q<BITS, 2>(chunk);
-    default: return decode8q<BITS, 3>(chunk);
-  }
-}
-
-// The scale and zero codes of groups g..g+7 (sb <= 4 bits each, packed LSB-first in the byte streams
-// sbytes / zbytes of SW 32-bit words) as floats. Near a stream's end the 32-bit load starts at its last 4
-// bytes and the shift makes up the difference (the stream covers these groups' bits, so all are inside).
-struct StatCodeReader {
-  const uint8_t* sbytes;
-  const uint8_t* zbytes;
-  int sb;
-  int64_t last;  // last byte offset a 32-bit load may start at
-  __m256i sh, mask;
-  QC_AVX2 StatCodeReader(const uint8_t* s, const uint8_t* z, int bits, int64_t stat_words)
-      : sbytes(s), zbytes(z), sb(bits), last(4 * stat_words - 4),
-        sh(_mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits))),
-        mask(_mm256_set1_epi32((1 << bits) - 1)) {}
-  QC_AVX2 inline void read8(int64_t g, __m256* sc, __m256* zc) const {
-    const int64_t off = (g / 8) * sb;
-    const int64_t at = std::min(off, last);
-    const __m256i shift = _mm256_add_epi32(sh, _mm256_set1_epi32((int)(8 * (off - at))));
-    *sc = _mm256_cvtepi32_ps(
-        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)load_u32(sbytes + at)), shift), mask));
-    *zc = _mm256_cvtepi32_ps(
-        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)load_u32(zbytes + at)), shift), mask));
-  }
-};
-
-// Statistics of row n into scale/zero (both with room for round_up(G, 8) entries), 8 groups per step.
-QC_AVX2 void stats_avx2(const Call& c, int64_t n, float* scale, float* zero) {
-  const Attrs& s = *c.s;
-  const int64_t G = s.groups();
-  const int64_t SW = s.stat_words();
-  const int sb = s.stat_bits;
-  if (sb > 4) {  // 8 codes no longer fit one 32-bit load
-    stats_scalar(c, n, 0, scale, zero);
-    return;
-  }
-  const uint8_t* sbytes = (const uint8_t*)(c.w->stat_codes + n * 2 * SW);
-  const StatCodeReader codes(sbytes, sbytes + 4 * SW, sb, SW);
-  const uint16_t* sp = row_params(c, n);
-  for (int64_t g = 0; g < G; g += 8) {
-    __m256 sc, zc;
-    codes.read8(g, &sc, &zc);
-    __m256 ss, sm, zs, zm;
-    if (g + 8 <= G) {
-      ss = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sp + g)));
-      sm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sp + G + g)));
-      zs = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sp + 2 * G + g)));
-      zm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sp + 3 * G + g)));
-    } else {  // partial tail: zero-padded copies (padded groups get scale 0, zero 0)
-      alignas(16) uint16_t tail[4][8] = {};
-      for (int f = 0; f < 4; ++f)
-        for (int64_t i = 0; g + i < G; ++i) tail[f][i] = sp[f * G + g + i];
-      ss = _mm256_cvtph_ps(_mm_load_si128((const __m128i*)tail[0]));
-      sm = _mm256_cvtph_ps(_mm_load_si128((const __m128i*)tail[1]));
-      zs = _mm256_cvtph_ps(_mm_load_si128((const __m128i*)tail[2]));
-      zm = _mm256_cvtph_ps(_mm_load_si128((const __m128i*)tail[3]));
-    }
-    _mm256_storeu_ps(scale + g, _mm256_fmadd_ps(sc, ss, sm));
-    _mm256_storeu_ps(zero + g, _mm256_fmadd_ps(zc, zs, zm));
-  }
-}
-
-// Slot I of the lanes as floats code·2^(BITS·I); the slot holding bit 31 (4-bit codes) is shifted down
-// instead (a signed conversion would read that bit as a sign), and its activations are not scaled.
-template <int BITS, int I>
-QC_AVX2 inline __m256 lane_slot(__m256i v) {
-  if constexpr (BITS * (I + 1) == 32) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, BITS * I));
-  return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)(((1u << BITS) - 1u) << (BITS * I)))));
-}
-
-// stats_corr_m1 over the prepared stat lanes (stat_bits 3): per 8 groups two masks and conversions, no
-// broadcast or variable shift. The second-level steps of group g are widened pre-scaled by
-// 2^-(3·slot(g)) (exact), matching lane_slot's code·2^(3·slot).
-QC_AVX2 __m256 stats_corr_m1_lanes(const Call& c, int64_t n, float* pf, int64_t* cached_rb, float* scale) {
-  const Attrs& s = *c.s;
-  const int64_t G = s.groups(), Gp = c.Gp, SB = c.prep->stat_blocks;
-  const int64_t rb = n / s.stat_group;
-  if (rb != *cached_rb) {  // widen 8 groups (one slot) per step
-    const uint16_t* sp = row_params(c, n);
-    static const float kSlotScale[10] = {1.0f, 0x1p-3f, 0x1p-6f, 0x1p-9f, 0x1p-12f, 0x1p-15f,
-                                         0x1p-18f, 0x1p-21f, 0x1p-24f, 0x1p-27f};  // 2^-slot_exponent(3, i)
-    for (int fi = 0; fi < 4; ++fi) {
-      float* dst = pf + fi * Gp;
-      const uint16_t* src = sp + fi * G;
-      int64_t g = 0;
-      for (; g + 8 <= G; g += 8) {
-        __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + g)));
-        if (!(fi & 1)) v = _mm256_mul_ps(v, _mm256_set1_ps(kSlotScale[(g % 80) / 8]));
-        _mm256_storeu_ps(dst + g, v);
-      }
-      for (; g < G; ++g) dst[g] = _cvtsh_ss(src[g]) * ((fi & 1) ? 1.0f : kSlotScale[(g % 80) / 8]);
-      for (; g < Gp; ++g) dst[g] = 0.f;
-    }
-    *cached_rb = rb;
-  }
-  const uint32_t* lanes = c.prep->stat_lanes.data() + n * 2 * SB * 8;
-  __m256 corr = _mm256_setzero_ps();
-  const float* xs = c.xsum;
-#define QC_STAT(cs, cz, i)                                                                                  \
-  {                                                                                                         \
-    const __m256 scl = _mm256_fmadd_ps(cs, _mm256_loadu_ps(pf + 8 * (i)), _mm256_loadu_ps(pf + Gp + 8 * (i))); \
-    const __m256 zer =                                                                                      \
-        _mm256_fmadd_ps(cz, _mm256_loadu_ps(pf + 2 * Gp + 8 * (i)), _mm256_loadu_ps(pf + 3 * Gp + 8 * (i))); \
-    _mm256_storeu_ps(scale + 8 * (i), scl);                                                                 \
-    corr = _mm256_fmadd_ps(_mm256_mul_ps(scl, zer), _mm256_loadu_ps(xs + 8 * (i)), corr);                   \
-  }
-#define QC_SLOT(i)                                                                  \
-  {                                                                                 \
-    const __m256 cs_ = lane_slot<3, i>(vs), cz_ = lane_slot<3, i>(vz);              \
-    QC_STAT(cs_, cz_, i)                                                            \
-  }
-  const int64_t full = Gp / 80;  // whole blocks; then the slots of the last one up to Gp
-  int64_t b = 0;
-  for (; b < full; ++b, lanes += 8, pf += 80, scale += 80, xs += 80) {
-    const __m256i vs = _mm256_loadu_si256((const __m256i*)lanes);
-    const __m256i vz = _mm256_loadu_si256((const __m256i*)(lanes + SB * 8));
-    QC_SLOT(0) QC_SLOT(1) QC_SLOT(2) QC_SLOT(3) QC_SLOT(4) QC_SLOT(5) QC_SLOT(6) QC_SLOT(7) QC_SLOT(8) QC_SLOT(9)
-  }
-  if (b < SB) {
-    const __m256i vs = _mm256_loadu_si256((const __m256i*)lanes);
-    const __m256i vz = _mm256_loadu_si256((const __m256i*)(lanes + SB * 8));
-    for (int64_t i = 0; 80 * b + 8 * i < Gp; ++i) {
-      const __m256i m = _mm256_set1_epi32((int)(7u << (3 * i)));
-      QC_STAT(_mm256_cvtepi32_ps(_mm256_and_si256(vs, m)), _mm256_cvtepi32_ps(_mm256_and_si256(vz, m)), i)
-    }
-  }
-#undef QC_SLOT
-#undef QC_STAT
-  return corr;
-}
-
-// M == 1 statistics of row n: scales into `scale` (room for Gp entries) and the zero-point term
-// sum_g scale_g * zero_g * xsum_g as a vector, in one pass. The second-level parameters of the row's
-// block are widened once per block into `pf` ([4][Gp] fp32, zero padded; *cached_rb tracks the block).
-QC_AVX2 __m256 stats_corr_m1(const Call& c, int64_t n, float* pf, int64_t* cached_rb, float* scale) {
-  const Attrs& s = *c.s;
-  const int64_t G = s.groups(), Gp = c.Gp, SW = s.stat_words();
-  const int sb = s.stat_bits;
-  const int64_t rb = n / s.stat_group;
-  if (rb != *cached_rb) {
-    const uint16_t* sp = row_params(c, n);
-    for (int f = 0; f < 4; ++f) {
-      float* dst = pf + f * Gp;
-      for (int64_t g = 0; g < G; ++g) dst[g] = _cvtsh_ss(sp[f * G + g]);
-      for (int64_t g = G; g < Gp; ++g) dst[g] = 0.f;
-    }
-    *cached_rb = rb;
-  }
-  const uint8_t* sbytes = (const uint8_t*)(c.w->stat_codes + n * 2 * SW);
-  const StatCodeReader codes(sbytes, sbytes + 4 * SW, sb, SW);
-  __m256 corr = _mm256_setzero_ps();
-  for (int64_t g = 0; g < Gp; g += 8) {
-    __m256 sc, zc;
-    codes.read8(g, &sc, &zc);
-    const __m256 scl = _mm256_fmadd_ps(sc, _mm256_loadu_ps(pf + g), _mm256_loadu_ps(pf + Gp + g));
-    const __m256 zer = _mm256_fmadd_ps(zc, _mm256_loadu_ps(pf + 2 * Gp + g), _mm256_loadu_ps(pf + 3 * Gp + g));
-    _mm256_storeu_ps(scale + g, scl);
-    corr = _mm256_fmadd_ps(_mm256_mul_ps(scl, zer), _mm256_loadu_ps(c.xsum + g), corr);
-  }
-  return corr;
-}
-
-QC_AVX2 inline __m256i load_idx8(const int16_t* p) {
-  return _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)p));
-}
-QC_AVX2 inline __m256i load_idx8(const int32_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
-
-// Sum of value * x[col] over row n's outliers: 8 per step with a gather (indices were validated).
-template <typename Idx>
-QC_AVX2 inline float outlier_sum_f16c(const Call& c, const Idx* cols, int64_t n, const float* xo) {
-  int64_t o = row_offset(*c.w, n);
-  const int64_t end = row_offset(*c.w, n + 1);
-  __m256 acc = _mm256_setzero_ps();
-  for (; o + 8 <= end; o += 8) {
-    const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(c.w->values + o)));
-    acc = _mm256_fmadd_ps(v, _mm256_i32gather_ps(xo, load_idx8(cols + o), 4), acc);
-  }
-  float sum = hsum(acc);
-  for (; o < end; ++o) sum += _cvtsh_ss(c.w->values[o]) * xo[cols[o]];
-  return sum;
-}
-
-QC_AVX2 inline float outliers_avx2(const Call& c, int64_t n, int64_t m) {
-  const float* xo = c.xorig + m * c.s->K;
-  return c.w->col_int16 ? outlier_sum_f16c(c, (const int16_t*)c.w->col_indices, n, xo)
-                        : outlier_sum_f16c(c, (const int32_t*)c.w->col_indices, n, xo);
-}
-
-// Lanes (u32) ahead of the walk to prefetch: 2 KB, past the end of the row (a 4096-wide 3-bit row is 1.6 KB)
-// into the next one. Why: with cold caches the hardware prefetcher alone left the walk ~40% slower than with
-// warm ones. A/B on a 2-core AMD EPYC (Zen 4) VM, 4096x4096 spqr-w3, M = 1, one thread, cold caches
-// (`qcompile.bench --clock thread_cpu --stat min`, 12+ runs each): 1.70-1.86 ms -> 1.35-1.57 ms.
-constexpr int64_t kLanePrefetch = 512;
-
-// M == 1, group_size 16, codes in the prepared lane layout (PreparedCodes): per block of 8·L positions one
-// 256-bit load; slot i (8 positions) is a mask and a conversion, without a shift: the masked lane is
-// code·2^(BITS·i) (exact in fp32, at most 3-4 significant bits) and the activations `xl` come pre-scaled
-// by 2^-(BITS·i) (exact unless |x| < 2^-99 underflows; see slot_exponent), so every product is code·x. L/2 groups per block, each with its own
-// accumulator. Returns the vector sum of scale_g · dot(x_g, codes_g) over whole blocks.
-template <int BITS>
-QC_AVX2 inline __m256 lanes_dot_g16(const uint32_t* lanes, int64_t blocks, const float* x, const float* scale) {
-  constexpr int L = 32 / BITS, G = L / 2;  // codes per lane; 16-position groups per block
-  static_assert(L % 2 == 0, "whole groups per block");
-  __m256 acc[G];
-  for (int i = 0; i < G; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b, lanes += 8, x += 8 * L, scale += G) {
-    if (b & 1) _mm_prefetch((const char*)(lanes + kLanePrefetch), _MM_HINT_T0);  // a 64-byte line per 2 blocks
-    const __m256i v = _mm256_loadu_si256((const __m256i*)lanes);
-#define QC_LANE(i) lane_slot<BITS, (i)>(v)
-#define QC_GROUP(i)                                                                                        \
-  acc[i] = _mm256_fmadd_ps(_mm256_fmadd_ps(QC_LANE(2 * (i)), _mm256_loadu_ps(x + 16 * (i)),             \
-                                           _mm256_mul_ps(QC_LANE(2 * (i) + 1), _mm256_loadu_ps(x + 16 * (i) + 8))), \
-                           _mm256_broadcast_ss(scale + (i)), acc[i]);
-    QC_GROUP(0) QC_GROUP(1) QC_GROUP(2) QC_GROUP(3)
-    if constexpr (G > 4) { QC_GROUP(4) }
-#undef QC_GROUP
-#undef QC_LANE
-  }
-  __m256 sum = acc[0];
-  for (int i = 1; i < G; ++i) sum = _mm256_add_ps(sum, acc[i]);
-  return sum;
-}
-
-// M == 1: fused decode + dot, one pass over each packed row.
-template <int BITS>
-QC_AVX2 void rows_avx2_m1(const Call& c, int64_t r0, int64_t r1) {
-  const Attrs& s = *c.s;
-  const int64_t Gp = c.Gp;
-  const int64_t bpr = s.code_words() * 4;  // bytes per packed row
-  const float* x = c.xk;
-  thread_local std::vector<float> scale, zero;
-  scale.assign((size_t)Gp, 0.f);  // entries G..Gp-1 stay 0: padded groups contribute nothing
-  zero.assign((size_t)Gp, 0.f);
-  thread_local std::vector<float> pf;
-  pf.resize((size_t)(4 * Gp));
-  int64_t cached_rb = -1;
-  const bool fused_stats = s.stat_bits <= 4;  // 8 stat codes fit one 32-bit load
-  for (int64_t n = r0; n < r1; ++n) {
-    // zero-point term: sum_g scale_g * zero_g * sum(x_g)
-    __m256 corr = _mm256_setzero_ps();
-    if (c.prep && !c.prep->stat_lanes.empty()) {
-      corr = stats_corr_m1_lanes(c, n, pf.data(), &cached_rb, scale.data());
-    } else if (fused_stats) {
-      corr = stats_corr_m1(c, n, pf.data(), &cached_rb, scale.data());
-    } else {
-      stats_avx2(c, n, scale.data(), zero.data());
-      for (int64_t g = 0; g < Gp; g += 8)
-        corr = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scale.data() + g), _mm256_loadu_ps(zero.data() + g)),
-                               _mm256_loadu_ps(c.xsum + g), corr);
-    }
-    const uint8_t* row = (const uint8_t*)c.w->codes + n * bpr;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    if (c.prep && s.group_size == 16) {  // prepared lanes, then the last positions from the packed row
-      constexpr int64_t kBlock = 8 * (32 / BITS);
-      const int64_t blocks = c.prep->blocks;
-      acc0 = lanes_dot_g16<BITS>(c.prep->lanes.data() + n * blocks * 8, blocks, c.xl, scale.data());
-      for (int64_t j = blocks * kBlock / 8; j < c.Kc / 8; j += 2) {  // whole groups of 16 positions
-        const __m256 t = _mm256_fmadd_ps(decode8<BITS>(row, j), _mm256_loadu_ps(x + 8 * j),
-                                         _mm256_mul_ps(decode8<BITS>(row, j + 1), _mm256_loadu_ps(x + 8 * j + 8)));
-        acc1 = _mm256_fmadd_ps(t, _mm256_broadcast_ss(scale.data() + j / 2), acc1);
-      }
-    } else if (s.group_size == 16) {  // the paper's setting: a 32-code chunk is exactly two groups
-      const int64_t chunks = c.Kc / 32;
-      const uint8_t* chunk = row;
-      const float* sc = scale.data();
-      // Two chunks per step into four accumulators: the scale FMAs no longer form two serial chains.
-      __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
-      int64_t ch = 0;
-      for (; ch + 2 <= chunks; ch += 2, chunk += 8 * BITS, sc += 4) {
-        const float* xp = x + 32 * ch;
-        const uint8_t* nx = chunk + 4 * BITS;
-        const __m256 ta = _mm256_fmadd_ps(decode8q<BITS, 0>(chunk), _mm256_loadu_ps(xp),
-                                          _mm256_mul_ps(decode8q<BITS, 1>(chunk), _mm256_loadu_ps(xp + 8)));
-        const __m256 tb = _mm256_fmadd_ps(decode8q<BITS, 2>(chunk), _mm256_loadu_ps(xp + 16),
-                                          _mm256_mul_ps(decode8q<BITS, 3>(chunk), _mm256_loadu_ps(xp + 24)));
-        const __m256 tc = _mm256_fmadd_ps(decode8q<BITS, 0>(nx), _mm256_loadu_ps(xp + 32),
-                                          _mm256_mul_ps(decode8q<BITS, 1>(nx), _mm256_loadu_ps(xp + 40)));
-        const __m256 td = _mm256_fmadd_ps(decode8q<BITS, 2>(nx), _mm256_loadu_ps(xp + 48),
-                                          _mm256_mul_ps(decode8q<BITS, 3>(nx), _mm256_loadu_ps(xp + 56)));
-        acc0 = _mm256_fmadd_ps(ta, _mm256_broadcast_ss(sc), acc0);
-        acc1 = _mm256_fmadd_ps(tb, _mm256_broadcast_ss(sc + 1), acc1);
-        acc2 = _mm256_fmadd_ps(tc, _mm256_broadcast_ss(sc + 2), acc2);
-        acc3 = _mm256_fmadd_ps(td, _mm256_broadcast_ss(sc + 3), acc3);
-      }
-      acc0 = _mm256_add_ps(acc0, acc2);
-      acc1 = _mm256_add_ps(acc1, acc3);
-      for (; ch < chunks; ++ch, chunk += 4 * BITS, sc += 2) {
-        const float* xp = x + 32 * ch;
-        const __m256 ta = _mm256_fmadd_ps(decode8q<BITS, 0>(chunk), _mm256_loadu_ps(xp),
-                                          _mm256_mul_ps(decode8q<BITS, 1>(chunk), _mm256_loadu_ps(xp + 8)));
-        const __m256 tb = _mm256_fmadd_ps(decode8q<BITS, 2>(chunk), _mm256_loadu_ps(xp + 16),
-                                          _mm256_mul_ps(decode8q<BITS, 3>(chunk), _mm256_loadu_ps(xp + 24)));
-        acc0 = _mm256_fmadd_ps(ta, _mm256_broadcast_ss(sc), acc0);
-        acc1 = _mm256_fmadd_ps(tb, _mm256_broadcast_ss(sc + 1), acc1);
-      }
-    } else {
-      const int64_t gs8 = s.group_size / 8, G = s.groups(), blocks = c.Kc / 8;
-      for (int64_t g = 0; g < G; ++g) {
-        __m256 t = _mm256_setzero_ps();
-        const int64_t end = std::min(blocks, (g + 1) * gs8);
-        for (int64_t j = g * gs8; j < end; ++j) t = _mm256_fmadd_ps(decode8<BITS>(row, j), _mm256_loadu_ps(x + 8 * j), t);
-        if (g & 1)
-          acc1 = _mm256_fmadd_ps(t, _mm256_broadcast_ss(scale.data() + g), acc1);
-        else
-          acc0 = _mm256_fmadd_ps(t, _mm256_broadcast_ss(scale.data() + g), acc0);
-      }
-    }
-    float v = hsum(_mm256_add_ps(acc0, acc1)) - hsum(corr) + outliers_avx2(c, n, 0);
-    if (c.bias) v += c.bias[n];
-    c.y[n] = v;
-  }
-}
-
-// M > 1, GEMM-style: a panel of kPanel rows is dequantized K-slice by K-slice into a transposed buffer
-// (kSlice positions x 16 rows = 32 KB, L1/L2-resident) and every block of up to 6 rows of X runs an
-// outer-product micro-kernel over it (12 accumulators: per position 2 weight loads, 6 broadcasts, 12 FMAs).
-constexpr int kPanel = 16;
-constexpr int64_t kSlice = 512;  // multiple of 32
-
-// Named accumulators (not an array) so that they stay in registers.
-template <int MR>
-QC_AVX2 inline void panel_kernel(const float* panel, int64_t len, const float* const* xrows, float* out /*[MR][16]*/) {
-  static_assert(MR >= 1 && MR <= 6, "1..6 rows of X");
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
-  __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
-  const float* x0 = xrows[0];
-  const float* x1 = xrows[MR > 1 ? 1 : 0];
-  const float* x2 = xrows[MR > 2 ? 2 : 0];
-  const float* x3 = xrows[MR > 3 ? 3 : 0];
-  const float* x4 = xrows[MR > 4 ? 4 : 0];
-  const float* x5 = xrows[MR > 5 ? 5 : 0];
-  for (int64_t p = 0; p < len; ++p) {
-    const __m256 w0 = _mm256_loadu_ps(panel + p * kPanel), w1 = _mm256_loadu_ps(panel + p * kPanel + 8);
-    __m256 xv = _mm256_broadcast_ss(x0 + p);
-    a0 = _mm256_fmadd_ps(xv, w0, a0);
-    b0 = _mm256_fmadd_ps(xv, w1, b0);
-    if constexpr (MR > 1) {
-      xv = _mm256_broadcast_ss(x1 + p);
-      a1 = _mm256_fmadd_ps(xv, w0, a1);
-      b1 = _mm256_fmadd_ps(xv, w1, b1);
-    }
-    if constexpr (MR > 2) {
-      xv = _mm256_broadcast_ss(x2 + p);
-      a2 = _mm256_fmadd_ps(xv, w0, a2);
-      b2 = _mm256_fmadd_ps(xv, w1, b2);
-    }
-    if constexpr (MR > 3) {
-      xv = _mm256_broadcast_ss(x3 + p);
-      a3 = _mm256_fmadd_ps(xv, w0, a3);
-      b3 = _mm256_fmadd_ps(xv, w1, b3);
-    }
-    if constexpr (MR > 4) {
-      xv = _mm256_broadcast_ss(x4 + p);
-      a4 = _mm256_fmadd_ps(xv, w0, a4);
-      b4 = _mm256_fmadd_ps(xv, w1, b4);
-    }
-    if constexpr (MR > 5) {
-      xv = _mm256_broadcast_ss(x5 + p);
-      a5 = _mm256_fmadd_ps(xv, w0, a5);
-      b5 = _mm256_fmadd_ps(xv, w1, b5);
-    }
-  }
-  const __m256 as[6] = {a0, a1, a2, a3, a4, a5}, bs[6] = {b0, b1, b2, b3, b4, b5};
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(out + i * kPanel, as[i]);
-    _mm256_storeu_ps(out + i * kPanel + 8, bs[i]);
-  }
-}
-
-template <int MR>
-QC_AVX2 void panel_rows(const Call& c, const float* panel, int64_t ks, int64_t len, int64_t m0, int64_t n0, int nr) {
-  const float* xrows[MR];
-  for (int i = 0; i < MR; ++i) xrows[i] = c.xk + (m0 + i) * c.Kc + ks;
-  alignas(32) float out[MR * kPanel];
-  panel_kernel<MR>(panel, len, xrows, out);
-  for (int i = 0; i < MR; ++i) {
-    float* y = c.y + (m0 + i) * c.s->N + n0;
-    for (int r = 0; r < nr; ++r) y[r] += out[i * kPanel + r];
-  }
-}
-
-// In-register 8x8 transpose: v[i][t] -> v[t][i].
-QC_AVX2 inline void transpose8(__m256 v[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  v[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
-  v[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-  v[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
-  v[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-  v[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-  v[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-  v[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-  v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
-
-// Dequantizes block q (codes 8q..8q+7) of chunk ch for 8 rows and stores it transposed: panel row p holds
-// the 16 rows' values at position p.
-template <int BITS, int Q>
-QC_AVX2 inline void panel_block(const uint8_t* const* rows, int nr8, int64_t ch, const float* sc, const float* off,
-                                float* dst) {
-  __m256 v[8];
-  for (int r = 0; r < 8; ++r)
-    v[r] = r < nr8 ? _mm256_fmadd_ps(decode8q<BITS, Q>(rows[r] + 4 * BITS * ch), _mm256_set1_ps(sc[r]),
-                                     _mm256_set1_ps(off[r]))
-                   : _mm256_setzero_ps();
-  transpose8(v);
-  for (int t = 0; t < 8; ++t) _mm256_storeu_ps(dst + t * kPanel, v[t]);
-}
-
-template <int BITS>
-QC_AVX2 void rows_avx2_mm(const Call& c, int64_t r0, int64_t r1) {
-  const Attrs& s = *c.s;
-  const int64_t Gp = c.Gp;
-  struct Entry {
-    int32_t p;
-    int32_t r;
-    float v;
-  };
-  thread_local std::vector<float> panel, scale, zero, offs;
-  thread_local std::vector<Entry> entries;
-  thread_local std::vector<size_t> bucket_start, fill_pos;
-  bucket_start.resize((size_t)((c.Kc + kSlice - 1) / kSlice + 1));
-  panel.resize((size_t)(kSlice * kPanel));
-  scale.resize((size_t)(kPanel * Gp));
-  zero.resize((size_t)(kPanel * Gp));
-  offs.resize((size_t)(kPanel * Gp));
-  for (int64_t n0 = r0; n0 < r1; n0 += kPanel) {
-    const int nr = (int)std::min<int64_t>(kPanel, r1 - n0);
-    const uint8_t* rows[kPanel];
-    for (int r = 0; r < nr; ++r) {
-      stats_avx2(c, n0 + r, scale.data() + r * Gp, zero.data() + r * Gp);
-      for (int64_t g = 0; g < Gp; ++g) offs[(size_t)(r * Gp + g)] = -scale[(size_t)(r * Gp + g)] * zero[(size_t)(r * Gp + g)];
-      rows[r] = (const uint8_t*)c.w->codes + (n0 + r) * s.code_words() * 4;
-    }
-    for (int r = nr; r < kPanel; ++r) rows[r] = rows[0];
-    for (int64_t m = 0; m < c.M; ++m) std::memset(c.y + m * s.N + n0, 0, sizeof(float) * (size_t)nr);
-    // the panel's outliers, bucketed by K-slice of their stored position (a column names an input feature)
-    std::fill(bucket_start.begin(), bucket_start.end(), 0);
-    const int64_t o0 = row_offset(*c.w, n0), o1 = row_offset(*c.w, n0 + nr);
-    entries.resize((size_t)(o1 - o0));
-    for (int r = 0; r < nr; ++r)
-      for (int64_t o = row_offset(*c.w, n0 + r), end = row_offset(*c.w, n0 + r + 1); o < end; ++o) {
-        const int64_t col = col_at(*c.w, o);
-        ++bucket_start[(size_t)((c.inv_perm ? c.inv_perm[col] : col) / kSlice) + 1];
-      }
-    for (size_t b = 1; b < bucket_start.size(); ++b) bucket_start[b] += bucket_start[b - 1];
-    fill_pos.assign(bucket_start.begin(), bucket_start.end() - 1);
-    for (int r = 0; r < nr; ++r)
-      for (int64_t o = row_offset(*c.w, n0 + r), end = row_offset(*c.w, n0 + r + 1); o < end; ++o) {
-        const int64_t col = col_at(*c.w, o);
-        const int32_t p = c.inv_perm ? c.inv_perm[col] : (int32_t)col;
-        entries[fill_pos[(size_t)(p / kSlice)]++] = Entry{p, r, _cvtsh_ss(c.w->values[o])};
-      }
-    for (int64_t ks = 0; ks < c.Kc; ks += kSlice) {
-      const int64_t len = std::min(kSlice, c.Kc - ks);
-      for (int64_t ch = ks / 32; ch < (ks + len) / 32; ++ch) {
-        // a group is a multiple of 16 positions: each half-chunk lies in one group
-        const int64_t ga = (32 * ch) / s.group_size, gb = (32 * ch + 16) / s.group_size;
-        float* dst = panel.data() + (32 * ch - ks) * kPanel;
-        for (int half = 0; half < 2; ++half) {
-          const int nr8 = std::max(0, std::min(8, nr - 8 * half));
-          const uint8_t* const* rr = rows + 8 * half;
-          float sa[8], oa[8], sb[8], ob[8];
-          for (int r = 0; r < 8; ++r) {
-            const int rr_idx = 8 * half + r;
-            const bool live = r < nr8;
-            sa[r] = live ? scale[(size_t)(rr_idx * Gp + ga)] : 0.f;
-            oa[r] = live ? offs[(size_t)(rr_idx * Gp + ga)] : 0.f;
-            sb[r] = live ? scale[(size_t)(rr_idx * Gp + gb)] : 0.f;
-            ob[r] = live ? offs[(size_t)(rr_idx * Gp + gb)] : 0.f;
-          }
-          float* d = dst + 8 * half;
-          panel_block<BITS, 0>(rr, nr8, ch, sa, oa, d);
-          panel_block<BITS, 1>(rr, nr8, ch, sa, oa, d + 8 * kPanel);
-          panel_block<BITS, 2>(rr, nr8, ch, sb, ob, d + 16 * kPanel);
-          panel_block<BITS, 3>(rr, nr8, ch, sb, ob, d + 24 * kPanel);
-        }
-      }
-      // padding positions p >= K meet x == 0; keep them exactly 0 even for non-finite statistics
-      for (int64_t p = std::max(ks, s.K); p < ks + len; ++p)
-        std::memset(panel.data() + (p - ks) * kPanel, 0, sizeof(float) * kPanel);
-      // outliers add to the dequantized panel, in this slice's bucket
-      for (size_t e = bucket_start[(size_t)(ks / kSlice)]; e < bucket_start[(size_t)(ks / kSlice) + 1]; ++e)
-        panel[(size_t)(entries[e].p - ks) * kPanel + entries[e].r] += entries[e].v;
-      int64_t m0 = 0;
-      while (m0 < c.M) {
-        const int64_t rem = c.M - m0;
-        if (rem >= 6) {
-          panel_rows<6>(c, panel.data(), ks, len, m0, n0, nr);
-          m0 += 6;
-        } else if (rem >= 4) {
-          panel_rows<4>(c, panel.data(), ks, len, m0, n0, nr);
-          m0 += 4;
-        } else if (rem >= 2) {
-          panel_rows<2>(c, panel.data(), ks, len, m0, n0, nr);
-          m0 += 2;
-        } else {
-          panel_rows<1>(c, panel.data(), ks, len, m0, n0, nr);
-          m0 += 1;
-        }
-      }
-    }
-    if (c.bias)
-      for (int64_t m = 0; m < c.M; ++m)
-        for (int r = 0; r < nr; ++r) c.y[m * s.N + n0 + r] += c.bias[n0 + r];
-  }
-}
-
-#endif
-
 bool force_scalar() { return env_flag("QCOMPILE_SPQR_SCALAR"); }
+bool use_avx2() { return avx2_enabled("QCOMPILE_SPQR_SCALAR"); }
 
 // The batch-1 walk over constant codes runs on fixed-point pair tables (spqr_lut_i16.h) for this layer on
 // this CPU: what prepare_constant_codes lays the codes out for, and what matmul_cpu checks it against.
 bool use_pairs_walk(const Attrs& a) { return cpu_has_avx2() && lut_i16::available() && lut_i16::supports(a); }
-
-#if QC_X86
-// One block of rows of run_pairs: dense parts, then outliers and bias.
-QC_AVX2 void pairs_block(const Call& c, const PreparedCodes& prep, const int16_t* lut, const float* step, int64_t n0) {
-  const Attrs& s = *c.s;
-  const int64_t G = s.groups(), R = std::min(lut_i16::kBlockRows, s.N - n0);
-  // this block's second-level parameters widened to fp32 [rb][4][G], the zero offset shifted by 4 (the
-  // tables centre the codes)
-  const int64_t rb0 = n0 / s.stat_group, rb1 = (n0 + R - 1) / s.stat_group;
-  thread_local std::vector<float> params, acc;
-  params.resize((size_t)((rb1 - rb0 + 1) * 4 * G));
-  for (int64_t rb = rb0; rb <= rb1; ++rb) {
-    const uint16_t* src = c.w->stat_params + rb * 4 * G;
-    float* dst = params.data() + (rb - rb0) * 4 * G;
-    int64_t i = 0;
-    for (; i + 8 <= 4 * G; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
-    for (; i < 4 * G; ++i) dst[i] = half_to_float(src[i]);
-    for (int64_t g = 0; g < G; ++g) dst[3 * G + g] -= 4.f;
-  }
-  acc.resize((size_t)round_up(R, lut_i16::kRowGroup));
-  lut_i16::walk_block(s, prep.pairs.data() + n0 / lut_i16::kRowGroup * G * lut_i16::kGroupBytes, n0, R, lut, step,
-                      c.xsum, params.data(), acc.data());
-  for (int64_t r = 0; r < R; ++r) {
-    float v = acc[(size_t)r] + outliers_avx2(c, n0 + r, 0);
-    if (c.bias) v += c.bias[n0 + r];
-    c.y[n0 + r] = v;
-  }
-}
-
-// M == 1 over the fixed-point walk's layout (spqr_lut_i16.h): tables once per call, then per block of
-// rows the dense parts, then each row's outliers and bias. False (nothing written) on a non-finite x.
-bool run_pairs(const Attrs& s, const Weights& w, const float* xk, const float* xorig, const float* xsum,
-               int64_t Gp, const float* bias, float* y, const PreparedCodes& prep, const Parallel& par) {
-  const int64_t G = s.groups();
-  thread_local std::vector<int16_t> lut_buf;
-  thread_local std::vector<float> step_buf;
-  lut_buf.resize((size_t)(G * lut_i16::kPairs * lut_i16::kEntries));
-  step_buf.resize((size_t)G);
-  if (!lut_i16::build_tables(xk, G, lut_buf.data(), step_buf.data())) return false;
-  const int16_t* lut = lut_buf.data();  // the calling thread's buffers, shared with the tasks
-  const float* step = step_buf.data();
-  const Call c{&s, &w, 1, xk, s.chunks() * kChunk, xorig, xsum, Gp, bias, y, nullptr, nullptr, nullptr};
-  const int64_t blocks = (s.N + lut_i16::kBlockRows - 1) / lut_i16::kBlockRows;
-  par.for_each((size_t)blocks, [&](size_t t) { pairs_block(c, prep, lut, step, (int64_t)t * lut_i16::kBlockRows); });
-  return true;
-}
-#endif
 
 // Rows per task: whole 16-row panels, about 256K weight-ops per task so the pool's per-task cost
 // stays small while every thread still gets several tasks.
@@ -730,9 +130,45 @@ void gather(const float* src, const Idx* idx, int64_t K, float* dst) {
   for (int64_t p = 0; p < K; ++p) dst[p] = src[idx[p]];
 }
 
-// Shared driver: xf is fp32 [M, K] in original order; y fp32 [M, N].
-void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
-         const PreparedCodes* prep, const Parallel& par) {
+// y[m, n] the way the reference computes it (qcompile/reference/spqr.py): row n of W dequantized in fp32,
+// scale · (code − zero) per position, outliers added to it, then the dot product with X in float64.
+// For outputs the fast paths leave non-finite: their rearranged sums lose the NaN of +inf and −inf terms
+// (an Inf in stat_params makes scale · (Σ x·code − zero · Σ x) ±inf where the reference's per-position
+// products are ±inf of both signs), or overflow where the reference does not.
+void recompute_non_finite(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y) {
+  std::vector<float> wcol, scale, zero;  // allocated only when an output needs it
+  const Call c{&s, &w, M, nullptr, 0, xf, nullptr, 0, bias, y, nullptr, nullptr, nullptr};
+  for (int64_t n = 0; n < s.N; ++n) {
+    bool any = false;
+    for (int64_t m = 0; m < M; ++m) any = any || !std::isfinite(y[m * s.N + n]);
+    if (!any) continue;
+    const int64_t G = s.groups();
+    wcol.assign((size_t)s.K, 0.f);
+    scale.resize((size_t)G);
+    zero.resize((size_t)G);
+    stats_scalar(c, n, 0, scale.data(), zero.data());
+    const uint32_t* row = w.codes + n * s.code_words();
+    for (int64_t p = 0; p < s.K; ++p) {
+      const int64_t g = p / s.group_size;
+      const float dense = scale[(size_t)g] * ((float)code_at(row, p, s.bits) - zero[(size_t)g]);
+      wcol[(size_t)(w.perm ? perm_at(w, p) : p)] = dense;
+    }
+    for (int64_t o = row_offset(w, n), end = row_offset(w, n + 1); o < end; ++o)
+      wcol[(size_t)col_at(w, o)] += half_to_float(w.values[o]);
+    for (int64_t m = 0; m < M; ++m) {
+      float& out = y[m * s.N + n];
+      if (std::isfinite(out)) continue;
+      double acc = 0.0;
+      for (int64_t k = 0; k < s.K; ++k) acc += (double)xf[m * s.K + k] * (double)wcol[(size_t)k];
+      if (bias) acc += (double)bias[n];
+      out = (float)acc;
+    }
+  }
+}
+
+// xf fp32 [M, K] in original order -> y fp32 [M, N], through the fastest path this CPU and layer allow.
+Status run_paths(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
+                 const PreparedCodes* prep, const Parallel& par) {
   const int64_t Kc = s.chunks() * kChunk, G = s.groups(), Gp = round_up(G, 8);
   // Kept per calling thread: no allocation (nor page faults) per call.
   thread_local std::vector<float> xk, xsum;
@@ -748,7 +184,11 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
     } else {
       std::memcpy(dst, src, sizeof(float) * (size_t)s.K);
     }
-    for (int64_t p = 0; p < s.K; ++p) xsum[(size_t)(m * Gp + p / s.group_size)] += dst[p];
+  }
+  const float dense_scale = M == 1 ? scale_down_large_activations(xk.data(), s.K) : 1.0f;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xs = xk.data() + m * Kc;
+    for (int64_t p = 0; p < s.K; ++p) xsum[(size_t)(m * Gp + p / s.group_size)] += xs[p];
   }
   thread_local std::vector<int32_t> inv;
   inv.clear();
@@ -758,7 +198,10 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
   }
 #if QC_X86
   if (prep && !prep->pairs.empty()) {
-    if (run_pairs(s, w, xk.data(), xf, xsum.data(), Gp, bias, y, *prep, par)) return;
+    bool ran = false;
+    QCOMPILE_RETURN_IF_ERROR(
+        lut_i16::run(s, w, xk.data(), xf, xsum.data(), Gp, dense_scale, bias, y, *prep, par, &ran));
+    if (ran) return Status::OK();
     prep = nullptr;  // a non-finite activation: the fp32 walk over the packed codes carries it
   }
 #endif
@@ -776,22 +219,27 @@ void run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const flo
         }
   }
   const Call c{&s, &w, M, xk.data(), Kc, xf, xsum.data(), Gp, bias, y, inv.empty() ? nullptr : inv.data(),
-               prep, prep ? xl.data() : nullptr};
+               prep, prep ? xl.data() : nullptr, dense_scale};
   const int64_t rpt = rows_per_task(s, M);
-  const size_t tasks = (size_t)((s.N + rpt - 1) / rpt);
   void (*rows)(const Call&, int64_t, int64_t) = rows_scalar;
 #if QC_X86
-  if (cpu_has_avx2() && !force_scalar()) {
-    if (M == 1)
-      rows = s.bits == 4 ? rows_avx2_m1<4> : rows_avx2_m1<3>;
-    else
-      rows = s.bits == 4 ? rows_avx2_mm<4> : rows_avx2_mm<3>;
+  if (use_avx2()) {
+    if (M > 1) return s.bits == 4 ? run_panels<4>(c, rpt, par) : run_panels<3>(c, rpt, par);
+    rows = s.bits == 4 ? rows_avx2_m1<4> : rows_avx2_m1<3>;
   }
 #endif
-  par.for_each(tasks, [&](size_t t) {
-    const int64_t r0 = (int64_t)t * rpt;
+  return tile::run_tasks(par, (s.N + rpt - 1) / rpt, kOp, [&](int64_t t) {
+    const int64_t r0 = t * rpt;
     rows(c, r0, std::min(s.N, r0 + rpt));
   });
+}
+
+// The driver: xf is fp32 [M, K] in original order; y fp32 [M, N].
+Status run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
+           const PreparedCodes* prep, const Parallel& par) {
+  QCOMPILE_RETURN_IF_ERROR(run_paths(xf, M, s, w, bias, y, prep, par));
+  if (!simd::all_finite(y, M * s.N)) recompute_non_finite(xf, M, s, w, bias, y);
+  return Status::OK();
 }
 
 }  // namespace
@@ -863,10 +311,8 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
                (!p.prepared->pairs.empty() && use_pairs_walk(a)))
           ? p.prepared
           : nullptr;
-  if (p.dtype == DType::kFloat32) {
-    run((const float*)p.x, p.M, a, p.w, (const float*)p.bias, (float*)p.y, prep, par);
-    return Status::OK();
-  }
+  if (p.dtype == DType::kFloat32)
+    return run((const float*)p.x, p.M, a, p.w, (const float*)p.bias, (float*)p.y, prep, par);
   const uint16_t* x = (const uint16_t*)p.x;
   std::vector<float> xf((size_t)(p.M * a.K)), yf((size_t)(p.M * a.N)), bf;
   for (size_t i = 0; i < xf.size(); ++i) xf[i] = half_to_float(x[i]);
@@ -874,7 +320,7 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
     bf.resize((size_t)a.N);
     for (int64_t n = 0; n < a.N; ++n) bf[(size_t)n] = half_to_float(((const uint16_t*)p.bias)[n]);
   }
-  run(xf.data(), p.M, a, p.w, p.bias ? bf.data() : nullptr, yf.data(), prep, par);
+  QCOMPILE_RETURN_IF_ERROR(run(xf.data(), p.M, a, p.w, p.bias ? bf.data() : nullptr, yf.data(), prep, par));
   uint16_t* y = (uint16_t*)p.y;
   for (size_t i = 0; i < yf.size(); ++i) y[i] = float_to_half(yf[i]);
   return Status::OK();

@@ -6,9 +6,8 @@
 //    groups l, l+32, ...: it reads the group's M codes (contiguous across the warp), sums M codewords
 //    (one 16-byte load each when d == 8) and dots the sum with every activation row, so W is decoded
 //    once for the whole batch. A warp shuffle reduction finishes the row; scale and bias once per output.
-//  * rows > 8 (prefill): decode-then-GEMM in one kernel: 64x64 output tiles; each K step of 32 stages a
-//    64x32 X tile and decodes the matching 64x32 W tile (4 groups per channel) into shared memory, then
-//    every thread accumulates a 4x4 block.
+//  * rows > 8 (prefill): decode-then-GEMM in one kernel, cuda::tile_loop (tile_loop.cuh) over 64x64 output
+//    tiles; each K step of 32 decodes the matching 64x32 W tile (4 groups per channel) into shared memory.
 // Every code index is clamped to codebook_size-1 before use, so a corrupt code can never read out of
 // bounds; check_codes_cuda turns a bad code into an error before the matmul runs (the adapter calls it).
 #include <cuda_fp16.h>
@@ -18,7 +17,9 @@
 #include <cstdint>
 #include <string>
 
+#include "common.cuh"
 #include "qcompile/codebook_matmul.h"
+#include "tile_loop.cuh"
 
 namespace qcompile {
 namespace codebook {
@@ -28,17 +29,14 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kMaxRows = 8;               // GEMV path serves up to this many X rows
 constexpr int kSmemCodebookBytes = 32768;  // stage codebooks in shared memory up to this size
-constexpr int kBM = 64, kBN = 64, kBK = 32, kTileThreads = 256;
 
 struct DevAttrs {
   int K, N, G, M, S, d;
   int rows;
 };
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ void from_f(float* p, float v) { *p = v; }
-__device__ __forceinline__ void from_f(__half* p, float v) { *p = __float2half_rn(v); }
+using cuda::from_f;
+using cuda::to_f;
 
 template <typename C>
 __device__ __forceinline__ int clamp_code(C c, int S) {
@@ -77,22 +75,17 @@ __device__ __forceinline__ void decode_group8(const C* cg, const __half* cb, int
   }
 }
 
-template <typename T, typename S_T, typename C, int R>
-__global__ void gemv_kernel(DevAttrs a, const T* __restrict__ x, const C* __restrict__ codes,
-                            const __half* __restrict__ cb_global, const S_T* __restrict__ scales,
-                            const T* __restrict__ bias, T* __restrict__ y, int smem_books) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const __half* cb = cb_global;
-  if (smem_books) {
-    __half* s = reinterpret_cast<__half*>(smem_raw);
-    stage_codebooks(cb_global, s, a.M * a.S * a.d);
-    cb = s;
-  }
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int n = blockIdx.x * kWarpsPerBlock + warp;
-  if (n >= a.N) return;
-  const C* row = codes + static_cast<size_t>(n) * a.G * a.M;
-  float acc[R];
+// An infinite scale multiplies the weights, as in the reference (W = codeword sum · scale, then X @ Wᵀ), so
+// that a zero codeword sum or ±Inf terms of both signs give NaN; a finite one multiplies the finished dot
+// product. weight_factor · output_factor = scale, and one of them is 1 (exact).
+__device__ __forceinline__ float weight_factor(float scale) { return isinf(scale) ? scale : 1.0f; }
+__device__ __forceinline__ float output_factor(float scale) { return isinf(scale) ? 1.0f : scale; }
+
+// Sums of the warp's share of row n of W (groups lane, lane + 32, ...) times up to R rows of X, each weight
+// multiplied by wf first.
+template <typename T, typename C, int R>
+__device__ __forceinline__ void row_dots(const DevAttrs& a, const T* __restrict__ x, const C* row, const __half* cb,
+                                         int lane, float wf, float (&acc)[R]) {
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;
   for (int g = lane; g < a.G; g += kWarp) {
@@ -100,6 +93,8 @@ __global__ void gemv_kernel(DevAttrs a, const T* __restrict__ x, const C* __rest
     if (a.d == 8) {
       float w[8];
       decode_group8(cg, cb, a.M, a.S, w);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) w[j] *= wf;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         if (r < a.rows) {
@@ -115,45 +110,66 @@ __global__ void gemv_kernel(DevAttrs a, const T* __restrict__ x, const C* __rest
         float w = 0.0f;
         for (int m = 0; m < a.M; ++m)
           w += __half2float(cb[(static_cast<size_t>(m) * a.S + clamp_code(cg[m], a.S)) * a.d + j]);
+        w *= wf;
 #pragma unroll
         for (int r = 0; r < R; ++r)
           if (r < a.rows) acc[r] += w * to_f(x[static_cast<size_t>(r) * a.K + g * a.d + j]);
       }
     }
   }
+}
+
+template <typename T, typename S_T, typename C, int R>
+__global__ void gemv_kernel(DevAttrs a, const T* __restrict__ x, const C* __restrict__ codes,
+                            const __half* __restrict__ cb_global, const S_T* __restrict__ scales,
+                            const T* __restrict__ bias, T* __restrict__ y, int smem_books) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const __half* cb = cb_global;
+  if (smem_books) {
+    __half* s = reinterpret_cast<__half*>(smem_raw);
+    stage_codebooks(cb_global, s, a.M * a.S * a.d);
+    cb = s;
+  }
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int n = blockIdx.x * kWarpsPerBlock + warp;
+  if (n >= a.N) return;
+  const C* row = codes + static_cast<size_t>(n) * a.G * a.M;
+  const float scale = to_f(scales[n]);
+  float acc[R];
+  row_dots<T, C, R>(a, x, row, cb, lane, weight_factor(scale), acc);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     float v = acc[r];
 #pragma unroll
     for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
     if (lane == 0 && r < a.rows) {
-      v *= to_f(scales[n]);
+      v *= output_factor(scale);
       if (bias) v += to_f(bias[n]);
       from_f(y + static_cast<size_t>(r) * a.N + n, v);
     }
   }
 }
 
-// Prefill: C[64 x 64] tile of Y per block; W tile decoded from codes into shared memory each K step.
+// Prefill (cuda::tile_loop): the W tile is decoded weight by weight (k -> group, position), the scale applied
+// with the bias per output (an infinite one with the weights, see weight_factor).
 template <typename T, typename S_T, typename C>
 __global__ void tiled_kernel(DevAttrs a, const T* __restrict__ x, const C* __restrict__ codes,
                              const __half* __restrict__ cb, const S_T* __restrict__ scales,
                              const T* __restrict__ bias, T* __restrict__ y) {
-  __shared__ float xs[kBK][kBM + 1];
-  __shared__ float ws[kBK][kBN + 1];
-  const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // 16 x 16 threads, 4 x 4 outputs each
-  float acc[4][4] = {};
-  for (int k0 = 0; k0 < a.K; k0 += kBK) {
-    // X tile: 64 rows x 32 k.
-    for (int i = threadIdx.x; i < kBM * kBK; i += kTileThreads) {
-      const int r = i / kBK, k = i % kBK;
-      const int gr = m0 + r, gk = k0 + k;
-      xs[k][r] = (gr < a.rows && gk < a.K) ? to_f(x[static_cast<size_t>(gr) * a.K + gk]) : 0.0f;
-    }
-    // W tile: 64 channels x 32 k, decoded weight by weight (k -> group, position), scale applied later.
-    for (int i = threadIdx.x; i < kBN * kBK; i += kTileThreads) {
-      const int c = i / kBK, k = i % kBK;
+  __shared__ cuda::TileSmem smem;
+  __shared__ float wfs[cuda::kTileN];  // weight_factor of the tile's output channels
+  if (threadIdx.x < cuda::kTileN) {
+    const int gn = blockIdx.x * cuda::kTileN + threadIdx.x;
+    wfs[threadIdx.x] = gn < a.N ? weight_factor(to_f(scales[gn])) : 1.0f;
+  }
+  __syncthreads();
+  // 32-bit indices: K, N and the rows of X are below 2^31 (checked before the launch)
+  const int m0 = blockIdx.y * cuda::kTileM, n0 = blockIdx.x * cuda::kTileN;
+  float acc[cuda::kThreadM][cuda::kThreadN];
+  const auto x_at = [&](int m, int k) { return to_f(x[static_cast<size_t>(m) * a.K + k]); };
+  const auto stage_w = [&](int k0, float (&ws)[cuda::kTileK][cuda::kTileN + 1]) {
+    for (int i = threadIdx.x; i < cuda::kTileN * cuda::kTileK; i += cuda::kTileThreads) {
+      const int c = i / cuda::kTileK, k = i % cuda::kTileK;
       const int gn = n0 + c, gk = k0 + k;
       float w = 0.0f;
       if (gn < a.N && gk < a.K) {
@@ -162,36 +178,15 @@ __global__ void tiled_kernel(DevAttrs a, const T* __restrict__ x, const C* __res
         for (int m = 0; m < a.M; ++m)
           w += __half2float(cb[(static_cast<size_t>(m) * a.S + clamp_code(cg[m], a.S)) * a.d + j]);
       }
-      ws[k][c] = w;
+      ws[k][c] = w * wfs[c];
     }
-    __syncthreads();
-#pragma unroll 4
-    for (int k = 0; k < kBK; ++k) {
-      float xv[4], wv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) xv[i] = xs[k][ty * 4 + i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) wv[j] = ws[k][tx * 4 + j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += xv[i] * wv[j];
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int r = m0 + ty * 4 + i;
-    if (r >= a.rows) continue;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int n = n0 + tx * 4 + j;
-      if (n >= a.N) continue;
-      float v = acc[i][j] * to_f(scales[n]);
-      if (bias) v += to_f(bias[n]);
-      from_f(y + static_cast<size_t>(r) * a.N + n, v);
-    }
-  }
+  };
+  cuda::tile_loop<4>(smem, a.rows, a.K, m0, x_at, stage_w, acc);
+  cuda::tile_store(a.rows, a.N, m0, n0, acc, [&](int m, int n, float v) {
+    v *= output_factor(to_f(scales[n]));
+    if (bias) v += to_f(bias[n]);
+    from_f(y + static_cast<size_t>(m) * a.N + n, v);
+  });
 }
 
 template <typename C>
@@ -202,10 +197,7 @@ __global__ void check_kernel(const C* __restrict__ codes, size_t total, int S, u
   }
 }
 
-Status cuda_status(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return Status::OK();
-  return Status::Error(std::string("CodebookMatMul (CUDA): ") + what + ": " + cudaGetErrorString(e));
-}
+Status cuda_status(cudaError_t e, const char* what) { return cuda::cuda_status(e, "CodebookMatMul", what); }
 
 template <typename T, typename S_T, typename C>
 Status launch(const Problem& p, const DevAttrs& a, cudaStream_t stream) {
@@ -228,9 +220,10 @@ Status launch(const Problem& p, const DevAttrs& a, cudaStream_t stream) {
     else QC_GEMV(8);
 #undef QC_GEMV
   } else {
-    if ((p.rows + kBM - 1) / kBM > 65535) return Status::Error("CodebookMatMul (CUDA): too many rows in X");
-    const dim3 grid((a.N + kBN - 1) / kBN, (p.rows + kBM - 1) / kBM);
-    tiled_kernel<T, S_T, C><<<grid, kTileThreads, 0, stream>>>(a, x, codes, cb, scales, bias, y);
+    if ((p.rows + cuda::kTileM - 1) / cuda::kTileM > 65535)
+      return Status::Error("CodebookMatMul (CUDA): too many rows in X");
+    const dim3 grid((a.N + cuda::kTileN - 1) / cuda::kTileN, (p.rows + cuda::kTileM - 1) / cuda::kTileM);
+    tiled_kernel<T, S_T, C><<<grid, cuda::kTileThreads, 0, stream>>>(a, x, codes, cb, scales, bias, y);
   }
   return cuda_status(cudaGetLastError(), "kernel launch");
 }

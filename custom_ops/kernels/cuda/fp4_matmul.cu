@@ -9,8 +9,8 @@
 //    loads; bytes decode through a 256-entry float2 table in shared memory (one lookup = two weights) and
 //    the group scale is applied once per 8 weights. Each warp serves up to 8 activation rows, so W is
 //    read once for the whole batch.
-//  * M > 8 (prefill): 64x64 output tiles; each K step stages a 64x32 X tile and decodes a 64x32 W tile
-//    (scales applied) into shared memory, then every thread accumulates a 4x4 block in fp32.
+//  * M > 8 (prefill): cuda::tile_loop (tile_loop.cuh) over 64x64 output tiles; each K step decodes the 64x32
+//    W tile (scales applied) into shared memory next to the X tile.
 // Everything accumulates in fp32; fp16 inputs/outputs are converted at load/store.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -18,11 +18,16 @@
 #include <cstdint>
 #include <string>
 
+#include "common.cuh"
+#include "tile_loop.cuh"
 #include "qcompile/fp4_matmul.h"
 
 namespace qcompile {
 namespace fp4 {
 namespace {
+
+using cuda::from_f;
+using cuda::to_f;
 
 constexpr int kWarp = 32;
 
@@ -49,11 +54,6 @@ __device__ __forceinline__ float decode_scale(uint32_t s, int e4m3) {
   }
   return (s & 0x80u) ? -v : v;
 }
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ void from_f(float* p, float v) { *p = v; }
-__device__ __forceinline__ void from_f(__half* p, float v) { *p = __float2half_rn(v); }
 
 // 8 consecutive activations as floats: 128-bit loads when aligned, else scalar.
 __device__ __forceinline__ void load8(const float* p, float* v) {
@@ -194,89 +194,49 @@ __global__ void gemv_kernel(GemvArgs a, const XT* __restrict__ x, const T* __res
   }
 }
 
-// ---- tiled (M > 8) -------------------------------------------------------------------------------------------
-constexpr int kBM = 64, kBN = 64, kBK = 32, kTM = 4, kTN = 4, kTiledThreads = 256;
+// ---- tiled (M > 8): cuda::tile_loop ---------------------------------------------------------------------
 
 template <typename T, typename XT>
-__global__ void __launch_bounds__(kTiledThreads) tiled_kernel(GemvArgs a, const XT* __restrict__ x,
-                                                              const T* __restrict__ bias, T* __restrict__ y) {
+__global__ void __launch_bounds__(cuda::kTileThreads) tiled_kernel(GemvArgs a, const XT* __restrict__ x,
+                                                                   const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ float2 lut[256];
-  __shared__ float As[kBK][kBM + 1];  // X tile, k-major
-  __shared__ float Bs[kBK][kBN + 1];  // decoded W tile, k-major
+  __shared__ cuda::TileSmem smem;
   fill_lut(lut);
-  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  const int64_t m_base = static_cast<int64_t>(blockIdx.y) * kBM;
-  const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kBN;
-  float c[kTM][kTN];
-#pragma unroll
-  for (int i = 0; i < kTM; ++i)
-#pragma unroll
-    for (int j = 0; j < kTN; ++j) c[i][j] = 0.0f;
   __syncthreads();
-
-  for (int64_t k0 = 0; k0 < a.K; k0 += kBK) {
-    // X tile: consecutive threads walk k (coalesced); the +1 padding keeps the k-major stores conflict-free.
-    for (int i = tid; i < kBM * kBK; i += kTiledThreads) {
-      const int mm = i / kBK, kk = i % kBK;
-      const int64_t gm = m_base + mm, gk = k0 + kk;
-      As[kk][mm] = (gm < a.M && gk < a.K) ? to_f(x[gm * a.K + gk]) : 0.0f;
-    }
-    // W tile: 64 rows x 16 bytes; one 32-bit word (8 weights, one scale) per thread.
-    {
-      const int r = tid / 4, kk = (tid % 4) * 8;
-      const int64_t gn = n_base + r, gk = k0 + kk;
-      float vals[8];
-      if (gn < a.N && gk < a.K) {
-        const uint32_t v = *reinterpret_cast<const uint32_t*>(a.w + gn * a.row_bytes + gk / 2);
-        const float s = decode_scale(a.scales[gn * a.ng + (gk >> a.gshift)], a.e4m3) * a.tensor_scale;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * cuda::kTileM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * cuda::kTileN;
+  float acc[cuda::kThreadM][cuda::kThreadN];
+  const auto x_at = [&](int64_t m, int64_t k) { return to_f(x[m * a.K + k]); };
+  // W tile: 64 rows x 16 bytes; one 32-bit word (8 weights, one scale) per thread.
+  const auto stage_w = [&](int64_t k0, float (&ws)[cuda::kTileK][cuda::kTileN + 1]) {
+    const int r = threadIdx.x / 4, kk = (threadIdx.x % 4) * 8;
+    const int64_t gn = n0 + r, gk = k0 + kk;
+    float vals[8];
+    if (gn < a.N && gk < a.K) {
+      const uint32_t v = *reinterpret_cast<const uint32_t*>(a.w + gn * a.row_bytes + gk / 2);
+      const float s = decode_scale(a.scales[gn * a.ng + (gk >> a.gshift)], a.e4m3) * a.tensor_scale;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float2 p = lut[(v >> (8 * i)) & 255u];
-          vals[2 * i] = gk + 2 * i < a.K ? p.x * s : 0.0f;
-          vals[2 * i + 1] = gk + 2 * i + 1 < a.K ? p.y * s : 0.0f;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) vals[i] = 0.0f;
+      for (int i = 0; i < 4; ++i) {
+        const float2 p = lut[(v >> (8 * i)) & 255u];
+        vals[2 * i] = gk + 2 * i < a.K ? p.x * s : 0.0f;
+        vals[2 * i + 1] = gk + 2 * i + 1 < a.K ? p.y * s : 0.0f;
       }
+    } else {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) Bs[kk + i][r] = vals[i];
+      for (int i = 0; i < 8; ++i) vals[i] = 0.0f;
     }
-    __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < kBK; ++kk) {
-      float av[kTM], bv[kTN];
 #pragma unroll
-      for (int i = 0; i < kTM; ++i) av[i] = As[kk][ty * kTM + i];
-#pragma unroll
-      for (int j = 0; j < kTN; ++j) bv[j] = Bs[kk][tx * kTN + j];
-#pragma unroll
-      for (int i = 0; i < kTM; ++i)
-#pragma unroll
-        for (int j = 0; j < kTN; ++j) c[i][j] = fmaf(av[i], bv[j], c[i][j]);
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < kTM; ++i) {
-    const int64_t gm = m_base + ty * kTM + i;
-    if (gm >= a.M) continue;
-#pragma unroll
-    for (int j = 0; j < kTN; ++j) {
-      const int64_t gn = n_base + tx * kTN + j;
-      if (gn >= a.N) continue;
-      float v = c[i][j];
-      if (bias) v += to_f(bias[gn]);
-      from_f(y + gm * a.N + gn, v);
-    }
-  }
+    for (int i = 0; i < 8; ++i) ws[kk + i][r] = vals[i];
+  };
+  cuda::tile_loop<8>(smem, a.M, a.K, m0, x_at, stage_w, acc);
+  cuda::tile_store(a.M, a.N, m0, n0, acc, [&](int64_t m, int64_t n, float v) {
+    if (bias) v += to_f(bias[n]);
+    from_f(y + m * a.N + n, v);
+  });
 }
 
 // ---- dispatch ----------------------------------------------------------------------------------------------
-Status cuda_status(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return Status::OK();
-  return Status::Error(std::string("FP4MatMul (CUDA): ") + what + ": " + cudaGetErrorString(e));
-}
+Status cuda_status(cudaError_t e, const char* what) { return cuda::cuda_status(e, "FP4MatMul", what); }
 
 template <typename T, typename XT, int MB>
 void launch_gemv(const GemvArgs& a, const XT* x, const T* bias, T* y, cudaStream_t stream) {
@@ -297,8 +257,9 @@ void launch(const GemvArgs& a, const XT* x, const T* bias, T* y, cudaStream_t st
   } else if (a.M <= 8) {
     launch_gemv<T, XT, 8>(a, x, bias, y, stream);
   } else {
-    const dim3 grid(static_cast<unsigned>((a.N + kBN - 1) / kBN), static_cast<unsigned>((a.M + kBM - 1) / kBM));
-    tiled_kernel<T, XT><<<grid, kTiledThreads, 0, stream>>>(a, x, bias, y);
+    const dim3 grid(static_cast<unsigned>((a.N + cuda::kTileN - 1) / cuda::kTileN),
+                    static_cast<unsigned>((a.M + cuda::kTileM - 1) / cuda::kTileM));
+    tiled_kernel<T, XT><<<grid, cuda::kTileThreads, 0, stream>>>(a, x, bias, y);
   }
 }
 
@@ -318,7 +279,7 @@ Status run(const Problem& p, cudaStream_t stream) {
   a.w = p.w;
   a.scales = p.scales;
   if (reinterpret_cast<uintptr_t>(p.w) % 4 != 0) return Status::Error("FP4MatMul (CUDA): W is not 4-byte aligned");
-  if ((a.M + kBM - 1) / kBM > 65535) return Status::Error("FP4MatMul (CUDA): too many rows in X");
+  if ((a.M + cuda::kTileM - 1) / cuda::kTileM > 65535) return Status::Error("FP4MatMul (CUDA): too many rows in X");
   const T* x = static_cast<const T*>(p.x);
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);

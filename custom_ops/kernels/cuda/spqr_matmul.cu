@@ -4,9 +4,9 @@
 //         `bits` words (consecutive lanes read consecutive chunks: coalesced), decodes each half-chunk's
 //         group statistics, dequantizes and accumulates against up to 8 rows of X read through the
 //         permutation; the row's CSR outliers are spread over the lanes; a warp shuffle reduces.
-// M > 8:  64x64 output tiles, 256 threads, K walked one 32-code chunk at a time: X (gathered through perm)
-//         and the dequantized W chunk are staged in shared memory, each thread accumulates a 4x4 block,
-//         then adds its rows' outliers and the bias.
+// M > 8:  cuda::tile_loop (tile_loop.cuh) over 64x64 output tiles, K walked one 32-code chunk at a time: X
+//         (gathered through perm) and the dequantized W chunk are staged in shared memory; each thread then
+//         adds its rows' outliers and the bias.
 // Every index read from the model is clamped or skipped when out of range, so even unvalidated tensors
 // cannot cause an out-of-bounds read (the adapter validates them anyway, see validate_indices_cuda).
 #include <cuda_fp16.h>
@@ -15,33 +15,16 @@
 #include <string>
 #include <vector>
 
+#include "common.cuh"
 #include "qcompile/spqr_matmul.h"
+#include "tile_loop.cuh"
 
 namespace qcompile {
 namespace spqr {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ float to_f<uint16_t>(uint16_t v) {
-  return __half2float(__ushort_as_half(v));
-}
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ uint16_t from_f<uint16_t>(float v) {
-  return __half_as_ushort(__float2half_rn(v));
-}
+using cuda::from_f;
+using cuda::to_f;
 
 __device__ __forceinline__ float h2f(uint16_t v) { return __half2float(__ushort_as_half(v)); }
 
@@ -122,69 +105,44 @@ __global__ void gemv_kernel(Attrs a, Weights w, int64_t M, const T* __restrict__
     float v = acc[m];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0 && m < M) y[m * a.N + n] = from_f<T>(v + (bias ? to_f(bias[n]) : 0.f));
+    if (lane == 0 && m < M) from_f(y + m * a.N + n, v + (bias ? to_f(bias[n]) : 0.f));
   }
 }
 
-constexpr int kBM = 64, kBN = 64, kBK = 32, kThreads = 256;
-
+// Prefill (cuda::tile_loop): X gathered through perm, W dequantized 8 codes (one group) per thread; then
+// each thread adds its rows' outliers and the bias. (At least 4 blocks per SM: 64 registers, the budget
+// this kernel had before it shared the loop; unbounded, ptxas takes 76 and fits one block fewer.)
 template <typename T>
-__global__ void __launch_bounds__(kThreads) tiled_kernel(Attrs a, Weights w, int64_t M, const T* __restrict__ x,
-                                                         const T* __restrict__ bias, T* __restrict__ y) {
-  __shared__ float xs[kBK][kBM + 4];
-  __shared__ float ws[kBK][kBN + 4];
-  const int tid = threadIdx.x;
-  const int64_t m0 = (int64_t)blockIdx.y * kBM, n0 = (int64_t)blockIdx.x * kBN;
-  const int tm = tid / 16, tn = tid % 16;
-  float acc[4][4];
+__global__ void __launch_bounds__(cuda::kTileThreads, 4)
+    tiled_kernel(Attrs a, Weights w, int64_t M, const T* __restrict__ x, const T* __restrict__ bias,
+                 T* __restrict__ y) {
+  __shared__ cuda::TileSmem smem;
+  const int64_t m0 = (int64_t)blockIdx.y * cuda::kTileM, n0 = (int64_t)blockIdx.x * cuda::kTileN;
+  float acc[cuda::kThreadM][cuda::kThreadN];
+  const auto x_at = [&](int64_t m, int64_t p) { return x_stored(x, m, a.K, w, p); };
+  // each thread dequantizes 8 codes: row r, codes 8q..8q+7 of this chunk (one group)
+  const auto stage_w = [&](int64_t p0, float (&ws)[cuda::kTileK][cuda::kTileN + 1]) {
+    const int r = threadIdx.x / 4, q = threadIdx.x % 4;
+    const int64_t n = n0 + r, pq = p0 + 8 * q;
+    float vals[8];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 8; ++i) vals[i] = 0.f;
+    if (n < a.N && pq < a.K) {
+      float scale, zero;
+      group_stats(a, w, n, pq / a.group_size, &scale, &zero);
+      const uint32_t* row = w.codes + n * a.code_words();
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-
-  const int64_t chunks = a.chunks();
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t p0 = c * kBK;
-    for (int i = tid; i < kBM * kBK; i += kThreads) {
-      const int mm = i / kBK, kk = i % kBK;
-      const int64_t m = m0 + mm;
-      xs[kk][mm] = m < M ? x_stored(x, m, a.K, w, p0 + kk) : 0.f;
+      for (int i = 0; i < 8; ++i) vals[i] = pq + i < a.K ? scale * ((float)code_at(row, pq + i, a.bits) - zero) : 0.f;
     }
-    {  // each thread dequantizes 8 codes: row r, codes 8q..8q+7 of this chunk (one group)
-      const int r = tid / 4, q = tid % 4;
-      const int64_t n = n0 + r, pq = p0 + 8 * q;
-      float vals[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) vals[i] = 0.f;
-      if (n < a.N && pq < a.K) {
-        float scale, zero;
-        group_stats(a, w, n, pq / a.group_size, &scale, &zero);
-        const uint32_t* row = w.codes + n * a.code_words();
+    for (int i = 0; i < 8; ++i) ws[8 * q + i][r] = vals[i];
+  };
+  static_assert(cuda::kTileK == kChunk, "a K step is one 32-code chunk");
+  cuda::tile_loop<8>(smem, M, a.K, m0, x_at, stage_w, acc);
+  const int tm = cuda::tile_m(), tn = cuda::tile_n();
 #pragma unroll
-        for (int i = 0; i < 8; ++i) vals[i] = pq + i < a.K ? scale * ((float)code_at(row, pq + i, a.bits) - zero) : 0.f;
-      }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ws[8 * q + i][r] = vals[i];
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < kBK; ++kk) {
-      float av[4], bv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = xs[kk][tm * 4 + i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) bv[j] = ws[kk][tn * 4 + j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
-    }
-    __syncthreads();
-  }
-
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int64_t n = n0 + tn * 4 + j;
+  for (int j = 0; j < cuda::kThreadN; ++j) {
+    const int64_t n = n0 + tn * cuda::kThreadN + j;
     if (n >= a.N) continue;
     int64_t s, e;
     row_range(w, n, &s, &e);
@@ -193,18 +151,15 @@ __global__ void __launch_bounds__(kThreads) tiled_kernel(Attrs a, Weights w, int
       if (col < 0 || col >= a.K) continue;
       const float v = h2f(w.values[o]);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int64_t m = m0 + tm * 4 + i;
+      for (int i = 0; i < cuda::kThreadM; ++i) {
+        const int64_t m = m0 + tm * cuda::kThreadM + i;
         if (m < M) acc[i][j] += v * to_f(x[m * a.K + col]);
       }
     }
-    const float b = bias ? to_f(bias[n]) : 0.f;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t m = m0 + tm * 4 + i;
-      if (m < M) y[m * a.N + n] = from_f<T>(acc[i][j] + b);
-    }
   }
+  cuda::tile_store(M, a.N, m0, n0, acc, [&](int64_t m, int64_t n, float v) {
+    from_f(y + m * a.N + n, v + (bias ? to_f(bias[n]) : 0.f));
+  });
 }
 
 template <typename T, int BITS>
@@ -235,10 +190,11 @@ Status launch(const Problem& p, cudaStream_t stream) {
       launch_gemv<T, 3>(p, x, bias, y, stream);
     }
   } else {
-    const int64_t gy = (p.M + kBM - 1) / kBM;
-    if (gy > 65535) return Status::Error("SpQRMatMul: too many rows of X for one CUDA launch (M=" + std::to_string(p.M) + ")");
-    const dim3 grid((unsigned)((a.N + kBN - 1) / kBN), (unsigned)gy);
-    tiled_kernel<T><<<grid, kThreads, 0, stream>>>(a, p.w, p.M, x, bias, y);
+    const int64_t gy = (p.M + cuda::kTileM - 1) / cuda::kTileM;
+    if (gy > 65535)
+      return Status::Error("SpQRMatMul: too many rows of X for one CUDA launch (M=" + std::to_string(p.M) + ")");
+    const dim3 grid((unsigned)((a.N + cuda::kTileN - 1) / cuda::kTileN), (unsigned)gy);
+    tiled_kernel<T><<<grid, cuda::kTileThreads, 0, stream>>>(a, p.w, p.M, x, bias, y);
   }
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return Status::Error(std::string("SpQRMatMul: CUDA launch failed: ") + cudaGetErrorString(e));

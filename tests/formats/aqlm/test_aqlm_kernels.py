@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from cpu_flags import has_avx512bw
 from qcompile.formats.aqlm import reference as ref
@@ -117,7 +118,7 @@ def test_out_of_range_code_is_an_error(ops_session, monkeypatch, path, rows, S, 
     x, codes, books, scales, b, attrs = make_case(rows, 64, 40, 2, S)
     codes[17, 3, 1] = S  # one past the end of codebook 1
     feeds = {"x": x, "codes": codes} if codes_as_input else {"x": x}
-    with pytest.raises(Exception, match=rf"code {S} at \[17, 3, 1\] is out of range"):
+    with pytest.raises(InvalidArgument, match=rf"code {S} at \[17, 3, 1\] is out of range"):
         sess = ops_session(make_model(x.dtype, codes, books, scales, b, attrs, codes_as_input=codes_as_input))
         sess.run(None, feeds)
 
@@ -182,11 +183,68 @@ def test_fixed_point_walk_propagates_nan_and_inf(ops_session, bad):
     np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
 
 
-def test_bad_constant_code_fails_session_creation(ops_session):
+def assert_same_non_finite(got, want):
+    """NaN where the reference has NaN, an Inf of the same sign where it has one."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got) & (got > 0), np.isinf(want) & (want > 0))
+    np.testing.assert_array_equal(np.isinf(got) & (got < 0), np.isinf(want) & (want < 0))
+
+
+def inf_scale_case(rows, K, N, xdt=np.float32, seed=8):
+    """+Inf and -Inf scales, and an Inf scale on a row whose codewords sum to zero (the reference: 0 · Inf)."""
+    x, codes, books, scales, b, attrs = make_case(rows, K, N, 2, 256, xdt=xdt, bias=True, seed=seed)
+    books = books.copy()
+    books[0, 0] = 0.0
+    books[1, 0] = 0.0
+    codes[11] = 0
+    scales = scales.copy()
+    scales[[3, 11]] = np.inf
+    scales[5] = -np.inf
+    return x, codes, books, scales, b, attrs
+
+
+# An Inf scale: the reference scales the weights, W = codeword sum · scale, then X @ Wᵀ, which gives NaN
+# (±Inf terms of both signs, or 0 · Inf); the kernels scaled the finished dot product and gave ±Inf. Every
+# CPU path (the fixed-point walk: test_fixed_point_walk_inf_scale).
+@pytest.mark.parametrize("path", ["lut", "fused", "gemm"])
+@pytest.mark.parametrize("simd", [True, False], ids=["avx2", "portable"])
+@pytest.mark.parametrize("rows", [1, 9])
+def test_inf_scale_propagates_as_the_reference(ops_session, monkeypatch, path, simd, rows):
+    monkeypatch.setenv("QCOMPILE_CODEBOOK_LUT_FP32", "1")
+    monkeypatch.setenv("QCOMPILE_CODEBOOK_PATH", path)
+    if not simd:
+        monkeypatch.setenv("QCOMPILE_CODEBOOK_NO_AVX2", "1")
+    case = inf_scale_case(rows, 128, 40)
+    x, codes, books, scales, b, attrs = case
+    y = run_case(ops_session, case)
+    with np.errstate(invalid="ignore"):
+        want = ref.codebook_matmul(x, codes, books, scales, b, **attrs)
+    assert np.isnan(want[:, [3, 5, 11]]).all()
+    assert_same_non_finite(y, want)
+    finite = np.isfinite(want)
+    assert np.abs(y - want)[finite].max() <= 2e-5 * np.abs(want[finite]).max()
+
+
+@pytest.mark.skipif(not has_avx512bw(), reason="the fixed-point walk needs AVX-512BW")
+def test_fixed_point_walk_inf_scale(ops_session):
+    case = inf_scale_case(1, 256, 2048)
+    x, codes, books, scales, b, attrs = case
+    y = run_case(ops_session, case).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        want = ref.codebook_matmul(x, codes, books, scales, b, **attrs).astype(np.float64)
+    assert_same_non_finite(y, want)
+    finite = np.isfinite(want)
+    bound = ref.lut_fixed_point_error_bound(x[0], books, np.where(np.isfinite(scales), scales, 0))
+    assert (np.abs(y - want)[finite] <= (bound + 2e-5 * np.abs(want[finite]).max())[finite[0]]).all()
+
+
+def test_bad_constant_code_is_an_invalid_argument(ops_session):
+    # checked once when the session is created, reported by the runs as ORT_INVALID_ARGUMENT
     x, codes, books, scales, b, attrs = make_case(1, 64, 2048, 2, 250)
     codes[2047, 7, 0] = 255
-    with pytest.raises(Exception, match=r"code 255 at \[2047, 7, 0\] is out of range"):
-        ops_session(make_model(x.dtype, codes, books, scales, b, attrs))
+    with pytest.raises(InvalidArgument, match=r"code 255 at \[2047, 7, 0\] is out of range"):
+        ops_session(make_model(x.dtype, codes, books, scales, b, attrs)).run(None, {"x": x})
 
 
 def test_codes_fed_at_run_time_are_checked_every_call(ops_session):
@@ -243,7 +301,8 @@ def test_bad_shapes_and_dtypes_raise(ops_session, mutation):
                                  dict(codebook_size=70000), dict(N=-1)])
 def test_bad_attributes_raise(ops_session, bad):
     x, codes, books, scales, b, attrs = make_case(1, 64, 16, 1, 256)
-    with pytest.raises(Exception, match="CodebookMatMul"):
+    # found when the session is created, reported as ORT_INVALID_ARGUMENT (docs/ops.md), not RuntimeException
+    with pytest.raises(InvalidArgument, match="CodebookMatMul"):
         sess = ops_session(make_model(x.dtype, codes, books, scales, b, attrs, extra_attrs=bad))
         sess.run(None, {"x": x})
 

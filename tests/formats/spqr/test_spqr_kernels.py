@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from cpu_flags import has_avx512bw
 from qcompile.formats.spqr import reference as ref
@@ -218,6 +219,92 @@ def test_pair_tables_propagate_nan_and_inf(ops_session, monkeypatch, bad):
     np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
 
 
+# One row of activations near 4e37: the outputs fit fp32 (as two rows and the reference show), but the
+# M == 1 walks sum x·code and x over a group before the group's scale shrinks them, which overflowed to
+# NaN. Every CPU path that serves one row: the AVX-512 pair tables, the AVX2 walk over the prepared lanes
+# and over codes fed at run time, the scalar path.
+HUGE_X_PATHS = ["pair-tables", "avx2-lanes", "avx2-packed", "scalar"]
+
+
+@pytest.mark.parametrize("path", HUGE_X_PATHS)
+def test_one_row_of_huge_activations_matches_reference(ops_session, monkeypatch, path):
+    if path == "pair-tables":
+        if not has_avx512bw():
+            pytest.skip("the fixed-point pair tables need AVX-512BW")
+        monkeypatch.delenv("QCOMPILE_SPQR_LUT_FP32")
+    if path == "scalar":
+        monkeypatch.setenv("QCOMPILE_SPQR_SCALAR", "1")
+    attrs = dict(K=256, N=64, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(256, 64, outlier_rate=0.02, with_perm=True, seed=7)
+    rng = np.random.default_rng(7)
+    bias = rng.standard_normal(64).astype(F32)
+    x = (rng.standard_normal((2, 256)) * 4e37).astype(F32)
+    as_inputs = path == "avx2-packed"
+    model = spqr_model(packed, attrs, bias=bias, as_inputs=as_inputs)
+    sess = ops_session(model)
+    one = sess.run(None, feeds(x[:1], packed, bias, as_inputs))[0]
+    two = sess.run(None, feeds(x, packed, bias, as_inputs))[0]
+    want, scale = reference(x, packed, attrs, bias)
+    assert np.isfinite(want).all() and np.abs(want).max() > 1e36
+    check(two, x, packed, attrs, bias, F32)
+    assert np.isfinite(one).all()
+    if path != "pair-tables":
+        check(one, x[:1], packed, attrs, bias, F32)
+        return
+    bound = ref.pair_table_error_bound(x[0], packed["stat_codes"], packed["stat_params"], packed.get("perm"), **attrs)
+    err = np.abs(one[0].astype(np.float64) - want[0])
+    assert (err <= bound + 2e-6 * scale[0] + 1e-6).all(), (err - bound - 2e-6 * scale[0]).max()
+    monkeypatch.setenv("QCOMPILE_SPQR_LUT_FP32", "1")
+    assert not np.array_equal(one, ops_session(model).run(None, {"x": x[:1]})[0])  # the pair tables did run
+
+
+def assert_same_non_finite(got, want):
+    """NaN where the reference has NaN, an Inf of the same sign where it has one."""
+    got = np.asarray(got, np.float64).reshape(want.shape)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got) & (got > 0), np.isinf(want) & (want > 0))
+    np.testing.assert_array_equal(np.isinf(got) & (got < 0), np.isinf(want) & (want < 0))
+
+
+# An Inf in stat_params (scale step or min, zero step or min of one group of one row block): the reference
+# dequantizes first, scale · (code − zero) per position, so the group's terms are ±Inf of both signs and
+# sum to NaN; the rearranged walks gave ±Inf. Every CPU path: one row on the AVX-512 pair tables, the AVX2
+# lane and packed walks and the scalar path; several rows on the AVX2 panels and the scalar path.
+STAT_INF_PATHS = ["pair-tables", "avx2-lanes", "avx2-packed", "scalar", "avx2-rows", "scalar-rows"]
+
+
+@pytest.mark.parametrize("field", [0, 1, 2, 3], ids=["scale_step", "scale_min", "zero_step", "zero_min"])
+@pytest.mark.parametrize("path", STAT_INF_PATHS)
+def test_inf_in_stat_params_propagates_as_the_reference(ops_session, monkeypatch, path, field):
+    if path == "pair-tables":
+        if not has_avx512bw():
+            pytest.skip("the fixed-point pair tables need AVX-512BW")
+        monkeypatch.delenv("QCOMPILE_SPQR_LUT_FP32")
+    if path.startswith("scalar"):
+        monkeypatch.setenv("QCOMPILE_SPQR_SCALAR", "1")
+    attrs = dict(K=256, N=64, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(256, 64, outlier_rate=0.02, with_perm=True, seed=4)
+    packed["stat_params"][1, field, 5] = np.inf  # rows 16..31, group 5
+    packed["stat_params"][3, field, 9] = -np.inf  # rows 48..63, group 9
+    rng = np.random.default_rng(4)
+    bias = rng.standard_normal(64).astype(F32)
+    x = rng.standard_normal((3 if path.endswith("rows") else 1, 256)).astype(F32)
+    as_inputs = path == "avx2-packed"
+    y = ops_session(spqr_model(packed, attrs, bias=bias, as_inputs=as_inputs)).run(
+        None, feeds(x, packed, bias, as_inputs))[0].astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        want, scale = reference(x, packed, attrs, bias)
+    assert not np.isfinite(want[:, 16:32]).any() and np.isfinite(want[:, :16]).all()
+    assert_same_non_finite(y, want)
+    finite = np.isfinite(want)
+    tol = 2e-6 * scale + 1e-6
+    if path == "pair-tables":
+        with np.errstate(invalid="ignore"):
+            tol = tol + ref.pair_table_error_bound(x[0], packed["stat_codes"], packed["stat_params"],
+                                                   packed.get("perm"), **attrs)
+    assert (np.abs(y - want)[finite] <= tol[finite]).all()
+
+
 # ---- malformed inputs: always an exception, never a crash ----------------------------------------------
 
 def _corrupt(packed: dict, what: str) -> dict:
@@ -271,7 +358,7 @@ def test_malformed_weights_raise(ops_session, what, as_inputs, idx):
     with pytest.raises(ref.SpQRLayoutError):  # the reference rejects it too
         ref.validate_inputs(None, *(bad.get(k) for k in WEIGHT_INPUTS), **attrs)
     x = np.ones((2, 64), F32)
-    with pytest.raises(Exception, match="SpQRMatMul|shape|type"):
+    with pytest.raises(InvalidArgument, match="SpQRMatMul|shape|type"):
         sess = ops_session(spqr_model(bad, attrs, as_inputs=as_inputs))
         sess.run(None, feeds(x, bad, None, as_inputs))
 
@@ -295,7 +382,8 @@ def test_index_tensors_of_other_types_raise(ops_session, name, dtype):
 def test_bad_attributes_raise(ops_session, change):
     attrs = dict(K=64, N=32, bits=3, group_size=16, stat_bits=3, stat_group=16)
     packed = ref.random_packed(64, 32, seed=1)
-    with pytest.raises(Exception, match="SpQRMatMul"):
+    # found when the session is created, reported as ORT_INVALID_ARGUMENT (docs/ops.md), not RuntimeException
+    with pytest.raises(InvalidArgument, match="SpQRMatMul"):
         sess = ops_session(spqr_model(packed, attrs | change))
         sess.run(None, {"x": np.ones((1, 64), F32)})
 
@@ -304,10 +392,10 @@ def test_bad_activation_shape_and_bias_raise(ops_session):
     attrs = dict(K=64, N=32, bits=3, group_size=16, stat_bits=3, stat_group=16)
     packed = ref.random_packed(64, 32, seed=2)
     sess = ops_session(spqr_model(packed, attrs))
-    with pytest.raises(Exception, match="K=64"):
+    with pytest.raises(InvalidArgument, match="K=64"):
         sess.run(None, {"x": np.ones((1, 63), F32)})
     sess = ops_session(spqr_model(packed, attrs, bias=np.ones(31, F32)))
-    with pytest.raises(Exception, match="bias"):
+    with pytest.raises(InvalidArgument, match="bias"):
         sess.run(None, {"x": np.ones((1, 64), F32)})
 
 

@@ -1,0 +1,221 @@
+// AVX2 kernels of the CodebookMatMul CPU kernel (see codebook_matmul.cpp for the paths): the table build,
+// the d == 8 tile decoder of the prefill GEMM and the fused decode-dot GEMV. Called only after
+// cpu_has_avx2().
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "codebook_matmul_internal.h"
+#include "qcompile/cpu_features.h"
+#include "simd.h"
+
+#if QC_X86
+
+namespace qcompile {
+namespace codebook {
+namespace detail {
+
+QC_AVX2 void lut_build_avx2(const float* x, const float* cbt, const Geometry& g, int64_t g0, int64_t g1, float* lut) {
+  constexpr int64_t kChunk = 64;  // 8 accumulators of 8 codewords
+  for (int64_t gi = g0; gi < g1; ++gi) {
+    const float* xg = x + gi * g.d;
+    for (int64_t m = 0; m < g.M; ++m) {
+      float* out = lut + (gi * g.M + m) * g.LS;
+      const float* cm = cbt + m * g.d * g.LS;
+      int64_t s = 0;
+      for (; s + kChunk <= g.LS; s += kChunk) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < g.d; ++j) {
+          const __m256 xv = _mm256_broadcast_ss(xg + j);
+          const float* c = cm + j * g.LS + s;
+          for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + s + 8 * i, acc[i]);
+      }
+      for (; s < g.LS; s += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < g.d; ++j)
+          acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xg + j), _mm256_loadu_ps(cm + j * g.LS + s), acc);
+        _mm256_storeu_ps(out + s, acc);
+      }
+    }
+  }
+}
+// d == 8: one codeword is one vector, so a group decodes to M loads, M-1 adds and one store.
+template <typename C, bool kCheck>
+QC_AVX2 void decode_tile_avx2_d8(const C* codes, const float* cb, const Geometry& g, int64_t n0, int64_t nb,
+                                 int64_t Kp, float* wt, uint32_t* maxc) {
+  const uint32_t last = static_cast<uint32_t>(g.S - 1);
+  uint32_t mx = 0;
+  for (int64_t i = 0; i < kNR; ++i) {
+    float* dst = wt + i * Kp;
+    if (i >= nb) {
+      std::fill(dst, dst + Kp, 0.0f);
+      continue;
+    }
+    const C* row = codes + (n0 + i) * g.T;
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      const C* cg = row + gi * g.M;
+      __m256 w = _mm256_setzero_ps();
+      for (int64_t m = 0; m < g.M; ++m) {
+        uint32_t c = cg[m];
+        if (kCheck) {
+          mx = std::max(mx, c);
+          c = std::min(c, last);
+        }
+        w = _mm256_add_ps(w, _mm256_loadu_ps(cb + ((m * g.S + c) << 3)));
+      }
+      _mm256_storeu_ps(dst + (gi << 3), w);
+    }
+  }
+  if (kCheck) *maxc = std::max(*maxc, mx);
+}
+namespace {
+
+using simd::hsum;
+using simd::reduce4;
+
+template <typename C, bool kCheck>
+QC_AVX2 inline __m256 decode_group_d8(const C* cg, const float* cb, int64_t M, int64_t S, uint32_t last,
+                                       uint32_t& mx) {
+  uint32_t c = cg[0];
+  if (kCheck) {
+    mx = std::max(mx, c);
+    c = std::min(c, last);
+  }
+  __m256 w = _mm256_loadu_ps(cb + (static_cast<int64_t>(c) << 3));
+  for (int64_t m = 1; m < M; ++m) {
+    c = cg[m];
+    if (kCheck) {
+      mx = std::max(mx, c);
+      c = std::min(c, last);
+    }
+    w = _mm256_add_ps(w, _mm256_loadu_ps(cb + ((m * S + c) << 3)));
+  }
+  return w;
+}
+
+template <typename C, bool kCheck, int kM>
+QC_AVX2 inline __m256 decode_group_fixed(const C* cg, const float* cb, int64_t S, uint32_t last, uint32_t& mx) {
+  if constexpr (kM == 2 && sizeof(C) == 1 && !kCheck) {  // both codes in one 16-bit load
+    uint16_t pair;
+    std::memcpy(&pair, cg, 2);
+    return _mm256_add_ps(_mm256_loadu_ps(cb + (static_cast<uint32_t>(pair & 0xFF) << 3)),
+                         _mm256_loadu_ps(cb + ((S + (pair >> 8)) << 3)));
+  }
+  __m256 w;
+  for (int m = 0; m < kM; ++m) {
+    uint32_t c = cg[m];
+    if (kCheck) {
+      mx = std::max(mx, c);
+      c = std::min(c, last);
+    }
+    const __m256 v = _mm256_loadu_ps(cb + ((m * S + c) << 3));
+    w = m == 0 ? v : _mm256_add_ps(w, v);
+  }
+  return w;
+}
+
+// R == 1 with M known at compile time: four output channels at once share each x load and give four
+// independent FMA chains.
+template <typename C, bool kCheck, int kM>
+QC_AVX2 void fused_gemv_avx2_d8(const C* codes, const float* cb, const Geometry& g, const float* x, int64_t n0,
+                                int64_t n1, float* out, uint32_t* maxc) {
+  const uint32_t last = static_cast<uint32_t>(g.S - 1);
+  uint32_t mx = 0;
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const C* r0 = codes + n * g.T;
+    const C* r1 = r0 + g.T;
+    const C* r2 = r1 + g.T;
+    const C* r3 = r2 + g.T;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t gi = 0;
+    for (; gi + 2 <= g.G; gi += 2) {
+      const __m256 xv = _mm256_loadu_ps(x + (gi << 3)), xw = _mm256_loadu_ps(x + (gi << 3) + 8);
+      const int64_t o = gi * kM, q = o + kM;
+      a0 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r0 + o, cb, g.S, last, mx), xv, a0);
+      a1 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r1 + o, cb, g.S, last, mx), xv, a1);
+      a2 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r2 + o, cb, g.S, last, mx), xv, a2);
+      a3 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r3 + o, cb, g.S, last, mx), xv, a3);
+      b0 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r0 + q, cb, g.S, last, mx), xw, b0);
+      b1 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r1 + q, cb, g.S, last, mx), xw, b1);
+      b2 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r2 + q, cb, g.S, last, mx), xw, b2);
+      b3 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r3 + q, cb, g.S, last, mx), xw, b3);
+    }
+    for (; gi < g.G; ++gi) {
+      const __m256 xv = _mm256_loadu_ps(x + (gi << 3));
+      const int64_t o = gi * kM;
+      a0 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r0 + o, cb, g.S, last, mx), xv, a0);
+      a1 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r1 + o, cb, g.S, last, mx), xv, a1);
+      a2 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r2 + o, cb, g.S, last, mx), xv, a2);
+      a3 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r3 + o, cb, g.S, last, mx), xv, a3);
+    }
+    _mm_storeu_ps(out + (n - n0), reduce4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2),
+                                          _mm256_add_ps(a3, b3)));
+  }
+  for (; n < n1; ++n) {
+    const C* r0 = codes + n * g.T;
+    __m256 a0 = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < g.G; ++gi)
+      a0 = _mm256_fmadd_ps(decode_group_fixed<C, kCheck, kM>(r0 + gi * kM, cb, g.S, last, mx),
+                           _mm256_loadu_ps(x + (gi << 3)), a0);
+    out[n - n0] = hsum(a0);
+  }
+  if (kCheck) *maxc = std::max(*maxc, mx);
+}
+
+}  // namespace
+
+template <typename C, bool kCheck, int R>
+QC_AVX2 void fused_rows_avx2_d8(const C* codes, const float* cb, const Geometry& g, const float* x, int64_t ldx,
+                                int64_t n0, int64_t n1, float* out, uint32_t* maxc) {
+  if (R == 1 && g.M == 1) return fused_gemv_avx2_d8<C, kCheck, 1>(codes, cb, g, x, n0, n1, out, maxc);
+  if (R == 1 && g.M == 2) return fused_gemv_avx2_d8<C, kCheck, 2>(codes, cb, g, x, n0, n1, out, maxc);
+  const uint32_t last = static_cast<uint32_t>(g.S - 1);
+  uint32_t mx = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const C* row = codes + n * g.T;
+    __m256 a0[R], a1[R];  // two chains per row hide the FMA latency
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+    int64_t gi = 0;
+    for (; gi + 2 <= g.G; gi += 2) {
+      const __m256 w0 = decode_group_d8<C, kCheck>(row + gi * g.M, cb, g.M, g.S, last, mx);
+      const __m256 w1 = decode_group_d8<C, kCheck>(row + (gi + 1) * g.M, cb, g.M, g.S, last, mx);
+      for (int r = 0; r < R; ++r) {
+        a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ldx + (gi << 3)), a0[r]);
+        a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * ldx + ((gi + 1) << 3)), a1[r]);
+      }
+    }
+    if (gi < g.G) {
+      const __m256 w0 = decode_group_d8<C, kCheck>(row + gi * g.M, cb, g.M, g.S, last, mx);
+      for (int r = 0; r < R; ++r) a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ldx + (gi << 3)), a0[r]);
+    }
+    for (int r = 0; r < R; ++r) out[r * (n1 - n0) + (n - n0)] = hsum(_mm256_add_ps(a0[r], a1[r]));
+  }
+  if (kCheck) *maxc = std::max(*maxc, mx);
+}
+
+#define QC_INSTANTIATE(C, kCheck)                                                                             \
+  template QC_AVX2 void decode_tile_avx2_d8<C, kCheck>(const C*, const float*, const Geometry&, int64_t, int64_t, \
+                                                       int64_t, float*, uint32_t*);                           \
+  template QC_AVX2 void fused_rows_avx2_d8<C, kCheck, 1>(const C*, const float*, const Geometry&, const float*, \
+                                                         int64_t, int64_t, int64_t, float*, uint32_t*);       \
+  template QC_AVX2 void fused_rows_avx2_d8<C, kCheck, 2>(const C*, const float*, const Geometry&, const float*, \
+                                                         int64_t, int64_t, int64_t, float*, uint32_t*);       \
+  template QC_AVX2 void fused_rows_avx2_d8<C, kCheck, 3>(const C*, const float*, const Geometry&, const float*, \
+                                                         int64_t, int64_t, int64_t, float*, uint32_t*);       \
+  template QC_AVX2 void fused_rows_avx2_d8<C, kCheck, 4>(const C*, const float*, const Geometry&, const float*, \
+                                                         int64_t, int64_t, int64_t, float*, uint32_t*);
+QC_INSTANTIATE(uint8_t, false)
+QC_INSTANTIATE(uint8_t, true)
+QC_INSTANTIATE(uint16_t, false)
+QC_INSTANTIATE(uint16_t, true)
+#undef QC_INSTANTIATE
+
+}  // namespace detail
+}  // namespace codebook
+}  // namespace qcompile
+
+#endif  // QC_X86

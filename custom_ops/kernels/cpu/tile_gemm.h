@@ -1,0 +1,162 @@
+// The prefill (M > 1) machinery the CPU kernels share: running tasks on a Parallel without letting an
+// exception escape, the decoded-tile GEMM driver, and its FMA microkernels.
+//
+// Every op's prefill path has the same shape: a task owns a few output rows of W; for each K slice it
+// decodes those rows' weights once into a small cache-resident tile, then multiplies every row of X with
+// the tile. Only the decoding (and the tile layout it picks) is op-specific; tile_gemm() is the loop and
+// dot_rx4* / outer_product the multiplications.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "qcompile/cpu_features.h"
+#include "qcompile/parallel.h"
+#include "qcompile/status.h"
+#include "simd.h"
+
+namespace qcompile {
+namespace tile {
+
+// Runs fn(i) for i in [0, n) on `par`. An exception (e.g. bad_alloc of a scratch buffer) must not escape
+// into the host's thread pool, so it is caught per task and reported as "<op>: out of memory ...".
+template <typename F>
+Status run_tasks(const Parallel& par, int64_t n, const char* op, F&& fn) {
+  std::atomic<bool> failed{false};
+  par.for_each(static_cast<size_t>(n), [&](size_t i) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      fn(static_cast<int64_t>(i));
+    } catch (...) {
+      failed.store(true);
+    }
+  });
+  return failed.load() ? Status::Error(std::string(op) + ": out of memory for scratch buffers") : Status::OK();
+}
+
+// How tile_gemm cuts the work: N output rows in tasks of task_rows (the unit of parallelism), each in tiles
+// of tile_rows (the unit of decoding), K positions in slices of `slice`.
+struct Plan {
+  int64_t N = 0, task_rows = 0, tile_rows = 0;
+  int64_t K = 0, slice = 0;
+};
+
+// The decoded-tile GEMM driver. make_tile(n0, rows) returns the op's tile of output rows [n0, n0 + rows),
+// an object with
+//   void decode(int64_t k0, int64_t len);    // those rows' weights at K positions [k0, k0 + len) into it
+//   void multiply(int64_t k0, int64_t len);  // that slice's contribution to every row of X
+//   void finish();                           // the rows' outputs (bias, conversion, store)
+// Each weight is decoded once per call; the tile stays in L1/L2 while the rows of X stream past.
+template <typename MakeTile>
+Status tile_gemm(const Parallel& par, const char* op, const Plan& plan, MakeTile&& make_tile) {
+  const int64_t tasks = (plan.N + plan.task_rows - 1) / plan.task_rows;
+  return run_tasks(par, tasks, op, [&](int64_t t) {
+    const int64_t r0 = t * plan.task_rows, r1 = std::min(plan.N, r0 + plan.task_rows);
+    for (int64_t n0 = r0; n0 < r1; n0 += plan.tile_rows) {
+      auto tile = make_tile(n0, std::min(plan.tile_rows, r1 - n0));
+      for (int64_t k0 = 0; k0 < plan.K; k0 += plan.slice) {
+        const int64_t len = std::min(plan.slice, plan.K - k0);
+        tile.decode(k0, len);
+        tile.multiply(k0, len);
+      }
+      tile.finish();
+    }
+  });
+}
+
+// ---- microkernels ---------------------------------------------------------------------------------------
+
+// c[r * ldc + j] (+)= dot(x row r, w row j) over len (a multiple of 8) for R rows of x, 4 rows of w. Eight
+// independent lanes per pair keep it vectorisable without reassociation.
+template <int R, bool kAccumulate>
+void dot_rx4(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* c, int64_t ldc) {
+  float acc[R][4][8] = {};
+  for (int64_t k = 0; k < len; k += 8)
+    for (int i = 0; i < R; ++i) {
+      const float* xr = x + i * ldx + k;
+      for (int j = 0; j < 4; ++j) {
+        const float* wr = w + j * ldw + k;
+        for (int l = 0; l < 8; ++l) acc[i][j][l] += xr[l] * wr[l];
+      }
+    }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const float* a = acc[i][j];
+      const float s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+      c[i * ldc + j] = kAccumulate ? c[i * ldc + j] + s : s;
+    }
+}
+
+#if QC_X86
+// dot_rx4 with AVX2 FMAs: one load of each x row per 8 positions, shared by the 4 rows of w.
+// (Accumulators are named variables: GCC keeps an array of them in memory.)
+template <int R, bool kAccumulate>
+QC_AVX2 void dot_rx4_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* c,
+                          int64_t ldc) {
+  static_assert(R >= 1 && R <= 3, "1..3 rows of x");
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+  __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+  __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+  const float *x0 = x, *x1 = x + (R > 1 ? ldx : 0), *x2 = x + (R > 2 ? 2 * ldx : 0);
+  const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw;
+  for (int64_t k = 0; k < len; k += 8) {
+    const __m256 xv0 = _mm256_loadu_ps(x0 + k);
+    const __m256 xv1 = R > 1 ? _mm256_loadu_ps(x1 + k) : xv0, xv2 = R > 2 ? _mm256_loadu_ps(x2 + k) : xv0;
+    __m256 wv;
+#define QC_DOT_W(j)                                    \
+  wv = _mm256_loadu_ps(w##j + k);                      \
+  a0##j = _mm256_fmadd_ps(xv0, wv, a0##j);             \
+  if (R > 1) a1##j = _mm256_fmadd_ps(xv1, wv, a1##j); \
+  if (R > 2) a2##j = _mm256_fmadd_ps(xv2, wv, a2##j);
+    QC_DOT_W(0) QC_DOT_W(1) QC_DOT_W(2) QC_DOT_W(3)
+#undef QC_DOT_W
+  }
+  const __m128 sums[3] = {simd::reduce4(a00, a01, a02, a03), simd::reduce4(a10, a11, a12, a13),
+                          simd::reduce4(a20, a21, a22, a23)};
+  for (int i = 0; i < R; ++i) {
+    float* ci = c + i * ldc;
+    _mm_storeu_ps(ci, kAccumulate ? _mm_add_ps(_mm_loadu_ps(ci), sums[i]) : sums[i]);
+  }
+}
+
+// Outer-product microkernel: c[i * ldc + v] (+)= sum_k a[i][k] * b[k * ldb + v] for MR <= 6 rows of a and
+// the first 8 * NV columns of b: one broadcast of a per row and position, 2 * MR accumulators, no transpose.
+// `a` holds the MR row pointers; b is k-major (a decoded panel, or activations packed transposed).
+template <int MR, int NV, bool kAccumulate>
+QC_AVX2 void outer_product(const float* const* a, const float* b, int64_t ldb, int64_t len, float* c,
+                           int64_t ldc) {
+  static_assert(MR >= 1 && MR <= 6 && (NV == 1 || NV == 2), "1..6 rows, 8 or 16 columns");
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float* a0 = a[0];
+  const float* a1 = a[MR > 1 ? 1 : 0];
+  const float* a2 = a[MR > 2 ? 2 : 0];
+  const float* a3 = a[MR > 3 ? 3 : 0];
+  const float* a4 = a[MR > 4 ? 4 : 0];
+  const float* a5 = a[MR > 5 ? 5 : 0];
+  for (int64_t k = 0; k < len; ++k, b += ldb) {
+    const __m256 b0 = _mm256_loadu_ps(b);
+    const __m256 b1 = NV == 2 ? _mm256_loadu_ps(b + 8) : b0;
+    __m256 s;
+#define QC_OUTER_ROW(i)                                           \
+  if (MR > i) {                                                   \
+    s = _mm256_broadcast_ss(a##i + k);                            \
+    c##i##0 = _mm256_fmadd_ps(s, b0, c##i##0);                    \
+    if (NV == 2) c##i##1 = _mm256_fmadd_ps(s, b1, c##i##1);       \
+  }
+    QC_OUTER_ROW(0) QC_OUTER_ROW(1) QC_OUTER_ROW(2) QC_OUTER_ROW(3) QC_OUTER_ROW(4) QC_OUTER_ROW(5)
+#undef QC_OUTER_ROW
+  }
+  const __m256 rows[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) {
+      float* ci = c + i * ldc + 8 * v;
+      _mm256_storeu_ps(ci, kAccumulate ? _mm256_add_ps(_mm256_loadu_ps(ci), rows[i][v]) : rows[i][v]);
+    }
+}
+#endif  // QC_X86
+
+}  // namespace tile
+}  // namespace qcompile
