@@ -123,4 +123,17 @@ def make_session(model: Any, providers: Sequence[Any] | None = None, *, options:
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):
         model = str(model)
-    return ort.InferenceSession(model, sess_options=so, providers=list(providers or default_providers()), **kw)
+    try:
+        return ort.InferenceSession(model, sess_options=so, providers=list(providers or default_providers()), **kw)
+    except Exception as e:  # onnxruntime drops our ops' error code at session creation: give it back
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument, RuntimeException
+
+        if isinstance(e, RuntimeException) and any(f"{op}:" in str(e) for op in _our_op_types()):
+            raise InvalidArgument(str(e)) from None
+        raise
+
+
+def _our_op_types() -> list[str]:
+    from qcompile.formats import all_formats
+
+    return sorted({f.op.type for f in all_formats() if f.op.domain == OPS_DOMAIN})

@@ -63,15 +63,16 @@ SessionFactory = Callable[..., ort.InferenceSession]
 
 
 def _factory(lib: Path, providers: list[str], strict: bool = False) -> SessionFactory:
+    """Sessions through qcompile.runtime.make_session (the library registered as users get it, errors found
+    at session creation raised as InvalidArgument)."""
+    from qcompile.runtime import make_session
+
     def make(model: Any, *, threads: int | None = None) -> ort.InferenceSession:
         so = ort.SessionOptions()
-        so.register_custom_ops_library(str(lib))
         if strict:  # a node the first EP cannot run is an error, not a silent CPU fallback
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        if threads is not None:
-            so.intra_op_num_threads = threads
         data = model.SerializeToString() if hasattr(model, "SerializeToString") else model
-        return ort.InferenceSession(data, sess_options=so, providers=providers)
+        return make_session(data, providers, options=so, intra_op_threads=threads)
 
     return make
 

@@ -55,7 +55,7 @@ struct CodebookKernel : KernelBase<CodebookKernel> {
     }
     k->codes_constant = is_constant != 0 && cv;
     if (k->codes_constant && !cuda) {
-      // Host data available now: check every code once (a bad code fails every run, see OpBase) and prepare the
+      // Host data available now: check every code once (a bad code fails session creation) and prepare the
       // CPU kernel's layout. A wrong shape or type is left to Compute, which reports it.
       const auto ct = elem_type_of(cv);
       const codebook::CodeType want = codebook::required_code_type(a.codebook_size);

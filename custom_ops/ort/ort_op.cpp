@@ -29,16 +29,6 @@ bool has_string(const OrtKernelInfo* info, const char* name, std::string* out) {
 
 }  // namespace
 
-void log_model_error(const OrtKernelInfo* info, const std::string& message) noexcept {
-  try {
-    const Ort::Logger logger = Ort::ConstKernelInfo(info).GetLogger();
-    const std::string line = message + " (reported by every run of this node)";
-    ORT_CXX_LOG_NOEXCEPT(logger, ORT_LOGGING_LEVEL_WARNING, line.c_str());
-  } catch (...) {
-    // no logger: the runs still report the error
-  }
-}
-
 Status attr_int(const OrtKernelInfo* info, const char* op, const char* name, int64_t* out) {
   if (!has_int(info, name, out))
     return Status::Error(std::string(op) + ": missing or non-integer attribute '" + name + "'");

@@ -60,9 +60,6 @@ OrtStatus* guarded(const char* where, F&& body) noexcept {
   }
 }
 
-// Logs an error in the model found when the session is created (ORT's logger of the session, warning).
-void log_model_error(const OrtKernelInfo* info, const std::string& message) noexcept;
-
 // ---- attributes -------------------------------------------------------------------------------------
 // Required int attribute; error names op and attribute when missing or of the wrong type.
 Status attr_int(const OrtKernelInfo* info, const char* op, const char* name, int64_t* out);
@@ -108,15 +105,13 @@ class OrtParallel final : public Parallel {
 };
 
 // ---- op base ----------------------------------------------------------------------------------------
-// CustomOpBase with status-returning create/compute. TKernel (default constructible) must provide
+// CustomOpBase with status-returning create/compute. TKernel must provide
 //   static OrtStatus* Create(const OrtKernelInfo* info, bool on_cuda, TKernel** out)   (may return error)
 //   OrtStatus* Compute(Ort::KernelContext& ctx)                                       (may throw)
 //
-// Errors in the model (ORT_INVALID_ARGUMENT: attribute values, malformed constant tensors) that Create finds
-// are reported by every run of the node, not by the session creation: ORT turns any failed custom-kernel
-// creation into an exception that InferenceSession::Initialize reports as RUNTIME_EXCEPTION, dropping the
-// code, while a run's status keeps it (Python: InvalidArgument, as docs/ops.md promises). The session
-// creation logs them as warnings. Other failures (ORT_FAIL, e.g. out of memory) still fail the creation.
+// Errors in the model that Create finds (ORT_INVALID_ARGUMENT: attribute values, malformed constant tensors)
+// fail the session creation, so a bad model never loads. ORT reports any failed custom-kernel creation as
+// RUNTIME_EXCEPTION, dropping the code; qcompile.runtime.make_session raises those as InvalidArgument.
 template <typename TOp, typename TKernel>
 struct OpBase : Ort::CustomOpBase<TOp, TKernel, /*WithStatus=*/true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** op_kernel) const {
@@ -124,14 +119,6 @@ struct OpBase : Ort::CustomOpBase<TOp, TKernel, /*WithStatus=*/true> {
     return guarded(self->GetName(), [&]() -> OrtStatus* {
       TKernel* k = nullptr;
       OrtStatus* st = TKernel::Create(info, self->on_cuda(), &k);
-      if (st && Ort::GetApi().GetErrorCode(st) == ORT_INVALID_ARGUMENT) {
-        const std::string msg = Ort::GetApi().GetErrorMessage(st);
-        Ort::GetApi().ReleaseStatus(st);
-        st = nullptr;
-        log_model_error(info, msg);
-        k = new TKernel();
-        k->defer_error(msg);
-      }
       if (st) return st;
       *op_kernel = k;
       return nullptr;
@@ -148,18 +135,12 @@ struct OpBase : Ort::CustomOpBase<TOp, TKernel, /*WithStatus=*/true> {
 template <typename TKernel>
 struct KernelBase {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    if (!deferred_error_.empty()) return make_error(deferred_error_);  // see OpBase
     return guarded(TKernel::kOpName, [&]() -> OrtStatus* {
       Ort::KernelContext ctx(context);
       return static_cast<TKernel*>(this)->Compute(ctx);
     });
   }
   static OrtMemType input_memory(size_t /*i*/, bool /*cuda*/) { return OrtMemTypeDefault; }
-  // Makes every run fail with `message` (ORT_INVALID_ARGUMENT): for a node whose model data is invalid.
-  void defer_error(const std::string& message) { deferred_error_ = message; }
-
- private:
-  std::string deferred_error_;
 };
 
 // The OrtCustomOp for one (activation type T, execution provider) of a kernel's schema: one output of

@@ -112,7 +112,7 @@ struct SpqrKernel : KernelBase<SpqrKernel> {
     k->indices_constant = is_constant_input(info, kRowOffsets, &ro) && is_constant_input(info, kColIndices, &ci) &&
                           is_constant_input(info, kValues, &va) &&
                           (!has_perm_input || is_constant_input(info, kPerm, &pe));
-    if (k->indices_constant && !cuda) {  // host data available now: a malformed file fails every run
+    if (k->indices_constant && !cuda) {  // host data available now: a malformed file fails session creation
       OrtStatus* e = k->check_indices_host(ro, ci, va, has_perm_input ? pe : Ort::ConstValue{nullptr});
       if (e) {
         delete k;

@@ -239,12 +239,12 @@ def test_fixed_point_walk_inf_scale(ops_session):
     assert (np.abs(y - want)[finite] <= (bound + 2e-5 * np.abs(want[finite]).max())[finite[0]]).all()
 
 
-def test_bad_constant_code_is_an_invalid_argument(ops_session):
-    # checked once when the session is created, reported by the runs as ORT_INVALID_ARGUMENT
+def test_bad_constant_code_fails_the_session_creation(ops_session):
+    # checked once when the session is created: the model never loads (InvalidArgument through make_session)
     x, codes, books, scales, b, attrs = make_case(1, 64, 2048, 2, 250)
     codes[2047, 7, 0] = 255
     with pytest.raises(InvalidArgument, match=r"code 255 at \[2047, 7, 0\] is out of range"):
-        ops_session(make_model(x.dtype, codes, books, scales, b, attrs)).run(None, {"x": x})
+        ops_session(make_model(x.dtype, codes, books, scales, b, attrs))
 
 
 def test_codes_fed_at_run_time_are_checked_every_call(ops_session):
@@ -301,7 +301,7 @@ def test_bad_shapes_and_dtypes_raise(ops_session, mutation):
                                  dict(codebook_size=70000), dict(N=-1)])
 def test_bad_attributes_raise(ops_session, bad):
     x, codes, books, scales, b, attrs = make_case(1, 64, 16, 1, 256)
-    # found when the session is created, reported as ORT_INVALID_ARGUMENT (docs/ops.md), not RuntimeException
+    # found when the session is created; make_session raises it as InvalidArgument (docs/ops.md)
     with pytest.raises(InvalidArgument, match="CodebookMatMul"):
         sess = ops_session(make_model(x.dtype, codes, books, scales, b, attrs, extra_attrs=bad))
         sess.run(None, {"x": x})

@@ -208,7 +208,7 @@ def _feed(K=64, N=4, G=32, fmt="e8m0", M=2, dtype=F32):
 ], ids=str)
 def test_bad_attributes_raise(ops_session, bad_attrs):
     model = fp4_model(K=64, N=4, G=32, fmt="e8m0", **bad_attrs)
-    # found when the session is created, reported as ORT_INVALID_ARGUMENT (docs/ops.md), not RuntimeException
+    # found when the session is created; make_session raises it as InvalidArgument (docs/ops.md)
     with pytest.raises(InvalidArgument, match="FP4MatMul"):
         ops_session(model).run(None, _feed())
 
