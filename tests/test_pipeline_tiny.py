@@ -27,8 +27,9 @@ def compiled(tiny_dir, tmp_path_factory):
     out = {}
     for fmt, emit in (("int4-rtn", "native"), ("int4-gptq", "native"), ("int4-gptq", "simulated")):
         path = root / f"{fmt}-{emit}"
-        # float vocabulary tables: native and simulated linears are compared below (tables: tests/passes)
-        out[(fmt, emit)] = (path, qcompile_compile(tiny_dir, fmt, path, emit=emit, options={"group_size": 32},
+        # float activations and vocabulary tables: native and simulated linears are compared below
+        out[(fmt, emit)] = (path, qcompile_compile(tiny_dir, fmt, path, emit=emit,
+                                                   options={"group_size": 32, "accuracy_level": 0},
                                                    embeddings="float", **SMALL))
     return out
 

@@ -24,7 +24,8 @@ from qcompile.runtime import make_session
 
 K, N = 64, 48  # divisible by every format's group, Hadamard block and row block
 #: Options that only make the slow numerics fast on a 64 x 48 weight; they do not change the stored layout.
-FAST = {"rounds": 1, "kmeans_iters": 2, "beam_size": 1, "finetune_epochs": 0}
+#: Float activations where a format offers int8 ones: the reference computes the float product.
+FAST = {"rounds": 1, "kmeans_iters": 2, "beam_size": 1, "finetune_epochs": 0, "accuracy_level": 0}
 MAX_CODEBOOK_BITS = 10  # a 2^16-entry codebook on 384 groups only costs time; 2^10 keeps uint16 codes
 
 FORMATS = [f.name for f in all_formats()]
