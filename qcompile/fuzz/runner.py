@@ -378,8 +378,8 @@ def library_env(build: str, log=print) -> dict[str, str]:
 
 
 def fuzz(seconds: float, seed: int = 0, *, ops: list[str] | None = None, build: str = "asan",
-         max_cases: int | None = None, out_dir: Path | None = None, progress: float = 60.0, log=print,
-         env: dict[str, str] | None = None) -> Stats:
+         max_cases: int | None = None, out_dir: Path | None = None, progress: float = 60.0,
+         log=partial(print, flush=True), env: dict[str, str] | None = None) -> Stats:
     """Cases ``seed << 32 | i`` for i = 0, 1, ... until ``seconds`` pass (or ``max_cases`` ran); failing
     cases are saved under ``out_dir`` when given."""
     want = {ALIASES.get(o, o) for o in (ops or OPS)}
@@ -427,9 +427,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build", choices=("asan", "normal"), default="asan",
                    help="asan: the sanitizer build (default); normal: the library tests use")
     p.add_argument("--case-seed", type=int, default=None, help="run this one case and print it in full")
+    p.add_argument("--print-env", action="store_true",
+                   help="print the shell exports that load the sanitizer build (e.g. to run the kernel tests with it: "
+                        "eval \"$(python tools/fuzz_ops.py --print-env)\"; pytest tests/test_spqr_kernels.py)")
     p.add_argument("--save", type=Path, default=REPO / "build" / "fuzz-failures",
                    help="where failing cases are saved (default build/fuzz-failures)")
     args = p.parse_args(argv)
+    if args.print_env:
+        import shlex
+        lib = sanitizer.library(log=lambda msg: print(msg, file=sys.stderr))
+        print("".join(f"export {k}={shlex.quote(v)}\n" for k, v in sanitizer.environment(lib).items()), end="")
+        return 0
     if args.case_seed is not None:
         case = generate(args.case_seed)
         print(case.describe())

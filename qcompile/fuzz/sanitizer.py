@@ -34,10 +34,15 @@ class SanitizerBuildError(RuntimeError):
     """The sanitizer build failed or its runtimes cannot be found (message: the build log's tail)."""
 
 
+BUILD_INPUTS = (".cpp", ".cc", ".h", ".hpp", ".cu", ".cuh", ".cmake", ".txt", ".py")  # not README.md
+
+
 def source_hash() -> str:
-    """Hash of what the library is built from: every file under custom_ops/, the build script, the compiler."""
+    """Hash of what the library is built from: the sources and build files under custom_ops/, the build
+    script, the compiler."""
     h = hashlib.sha256(SANITIZERS.encode())
-    files = sorted(p for p in (REPO / "custom_ops").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    files = sorted(p for p in (REPO / "custom_ops").rglob("*")
+                   if p.is_file() and p.suffix in BUILD_INPUTS and "__pycache__" not in p.parts)
     for p in files + [REPO / "tools" / "build_ops.sh"]:
         h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
     cxx = subprocess.run(["c++", "--version"], capture_output=True, text=True)
