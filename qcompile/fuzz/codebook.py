@@ -48,7 +48,7 @@ def code_values(case: Case, rng: np.random.Generator) -> str | None:
     """Codes at or past codebook_size (one, or a whole row) where the code type allows them, or every code the
     last codeword S-1 (legal)."""
     codes, s = case.inputs["codes"], case.attrs.get("codebook_size")
-    if codes is None or not codes.size or codes.dtype not in CODES or type(s) is not int:
+    if codes is None or not codes.size or codes.dtype not in CODES or type(s) is not int or s < 1:
         return None
     top = int(np.iinfo(codes.dtype).max)
     codes = codes.copy()
