@@ -199,7 +199,7 @@ class Worker:
 class Outcome:
     verdict: str
     detail: str = ""
-    issue: str = ""  # the KnownIssue's name, for "known_issue"
+    tag: str = ""  # known_issue: the KnownIssue's name; clean_error: "stage: exception type"
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
 def known_issue(case: Case, exp: Expectation, out: Outcome) -> Outcome:
     for ki in KNOWN_ISSUES:
         if ki.matches(case, exp, out):
-            return Outcome("known_issue", f"{ki.test}: {out.detail}", ki.name)
+            return Outcome("known_issue", f"{ki.test}: {out.detail}", tag=ki.name)
     return out
 
 
@@ -239,7 +239,7 @@ def judge_reply(case: Case, exp: Expectation, reply: dict[str, Any]) -> Outcome:
     if reply["stage"] != "ok":
         msg = f"{reply['stage']}: {reply['error_type']}: {reply['error']}"
         if exp.rejected is not None:
-            return Outcome("clean_error", msg)
+            return Outcome("clean_error", msg, tag=f"{reply['stage']}: {reply['error_type']}")
         return Outcome("error_on_valid", msg)
     if exp.rejected is not None:
         return Outcome("accepted_invalid", f"the op returned an output; the reference rejects: {exp.rejected}")
@@ -324,7 +324,7 @@ class Stats:
     cases: int = 0
     verdicts: Counter = field(default_factory=Counter)
     by_op: Counter = field(default_factory=Counter)
-    known: Counter = field(default_factory=Counter)  # KnownIssue.name -> count
+    tags: Counter = field(default_factory=Counter)  # (verdict, Outcome.tag) -> count
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     worker_starts: int = 0
@@ -333,8 +333,8 @@ class Stats:
         self.cases += 1
         self.verdicts[out.verdict] += 1
         self.by_op[(case.op, out.verdict)] += 1
-        if out.verdict == "known_issue":
-            self.known[out.issue] += 1
+        if out.tag:
+            self.tags[(out.verdict, out.tag)] += 1
         if out.verdict in FAILURES:
             self.failures.append(Failure(case, out))
 
@@ -348,8 +348,11 @@ class Stats:
         for op in sorted(OPS):
             row = {k[1]: c for k, c in self.by_op.items() if k[0] == op}
             lines.append(f"  {op}: " + ", ".join(f"{c} {k}" for k, c in sorted(row.items())))
-        for name, c in self.known.most_common():
-            lines.append(f"  known issue x{c}: {name}")
+        kinds = ", ".join(f"{c} {t}" for (v, t), c in self.tags.most_common() if v == "clean_error")
+        lines.append(f"  clean errors by stage and type: {kinds or 'none'}")
+        for (v, name), c in self.tags.most_common():
+            if v == "known_issue":
+                lines.append(f"  known issue x{c}: {name}")
         return "\n".join(lines)
 
 
