@@ -108,14 +108,13 @@ def bitstreams(case: Case, rng: np.random.Generator) -> str | None:
         return None
     arr = arr.copy()
     flat = arr.reshape(-1)
-    if rng.random() < 0.5:
+    kind = "all" if rng.random() < 0.5 else "tail"
+    if kind == "all":
         flat[:] = rng.integers(-2**31, 2**31, flat.size, dtype=np.int64).astype(np.int32)
-        return_label = "all"
     else:
         flat[-1] = -1  # the last word of the last row: its padding/tail bits all set
-        return_label = "tail"
     case.inputs[name] = arr
-    return f"bitstream:{name}:{return_label}"
+    return f"bitstream:{name}:{kind}"
 
 
 def outlier_layout(case: Case, rng: np.random.Generator) -> str | None:
