@@ -10,17 +10,29 @@
 #   QCOMPILE_WITH_CUDA=OFF tools/build_ops.sh   # skip CUDA even if nvcc exists
 #   QCOMPILE_ORT_INCLUDE_DIR=/path/to/include tools/build_ops.sh   # use these ORT headers (no download)
 #   QCOMPILE_WITH_TRT=OFF tools/build_ops.sh    # skip the TensorRT plugins
+#   QCOMPILE_SANITIZE=address,undefined tools/build_ops.sh   # sanitizer build for the fuzzer: CPU only, into
+#                                  # build/ops-asan/, never copied to qcompile/_native/ (see qcompile/fuzz/)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-build="${QCOMPILE_BUILD_DIR:-$root/build/ops}"
+sanitize="${QCOMPILE_SANITIZE:-}"
+if [ -n "$sanitize" ]; then
+  build="${QCOMPILE_BUILD_DIR:-$root/build/ops-asan}"
+  QCOMPILE_WITH_CUDA=OFF
+else
+  build="${QCOMPILE_BUILD_DIR:-$root/build/ops}"
+fi
 jobs="${JOBS:-2}"
 gen=()
 if command -v ninja >/dev/null 2>&1 && [ ! -f "$build/CMakeCache.txt" ]; then gen=(-G Ninja); fi
 py="${PYTHON:-$(command -v python3 || command -v python)}"
 nice cmake -S "$root/custom_ops" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DQCOMPILE_WITH_CUDA="${QCOMPILE_WITH_CUDA:-ON}" -DQCOMPILE_WITH_TRT="${QCOMPILE_WITH_TRT:-ON}" \
-  -DPython3_EXECUTABLE="$py"
+  -DQCOMPILE_SANITIZE="$sanitize" -DPython3_EXECUTABLE="$py"
 nice cmake --build "$build" -j "$jobs"
+if [ -n "$sanitize" ]; then  # an instrumented library only loads with its runtime preloaded: keep it out of the package
+  echo "built $build/libqcompile_ops.so (-fsanitize=$sanitize)"
+  exit 0
+fi
 mkdir -p "$root/qcompile/_native"
 cp -f "$build/libqcompile_ops.so" "$root/qcompile/_native/libqcompile_ops.so.tmp"
 mv -f "$root/qcompile/_native/libqcompile_ops.so.tmp" "$root/qcompile/_native/libqcompile_ops.so"

@@ -198,6 +198,7 @@ class OpSpec:
     reference: Callable[..., np.ndarray]
     needs_library: bool  # True: our qcompile_ops library must be registered; False: stock onnxruntime runs it
     inputs: tuple[str, ...] = ()  # the stored-tensor inputs after X, in node order (docs/ops.md names them)
+    fuzz: Any = None  # the op's fuzz cases (qcompile.fuzz.case.OpSpec, from the format's fuzz.py), for our ops
 
     @property
     def runtime(self) -> str:

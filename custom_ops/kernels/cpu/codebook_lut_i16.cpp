@@ -31,6 +31,7 @@ constexpr int64_t kCodeAhead = 4096;  // bytes of codes prefetched ahead of the 
 int64_t block_bytes(int64_t R, int64_t T16) { return (R + kRowGroup - 1) / kRowGroup * kRowGroup * T16; }
 
 void pack_block(const uint8_t* codes, int64_t T, int64_t T16, int64_t n0, int64_t R, uint8_t* dst) {
+  if (T16 == 0) return;  // no whole slice (T < 16): nothing to copy, and dst may be null (memset(null, 0, 0) is UB)
   const int64_t RG = (R + kRowGroup - 1) / kRowGroup;
   std::memset(dst, 0, static_cast<size_t>(block_bytes(R, T16)));
   for (int64_t q = 0; q < T16 / kTablesPerSlice; ++q)

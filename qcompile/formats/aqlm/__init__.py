@@ -3,6 +3,7 @@ a sum of codewords from learned codebooks, per-channel fp16 scales, stored as ``
 whole-model fine-tuning of codebooks and scales (codes fixed)."""
 from __future__ import annotations
 
+from qcompile.formats.aqlm import fuzz
 from qcompile.errors import FormatError
 from qcompile.formats.aqlm import reference as ref
 from qcompile.formats.aqlm.bench import CODEBOOK_BENCH
@@ -11,7 +12,7 @@ from qcompile.formats.aqlm.numerics import quantize_codebook
 from qcompile.formats.aqlm.weight import CodebookQuantizedWeight
 from qcompile.formats.base import Format, OpSpec, Option, at_least, between, finetune_options
 
-OP = OpSpec("qcompile", "CodebookMatMul", ref.codebook_matmul, needs_library=True,
+OP = OpSpec("qcompile", "CodebookMatMul", ref.codebook_matmul, needs_library=True, fuzz=fuzz.SPEC,
             inputs=("codes", "codebooks", "scales", "bias"))
 
 

@@ -3,13 +3,14 @@ E4M3 scales per 16 and an fp32 tensor scale), rounded by RTN, GPTQ or MR-GPTQ (b
 into the weight, applied online to activations), stored as ``qcompile.FP4MatMul``."""
 from __future__ import annotations
 
+from qcompile.formats.fp4 import fuzz
 from qcompile.formats.base import Format, OpSpec, Option, at_least
 from qcompile.formats.fp4.bench import FP4_BENCH
 from qcompile.formats.fp4.numerics import METHODS, quantize_fp4
 from qcompile.formats.fp4.reference import fp4_matmul_reference
 from qcompile.formats.fp4.weight import MXFP4, NVFP4, FP4QuantizedWeight, FP4Spec
 
-OP = OpSpec("qcompile", "FP4MatMul", fp4_matmul_reference, needs_library=True,
+OP = OpSpec("qcompile", "FP4MatMul", fp4_matmul_reference, needs_library=True, fuzz=fuzz.SPEC,
             inputs=("W", "scales", "tensor_scale", "bias"))
 
 _BLOCKS = (0, 2, 4, 8, 16, 32, 64, 128, 256)

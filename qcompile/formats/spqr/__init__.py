@@ -3,6 +3,7 @@ statistics and fp16 outliers in CSR, stored as ``qcompile.SpQRMatMul``, then who
 side parameters (codes fixed)."""
 from __future__ import annotations
 
+from qcompile.formats.spqr import fuzz
 from qcompile.formats.base import (Format, LayerOverride, OpSpec, Option, at_least, finetune_options, multiple_of,
                                    positive)
 from qcompile.errors import FormatError
@@ -12,7 +13,7 @@ from qcompile.formats.spqr.finetune import tune_spqr
 from qcompile.formats.spqr.numerics import quantize_spqr
 from qcompile.formats.spqr.weight import SpQRQuantizedWeight
 
-OP = OpSpec("qcompile", "SpQRMatMul", ref.spqr_matmul_reference, needs_library=True,
+OP = OpSpec("qcompile", "SpQRMatMul", ref.spqr_matmul_reference, needs_library=True, fuzz=fuzz.SPEC,
             inputs=("codes", "stat_codes", "stat_params", "row_offsets", "col_indices", "values", "perm", "bias"))
 
 #: Calibration windows (x 256 tokens) by default, more than the other formats' 64: SpQR's layer-wise method
