@@ -111,7 +111,10 @@ struct CodebookKernel : KernelBase<CodebookKernel> {
     std::vector<int64_t> ys(xs);
     ys.back() = attrs.N;
     Ort::UnownedValue y = ctx.GetOutput(0, ys);
-    if (p.rows == 0) return nullptr;
+    if (p.rows == 0) {  // no row reads the codes: still, every code fed at run time must be in range
+      if (codes_constant || on_cuda) return nullptr;  // constant codes were checked at session creation
+      return to_ort(codebook::check_codes_host(attrs, codes.GetTensorRawData(), p.code_type));
+    }
     p.x = x.GetTensorRawData();
     p.codes = codes.GetTensorRawData();
     p.codebooks = static_cast<const uint16_t*>(books.GetTensorRawData());

@@ -41,8 +41,11 @@ bool present_with_other_type(const OrtKernelInfo* info, const char* name) {
   float f;
   int64_t i;
   std::string s;
+  size_t n = 0;  // list-valued attributes (INTS, FLOATS) count too: [16] is no group_size of 16
   return !consume(Ort::GetApi().KernelInfoGetAttribute_float(info, name, &f)) || has_int(info, name, &i) ||
-         has_string(info, name, &s);
+         has_string(info, name, &s) ||
+         !consume(Ort::GetApi().KernelInfoGetAttributeArray_int64(info, name, nullptr, &n)) ||
+         !consume(Ort::GetApi().KernelInfoGetAttributeArray_float(info, name, nullptr, &n));
 }
 
 Status attr_int_or(const OrtKernelInfo* info, const char* op, const char* name, int64_t dflt, int64_t* out) {

@@ -91,6 +91,10 @@ struct SpqrKernel : KernelBase<SpqrKernel> {
     if (st.ok()) st = attr_int_or(info, kOpName, "stat_bits", 3, &sb);
     if (st.ok()) st = attr_int_or(info, kOpName, "stat_group", 16, &sg);
     if (!st.ok()) return to_ort(st);
+    // A row block or group wider than the tensor is one block / one group: the same layout as the tensor's own
+    // size, so any positive value the contract allows maps to one the kernels' int fields hold.
+    if (N > 0 && sg > N) sg = N;
+    if (K > 0 && gs > K && gs % 16 == 0) gs = (K + 15) / 16 * 16;
     const auto small = [](int64_t v) { return v >= -(int64_t{1} << 30) && v <= (int64_t{1} << 30); };
     if (!small(bits) || !small(gs) || !small(sb) || !small(sg))
       return make_error("SpQRMatMul: bits/group_size/stat_bits/stat_group out of range");

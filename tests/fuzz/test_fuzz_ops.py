@@ -21,8 +21,8 @@ import pytest
 from qcompile.fuzz import runner, sanitizer
 from qcompile.fuzz.case import Case, feeds, to_model
 from qcompile.fuzz.oracle import judge
-from qcompile.formats.aqlm import reference as cb_ref
-from qcompile.formats.fp4 import reference as fp4_ref
+from qcompile.formats import all_formats
+from qcompile.formats.spqr import fuzz as spqr_fuzz
 from qcompile.formats.spqr import reference as spqr_ref
 
 CI_TOTAL_SECONDS = 90.0  # build (when stale) + fuzzing; the other tests here add ~10 s
@@ -116,13 +116,8 @@ def test_oracle_accepts_the_reference_and_flags_a_wrong_output(op):
         exp = runner.expect(case)
         assert exp.rejected is None, exp.rejected
         x, a = case.x, dict(case.attrs)
-        i = case.inputs
-        if op == "FP4MatMul":
-            y = fp4_ref.fp4_matmul_reference(x, i["W"], i["scales"], i["tensor_scale"], i["bias"], **a)
-        elif op == "SpQRMatMul":
-            y = spqr_ref.spqr_matmul_reference(x, *(i[n] for n in runner.spqr.WEIGHTS), i["bias"], **a)
-        else:
-            y = cb_ref.codebook_matmul(x, i["codes"], i["codebooks"], i["scales"], i["bias"], **a)
+        spec = next(f.op for f in all_formats() if f.op.type == op)  # the registry's reference of the op
+        y = spec.reference(x, *(case.inputs.get(n) for n in spec.inputs), **a)
         assert judge(y, x.shape, x.dtype, exp.raw, exp.finite) is None
         if y.size:
             bad = y.copy().reshape(-1)
@@ -156,9 +151,6 @@ def _run(ops_session, case: Case) -> np.ndarray:
     return ops_session(to_model(case, runner.OPS[case.op])).run(None, feeds(case))[0]
 
 
-@pytest.mark.xfail(strict=True, reason="known issue: ort/ort_op.cpp present_with_other_type() checks float, int and "
-                                       "string attributes only, so an INTS (list) value of an attribute with a default "
-                                       "is silently replaced by the default instead of failing session creation")
 @pytest.mark.parametrize("op,attr", [("FP4MatMul", "hadamard_block"), ("SpQRMatMul", "group_size"),
                                      ("CodebookMatMul", "in_group_size")])
 def test_list_typed_attribute_is_an_error(ops_session, op, attr):
@@ -169,9 +161,6 @@ def test_list_typed_attribute_is_an_error(ops_session, op, attr):
         _run(ops_session, case)
 
 
-@pytest.mark.xfail(strict=True, reason="known issue: ort/codebook_matmul.cpp returns the empty output before any "
-                                       "code is read when X has no rows, so out-of-range codes fed at run time pass "
-                                       "unchecked (docs/ops.md: every code >= codebook_size is an error)")
 def test_codebook_fed_codes_checked_without_rows(ops_session):
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 16, (4, 2, 1)).astype(np.uint8)
@@ -184,18 +173,15 @@ def test_codebook_fed_codes_checked_without_rows(ops_session):
         _run(ops_session, case)
 
 
-@pytest.mark.xfail(strict=True, reason="known issue: ort/spqr_matmul.cpp rejects bits/group_size/stat_bits/stat_group "
-                                       "beyond 2^30 ('out of range'), while docs/ops.md allows any stat_group > 0 (one "
-                                       "row block when stat_group >= N)")
 def test_spqr_stat_group_above_2_30_is_legal(ops_session):
     k, n = 64, 9
     packed = spqr_ref.random_packed(k, n, outlier_rate=0.05, with_perm=True, seed=2)
     attrs = dict(K=k, N=n, bits=3, group_size=16, stat_bits=3, stat_group=2**31)
     x = np.random.default_rng(2).standard_normal((2, k)).astype(np.float32)
-    case = Case("SpQRMatMul", attrs, {"X": x, **{w: packed.get(w) for w in runner.spqr.WEIGHTS}, "bias": None},
-                set(runner.spqr.WEIGHTS))
+    case = Case("SpQRMatMul", attrs, {"X": x, **{w: packed.get(w) for w in spqr_fuzz.WEIGHTS}, "bias": None},
+                set(spqr_fuzz.WEIGHTS))
     y = _run(ops_session, case)
-    want = spqr_ref.spqr_matmul_reference(x, *(packed.get(w) for w in runner.spqr.WEIGHTS), **attrs)
+    want = spqr_ref.spqr_matmul_reference(x, *(packed.get(w) for w in spqr_fuzz.WEIGHTS), **attrs)
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
@@ -203,4 +189,4 @@ def test_known_issues_name_existing_tests():
     here = Path(__file__).read_text()
     for ki in runner.KNOWN_ISSUES:
         path, name = ki.test.split("::")
-        assert path == "tests/test_fuzz_ops.py" and f"def {name}(" in here, ki.test
+        assert path == "tests/fuzz/test_fuzz_ops.py" and f"def {name}(" in here, ki.test
