@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -337,12 +336,10 @@ def cli_bench(args: argparse.Namespace) -> int:
                         verbose=False)
     text = format_table(rows)
     print(text)
-    out = getattr(args, "output", None)
-    if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=2))
-        out.with_suffix(".md").write_text(text + "\n")
+    if getattr(args, "output", None):
+        from qcompile.report import write_results
+
+        write_results(args.output, rows, text)
     return 0
 
 

@@ -354,12 +354,12 @@ def cli_decode_bench(args: argparse.Namespace) -> int:
     print(text)
     out = getattr(args, "output", None)
     if out:
+        from qcompile.report import write_results
+
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(text + "\n")
+        written = write_results(out, result, text)
         why = plot_decode(result, out.with_suffix(".png"))
-        written = [out, out.with_suffix(".md")] + ([out.with_suffix(".png")] if why is None else [])
+        written += [out.with_suffix(".png")] if why is None else []
         print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
         if why:
             print(f"note: {why}", file=sys.stderr)

@@ -214,6 +214,15 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str
     return "\n".join([head, sep, *body])
 
 
+def write_results(out: Path, data: Any, markdown: str) -> list[Path]:
+    """A benchmark's results beside each other: ``out`` (JSON) and the same name with ``.md`` (its table)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    out.with_suffix(".md").write_text(markdown + "\n")
+    return [out, out.with_suffix(".md")]
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
 

@@ -12,6 +12,7 @@ from qcompile.api import compile as qcompile_compile
 from qcompile.evaluate import forward_logits
 from qcompile.runtime import LIBRARY_NAME, make_session
 from tiny_model import random_tokens, save_tiny_hf_dir
+from genai_helpers import genai_greedy
 
 SMALL = dict(calib_samples=4, seq_len=32, evaluate=False, progress=False)
 CASES = {
@@ -45,14 +46,7 @@ def test_genai_generates_what_onnxruntime_computes(folder):
     model = og.Model(str(path))
     for seed in range(2):
         prompt = random_tokens(1, 5, seed=20 + seed)[0].tolist()
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + 8, min_length=len(prompt) + 8)
-        gen = og.Generator(model, params)
-        gen.append_tokens(prompt)
-        got = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            got.append(int(gen.get_next_tokens()[0]))
+        got = genai_greedy(model, prompt, 8)
         assert got == _greedy_onnxruntime(path, prompt, 8), (name, seed)
 
 

@@ -3,7 +3,6 @@ the report's sizes match the file, and GPTQ's per-layer error beats RTN's on the
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from qcompile.evaluate import forward_logits

@@ -199,7 +199,6 @@ def student_kl(teacher, student, ids) -> float:
 def heldout_kl_to_float(hf_dir: str, *models: Path, windows: int = 8, seq: int = 32) -> list[float]:
     """KL(float || compiled) per compiled ``model.onnx`` in stock onnxruntime, on held-out text (the bundled
     evaluation split), with the float reference exported from ``hf_dir``: how far each artifact drifted."""
-    import numpy as np
     import onnxruntime as ort
 
     from qcompile import data as qdata

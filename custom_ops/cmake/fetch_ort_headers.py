@@ -13,15 +13,14 @@ stderr. Exit status is non-zero on failure.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
-import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script by CMake, or loaded by path in tests
+import fetch_common  # noqa: E402
 
 PACKAGE = "libonnxruntime-dev"
 VERSION = "1.21.0+dfsg-1"
@@ -36,9 +35,7 @@ def log(msg: str) -> None:
 
 
 def default_cache() -> Path:
-    base = os.environ.get("QCOMPILE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qcompile")
-    return Path(base) / f"ort-headers-{VERSION}"
+    return fetch_common.cache_root() / f"ort-headers-{VERSION}"
 
 
 def find_include(root: Path) -> Path | None:
@@ -73,14 +70,6 @@ def mirror_from_sources(deb822: Path = Path("/etc/apt/sources.list.d/debian.sour
                 signed = re.search(r"signed-by=(\S+)", opts.group(1)) if opts else None
                 return parts[1], signed.group(1) if signed else None
     raise RuntimeError(f"no Debian archive URI found in {deb822} or {legacy}")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run(cmd: list[str], cwd: Path) -> None:
@@ -127,50 +116,22 @@ def download_deb(work: Path) -> Path:
     return debs[0]
 
 
+def _unpack(deb: Path, work: Path, partial: Path) -> None:
+    staging = work / "x"
+    run(["dpkg-deb", "-x", str(deb), str(staging)], work)
+    if find_include(staging) is None:
+        raise RuntimeError(f"{deb.name} holds no {HEADER}")
+    # only the headers (and the licence); the .deb's library symlinks dangle without the runtime package
+    shutil.copytree(staging / "usr/include", partial / "usr/include")
+    lic = staging / f"usr/share/doc/{PACKAGE}/copyright"
+    if lic.is_file():
+        shutil.copy2(lic, partial / "copyright")
+
+
 def fetch(dest: Path, deb: Path | None) -> Path:
-    found = find_include(dest)
-    if found:
-        return found
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="qcompile-ort-") as tmp:
-        work = Path(tmp)
-        if deb is None:
-            deb = download_deb(work)
-        digest = sha256(deb)
-        if digest != SHA256:
-            raise RuntimeError(f"{deb.name}: sha256 {digest} does not match the pinned {SHA256}")
-        log(f"verified {deb.name} (sha256 {digest[:16]}...)")
-        staging = work / "x"
-        run(["dpkg-deb", "-x", str(deb), str(staging)], work)
-        if find_include(staging) is None:
-            raise RuntimeError(f"{deb.name} holds no {HEADER}")
-        partial = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        # only the headers (and the licence); the .deb's library symlinks dangle without the runtime package
-        shutil.copytree(staging / "usr/include", partial / "usr/include")
-        lic = staging / f"usr/share/doc/{PACKAGE}/copyright"
-        if lic.is_file():
-            shutil.copy2(lic, partial / "copyright")
-        shutil.rmtree(dest, ignore_errors=True)
-        partial.rename(dest)  # atomic publish: a concurrent build never sees half a tree
-    found = find_include(dest)
-    assert found is not None
-    return found
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dest", type=Path, default=default_cache(), help="cache directory (default: %(default)s)")
-    ap.add_argument("--deb", type=Path, default=None, help="use this already-downloaded .deb (still verified)")
-    args = ap.parse_args()
-    try:
-        inc = fetch(args.dest.expanduser().resolve(), args.deb)
-    except Exception as exc:  # noqa: BLE001  -- one clear line for CMake's error message
-        log(f"FAILED: {exc}")
-        return 1
-    print(inc)
-    return 0
+    return fetch_common.fetch_pinned(dest, find_include, deb, download_deb, SHA256, _unpack, log, "qcompile-ort-")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(fetch_common.main(__doc__.splitlines()[0], default_cache(), "--deb",
+                               "use this already-downloaded .deb (still verified)", fetch, log))

@@ -13,15 +13,15 @@ Exit status is non-zero on failure.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script by CMake, or loaded by path in tests
+import fetch_common  # noqa: E402
 
 PACKAGE = "kernel-lens"
 VERSION = "2.0.1"
@@ -37,22 +37,12 @@ def log(msg: str) -> None:
 
 
 def default_cache() -> Path:
-    base = os.environ.get("QCOMPILE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qcompile")
-    return Path(base) / f"trt-headers-{TRT_VERSION}-{PACKAGE}-{VERSION}"
+    return fetch_common.cache_root() / f"trt-headers-{TRT_VERSION}-{PACKAGE}-{VERSION}"
 
 
 def find_include(root: Path) -> Path | None:
     cand = root / "include" / "tensorrt"
     return cand if (cand / HEADER).is_file() else None
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pip_commands() -> list[tuple[list[str], dict[str, str]]]:
@@ -109,47 +99,14 @@ def extract_headers(wheel: Path, dest: Path) -> int:
     return n
 
 
+def _unpack(wheel: Path, work: Path, partial: Path) -> None:
+    log(f"extracted {extract_headers(wheel, partial)} headers")
+
+
 def fetch(dest: Path, wheel: Path | None) -> Path:
-    found = find_include(dest)
-    if found:
-        return found
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="qcompile-trt-") as tmp:
-        work = Path(tmp)
-        if wheel is None:
-            wheel = download_wheel(work)
-        digest = sha256(wheel)
-        if digest != SHA256:
-            raise RuntimeError(f"{wheel.name}: sha256 {digest} does not match the pinned {SHA256}")
-        log(f"verified {wheel.name} (sha256 {digest[:16]}...)")
-        partial = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        n = extract_headers(wheel, partial)
-        if find_include(partial) is None:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise RuntimeError(f"{wheel.name} holds no {MEMBER_DIR}{HEADER}")
-        log(f"extracted {n} headers")
-        shutil.rmtree(dest, ignore_errors=True)
-        partial.rename(dest)  # atomic publish: a concurrent build never sees half a tree
-    found = find_include(dest)
-    if found is None:
-        raise RuntimeError(f"{dest} holds no include/tensorrt/{HEADER} after extraction")
-    return found
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dest", type=Path, default=default_cache(), help="cache directory (default: %(default)s)")
-    ap.add_argument("--wheel", type=Path, default=None, help="use this already-downloaded wheel (still verified)")
-    args = ap.parse_args()
-    try:
-        inc = fetch(args.dest.expanduser().resolve(), args.wheel)
-    except Exception as exc:  # noqa: BLE001  -- one clear line for CMake's message
-        log(f"FAILED: {exc}")
-        return 1
-    print(inc)
-    return 0
+    return fetch_common.fetch_pinned(dest, find_include, wheel, download_wheel, SHA256, _unpack, log, "qcompile-trt-")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(fetch_common.main(__doc__.splitlines()[0], default_cache(), "--wheel",
+                               "use this already-downloaded wheel (still verified)", fetch, log))

@@ -5,6 +5,7 @@ import torch
 
 from qcompile.models.sources import resolve_source
 from qcompile.pipeline import float_onnx
+from genai_helpers import genai_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -24,12 +25,4 @@ def test_greedy_generation_equals_transformers():
         with torch.no_grad():
             ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                               use_cache=True, pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + 32, min_length=len(ids) + 32)
-        gen = og.Generator(model, params)
-        gen.append_tokens(ids)
-        got = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            got.append(int(gen.get_next_tokens()[0]))
-        assert got == ref, prompt
+        assert genai_greedy(model, ids, 32) == ref, prompt

@@ -17,6 +17,7 @@ from qcompile.models.sources import resolve_source
 from qcompile.pipeline import float_onnx
 from qcompile.runtime import make_session
 from tiny_model import HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, VOCAB, random_tokens, save_tiny_hf_dir, tiny_tokenizer
+from genai_helpers import genai_greedy
 
 TOL = 1e-4  # relative to the largest logit: float32 graphs computing the same function
 
@@ -99,15 +100,7 @@ def test_greedy_generation_in_onnxruntime_genai_equals_transformers(decoder):
         with torch.no_grad():
             ref = hf.generate(torch.from_numpy(prompt), max_new_tokens=32, do_sample=False, min_new_tokens=32,
                               pad_token_id=258)[0, 6:].tolist()
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=6 + 32, min_length=6 + 32)
-        gen = og.Generator(model, params)
-        gen.append_tokens(prompt[0].tolist())
-        got = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            got.append(int(gen.get_next_tokens()[0]))
-        assert got == ref, seed
+        assert genai_greedy(model, prompt[0].tolist(), 32) == ref, seed
 
 
 def test_genai_folder_carries_config_and_tokenizer(decoder):

@@ -108,7 +108,7 @@ def linear(case: Case, a: dict[str, Any]) -> Linear:
         ref.validate_fp4_inputs(x, w, s, ts, b, **a)
     except ValueError as e:
         raise Rejected(str(e)) from e
-    k, n, g, hb = a["K"], a["N"], a["group_size"], a["hadamard_block"]
+    k, g, hb = a["K"], a["group_size"], a["hadamard_block"]
     kp = ref.padded_k(k, g)
     xd = x.astype(np.float64).reshape(-1, k)
     vals = ref.decode_e2m1(ref.unpack_fp4(w, kp)).astype(np.float64)[:, :k]  # [N, K]

@@ -33,7 +33,7 @@ import torch
 
 from qcompile.errors import FormatError
 from qcompile.formats.fp4 import reference as ref
-from qcompile.formats.fp4.weight import MXFP4, NVFP4, SPECS, FP4QuantizedWeight, FP4Spec
+from qcompile.formats.fp4.weight import MXFP4, NVFP4, SPECS, FP4QuantizedWeight, FP4Spec  # noqa: F401 (re-exported)
 from qcompile.solvers.gptq import gptq
 from qcompile.solvers.hadamard import effective_block, rotate_hessian, rotate_weight
 

@@ -2,7 +2,6 @@
 ONNX) artifacts compute the same function in onnxruntime, and the report counts the file's bytes."""
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from qcompile.evaluate import forward_logits
