@@ -151,6 +151,12 @@ def session_inputs(session: Any) -> dict[str, tuple[np.dtype, list[Any]]]:
 # ---- building -----------------------------------------------------------------------------------------------
 
 
+def cached_hf_folder(src: ModelSource) -> Path | None:
+    """The float32 transformers folder a GGUF source was converted to, if a decoder build made it."""
+    folder = cache_path("hf", DECODER_VERSION, src.fingerprint)
+    return folder if (folder / "config.json").is_file() else None
+
+
 def hf_folder(src: ModelSource) -> Path:
     """A transformers model folder for ``src``: the folder itself, or (GGUF) a cached float32 conversion."""
     if src.kind in ("hf_dir", "hub"):
@@ -158,7 +164,7 @@ def hf_folder(src: ModelSource) -> Path:
     if src.kind not in ("bundled", "gguf"):
         raise UnsupportedModelError(f"{src.spec}: a {src.kind} source has no transformers weights to build from")
     folder = cache_path("hf", DECODER_VERSION, src.fingerprint)
-    if (folder / "config.json").is_file():
+    if cached_hf_folder(src) is not None:
         return folder
     import torch
     from transformers import AutoModelForCausalLM

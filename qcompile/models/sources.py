@@ -131,6 +131,12 @@ class ModelSource:
         from transformers import AutoModelForCausalLM
 
         where, kw = self._pretrained_args()
+        if "gguf_file" in kw:  # the float folder a decoder build converted it to loads in a second, not in tens
+            from qcompile.models.decoder import cached_hf_folder
+
+            converted = cached_hf_folder(self)
+            if converted is not None:
+                where, kw = str(converted), {}
         try:
             model = _quiet(AutoModelForCausalLM.from_pretrained, where, dtype=getattr(torch, dtype), **kw)
         except Exception as e:  # noqa: BLE001
