@@ -108,7 +108,16 @@ def inspect_model(model_path: str | Path) -> tuple[list[dict[str, Any]], dict[st
 
     model_path = model_file(model_path)
     rows = inspect_rows(model_path)
-    params = sum(int(r["shape"].split("x")[0]) * int(r["shape"].split("x")[1]) for r in rows if not r.get("shared"))
-    nbytes = sum(r["bytes"] for r in rows)
+
+    def count(selected: list[dict[str, Any]]) -> tuple[int, int]:
+        params = sum(int(r["shape"].split("x")[0]) * int(r["shape"].split("x")[1])
+                     for r in selected if not r.get("shared"))
+        return params, sum(r["bytes"] for r in selected)
+
+    # bits_per_weight covers the linear layers, as a compile report counts it; the embedding table and head
+    # are reported on their own, so the two figures compare across files compiled with different --embeddings.
+    params, nbytes = count([r for r in rows if r["role"] == "linear"])
+    emb_params, emb_bytes = count([r for r in rows if r["role"] != "linear"])
     return rows, {"params": params, "bytes": nbytes, "bits_per_weight": 8.0 * nbytes / params if params else 0.0,
+                  "embedding_params": emb_params, "embedding_bytes": emb_bytes,
                   "file_bytes": model_file_bytes(model_path)}

@@ -182,6 +182,7 @@ def _slice_session(path: Path, sliced: onnx.ModelProto, has_external: bool, with
     from qcompile.cache import cache_dir
     from qcompile.models.sources import external_data_files
 
+    _inline_small_external_tensors(sliced, path.parent)
     tmp = Path(tempfile.mkdtemp(prefix="calib-", dir=cache_dir()))
     try:
         for f in external_data_files(sliced, path.parent):
@@ -194,6 +195,24 @@ def _slice_session(path: Path, sliced: onnx.ModelProto, has_external: bool, with
         return _default_session(with_data().SerializeToString())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: External tensors up to this size are read into the slice: onnxruntime's shape inference needs the values of
+#: small constants (a Range's start, a Reshape's shape) and cannot read them from a data file.
+INLINE_EXTERNAL_BYTES = 4096
+
+
+def _inline_small_external_tensors(model: onnx.ModelProto, base_dir: Path) -> None:
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    for t in model.graph.initializer:
+        if not uses_external_data(t):
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        if int(info.get("length", INLINE_EXTERNAL_BYTES + 1)) <= INLINE_EXTERNAL_BYTES:
+            load_external_data_for_tensor(t, str(base_dir))
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
 
 
 def _check_batches(batches: np.ndarray) -> np.ndarray:

@@ -168,8 +168,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not any(r.get("packed_bits_per_weight") for r in rows):
         cols = cols[:-1]
     print(format_table(rows, cols))
-    print(f"\n{len(rows)} layers, {total['params']:,} weights, {total['bytes']:,} bytes, "
-          f"{total['bits_per_weight']:.3f} bits/weight; file {total['file_bytes']:,} bytes")
+    print(f"\n{len(rows)} layers; linear: {total['params']:,} weights, {total['bytes']:,} bytes, "
+          f"{total['bits_per_weight']:.3f} bits/weight; embeddings: {total['embedding_params']:,} weights, "
+          f"{total['embedding_bytes']:,} bytes; file {total['file_bytes']:,} bytes")
     return 0
 
 

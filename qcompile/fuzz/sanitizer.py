@@ -21,7 +21,20 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+SOURCE_ENV_VAR = "QCOMPILE_SOURCE_DIR"
+
+
+def _source_tree() -> Path:
+    """The source tree the sanitizer build compiles (custom_ops/, tools/build_ops.sh). An installed package
+    carries no C++ sources, so after ``pip install .`` it is ``$QCOMPILE_SOURCE_DIR`` or the working directory."""
+    candidates = [os.environ.get(SOURCE_ENV_VAR), Path(__file__).resolve().parents[2], Path.cwd()]
+    for c in candidates:
+        if c and (Path(c) / "custom_ops" / "CMakeLists.txt").is_file() and (Path(c) / "tools" / "build_ops.sh").is_file():
+            return Path(c).resolve()
+    return Path.cwd().resolve()
+
+
+REPO = _source_tree()
 SANITIZERS = "address,undefined"
 BUILD_DIR = REPO / "build" / "ops-asan"
 LIBRARY = BUILD_DIR / "libqcompile_ops.so"
@@ -53,6 +66,9 @@ def source_hash() -> str:
 def library(log=print) -> Path:
     """The sanitizer build, built first if missing or stale. Several processes may call this at once: a lock
     serialises the builds. Returns the path; raises :class:`SanitizerBuildError`."""
+    if not (REPO / "tools" / "build_ops.sh").is_file():
+        raise SanitizerBuildError(f"no qcompile source tree at {REPO} (custom_ops/, tools/build_ops.sh): run from "
+                                  f"a checkout or set ${SOURCE_ENV_VAR}")
     BUILD_DIR.parent.mkdir(parents=True, exist_ok=True)
     with open(BUILD_DIR.parent / ".ops-asan.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

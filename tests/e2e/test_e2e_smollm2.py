@@ -58,7 +58,11 @@ def test_inspect_reads_the_same_bits_from_the_file(compiled, capsys):
     info = json.loads(capsys.readouterr().out)
     rep = json.loads((compiled / "report.json").read_text())
     assert info["bits_per_weight"] == pytest.approx(rep["bits_per_weight"])
-    assert all(layer["format"] == "int4-gptq" for layer in info["layers"])
+    assert info["params"] == rep["quantized_params"]
+    assert all(layer["format"] == "int4-gptq" for layer in info["layers"] if layer["role"] == "linear")
+    emb = rep["embeddings"]
+    assert info["embedding_params"] == emb["params"]
+    assert 8.0 * info["embedding_bytes"] / info["embedding_params"] == pytest.approx(emb["bits_per_weight"])
 
 
 def test_eval_command_reproduces_the_report(compiled, capsys):
