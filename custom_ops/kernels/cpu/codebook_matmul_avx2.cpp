@@ -15,32 +15,39 @@ namespace qcompile {
 namespace codebook {
 namespace detail {
 
-QC_AVX2 void lut_build_avx2(const float* x, const float* cbt, const Geometry& g, int64_t g0, int64_t g1, float* lut) {
+namespace {
+// out[s] = sum_j xg[j] * C[m][s][j] for s < LS (one table).
+QC_AVX2 inline void build_table(const float* xg, const float* cm, const Geometry& g, float* out) {
   constexpr int64_t kChunk = 64;  // 8 accumulators of 8 codewords
-  for (int64_t gi = g0; gi < g1; ++gi) {
-    const float* xg = x + gi * g.d;
-    for (int64_t m = 0; m < g.M; ++m) {
-      float* out = lut + (gi * g.M + m) * g.LS;
-      const float* cm = cbt + m * g.d * g.LS;
-      int64_t s = 0;
-      for (; s + kChunk <= g.LS; s += kChunk) {
-        __m256 acc[8];
-        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < g.d; ++j) {
-          const __m256 xv = _mm256_broadcast_ss(xg + j);
-          const float* c = cm + j * g.LS + s;
-          for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c + 8 * i), acc[i]);
-        }
-        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + s + 8 * i, acc[i]);
-      }
-      for (; s < g.LS; s += 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t j = 0; j < g.d; ++j)
-          acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xg + j), _mm256_loadu_ps(cm + j * g.LS + s), acc);
-        _mm256_storeu_ps(out + s, acc);
-      }
+  int64_t s = 0;
+  for (; s + kChunk <= g.LS; s += kChunk) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < g.d; ++j) {
+      const __m256 xv = _mm256_broadcast_ss(xg + j);
+      const float* c = cm + j * g.LS + s;
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c + 8 * i), acc[i]);
     }
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + s + 8 * i, acc[i]);
   }
+  for (; s < g.LS; s += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < g.d; ++j)
+      acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xg + j), _mm256_loadu_ps(cm + j * g.LS + s), acc);
+    _mm256_storeu_ps(out + s, acc);
+  }
+}
+}  // namespace
+
+QC_AVX2 void lut_build_avx2(const float* x, const float* cbt, const Geometry& g, int64_t g0, int64_t g1, float* lut) {
+  for (int64_t gi = g0; gi < g1; ++gi)
+    for (int64_t m = 0; m < g.M; ++m) build_table(x + gi * g.d, cbt + m * g.d * g.LS, g, lut + (gi * g.M + m) * g.LS);
+}
+
+QC_AVX2 void lut_build_tables_avx2(const float* x, const float* cbt, const Geometry& g, int64_t t0, int64_t t1,
+                                   float* out) {
+  for (int64_t t = t0; t < t1; ++t)
+    build_table(x + (t / g.M) * g.d, cbt + (t % g.M) * g.d * g.LS, g, out + (t - t0) * g.LS);
 }
 // d == 8: one codeword is one vector, so a group decodes to M loads, M-1 adds and one store.
 template <typename C, bool kCheck>
