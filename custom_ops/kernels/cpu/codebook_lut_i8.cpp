@@ -50,20 +50,7 @@ bool available() {
 
 #if QC_X86
 
-QC_AVX512VBMI bool quantize_slice(const float* L, uint8_t* out, uint8_t* shift, float* unit) {
-  // max_ps drops NaN operands, so also sum entry * 0, which is NaN iff an entry is NaN or infinite
-  float tmax[kTablesPerSlice];
-  __m512 nonfinite = _mm512_setzero_ps();
-  for (int t = 0; t < kTablesPerSlice; ++t) {
-    __m512 mx = _mm512_setzero_ps();
-    for (int64_t i = 256 * t; i < 256 * (t + 1); i += 16) {
-      const __m512 v = _mm512_loadu_ps(L + i);
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
-      nonfinite = _mm512_add_ps(nonfinite, _mm512_mul_ps(v, _mm512_setzero_ps()));
-    }
-    tmax[t] = _mm512_reduce_max_ps(mx);
-  }
-  if (!std::isfinite(_mm512_reduce_add_ps(nonfinite))) return false;
+QC_AVX512VBMI void quantize_slice(const float* L, const float* tmax, uint8_t* out, uint8_t* shift, float* unit) {
   const float m = *std::max_element(tmax, tmax + kTablesPerSlice);
   *unit = m > 0.f ? m / (kLutI8Max * (1 << kMaxFiner)) : 0.f;
   const __m512i bias = _mm512_set1_epi32(128);
@@ -79,7 +66,6 @@ QC_AVX512VBMI bool quantize_slice(const float* L, uint8_t* out, uint8_t* shift, 
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtusepi32_epi8(v));
     }
   }
-  return true;
 }
 
 namespace {
@@ -140,7 +126,7 @@ QC_AVX512VBMI void walk_block(const uint8_t* blk, const uint8_t* q, const uint8_
 
 #else  // not x86: the fp32 walk serves every call
 
-bool quantize_slice(const float*, uint8_t*, uint8_t*, float*) { return false; }
+void quantize_slice(const float*, const float*, uint8_t*, uint8_t*, float*) {}
 void walk_block(const uint8_t*, const uint8_t*, const uint8_t*, const float*, int64_t, int64_t, float*) {}
 
 #endif

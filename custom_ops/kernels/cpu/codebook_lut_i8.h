@@ -31,10 +31,9 @@ int64_t block_bytes(int64_t R, int64_t T16);
 // are code 0 and never read back).
 void pack_block(const uint8_t* codes, int64_t T, int64_t T16, int64_t n0, int64_t R, uint8_t* dst);
 
-// Rounds one slice of the fp32 table (16 tables of 256 entries, `tables`) to int8, stored offset by 128 as
-// bytes in q[0..4096); shift[t] = 4 - e_t, *unit the slice's unit. Returns false if the slice holds a
-// non-finite value (the caller then walks the fp32 table, so NaN/Inf propagate as in the reference).
-bool quantize_slice(const float* tables, uint8_t* q, uint8_t* shift, float* unit);
+// Rounds one slice of the fp32 table (16 tables of 256 finite entries, `tables`; tmax: each table's largest
+// |entry|) to int8, stored offset by 128 as bytes in q[0..4096); shift[t] = 4 - e_t, *unit the slice's unit.
+void quantize_slice(const float* tables, const float* tmax, uint8_t* q, uint8_t* shift, float* unit);
 
 // acc[slot(r)] += sum over the first `slices` slices of row r's entries, for the ceil(R/64) row groups of
 // one block packed by pack_block. acc holds round_up(R, 64) floats in walk order: slot(r) = 64 * (r / 64) +

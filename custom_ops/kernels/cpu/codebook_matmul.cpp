@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "codebook_lut_i16.h"
@@ -74,6 +75,12 @@ WalkTable walk_table(const Attrs& a) {
   if (!use_avx2() || a.accuracy_level == kAccuracyFp32) return WalkTable::kFp32;
   if (a.accuracy_level == kAccuracyInt8 && lut_i8::available()) return WalkTable::kInt8;
   return lut_i16::available() ? WalkTable::kInt16 : WalkTable::kFp32;
+}
+
+double max_abs(const float* v, int64_t n) {
+  float m = 0.f;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(v[i]));
+  return m;
 }
 
 float load_elem(const void* base, DType t, int64_t i) {
@@ -263,6 +270,10 @@ Status run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx
                                    ? p.prepared->sliced.data()
                                    : nullptr;
   const int64_t slices = g.T / 16;
+  // largest |codeword value| (NaN: the fixed-point walks are not used)
+  const double max_abs_cb = table_major && simd::all_finite(in.cb.data(), static_cast<int64_t>(in.cb.size()))
+                                ? max_abs(in.cb.data(), static_cast<int64_t>(in.cb.size()))
+                                : std::numeric_limits<double>::infinity();
   // (the calling thread's buffers, shared with the tasks through these pointers)
   thread_local std::vector<int16_t> qlut_buf;
   thread_local std::vector<uint8_t> q8lut_buf;
@@ -292,29 +303,31 @@ Status run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx
   };
   for (int64_t r = 0; r < p.rows; ++r) {
     const float* x = in.x.data() + r * in.Kp;
-    bool fixed_point = table_major != nullptr;
+    // A NaN or Inf in the table (from X or the codebooks, or a product past FLT_MAX) takes the fp32 walk
+    // over the file-order codes, which carries it as the reference does; no table entry can be one when
+    // every term |x| |c| times d stays finite, which one scan of X and the codebooks tells.
+    bool fixed_point = table_major != nullptr && simd::all_finite(x, g.K) &&
+                       max_abs(x, g.K) * max_abs_cb * static_cast<double>(g.d) < 3.0e38;
     if (fixed_point) {
       // Each slice of 16 tables is built in L1 and rounded at once: the fp32 table (1 MB at K = 4096) is
       // never written, only its last T mod 16 tables, which stay fp32.
       constexpr int64_t kSlicesPerTask = 8;
-      std::atomic<bool> finite{true};
       par.for_each(static_cast<size_t>((slices + kSlicesPerTask - 1) / kSlicesPerTask), [&](size_t t) {
         thread_local std::vector<float> tables;
         float* buf = scratch(tables, static_cast<size_t>(16 * g.LS));
+        float tmax[16];
         const int64_t s0 = static_cast<int64_t>(t) * kSlicesPerTask, s1 = std::min(slices, s0 + kSlicesPerTask);
         for (int64_t s = s0; s < s1; ++s) {
 #if QC_X86
-          lut_build_tables_avx2(x, cbt, g, 16 * s, 16 * s + 16, buf);
+          lut_build_tables_avx2(x, cbt, g, 16 * s, 16 * s + 16, buf, tmax);
 #endif
-          const bool ok = int8_walk ? lut_i8::quantize_slice(buf, q8lut + s * 16 * 256, qshift + s * 16, qstep + s)
-                                    : lut_i16::quantize_slice(buf, qlut + s * 16 * 256, qstep + s);
-          if (!ok) finite = false;
+          if (int8_walk) lut_i8::quantize_slice(buf, tmax, q8lut + s * 16 * 256, qshift + s * 16, qstep + s);
+          else lut_i16::quantize_slice(buf, tmax, qlut + s * 16 * 256, qstep + s);
         }
       });
-      fixed_point = finite;  // a NaN or Inf in the table: the fp32 walk (over the file-order codes) carries it
-      if (fixed_point && slices * 16 < g.T) {
+      if (slices * 16 < g.T) {
 #if QC_X86
-        lut_build_tables_avx2(x, cbt, g, slices * 16, g.T, lut + slices * 16 * g.LS);
+        lut_build_tables_avx2(x, cbt, g, slices * 16, g.T, lut + slices * 16 * g.LS, nullptr);
 #endif
       }
     }

@@ -16,9 +16,11 @@ namespace codebook {
 namespace detail {
 
 namespace {
-// out[s] = sum_j xg[j] * C[m][s][j] for s < LS (one table).
-QC_AVX2 inline void build_table(const float* xg, const float* cm, const Geometry& g, float* out) {
+// out[s] = sum_j xg[j] * C[m][s][j] for s < LS (one table); returns max |out[s]| (NaN entries dropped).
+QC_AVX2 inline float build_table(const float* xg, const float* cm, const Geometry& g, float* out) {
   constexpr int64_t kChunk = 64;  // 8 accumulators of 8 codewords
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 mx = _mm256_setzero_ps();
   int64_t s = 0;
   for (; s + kChunk <= g.LS; s += kChunk) {
     __m256 acc[8];
@@ -28,14 +30,21 @@ QC_AVX2 inline void build_table(const float* xg, const float* cm, const Geometry
       const float* c = cm + j * g.LS + s;
       for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c + 8 * i), acc[i]);
     }
-    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + s + 8 * i, acc[i]);
+    for (int i = 0; i < 8; ++i) {
+      _mm256_storeu_ps(out + s + 8 * i, acc[i]);
+      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, acc[i]));
+    }
   }
   for (; s < g.LS; s += 8) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t j = 0; j < g.d; ++j)
       acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xg + j), _mm256_loadu_ps(cm + j * g.LS + s), acc);
     _mm256_storeu_ps(out + s, acc);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, acc));
   }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
 }  // namespace
 
@@ -45,9 +54,11 @@ QC_AVX2 void lut_build_avx2(const float* x, const float* cbt, const Geometry& g,
 }
 
 QC_AVX2 void lut_build_tables_avx2(const float* x, const float* cbt, const Geometry& g, int64_t t0, int64_t t1,
-                                   float* out) {
-  for (int64_t t = t0; t < t1; ++t)
-    build_table(x + (t / g.M) * g.d, cbt + (t % g.M) * g.d * g.LS, g, out + (t - t0) * g.LS);
+                                   float* out, float* tmax) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const float m = build_table(x + (t / g.M) * g.d, cbt + (t % g.M) * g.d * g.LS, g, out + (t - t0) * g.LS);
+    if (tmax) tmax[t - t0] = m;
+  }
 }
 // d == 8: one codeword is one vector, so a group decodes to M loads, M-1 adds and one store.
 template <typename C, bool kCheck>

@@ -54,9 +54,10 @@ QC_AVX2_BMI2 void lut_rows_u8_avx2(const uint8_t* codes, const uint8_t* blk, con
 
 // lut[(g*M + m)*LS + s] = sum_j x[g*d + j] * C[m][s][j] for groups [g0, g1); cbt: codeword-transposed books.
 QC_AVX2 void lut_build_avx2(const float* x, const float* cbt, const Geometry& g, int64_t g0, int64_t g1, float* lut);
-// The same for tables [t0, t1) (t = g*M + m) into out[(t - t0)*LS + s].
+// The same for tables [t0, t1) (t = g*M + m) into out[(t - t0)*LS + s], and (tmax not null) each table's
+// largest |entry| into tmax[t - t0].
 QC_AVX2 void lut_build_tables_avx2(const float* x, const float* cbt, const Geometry& g, int64_t t0, int64_t t1,
-                                   float* out);
+                                   float* out, float* tmax);
 
 // d == 8: output channels [n0, n0 + nb) decoded into the row-major tile wt [kNR][Kp] (rows past nb zero).
 // kCheck: codes are clamped for the read and the largest is recorded in *maxc.
