@@ -41,6 +41,22 @@ namespace qcompile {
 namespace codebook {
 namespace detail {
 
+void pack_xt(const float* x, int64_t rows, int64_t Kp, float* xt) {
+  const int64_t blocks = (rows + kXtLd - 1) / kXtLd;
+  for (int64_t b = 0; b < blocks; ++b) {
+    float* dst = xt + b * Kp * kXtLd;
+    for (int64_t i = 0; i < kXtLd; ++i) {
+      const int64_t r = b * kXtLd + i;
+      if (r >= rows) {
+        for (int64_t k = 0; k < Kp; ++k) dst[k * kXtLd + i] = 0.0f;
+        continue;
+      }
+      const float* src = x + r * Kp;
+      for (int64_t k = 0; k < Kp; ++k) dst[k * kXtLd + i] = src[k];
+    }
+  }
+}
+
 Geometry geometry(const Attrs& a) {
   Geometry g;
   g.K = a.K;
@@ -384,6 +400,19 @@ Status run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx
 template <typename C, bool kCheck>
 Status run_gemm(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
                 std::vector<uint32_t>& maxc) {
+#if QC_X86
+  if (avx2 && g.d == 8) {  // outer products over X packed transposed (codebook_matmul_avx2.cpp)
+    thread_local std::vector<float> xt_buf;
+    const int64_t Mpad = (p.rows + kXtLd - 1) / kXtLd * kXtLd;
+    float* xt = scratch(xt_buf, static_cast<size_t>(Mpad * in.Kp));
+    pack_xt(in.x.data(), p.rows, in.Kp, xt);
+    const Status st = run_outer_avx2_d8<C, kCheck>(static_cast<const C*>(p.codes), in.cb.data(), g, xt, p.rows,
+                                                   in.Kp, in.scales.data(), in.bias.empty() ? nullptr : in.bias.data(),
+                                                   p.dtype, p.y, par, maxc.data());
+    if (xt_buf.capacity() > (size_t{16} << 20)) std::vector<float>().swap(xt_buf);  // do not pin >64 MB per thread
+    return st;
+  }
+#endif
   struct Tile {
     const Problem& p;
     const Geometry& g;
@@ -616,7 +645,7 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   const bool checked_once = p.prepared && p.prepared->checked && p.prepared->source == p.codes;
   const bool check = !checked_once && (u8 ? g.S < 256 : g.S < 65536);
   thread_local std::vector<uint32_t> maxc;
-  maxc.assign(static_cast<size_t>(std::max<int64_t>((g.N + kNR - 1) / kNR, 1) + 64), 0);  // >= tasks of any path
+  maxc.assign(static_cast<size_t>(std::max<int64_t>((g.N + kOuterRows - 1) / kOuterRows, 1) + 64), 0);  // >= tasks of any path
   Status st;
   if (u8) {
     st = check ? dispatch<uint8_t, true>(p, g, in, avx2, par, maxc)

@@ -101,7 +101,7 @@ void rows_scalar(const Call& c, int64_t r0, int64_t r1) {
       wrow[p] = scale[g] * ((float)code_at(row, p, s.bits) - zero[g]);
     }
     for (int64_t m = 0; m < c.M; ++m) {
-      const float* x = c.xk + m * c.Kc;
+      const float* x = c.xk + m * c.x_stride();
       float acc = 0.f;
       for (int64_t p = 0; p < s.K; ++p) acc += x[p] * wrow[p];
       acc = acc * c.dense_scale + outliers(c, n, m);
@@ -179,13 +179,14 @@ void recompute_non_finite(const float* xf, int64_t M, const Attrs& s, const Weig
 Status run_paths(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
                  const PreparedCodes* prep, const Parallel& par) {
   const int64_t Kc = s.chunks() * kChunk, G = s.groups(), Gp = round_up(G, 8);
+  const int64_t ldx = M > 1 ? Kc + 16 : Kc;  // (Call::ldx)
   // Kept per calling thread: no allocation (nor page faults) per call.
   thread_local std::vector<float> xk, xsum;
-  xk.assign((size_t)(M * Kc), 0.f);
+  xk.assign((size_t)(M * ldx), 0.f);
   xsum.assign((size_t)(M * Gp), 0.f);
   for (int64_t m = 0; m < M; ++m) {
     const float* src = xf + m * s.K;
-    float* dst = xk.data() + m * Kc;
+    float* dst = xk.data() + m * ldx;
     if (w.perm && w.perm_int16) {
       gather(src, (const int16_t*)w.perm, s.K, dst);
     } else if (w.perm) {
@@ -196,7 +197,7 @@ Status run_paths(const float* xf, int64_t M, const Attrs& s, const Weights& w, c
   }
   const float dense_scale = M == 1 ? scale_down_large_activations(xk.data(), s.K) : 1.0f;
   for (int64_t m = 0; m < M; ++m) {
-    const float* xs = xk.data() + m * Kc;
+    const float* xs = xk.data() + m * ldx;
     for (int64_t p = 0; p < s.K; ++p) xsum[(size_t)(m * Gp + p / s.group_size)] += xs[p];
   }
   thread_local std::vector<int32_t> inv;
@@ -228,7 +229,7 @@ Status run_paths(const float* xf, int64_t M, const Attrs& s, const Weights& w, c
         }
   }
   const Call c{&s, &w, M, xk.data(), Kc, xf, xsum.data(), Gp, bias, y, inv.empty() ? nullptr : inv.data(),
-               prep, prep ? xl.data() : nullptr, dense_scale};
+               prep, prep ? xl.data() : nullptr, dense_scale, ldx};
   const int64_t rpt = rows_per_task(s, M);
   void (*rows)(const Call&, int64_t, int64_t) = rows_scalar;
 #if QC_X86
