@@ -47,6 +47,15 @@ void lut_rows_u8(const uint8_t* codes, const uint8_t* blk, const float* lut, int
 void lut_rows_u8_tail(const uint8_t* codes, const float* lut, int64_t T, int64_t T16, int64_t n0, int64_t n1,
                       float* acc);
 
+// ---- prefill with outer products (d == 8) --------------------------------------
+
+constexpr int64_t kOuterRows = 12;  // W rows per task (two 6-row microkernel calls)
+constexpr int64_t kOuterKC = 256;   // K slice of the decoded tile (whole groups)
+constexpr int64_t kXtLd = 16;       // rows of X per block of the transposed activations
+
+// X [rows, Kp] (row stride Kp) -> blocks of 16 rows stored k-major, [ceil(rows/16)][Kp][16], zero padded.
+void pack_xt(const float* x, int64_t rows, int64_t Kp, float* xt);
+
 #if QC_X86
 // lut_rows_u8 with BMI2 byte extraction and FMA-pipe adds.
 QC_AVX2_BMI2 void lut_rows_u8_avx2(const uint8_t* codes, const uint8_t* blk, const float* lut, int64_t T,
@@ -67,14 +76,6 @@ template <typename C, bool kCheck>
 QC_AVX2 void decode_tile_avx2_d8(const C* codes, const float* cb, const Geometry& g, int64_t n0, int64_t nb,
                                  int64_t Kp, float* wt, uint32_t* maxc);
 
-// ---- prefill with outer products (d == 8, codebook_matmul_avx2.cpp) --------------------------------------
-
-constexpr int64_t kOuterRows = 12;  // W rows per task (two 6-row microkernel calls)
-constexpr int64_t kOuterKC = 256;   // K slice of the decoded tile (whole groups)
-constexpr int64_t kXtLd = 16;       // rows of X per block of the transposed activations
-
-// X [rows, Kp] (row stride Kp) -> blocks of 16 rows stored k-major, [ceil(rows/16)][Kp][16], zero padded.
-void pack_xt(const float* x, int64_t rows, int64_t Kp, float* xt);
 
 // y[r, n] = scales[n] * dot(x row r, sum of row n's codewords) (+ bias[n]) for every row of X, from xt
 // (pack_xt, Mpad = rows rounded up to 16): tiles of 12 W rows decoded a K slice at a time and multiplied by

@@ -185,8 +185,6 @@ QC_AVX2 float row_dot_avx2(const uint8_t* row, int64_t row_bytes, const float* s
   return simd::hsum(_mm256_add_ps(acc0, acc1)) - simd::hsum(corr);
 }
 
-#endif  // QC_X86
-
 // Row n the reference's way: dequantized weight (float64) times x̂, for outputs the rearranged sum left
 // non-finite (an Inf scale times a zero dot product, Inf - Inf in the 12 Q_b correction, an overflow).
 double reference_row(const Problem& p, const Geometry& g, int64_t n, const float* xhat) {
@@ -203,6 +201,8 @@ double reference_row(const Problem& p, const Geometry& g, int64_t n, const float
   }
   return acc;
 }
+
+#endif  // QC_X86
 
 }  // namespace
 

@@ -112,7 +112,7 @@ void rows_scalar(const Call& c, int64_t r0, int64_t r1) {
 }
 
 bool force_scalar() { return env_flag("QCOMPILE_SPQR_SCALAR"); }
-bool use_avx2() { return avx2_enabled("QCOMPILE_SPQR_SCALAR"); }
+[[maybe_unused]] bool use_avx2() { return avx2_enabled("QCOMPILE_SPQR_SCALAR"); }
 
 // The batch-1 walk over constant codes runs on fixed-point pair tables (spqr_lut_i16.h) for this layer on
 // this CPU: what prepare_constant_codes lays the codes out for, and what matmul_cpu checks it against.
