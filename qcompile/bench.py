@@ -15,6 +15,11 @@ Columns come from the format registry: each :class:`~qcompile.formats.base.Forma
 edit to this file. The fp32 MatMul baseline is this module's own.
 
 Ratios in the table are ``baseline / op`` for the first registered op (higher = op faster).
+
+``roofline`` (CPU): each op's effective GB/s over the bytes its format stores (``BenchOp.weight_bytes``) and
+that as a fraction of this machine's streaming-read bandwidth, measured in the same run by a probe: one
+onnxruntime ReduceSum over a 256 MiB buffer, timed like the ops (one thread with the run's clock, and all
+threads with the profiler's), so every op figure says how far it is from the memory limit.
 """
 from __future__ import annotations
 
@@ -209,6 +214,39 @@ def cuda_peak_bandwidth() -> float | None:
         return None
 
 
+# ---- read-bandwidth probe ----------------------------------------------------------------------------------
+
+PROBE_MB = 256
+
+
+def _probe_model(n: int) -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def read_bandwidth(threads: int, clock: str, repeats: int = 5, stat: Callable[[list[float]], float] = min,
+                   megabytes: int = PROBE_MB) -> float:
+    """Streaming-read bandwidth in GB/s: an onnxruntime ReduceSum (a vectorised sequential read) over a buffer
+    far larger than the caches, timed as the ops are (``clock`` "thread_cpu" needs ``threads=1``)."""
+    n = megabytes * (1 << 20) // 4
+    x = np.ones(n, np.float32)
+    t = _time_cpu(_probe_model(n), x, repeats, threads, _CacheFlusher(0), 1, clock, stat)
+    return n * 4 / (t / 1000.0) / 1e9
+
+
+def measure_read_bandwidth(threads: int | None, clock: str, stat: Callable[[list[float]], float],
+                           megabytes: int = PROBE_MB) -> dict[str, float]:
+    """``{"read_GBps_1t": ..., "read_GBps_<n>t": ...}``: one thread with ``clock``, and ``threads`` (default: every
+    core) with the profiler's clock."""
+    every = threads if threads and threads > 1 else (os.cpu_count() or 1)
+    out = {"read_GBps_1t": read_bandwidth(1, clock, stat=stat, megabytes=megabytes)}
+    if every > 1:
+        out[f"read_GBps_{every}t"] = read_bandwidth(every, "profile", stat=stat, megabytes=megabytes)
+    return out
+
+
 # ---- driver ---------------------------------------------------------------------------------------------------
 
 
@@ -216,13 +254,15 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
                  ms: Sequence[int] = DEFAULT_MS, repeats: int = 20, provider: str = "cpu", *,
                  threads: int | None = None, cold_cache: bool = True, flush_mb: int = 64, warmup: int = 3,
                  baselines: bool = True, seed: int = 0, verbose: bool = True, clock: str = "profile",
-                 stat: str = "median") -> list[dict[str, Any]]:
+                 stat: str = "median", roofline: bool = False, probe_mb: int = PROBE_MB) -> list[dict[str, Any]]:
     """Latency table rows: one dict per (K, N, M) with ``{op}_ms`` for every op and baseline, ``{op}_GBps``
     on CUDA, ``{baseline}/{op}`` ratios against the first selected op, and the run settings.
 
     ``ops``: our ops to time (default: all registered non-baseline ops). ``provider``: "cpu" or "cuda".
     ``clock`` (CPU): "profile" (node wall time from the profiler) or "thread_cpu" (CPU time of the calling
     thread; forces ``threads=1``; use it on a loaded machine). ``stat``: "median" or "min" over repeats.
+    ``roofline`` (CPU): also ``read_GBps_1t`` / ``read_GBps_<n>t`` (the probe, once per run, in every row),
+    ``{op}_GBps`` and ``{op}_bw_frac`` (against the probe at the run's thread count).
     """
     if provider not in ("cpu", "cuda"):
         raise ValueError(f"provider must be cpu or cuda, got {provider!r}")
@@ -248,6 +288,11 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
     dtype = np.dtype(np.float16 if provider == "cuda" else np.float32)
     shapes = list(shapes or DEFAULT_SHAPES)
     peak = cuda_peak_bandwidth() if provider == "cuda" else None
+    probe: dict[str, float] = {}
+    if roofline and provider == "cpu":
+        probe = measure_read_bandwidth(threads, clock, reduce, probe_mb)
+        run_threads = threads or os.cpu_count() or 1
+        peak = (probe.get(f"read_GBps_{run_threads}t") or probe["read_GBps_1t"]) * 1e9
     flush: Callable[[], None]
     if provider == "cpu":
         flush = _CacheFlusher(flush_mb if cold_cache else 0)
@@ -261,7 +306,7 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
         for M in ms:
             x = rng.standard_normal((M, K)).astype(dtype)
             row: dict[str, Any] = {"provider": provider, "K": K, "N": N, "M": M, "dtype": dtype.name,
-                                   "cold_cache": cold_cache, "threads": threads, "clock": clock, "stat": stat}
+                                   "cold_cache": cold_cache, "threads": threads, "clock": clock, "stat": stat, **probe}
             for o in chosen:
                 if provider == "cpu":
                     t = _time_cpu(models[o.name], x, repeats, threads, flush, warmup,  # type: ignore[arg-type]
@@ -269,7 +314,7 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
                 else:
                     t = _time_cuda(models[o.name], x, repeats, flush, warmup)
                 row[f"{o.name}_ms"] = t
-                if provider == "cuda":
+                if provider == "cuda" or (roofline and not o.baseline):
                     gbps = o.weight_bytes(K, N) / (t / 1000.0) / 1e9
                     row[f"{o.name}_GBps"] = gbps
                     if peak:
@@ -286,13 +331,15 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
 
 
 def format_table(rows: Sequence[dict[str, Any]], header: bool = True) -> str:
-    """Markdown table: shape, M, every ``*_ms`` column, ratios, and bandwidth fractions when present."""
+    """Markdown table: shape, M, every ``*_ms`` column, ratios, and GB/s and bandwidth fractions when present
+    (then a line above the table gives the read-bandwidth probe)."""
     if not rows:
         return ""
     keys: list[str] = []
     for r in rows:
         for k in r:
-            if (k.endswith("_ms") or "/" in k or k.endswith("_bw_frac")) and k not in keys:
+            if (k.endswith("_ms") or "/" in k or k.endswith("_bw_frac") or k.endswith("_GBps")) and k not in keys \
+                    and not k.startswith("read_GBps"):
                 keys.append(k)
     cols = ["K x N", "M"] + keys
     lines = []
@@ -309,9 +356,16 @@ def format_table(rows: Sequence[dict[str, Any]], header: bool = True) -> str:
                 cells.append(f"{v:.4f}")
             elif k.endswith("_bw_frac"):
                 cells.append(f"{100 * v:.0f}%")
+            elif k.endswith("_GBps"):
+                cells.append(f"{v:.1f}")
             else:
                 cells.append(f"{v:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
+    probe = {k: v for k, v in rows[0].items() if k.startswith("read_GBps_")}
+    if header and probe:
+        where = ", ".join(f"{k.removeprefix('read_GBps_').removesuffix('t')} thread(s) {v:.1f} GB/s"
+                          for k, v in probe.items())
+        lines.insert(0, f"streaming read (onnxruntime ReduceSum): {where}\n")
     return "\n".join(lines)
 
 
@@ -333,7 +387,7 @@ def cli_bench(args: argparse.Namespace) -> int:
                         repeats=getattr(args, "repeats", 20), provider=getattr(args, "provider", "cpu"),
                         threads=getattr(args, "threads", None), clock=getattr(args, "clock", "profile"),
                         stat=getattr(args, "stat", "median"), cold_cache=not getattr(args, "warm", False),
-                        verbose=False)
+                        verbose=False, roofline=getattr(args, "roofline", False))
     text = format_table(rows)
     print(text)
     if getattr(args, "output", None):
@@ -355,6 +409,8 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clock", default="profile", choices=["profile", "thread_cpu"])
     p.add_argument("--stat", default="median", choices=["median", "min"])
     p.add_argument("--warm", action="store_true", help="do not flush the caches between runs")
+    p.add_argument("--roofline", action="store_true",
+                   help="CPU: each op's GB/s over its stored bytes against a streaming-read probe of this machine")
     p.add_argument("-o", "--output", type=Path, default=None)
     return cli_bench(p.parse_args(argv))
 

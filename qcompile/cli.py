@@ -224,6 +224,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "(default: the first named float/fp32/fp16/bf16, else the first)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="intra-op threads (default: all cores with --decode, onnxruntime's otherwise)")
+    p.add_argument("--clock", default="profile", choices=["profile", "thread_cpu"],
+                   help="CPU op timing: the profiler's node time, or the calling thread's CPU time (one thread)")
+    p.add_argument("--stat", default="median", choices=["median", "min"], help="over the repeats")
+    p.add_argument("--warm", action="store_true", help="do not flush the caches between runs")
+    p.add_argument("--roofline", action="store_true",
+                   help="CPU: each op's GB/s over its stored bytes against a streaming-read probe of this machine")
     p.add_argument("-o", "--output", type=Path,
                    help="write the rows as JSON (and .md beside it; with --decode also a .png plot)")
     p.set_defaults(func=cmd_bench)

@@ -2,10 +2,31 @@
 from __future__ import annotations
 
 
-def has_avx512bw() -> bool:
-    """AVX-512BW listed in /proc/cpuinfo (the kernels' fixed-point table walks need it; Linux only)."""
+def _flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512bw" in line for line in f)
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
+        pass
+    return set()
+
+
+def has_avx512bw() -> bool:
+    """AVX-512BW listed in /proc/cpuinfo (the kernels' fixed-point table walks need it; Linux only)."""
+    return "avx512bw" in _flags()
+
+
+def has_avx512vnni() -> bool:
+    """AVX-512BW, VL and VNNI (the int8 activation kernels of accuracy_level 4)."""
+    return {"avx512bw", "avx512vl", "avx512_vnni"} <= _flags()
+
+
+def has_avx512vbmi() -> bool:
+    """AVX-512BW and VBMI (the int8 table walk of CodebookMatMul at accuracy_level 4)."""
+    return {"avx512bw", "avx512vbmi"} <= _flags()
+
+
+def has_avx2() -> bool:
+    return {"avx2", "fma", "f16c"} <= _flags()

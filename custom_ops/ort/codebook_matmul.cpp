@@ -40,6 +40,7 @@ struct CodebookKernel : KernelBase<CodebookKernel> {
     if (st.ok()) st = attr_int(info, kOpName, "num_codebooks", &a.num_codebooks);
     if (st.ok()) st = attr_int(info, kOpName, "codebook_size", &a.codebook_size);
     if (st.ok()) st = attr_int_or(info, kOpName, "in_group_size", 8, &a.in_group_size);
+    if (st.ok()) st = attr_int_or(info, kOpName, "accuracy_level", 0, &a.accuracy_level);
     if (st.ok()) st = codebook::validate_attrs(a);
     if (!st.ok()) return to_ort(st);
     auto* k = new CodebookKernel();

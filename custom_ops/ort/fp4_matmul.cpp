@@ -37,6 +37,7 @@ struct Fp4Kernel : KernelBase<Fp4Kernel> {
     if (st.ok()) st = attr_string(info, kOpName, "scale_format", &fmt);
     if (st.ok()) st = fp4::parse_scale_format(fmt, &a.scale_format);
     if (st.ok()) st = attr_int_or(info, kOpName, "hadamard_block", 0, &a.hadamard_block);
+    if (st.ok()) st = attr_int_or(info, kOpName, "accuracy_level", 0, &a.accuracy_level);
     if (st.ok()) st = fp4::validate_attrs(a);
     if (!st.ok()) return to_ort(st);
     auto* k = new Fp4Kernel();

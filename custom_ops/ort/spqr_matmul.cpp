@@ -83,13 +83,15 @@ struct SpqrKernel : KernelBase<SpqrKernel> {
 
   static OrtStatus* Create(const OrtKernelInfo* info, bool cuda, SpqrKernel** out) {
     spqr::Attrs a;
-    int64_t K = 0, N = 0, bits = 0, gs = 0, sb = 0, sg = 0;
+    int64_t K = 0, N = 0, bits = 0, gs = 0, sb = 0, sg = 0, level = 0;
     Status st = attr_int(info, kOpName, "K", &K);
     if (st.ok()) st = attr_int(info, kOpName, "N", &N);
     if (st.ok()) st = attr_int(info, kOpName, "bits", &bits);
     if (st.ok()) st = attr_int_or(info, kOpName, "group_size", 16, &gs);
     if (st.ok()) st = attr_int_or(info, kOpName, "stat_bits", 3, &sb);
     if (st.ok()) st = attr_int_or(info, kOpName, "stat_group", 16, &sg);
+    if (st.ok()) st = attr_int_or(info, kOpName, "accuracy_level", 0, &level);
+    if (st.ok()) st = validate_accuracy_level(kOpName, level);
     if (!st.ok()) return to_ort(st);
     // A row block or group wider than the tensor is one block / one group: the same layout as the tensor's own
     // size, so any positive value the contract allows maps to one the kernels' int fields hold.
@@ -99,6 +101,7 @@ struct SpqrKernel : KernelBase<SpqrKernel> {
     if (!small(bits) || !small(gs) || !small(sb) || !small(sg))
       return make_error("SpQRMatMul: bits/group_size/stat_bits/stat_group out of range");
     a.K = K, a.N = N, a.bits = (int)bits, a.group_size = (int)gs, a.stat_bits = (int)sb, a.stat_group = (int)sg;
+    a.accuracy_level = (int)level;
     if (Status s2 = spqr::validate_attrs(a); !s2.ok()) return to_ort(s2);
 
     auto* k = new SpqrKernel();

@@ -42,6 +42,7 @@ struct CodebookOp {
         {"num_codebooks", PluginFieldType::kINT64},
         {"codebook_size", PluginFieldType::kINT64},
         {"in_group_size", PluginFieldType::kINT64},
+        {"accuracy_level", PluginFieldType::kINT64},
         {"codes", PluginFieldType::kINT8},
         {"codebooks", PluginFieldType::kFLOAT16},
         {"scales", PluginFieldType::kFLOAT16},
@@ -68,12 +69,14 @@ struct CodebookOp {
     QCOMPILE_RETURN_IF_ERROR(r.get_int("num_codebooks", &a.num_codebooks));
     QCOMPILE_RETURN_IF_ERROR(r.get_int("codebook_size", &a.codebook_size));
     QCOMPILE_RETURN_IF_ERROR(r.get_int_or("in_group_size", 8, &a.in_group_size));
+    QCOMPILE_RETURN_IF_ERROR(r.get_int_or("accuracy_level", 0, &a.accuracy_level));  // (CUDA: fp32 always)
     QCOMPILE_RETURN_IF_ERROR(codebook::validate_attrs(a));
     fs->add_int("K", a.K);
     fs->add_int("N", a.N);
     fs->add_int("num_codebooks", a.num_codebooks);
     fs->add_int("codebook_size", a.codebook_size);
     fs->add_int("in_group_size", a.in_group_size);
+    if (a.accuracy_level) fs->add_int("accuracy_level", a.accuracy_level);
 
     // The code type follows from codebook_size (uint8 up to 256 codewords), as in the ONNX op.
     c->code_type = codebook::required_code_type(a.codebook_size);

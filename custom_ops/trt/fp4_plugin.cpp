@@ -17,7 +17,7 @@ struct Fp4Op {
     static const std::vector<FieldSpec> specs = {
         {"K", PluginFieldType::kINT64},          {"N", PluginFieldType::kINT64},
         {"group_size", PluginFieldType::kINT64}, {"scale_format", PluginFieldType::kCHAR},
-        {"hadamard_block", PluginFieldType::kINT64},
+        {"hadamard_block", PluginFieldType::kINT64}, {"accuracy_level", PluginFieldType::kINT64},
         {"W", PluginFieldType::kINT8},           {"scales", PluginFieldType::kINT8},
         {"tensor_scale", PluginFieldType::kFLOAT32}, {"bias", PluginFieldType::kFLOAT32},
     };
@@ -42,12 +42,14 @@ struct Fp4Op {
     QCOMPILE_RETURN_IF_ERROR(r.get_string("scale_format", &fmt));
     QCOMPILE_RETURN_IF_ERROR(fp4::parse_scale_format(fmt, &a.scale_format));
     QCOMPILE_RETURN_IF_ERROR(r.get_int_or("hadamard_block", 0, &a.hadamard_block));
+    QCOMPILE_RETURN_IF_ERROR(r.get_int_or("accuracy_level", 0, &a.accuracy_level));  // (CUDA: fp32 always)
     QCOMPILE_RETURN_IF_ERROR(fp4::validate_attrs(a));
     fs->add_int("K", a.K);
     fs->add_int("N", a.N);
     fs->add_int("group_size", a.group_size);
     fs->add_string("scale_format", fmt);
     fs->add_int("hadamard_block", a.hadamard_block);
+    if (a.accuracy_level) fs->add_int("accuracy_level", a.accuracy_level);
 
     const Field *ts = nullptr, *bias = nullptr;
     QCOMPILE_RETURN_IF_ERROR(r.get_tensor("W", {PluginFieldType::kINT8}, true, fs, &c->w));

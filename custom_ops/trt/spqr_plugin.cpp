@@ -18,6 +18,7 @@ struct SpqrOp {
         {"K", PluginFieldType::kINT64},           {"N", PluginFieldType::kINT64},
         {"bits", PluginFieldType::kINT64},        {"group_size", PluginFieldType::kINT64},
         {"stat_bits", PluginFieldType::kINT64},   {"stat_group", PluginFieldType::kINT64},
+        {"accuracy_level", PluginFieldType::kINT64},
         {"codes", PluginFieldType::kINT32},       {"stat_codes", PluginFieldType::kINT32},
         {"stat_params", PluginFieldType::kFLOAT16}, {"row_offsets", PluginFieldType::kINT32},
         {"col_indices", PluginFieldType::kINT16}, {"values", PluginFieldType::kFLOAT16},
@@ -41,6 +42,7 @@ struct SpqrOp {
     QCOMPILE_RETURN_IF_ERROR(r.get_int32_or("group_size", 16, &a.group_size));
     QCOMPILE_RETURN_IF_ERROR(r.get_int32_or("stat_bits", 3, &a.stat_bits));
     QCOMPILE_RETURN_IF_ERROR(r.get_int32_or("stat_group", 16, &a.stat_group));
+    QCOMPILE_RETURN_IF_ERROR(r.get_int32_or("accuracy_level", 0, &a.accuracy_level));  // (CUDA: fp32 always)
     QCOMPILE_RETURN_IF_ERROR(spqr::validate_attrs(a));
     fs->add_int("K", a.K);
     fs->add_int("N", a.N);
@@ -48,6 +50,7 @@ struct SpqrOp {
     fs->add_int("group_size", a.group_size);
     fs->add_int("stat_bits", a.stat_bits);
     fs->add_int("stat_group", a.stat_group);
+    if (a.accuracy_level) fs->add_int("accuracy_level", a.accuracy_level);
 
     const auto i16_or_i32 = {PluginFieldType::kINT16, PluginFieldType::kINT32};
     const Field *codes, *stat_codes, *stat_params, *ro, *ci, *va, *perm, *bias;

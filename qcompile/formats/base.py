@@ -134,6 +134,19 @@ class Option:
 
 QuantizeFn = Callable[..., QuantizedWeight]
 
+
+def accuracy_level_option() -> Option:
+    """The ``accuracy_level`` option of the formats whose ops take the attribute (docs/ops.md, "Conventions"):
+    it sets the node attribute and changes no weight."""
+    return Option(int, 0, "activation arithmetic the ops may use, MatMulNBits' scale: 0 default, 1 fp32 only, "
+                  "4 int8 activations / lookup tables on CPU (docs/ops.md)", choices=(0, 1, 2, 3, 4))
+
+
+def set_accuracy_level(qw: QuantizedWeight, level: int) -> QuantizedWeight:
+    """``qw`` lowered with ``accuracy_level=level`` (the weight itself is unchanged)."""
+    qw.accuracy_level = int(level)  # type: ignore[attr-defined]
+    return qw
+
 #: Options whose name starts with this act on the whole model after every layer is quantized (fine-tuning);
 #: they cannot differ per layer and do not change any layer's own result.
 WHOLE_MODEL_PREFIX = "finetune"

@@ -122,3 +122,25 @@ def test_truncated_packed_tensor_is_rejected(case, ops_library):
     x = np.ones((2, K), np.float32)
     with pytest.raises(Exception):  # noqa: B017 - any onnxruntime error; a crash would end the test run
         make_session(_model(lowered), ["CPUExecutionProvider"]).run(None, {"X": x})
+
+
+def test_accuracy_level_option_sets_the_attribute(case, ops_library):
+    """Formats whose op takes accuracy_level: the option becomes the node attribute (absent at 0), the weight
+    is the same, and the op at level 4 agrees with the reference's quantized computation (one row: the int8
+    kernels where the CPU has them)."""
+    fmt, qw = case
+    if "accuracy_level" not in fmt.options or fmt.op.domain != "qcompile":
+        pytest.skip(f"{fmt.name}'s op is not one of ours with accuracy_level (MatMulNBits has its own)")
+    node = _node(qw.lower_native("X", "Y", "t", TensorProto.FLOAT))
+    assert "accuracy_level" not in {a.name for a in node.attribute}
+    qw.accuracy_level = 4
+    try:
+        lowered = qw.lower_native("X", "Y", "t", TensorProto.FLOAT)
+    finally:
+        qw.accuracy_level = 0
+    attrs = {a.name: helper.get_attribute_value(a) for a in _node(lowered).attribute}
+    assert attrs["accuracy_level"] == 4
+    x = np.random.default_rng(3).standard_normal((1, K)).astype(np.float32)
+    y = make_session(_model(lowered), ["CPUExecutionProvider"]).run(None, {"X": x})[0]
+    ref = _reference(fmt, lowered, x)
+    np.testing.assert_allclose(y, ref, rtol=2e-3, atol=2e-3 * float(np.abs(ref).max()))

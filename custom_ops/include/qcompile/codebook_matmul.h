@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "qcompile/accuracy_level.h"
 #include "qcompile/dtype.h"
 #include "qcompile/parallel.h"
 #include "qcompile/status.h"
@@ -20,6 +21,7 @@ struct Attrs {
   int64_t num_codebooks = 0;  // M: codewords summed per group (1..16)
   int64_t codebook_size = 0;  // S: codewords per codebook (1..65536)
   int64_t in_group_size = 0;  // d: consecutive inputs per codeword (1..32)
+  int64_t accuracy_level = 0; // 0..4 (qcompile/accuracy_level.h); 1: fp32 tables; 4: int8 tables on CPU
 };
 
 // The code dtype the op requires: uint8 when S <= 256, else uint16.
@@ -41,8 +43,9 @@ Status validate_shapes(const Attrs& a, const std::vector<int64_t>& x, const std:
 // Inside a block, for each slice q of 16 codes (codes[n, 16q .. 16q+15] in the flattened [K/d * M] row):
 //  * kRowSlices (the fp32 walk): the block's rows one after another, 16 bytes each;
 //  * kTableMajor32 (the fixed-point AVX-512 walk): the rows in groups of 32 (the block padded to a
-//    multiple of 32 with code 0), each group as 16 runs, one per code of the slice, of its 32 rows' bytes.
-enum class WalkLayout { kNone = 0, kRowSlices = 1, kTableMajor32 = 2 };
+//    multiple of 32 with code 0), each group as 16 runs, one per code of the slice, of its 32 rows' bytes;
+//  * kTableMajor64 (the int8 walk of accuracy_level 4): the same with groups of 64 rows.
+enum class WalkLayout { kNone = 0, kRowSlices = 1, kTableMajor32 = 2, kTableMajor64 = 3 };
 struct PreparedCodes {
   const void* source = nullptr;  // the codes this was prepared from (used only while the call's match)
   bool checked = false;          // every code of `source` is < codebook_size

@@ -14,6 +14,11 @@
 #define QC_AVX512BW __attribute__((target("avx512f,avx512bw")))
 // QC_AVX2 plus BMI1/2 (scalar bit-field extraction in table walks); every AVX2 CPU has them.
 #define QC_AVX2_BMI2 __attribute__((target("avx2,fma,f16c,bmi,bmi2")))
+// AVX-512F/BW/VL with VNNI byte dot products (the int8 activation kernels); call only when
+// cpu_has_avx512vnni() is true, and use VBMI instructions only after cpu_has_avx512vbmi().
+#define QC_AVX512VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+// AVX-512F/BW with VBMI byte permutes (the int8 table walks); call only when cpu_has_avx512vbmi() is true.
+#define QC_AVX512VBMI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vbmi")))
 #else
 #define QC_X86 0
 #endif
@@ -35,6 +40,27 @@ inline bool cpu_has_avx2() {
 inline bool cpu_has_avx512bw() {
 #if QC_X86
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// AVX-512F, BW, VL and VNNI (vpdpbusd), checked once per process.
+inline bool cpu_has_avx512vnni() {
+#if QC_X86
+  static const bool ok = cpu_has_avx2() && cpu_has_avx512bw() && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512vnni");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// AVX-512F, BW and VBMI (vpermi2b), checked once per process.
+inline bool cpu_has_avx512vbmi() {
+#if QC_X86
+  static const bool ok = cpu_has_avx2() && cpu_has_avx512bw() && __builtin_cpu_supports("avx512vbmi");
   return ok;
 #else
   return false;

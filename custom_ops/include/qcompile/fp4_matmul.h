@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "qcompile/accuracy_level.h"
 #include "qcompile/dtype.h"
 #include "qcompile/parallel.h"
 #include "qcompile/status.h"
@@ -21,6 +22,7 @@ struct Attrs {
   int64_t group_size = 0;      // G: weights per scale along K (power of two 8..256)
   ScaleFormat scale_format = ScaleFormat::kE8M0;
   int64_t hadamard_block = 0;  // 0 = none, else power of two 2..256 dividing K
+  int64_t accuracy_level = 0;  // 0..4 (qcompile/accuracy_level.h); 4: int8 activations on CPU
 };
 
 // Kp = ceil(K/G)*G: K padded to whole groups (W holds Kp/2 bytes per row, scales Kp/G per row).

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "qcompile/accuracy_level.h"
 #include "qcompile/dtype.h"
 #include "qcompile/parallel.h"
 #include "qcompile/status.h"
@@ -31,6 +32,7 @@ constexpr int kChunk = 32;  // stored positions per packing chunk
 struct Attrs {
   int64_t K = 0, N = 0;
   int bits = 3, group_size = 16, stat_bits = 3, stat_group = 16;
+  int accuracy_level = 0;  // 0..4 (qcompile/accuracy_level.h); 4: int8 activations on CPU
 
   QC_SPQR_HD int64_t groups() const { return (K + group_size - 1) / group_size; }
   QC_SPQR_HD int64_t chunks() const { return (K + kChunk - 1) / kChunk; }
@@ -77,6 +79,10 @@ struct PreparedCodes {
   // instead of the lanes, the fixed-point walk's layout (kernels/cpu/spqr_lut_i16.h): per 32-row group and
   // group of 16 positions, 8 bytes of pair codes ca | cb << 3 per row and one byte sc | zc << 4.
   std::vector<uint8_t> pairs;
+  // At accuracy_level 4 on CPUs with AVX-512 VNNI (groups of 16, stat_bits <= 4, stat_group a multiple of 16):
+  // instead of all the above, the int8 walk's layout (kernels/cpu/spqr_int8.h): rows in blocks of 16, per
+  // group a byte per row and 2 positions (codes as nibbles) and a byte per row for the stat codes.
+  std::vector<uint8_t> int8;
 };
 
 struct Problem {

@@ -44,7 +44,7 @@ Status validate_attrs(const Attrs& a) {
   } else if (a.K % a.in_group_size != 0) {
     o << "CodebookMatMul: K=" << a.K << " must be a multiple of in_group_size=" << a.in_group_size;
   } else {
-    return Status::OK();
+    return validate_accuracy_level("CodebookMatMul", a.accuracy_level);
   }
   return Status::Error(o.str());
 }

@@ -40,7 +40,7 @@ Status validate_attrs(const Attrs& a) {
   } else if (a.scale_format != ScaleFormat::kE8M0 && a.scale_format != ScaleFormat::kE4M3) {
     o << "FP4MatMul: unknown scale_format";
   } else {
-    return Status::OK();
+    return validate_accuracy_level("FP4MatMul", a.accuracy_level);
   }
   return Status::Error(o.str());
 }

@@ -47,7 +47,7 @@ Status validate_attrs(const Attrs& a) {
   } else if (a.stat_group <= 0) {
     o << "stat_group must be positive, got " << a.stat_group;
   } else {
-    return Status::OK();
+    return validate_accuracy_level("SpQRMatMul", a.accuracy_level);
   }
   return err(o.str());
 }

@@ -46,27 +46,14 @@ bool available() { return avx512bw_enabled("QCOMPILE_CODEBOOK_LUT_FP32"); }
 
 #if QC_X86
 
-QC_AVX512BW bool quantize_slices(const float* lut, int64_t s0, int64_t s1, int16_t* q, float* step) {
-  for (int64_t s = s0; s < s1; ++s) {
-    const float* L = lut + s * kSliceEntries;
-    // max_ps drops NaN operands, so also sum entry * 0, which is NaN iff an entry is NaN or infinite
-    __m512 mx = _mm512_setzero_ps(), nonfinite = _mm512_setzero_ps();
-    for (int64_t i = 0; i < kSliceEntries; i += 16) {
-      const __m512 v = _mm512_loadu_ps(L + i);
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
-      nonfinite = _mm512_add_ps(nonfinite, _mm512_mul_ps(v, _mm512_setzero_ps()));
-    }
-    const float m = _mm512_reduce_max_ps(mx);
-    if (!std::isfinite(_mm512_reduce_add_ps(nonfinite))) return false;
-    step[s] = m > 0.f ? m / kLutI16Max : 0.f;
-    const __m512 inv = _mm512_set1_ps(m > 0.f ? kLutI16Max / m : 0.f);
-    int16_t* out = q + s * kSliceEntries;
-    for (int64_t i = 0; i < kSliceEntries; i += 16) {
-      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(L + i), inv));  // round to nearest
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtsepi32_epi16(v));
-    }
+QC_AVX512BW void quantize_slice(const float* L, const float* tmax, int16_t* out, float* step) {
+  const float m = *std::max_element(tmax, tmax + kTablesPerSlice);
+  *step = m > 0.f ? m / kLutI16Max : 0.f;
+  const __m512 inv = _mm512_set1_ps(m > 0.f ? kLutI16Max / m : 0.f);
+  for (int64_t i = 0; i < kSliceEntries; i += 16) {
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(L + i), inv));  // round to nearest
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtsepi32_epi16(v));
   }
-  return true;
 }
 
 namespace {
@@ -129,7 +116,7 @@ QC_AVX512BW void walk_block(const uint8_t* blk, const int16_t* q, const float* s
 
 #else  // not x86: the fp32 walk serves every call
 
-bool quantize_slices(const float*, int64_t, int64_t, int16_t*, float*) { return false; }
+void quantize_slice(const float*, const float*, int16_t*, float*) {}
 void walk_block(const uint8_t*, const int16_t*, const float*, int64_t, int64_t, float*) {}
 
 #endif

@@ -30,10 +30,9 @@ int64_t block_bytes(int64_t R, int64_t T16);
 // past R are code 0 and never read back).
 void pack_block(const uint8_t* codes, int64_t T, int64_t T16, int64_t n0, int64_t R, uint8_t* dst);
 
-// Rounds slices [s0, s1) of the fp32 table (16 tables of 256 entries each) to fixed point: q gets the
-// integers, step[s] the slice's step. Returns false if a slice holds a non-finite value (the caller then
-// walks the fp32 table, so NaN/Inf propagate as in the reference).
-bool quantize_slices(const float* lut, int64_t s0, int64_t s1, int16_t* q, float* step);
+// Rounds one slice of the fp32 table (16 tables of 256 finite entries, `tables`; tmax: each table's largest
+// |entry|) to fixed point: q gets its 4096 integers, *step the slice's step.
+void quantize_slice(const float* tables, const float* tmax, int16_t* q, float* step);
 
 // acc[r] += sum over the first `slices` slices of the row's table entries, for the RG = ceil(R/32) row
 // groups of one block packed by pack_block (acc holds RG * 32 floats).

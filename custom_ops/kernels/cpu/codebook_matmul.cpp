@@ -25,9 +25,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "codebook_lut_i16.h"
+#include "codebook_lut_i8.h"
 #include "codebook_matmul_internal.h"
 #include "qcompile/codebook_matmul.h"
 #include "qcompile/cpu_features.h"
@@ -38,6 +40,22 @@
 namespace qcompile {
 namespace codebook {
 namespace detail {
+
+void pack_xt(const float* x, int64_t rows, int64_t Kp, float* xt) {
+  const int64_t blocks = (rows + kXtLd - 1) / kXtLd;
+  for (int64_t b = 0; b < blocks; ++b) {
+    float* dst = xt + b * Kp * kXtLd;
+    for (int64_t i = 0; i < kXtLd; ++i) {
+      const int64_t r = b * kXtLd + i;
+      if (r >= rows) {
+        for (int64_t k = 0; k < Kp; ++k) dst[k * kXtLd + i] = 0.0f;
+        continue;
+      }
+      const float* src = x + r * Kp;
+      for (int64_t k = 0; k < Kp; ++k) dst[k * kXtLd + i] = src[k];
+    }
+  }
+}
 
 Geometry geometry(const Attrs& a) {
   Geometry g;
@@ -65,9 +83,21 @@ constexpr int64_t kFusedMaxRows = 8;  // up to this many X rows use the fused pa
 
 bool use_avx2() { return avx2_enabled("QCOMPILE_CODEBOOK_NO_AVX2"); }
 
-// The batch-1 byte walk runs in fixed point (codebook_lut_i16.h) on this CPU: what prepare_constant_codes
-// lays the codes out for, and what run_lut checks the layout against.
-bool use_fixed_point_walk() { return use_avx2() && lut_i16::available(); }
+// The table the batch-1 byte walk reads on this CPU for this layer: int8 (codebook_lut_i8.h) at accuracy_level
+// 4 with AVX-512 VBMI, 16-bit fixed point (codebook_lut_i16.h) with AVX-512BW unless accuracy_level is 1
+// (fp32), else fp32. What prepare_constant_codes lays the codes out for, and what run_lut checks it against.
+enum class WalkTable { kFp32, kInt16, kInt8 };
+WalkTable walk_table(const Attrs& a) {
+  if (!use_avx2() || a.accuracy_level == kAccuracyFp32) return WalkTable::kFp32;
+  if (a.accuracy_level == kAccuracyInt8 && lut_i8::available()) return WalkTable::kInt8;
+  return lut_i16::available() ? WalkTable::kInt16 : WalkTable::kFp32;
+}
+
+double max_abs(const float* v, int64_t n) {
+  float m = 0.f;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(v[i]));
+  return m;
+}
 
 float load_elem(const void* base, DType t, int64_t i) {
   return t == DType::kFloat16 ? half_to_float(static_cast<const uint16_t*>(base)[i])
@@ -248,25 +278,34 @@ Status run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx
                         p.prepared->block_rows == kLutRowsPerTask;
   const uint8_t* sliced =
       prepared && p.prepared->layout == WalkLayout::kRowSlices ? p.prepared->sliced.data() : nullptr;
-  // the fixed-point walk (codebook_lut_i16.h) over codes prepared in its layout
-  const uint8_t* table_major =
-      prepared && p.prepared->layout == WalkLayout::kTableMajor32 && use_fixed_point_walk()
-          ? p.prepared->sliced.data()
-          : nullptr;
+  // the fixed-point walks (codebook_lut_i16.h, codebook_lut_i8.h) over codes prepared in their layouts
+  const WalkTable table = walk_table(p.attrs);
+  const bool int8_walk = prepared && p.prepared->layout == WalkLayout::kTableMajor64 && table == WalkTable::kInt8;
+  const uint8_t* table_major = (prepared && p.prepared->layout == WalkLayout::kTableMajor32 &&
+                                table == WalkTable::kInt16) || int8_walk
+                                   ? p.prepared->sliced.data()
+                                   : nullptr;
   const int64_t slices = g.T / 16;
+  // largest |codeword value| (NaN: the fixed-point walks are not used)
+  const double max_abs_cb = table_major && simd::all_finite(in.cb.data(), static_cast<int64_t>(in.cb.size()))
+                                ? max_abs(in.cb.data(), static_cast<int64_t>(in.cb.size()))
+                                : std::numeric_limits<double>::infinity();
   // (the calling thread's buffers, shared with the tasks through these pointers)
   thread_local std::vector<int16_t> qlut_buf;
+  thread_local std::vector<uint8_t> q8lut_buf;
   thread_local std::vector<float> qstep_buf;
-  int16_t* qlut = scratch(qlut_buf, table_major ? static_cast<size_t>(slices * 16 * 256) : 0);
+  thread_local std::vector<uint8_t> qshift_buf;  // int8 walk: per table
+  int16_t* qlut = scratch(qlut_buf, table_major && !int8_walk ? static_cast<size_t>(slices * 16 * 256) : 0);
+  uint8_t* q8lut = scratch(q8lut_buf, int8_walk ? static_cast<size_t>(slices * 16 * 256) : 0);
   float* qstep = scratch(qstep_buf, table_major ? static_cast<size_t>(slices) : 0);
+  uint8_t* qshift = scratch(qshift_buf, int8_walk ? static_cast<size_t>(slices * 16) : 0);
   const int64_t gather_tasks = (g.N + rows_per_task - 1) / rows_per_task;
   static const int64_t slice_bytes = [] {
     const char* e = std::getenv("QCOMPILE_CODEBOOK_LUT_SLICE_KB");
     return (e && std::atoi(e) > 0 ? std::atoi(e) : 16) * int64_t{1024};
   }();
   const int64_t slice = std::max<int64_t>(4, slice_bytes / (4 * g.LS) / 4 * 4);
-  for (int64_t r = 0; r < p.rows; ++r) {
-    const float* x = in.x.data() + r * in.Kp;
+  const auto build_groups = [&](const float* x) {
     par.for_each(static_cast<size_t>(build_tasks), [&](size_t t) {
       const int64_t g0 = static_cast<int64_t>(t) * build_chunk, g1 = std::min(g.G, g0 + build_chunk);
 #if QC_X86
@@ -277,26 +316,54 @@ Status run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx
 #endif
       lut_build_ref(x, cbt, g, g0, g1, lut);
     });
-    bool fixed_point = table_major != nullptr;
+  };
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const float* x = in.x.data() + r * in.Kp;
+    // A NaN or Inf in the table (from X or the codebooks, or a product past FLT_MAX) takes the fp32 walk
+    // over the file-order codes, which carries it as the reference does; no table entry can be one when
+    // every term |x| |c| times d stays finite, which one scan of X and the codebooks tells.
+    bool fixed_point = table_major != nullptr && simd::all_finite(x, g.K) &&
+                       max_abs(x, g.K) * max_abs_cb * static_cast<double>(g.d) < 3.0e38;
     if (fixed_point) {
+      // Each slice of 16 tables is built in L1 and rounded at once: the fp32 table (1 MB at K = 4096) is
+      // never written, only its last T mod 16 tables, which stay fp32.
       constexpr int64_t kSlicesPerTask = 8;
-      std::atomic<bool> finite{true};
       par.for_each(static_cast<size_t>((slices + kSlicesPerTask - 1) / kSlicesPerTask), [&](size_t t) {
+        thread_local std::vector<float> tables;
+        float* buf = scratch(tables, static_cast<size_t>(16 * g.LS));
+        float tmax[16];
         const int64_t s0 = static_cast<int64_t>(t) * kSlicesPerTask, s1 = std::min(slices, s0 + kSlicesPerTask);
-        if (!lut_i16::quantize_slices(lut, s0, s1, qlut, qstep)) finite = false;
+        for (int64_t s = s0; s < s1; ++s) {
+#if QC_X86
+          lut_build_tables_avx2(x, cbt, g, 16 * s, 16 * s + 16, buf, tmax);
+#endif
+          if (int8_walk) lut_i8::quantize_slice(buf, tmax, q8lut + s * 16 * 256, qshift + s * 16, qstep + s);
+          else lut_i16::quantize_slice(buf, tmax, qlut + s * 16 * 256, qstep + s);
+        }
       });
-      fixed_point = finite;  // a NaN or Inf in the table: the fp32 walk (over the file-order codes) carries it
+      if (slices * 16 < g.T) {
+#if QC_X86
+        lut_build_tables_avx2(x, cbt, g, slices * 16, g.T, lut + slices * 16 * g.LS, nullptr);
+#endif
+      }
     }
+    if (!fixed_point) build_groups(x);
     const Status st = tile::run_tasks(par, gather_tasks, kOp, [&](int64_t t) {
       // Walk the LUT in L1-sized slices of (group, codebook) entries, all of this task's rows per slice:
       // two loads per lookup (code, table entry), no gathers, and the table slice never leaves L1.
       thread_local std::vector<float> acc_buf;
       const int64_t n0 = t * rows_per_task, n1 = std::min(g.N, n0 + rows_per_task);
-      const int64_t padded = (n1 - n0 + lut_i16::kRowGroup - 1) / lut_i16::kRowGroup * lut_i16::kRowGroup;
-      float* acc = scratch(acc_buf, static_cast<size_t>(padded));
+      const int64_t padded = (n1 - n0 + lut_i8::kRowGroup - 1) / lut_i8::kRowGroup * lut_i8::kRowGroup;
+      float* acc = scratch(acc_buf, static_cast<size_t>(2 * padded));
       std::fill(acc, acc + padded, 0.0f);
       uint32_t mx = 0;
-      if (fixed_point) {
+      if (fixed_point && int8_walk) {
+        float* walk = acc + padded;  // the walk's row order, then back to rows
+        std::fill(walk, walk + padded, 0.0f);
+        lut_i8::walk_block(table_major + n0 * (slices * 16), q8lut, qshift, qstep, slices, n1 - n0, walk);
+        for (int64_t r = 0; r < n1 - n0; ++r) acc[r] = walk[lut_i8::slot(r)];
+        lut_rows_u8_tail(reinterpret_cast<const uint8_t*>(codes), lut, g.T, slices * 16, n0, n1, acc);
+      } else if (fixed_point) {
         lut_i16::walk_block(table_major + n0 * (slices * 16), qlut, qstep, slices, n1 - n0, acc);
         lut_rows_u8_tail(reinterpret_cast<const uint8_t*>(codes), lut, g.T, slices * 16, n0, n1, acc);
       } else if (fast_u8) {
@@ -333,6 +400,19 @@ Status run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx
 template <typename C, bool kCheck>
 Status run_gemm(const Problem& p, const Geometry& g, const Prepared& in, bool avx2, const Parallel& par,
                 std::vector<uint32_t>& maxc) {
+#if QC_X86
+  if (avx2 && g.d == 8) {  // outer products over X packed transposed (codebook_matmul_avx2.cpp)
+    thread_local std::vector<float> xt_buf;
+    const int64_t Mpad = (p.rows + kXtLd - 1) / kXtLd * kXtLd;
+    float* xt = scratch(xt_buf, static_cast<size_t>(Mpad * in.Kp));
+    pack_xt(in.x.data(), p.rows, in.Kp, xt);
+    const Status st = run_outer_avx2_d8<C, kCheck>(static_cast<const C*>(p.codes), in.cb.data(), g, xt, p.rows,
+                                                   in.Kp, in.scales.data(), in.bias.empty() ? nullptr : in.bias.data(),
+                                                   p.dtype, p.y, par, maxc.data());
+    if (xt_buf.capacity() > (size_t{16} << 20)) std::vector<float>().swap(xt_buf);  // do not pin >64 MB per thread
+    return st;
+  }
+#endif
   struct Tile {
     const Problem& p;
     const Geometry& g;
@@ -411,9 +491,12 @@ Status run_fused(const Problem& p, const Geometry& g, const Prepared& in, bool a
 }
 
 // One row, byte codes over full 256-entry tables (aqlm-2x8) and many output rows: the slice-ordered
-// walk (lut_rows_u8) is the automatic choice (see dispatch).
-bool byte_walk_wins(const Geometry& g) {
-  return g.LS == 256 && g.M >= 2 && g.N >= 8 * g.S && g.T * g.LS < (int64_t{1} << 30);
+// walk (lut_rows_u8) is the automatic choice (see dispatch). The int8 walk pays for its table from fewer rows:
+// Zen 4 VM, one thread, cold, fused -> int8 walk: 576 x 192 0.017 -> 0.028 ms, 576 x 384 0.025 -> 0.034,
+// 576 x 576 0.040 -> 0.034, 1536 x 448 0.081 -> 0.071, 576 x 1536 0.085 -> 0.045.
+bool byte_walk_wins(const Geometry& g, WalkTable table) {
+  const int64_t min_rows = table == WalkTable::kInt8 ? 512 : 8 * g.S;
+  return g.LS == 256 && g.M >= 2 && g.N >= min_rows && g.T * g.LS < (int64_t{1} << 30);
 }
 
 enum class Path { kAuto, kLut, kFused, kGemm };
@@ -442,7 +525,7 @@ Status dispatch(const Problem& p, const Geometry& g, const Prepared& in, bool av
     // slower on small layers, where building the table does not pay off).
     // Past a few rows, decoding each W tile once and reusing it (GEMM) beats re-decoding per row block.
     const bool lut_wins = (g.d > 8 && g.M * g.S <= 2 * g.N && lut_ok) ||
-                          (p.rows == 1 && sizeof(C) == 1 && !kCheck && byte_walk_wins(g));
+                          (p.rows == 1 && sizeof(C) == 1 && !kCheck && byte_walk_wins(g, walk_table(p.attrs)));
     if (p.rows <= kLutMaxRows && lut_wins) path = Path::kLut;
     else if (p.rows <= kFusedMaxRows) path = Path::kFused;
     else path = Path::kGemm;
@@ -496,10 +579,19 @@ Status prepare_constant_codes(const Attrs& a, const void* codes, CodeType code_t
   out->layout = WalkLayout::kNone;
   out->sliced.clear();
   const Geometry g = geometry(a);
-  if (code_type != CodeType::kUint8 || !byte_walk_wins(g)) return Status::OK();
+  if (code_type != CodeType::kUint8 || !byte_walk_wins(g, walk_table(a))) return Status::OK();
   const int64_t T16 = g.T / 16 * 16;
   const uint8_t* src = static_cast<const uint8_t*>(codes);
-  if (use_fixed_point_walk()) {  // the walk this CPU will run
+  const WalkTable table = walk_table(a);  // the walk this CPU will run
+  if (table == WalkTable::kInt8) {
+    out->layout = WalkLayout::kTableMajor64;
+    out->sliced.resize(static_cast<size_t>(g.N / kLutRowsPerTask * kLutRowsPerTask * T16 +
+                                           lut_i8::block_bytes(g.N % kLutRowsPerTask, T16)));
+    for (int64_t n0 = 0; n0 < g.N; n0 += kLutRowsPerTask)
+      lut_i8::pack_block(src, g.T, T16, n0, std::min(kLutRowsPerTask, g.N - n0), out->sliced.data() + n0 * T16);
+    return Status::OK();
+  }
+  if (table == WalkTable::kInt16) {
     out->layout = WalkLayout::kTableMajor32;
     out->sliced.resize(static_cast<size_t>(g.N / kLutRowsPerTask * kLutRowsPerTask * T16 +
                                            lut_i16::block_bytes(g.N % kLutRowsPerTask, T16)));
@@ -529,20 +621,31 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   for (int64_t r = 0; r < p.rows; ++r)
     for (int64_t k = 0; k < g.K; ++k) in.x[r * in.Kp + k] = load_elem(p.x, p.dtype, r * g.K + k);
   in.scales.resize(static_cast<size_t>(g.N));
-  for (int64_t n = 0; n < g.N; ++n) in.scales[n] = load_elem(p.scales, p.scale_type, n);
+  in.cb.resize(static_cast<size_t>(g.M * g.S * g.d));
+#if QC_X86
+  if (avx2) {  // F16C: the same values, without a branchy conversion per element (4096 codebook values a call)
+    if (p.scale_type == DType::kFloat16)
+      simd::half_to_float_avx2(static_cast<const uint16_t*>(p.scales), in.scales.data(), g.N);
+    else
+      std::memcpy(in.scales.data(), p.scales, static_cast<size_t>(g.N) * sizeof(float));
+    simd::half_to_float_avx2(p.codebooks, in.cb.data(), static_cast<int64_t>(in.cb.size()));
+  } else
+#endif
+  {
+    for (int64_t n = 0; n < g.N; ++n) in.scales[n] = load_elem(p.scales, p.scale_type, n);
+    for (size_t i = 0; i < in.cb.size(); ++i) in.cb[i] = half_to_float(p.codebooks[i]);
+  }
   in.bias.clear();
   if (p.bias) {
     in.bias.resize(static_cast<size_t>(g.N));
     for (int64_t n = 0; n < g.N; ++n) in.bias[n] = load_elem(p.bias, p.dtype, n);
   }
-  in.cb.resize(static_cast<size_t>(g.M * g.S * g.d));
-  for (size_t i = 0; i < in.cb.size(); ++i) in.cb[i] = half_to_float(p.codebooks[i]);
 
   const bool u8 = p.code_type == CodeType::kUint8;
   const bool checked_once = p.prepared && p.prepared->checked && p.prepared->source == p.codes;
   const bool check = !checked_once && (u8 ? g.S < 256 : g.S < 65536);
   thread_local std::vector<uint32_t> maxc;
-  maxc.assign(static_cast<size_t>(std::max<int64_t>((g.N + kNR - 1) / kNR, 1) + 64), 0);  // >= tasks of any path
+  maxc.assign(static_cast<size_t>(std::max<int64_t>((g.N + kOuterRows - 1) / kOuterRows, 1) + 64), 0);  // >= tasks of any path
   Status st;
   if (u8) {
     st = check ? dispatch<uint8_t, true>(p, g, in, avx2, par, maxc)

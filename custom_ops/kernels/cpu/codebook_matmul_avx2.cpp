@@ -7,7 +7,9 @@
 
 #include "codebook_matmul_internal.h"
 #include "qcompile/cpu_features.h"
+#include "qcompile/half.h"
 #include "simd.h"
+#include "tile_gemm.h"
 
 #if QC_X86
 
@@ -15,31 +17,49 @@ namespace qcompile {
 namespace codebook {
 namespace detail {
 
-QC_AVX2 void lut_build_avx2(const float* x, const float* cbt, const Geometry& g, int64_t g0, int64_t g1, float* lut) {
+namespace {
+// out[s] = sum_j xg[j] * C[m][s][j] for s < LS (one table); returns max |out[s]| (NaN entries dropped).
+QC_AVX2 inline float build_table(const float* xg, const float* cm, const Geometry& g, float* out) {
   constexpr int64_t kChunk = 64;  // 8 accumulators of 8 codewords
-  for (int64_t gi = g0; gi < g1; ++gi) {
-    const float* xg = x + gi * g.d;
-    for (int64_t m = 0; m < g.M; ++m) {
-      float* out = lut + (gi * g.M + m) * g.LS;
-      const float* cm = cbt + m * g.d * g.LS;
-      int64_t s = 0;
-      for (; s + kChunk <= g.LS; s += kChunk) {
-        __m256 acc[8];
-        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < g.d; ++j) {
-          const __m256 xv = _mm256_broadcast_ss(xg + j);
-          const float* c = cm + j * g.LS + s;
-          for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c + 8 * i), acc[i]);
-        }
-        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + s + 8 * i, acc[i]);
-      }
-      for (; s < g.LS; s += 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t j = 0; j < g.d; ++j)
-          acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xg + j), _mm256_loadu_ps(cm + j * g.LS + s), acc);
-        _mm256_storeu_ps(out + s, acc);
-      }
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 mx = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + kChunk <= g.LS; s += kChunk) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < g.d; ++j) {
+      const __m256 xv = _mm256_broadcast_ss(xg + j);
+      const float* c = cm + j * g.LS + s;
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c + 8 * i), acc[i]);
     }
+    for (int i = 0; i < 8; ++i) {
+      _mm256_storeu_ps(out + s + 8 * i, acc[i]);
+      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, acc[i]));
+    }
+  }
+  for (; s < g.LS; s += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < g.d; ++j)
+      acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xg + j), _mm256_loadu_ps(cm + j * g.LS + s), acc);
+    _mm256_storeu_ps(out + s, acc);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, acc));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+}  // namespace
+
+QC_AVX2 void lut_build_avx2(const float* x, const float* cbt, const Geometry& g, int64_t g0, int64_t g1, float* lut) {
+  for (int64_t gi = g0; gi < g1; ++gi)
+    for (int64_t m = 0; m < g.M; ++m) build_table(x + gi * g.d, cbt + m * g.d * g.LS, g, lut + (gi * g.M + m) * g.LS);
+}
+
+QC_AVX2 void lut_build_tables_avx2(const float* x, const float* cbt, const Geometry& g, int64_t t0, int64_t t1,
+                                   float* out, float* tmax) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const float m = build_table(x + (t / g.M) * g.d, cbt + (t % g.M) * g.d * g.LS, g, out + (t - t0) * g.LS);
+    if (tmax) tmax[t - t0] = m;
   }
 }
 // d == 8: one codeword is one vector, so a group decodes to M loads, M-1 adds and one store.
@@ -197,6 +217,99 @@ QC_AVX2 void fused_rows_avx2_d8(const C* codes, const float* cb, const Geometry&
   if (kCheck) *maxc = std::max(*maxc, mx);
 }
 
+// ---- prefill: outer products over a decoded tile ------------------------------------------------------------
+//
+// Why: the dot-product microkernel reloaded all of X (2 MB at 128 x 4096) for every 16 W rows and spent 7
+// loads per 12 FMAs. Here a task decodes 12 rows of W one K slice (256) at a time into an L1 tile and runs
+// the 6 x 16 outer-product kernel of tile_gemm.h over X packed transposed (once per call): one broadcast of
+// a decoded weight feeds two FMAs, as in FP4MatMul's prefill.
+
+namespace {
+// C^T[12][Mpad] (+)= the tile's 12 rows times every 16-row block of xt over K positions [k0, k0 + len).
+QC_AVX2 void outer_tile(const float* tile, int64_t ld, const float* xt, int64_t Kp, int64_t Mpad, int64_t k0,
+                        int64_t len, float* acc, int64_t ldc) {
+  for (int64_t m = 0; m < Mpad; m += kXtLd) {
+    const float* xs = xt + m * Kp + k0 * kXtLd;
+    for (int64_t r = 0; r < kOuterRows; r += 6) {
+      const float* ws = tile + r * ld;
+      const float* rows[6] = {ws, ws + ld, ws + 2 * ld, ws + 3 * ld, ws + 4 * ld, ws + 5 * ld};
+      float* cs = acc + r * ldc + m;
+      if (k0 == 0) tile::outer_product<6, 2, false>(rows, xs, kXtLd, len, cs, ldc);
+      else tile::outer_product<6, 2, true>(rows, xs, kXtLd, len, cs, ldc);
+    }
+  }
+}
+}  // namespace
+
+template <typename C, bool kCheck>
+Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, const float* xt, int64_t rows,
+                         int64_t Kp, const float* scales, const float* bias, DType dtype, void* y, const Parallel& par,
+                         uint32_t* maxc) {
+  constexpr int64_t kLd = kOuterKC + 8;  // tile row stride, off powers of two
+  const int64_t Mpad = (rows + kXtLd - 1) / kXtLd * kXtLd, ldc = Mpad + 8;
+  const uint32_t last = static_cast<uint32_t>(g.S - 1);
+  struct Tile {
+    const C* codes;
+    const float* cb;
+    const Geometry& g;
+    const float* xt;
+    int64_t rows, Kp, Mpad, ldc, n0, nc;
+    const float* scales;
+    const float* bias;
+    DType dtype;
+    void* y;
+    uint32_t last;
+    uint32_t* maxc;
+    float* tile;
+    float* acc;
+    QC_AVX2 void decode(int64_t k0, int64_t len) {
+      uint32_t mx = 0;
+      const int64_t k1 = std::min(k0 + len, g.K);  // Kp past K: zero, so padded X columns meet 0 (never NaN)
+      for (int64_t r = 0; r < kOuterRows; ++r) {
+        float* dst = tile + r * kLd;
+        if (r >= nc) {
+          std::fill(dst, dst + len, 0.0f);
+          continue;
+        }
+        const C* row = codes + (n0 + r) * g.T;
+        // the next slice's codes of this row: 12 rows a row stride apart, which the hardware prefetcher does
+        // not follow far enough ahead (as in FP4MatMul's prefill)
+        const char* next = reinterpret_cast<const char*>(row + ((k0 + len) >> 3) * g.M);
+        const int64_t next_bytes = std::min<int64_t>(len, g.K - k0 - len) / 8 * g.M * static_cast<int64_t>(sizeof(C));
+        for (int64_t b = 0; b < next_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+        int64_t k = k0;
+        if (g.M == 2) {
+          for (; k < k1; k += 8)
+            _mm256_storeu_ps(dst + (k - k0), decode_group_fixed<C, kCheck, 2>(row + (k >> 3) * 2, cb, g.S, last, mx));
+        } else {
+          for (; k < k1; k += 8)
+            _mm256_storeu_ps(dst + (k - k0), decode_group_d8<C, kCheck>(row + (k >> 3) * g.M, cb, g.M, g.S, last, mx));
+        }
+        for (; k < k0 + len; k += 8) _mm256_storeu_ps(dst + (k - k0), _mm256_setzero_ps());
+      }
+      if (kCheck) *maxc = std::max(*maxc, mx);
+    }
+    QC_AVX2 void multiply(int64_t k0, int64_t len) { outer_tile(tile, kLd, xt, Kp, Mpad, k0, len, acc, ldc); }
+    void finish() {
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t r = 0; r < nc; ++r) {
+          const int64_t n = n0 + r;
+          float v = acc[r * ldc + m] * scales[n];
+          if (bias) v += bias[n];
+          if (dtype == DType::kFloat16) static_cast<uint16_t*>(y)[m * g.N + n] = float_to_half(v);
+          else static_cast<float*>(y)[m * g.N + n] = v;
+        }
+    }
+  };
+  return tile::tile_gemm(par, kOp, tile::Plan{g.N, kOuterRows, kOuterRows, Kp, kOuterKC}, [&](int64_t n0, int64_t nc) {
+    thread_local std::vector<float> tile_buf, acc_buf;
+    float* tile = scratch(tile_buf, static_cast<size_t>(kOuterRows * kLd));
+    float* acc = scratch(acc_buf, static_cast<size_t>(kOuterRows * ldc));
+    return Tile{codes, cb, g, xt, rows, Kp, Mpad, ldc, n0, nc, scales, bias, dtype, y, last,
+                maxc + n0 / kOuterRows, tile, acc};
+  });
+}
+
 #define QC_INSTANTIATE(C, kCheck)                                                                             \
   template QC_AVX2 void decode_tile_avx2_d8<C, kCheck>(const C*, const float*, const Geometry&, int64_t, int64_t, \
                                                        int64_t, float*, uint32_t*);                           \
@@ -207,7 +320,10 @@ QC_AVX2 void fused_rows_avx2_d8(const C* codes, const float* cb, const Geometry&
   template QC_AVX2 void fused_rows_avx2_d8<C, kCheck, 3>(const C*, const float*, const Geometry&, const float*, \
                                                          int64_t, int64_t, int64_t, float*, uint32_t*);       \
   template QC_AVX2 void fused_rows_avx2_d8<C, kCheck, 4>(const C*, const float*, const Geometry&, const float*, \
-                                                         int64_t, int64_t, int64_t, float*, uint32_t*);
+                                                         int64_t, int64_t, int64_t, float*, uint32_t*);       \
+  template Status run_outer_avx2_d8<C, kCheck>(const C*, const float*, const Geometry&, const float*, int64_t,    \
+                                               int64_t, const float*, const float*, DType, void*, const Parallel&, \
+                                               uint32_t*);
 QC_INSTANTIATE(uint8_t, false)
 QC_INSTANTIATE(uint8_t, true)
 QC_INSTANTIATE(uint16_t, false)

@@ -9,6 +9,8 @@
 
 #include "qcompile/codebook_matmul.h"
 #include "qcompile/cpu_features.h"
+#include "qcompile/parallel.h"
+#include "qcompile/status.h"
 
 namespace qcompile {
 namespace codebook {
@@ -45,6 +47,15 @@ void lut_rows_u8(const uint8_t* codes, const uint8_t* blk, const float* lut, int
 void lut_rows_u8_tail(const uint8_t* codes, const float* lut, int64_t T, int64_t T16, int64_t n0, int64_t n1,
                       float* acc);
 
+// ---- prefill with outer products (d == 8) --------------------------------------
+
+constexpr int64_t kOuterRows = 12;  // W rows per task (two 6-row microkernel calls)
+constexpr int64_t kOuterKC = 256;   // K slice of the decoded tile (whole groups)
+constexpr int64_t kXtLd = 16;       // rows of X per block of the transposed activations
+
+// X [rows, Kp] (row stride Kp) -> blocks of 16 rows stored k-major, [ceil(rows/16)][Kp][16], zero padded.
+void pack_xt(const float* x, int64_t rows, int64_t Kp, float* xt);
+
 #if QC_X86
 // lut_rows_u8 with BMI2 byte extraction and FMA-pipe adds.
 QC_AVX2_BMI2 void lut_rows_u8_avx2(const uint8_t* codes, const uint8_t* blk, const float* lut, int64_t T,
@@ -54,12 +65,25 @@ QC_AVX2_BMI2 void lut_rows_u8_avx2(const uint8_t* codes, const uint8_t* blk, con
 
 // lut[(g*M + m)*LS + s] = sum_j x[g*d + j] * C[m][s][j] for groups [g0, g1); cbt: codeword-transposed books.
 QC_AVX2 void lut_build_avx2(const float* x, const float* cbt, const Geometry& g, int64_t g0, int64_t g1, float* lut);
+// The same for tables [t0, t1) (t = g*M + m) into out[(t - t0)*LS + s], and (tmax not null) each table's
+// largest |entry| into tmax[t - t0].
+QC_AVX2 void lut_build_tables_avx2(const float* x, const float* cbt, const Geometry& g, int64_t t0, int64_t t1,
+                                   float* out, float* tmax);
 
 // d == 8: output channels [n0, n0 + nb) decoded into the row-major tile wt [kNR][Kp] (rows past nb zero).
 // kCheck: codes are clamped for the read and the largest is recorded in *maxc.
 template <typename C, bool kCheck>
 QC_AVX2 void decode_tile_avx2_d8(const C* codes, const float* cb, const Geometry& g, int64_t n0, int64_t nb,
                                  int64_t Kp, float* wt, uint32_t* maxc);
+
+
+// y[r, n] = scales[n] * dot(x row r, sum of row n's codewords) (+ bias[n]) for every row of X, from xt
+// (pack_xt, Mpad = rows rounded up to 16): tiles of 12 W rows decoded a K slice at a time and multiplied by
+// 6 x 16 outer products. kCheck: codes clamped and the largest per task recorded in maxc[task].
+template <typename C, bool kCheck>
+Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, const float* xt, int64_t rows,
+                         int64_t Kp, const float* scales, const float* bias, DType dtype, void* y, const Parallel& par,
+                         uint32_t* maxc);
 
 // d == 8: out[r * (n1 - n0) + n - n0] = dot(x row r, W row n) for R rows of x (stride ldx), rows [n0, n1).
 template <typename C, bool kCheck, int R>

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <vector>
 
+#include "act_quant.h"
 #include "fp4_matmul_internal.h"
 #include "qcompile/cpu_features.h"
 #include "qcompile/fp4_matmul.h"
@@ -92,6 +93,8 @@ void prepare_row(const Problem& p, const Geometry& g, bool avx2, int64_t m, floa
 #endif
       fwht(row, g.K, p.attrs.hadamard_block);
   }
+  // accuracy_level 4: the op multiplies with the rotated row quantized to int8 (a non-finite row stays as is)
+  if (p.attrs.accuracy_level == kAccuracyInt8) act_quant::round_trip(row, g.Kx);
 #if QC_X86
   if (avx2) {
     for (int64_t b = 0; b < g.Kx; b += kBlock) permute_block_avx2(tmp + b, out + b);
@@ -422,6 +425,20 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
   if (!p.x || !p.w || !p.scales || !p.y) return Status::Error("FP4MatMul: null operand");
   const Geometry g = geometry(p.attrs);
   const bool avx2 = use_avx2();
+  if (p.M == 1 && int8_gemv_available(p.attrs)) {
+    thread_local std::vector<float> row;
+    row.resize(static_cast<size_t>(g.Kx));
+    row_to_float(p, 0, avx2, row.data());
+    std::fill(row.begin() + g.K, row.end(), 0.0f);
+#if QC_X86
+    if (p.attrs.hadamard_block >= 8) fwht_avx2(row.data(), g.K, p.attrs.hadamard_block);
+    else
+#endif
+      if (p.attrs.hadamard_block > 1) fwht(row.data(), g.K, p.attrs.hadamard_block);
+    bool ran = false;
+    QCOMPILE_RETURN_IF_ERROR(run_gemv_int8(p, g, row.data(), par, &ran));
+    if (ran) return Status::OK();  // else a NaN or Inf in X: the fp32 path below carries it
+  }
   const bool outer = avx2 && p.M >= kOuterMinM;
   const int64_t mr = outer ? 8 : kMR;
   int64_t Mpad = p.M == 1 ? 1 : (p.M + mr - 1) / mr * mr;

@@ -121,6 +121,16 @@ Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t M
 struct Avx2Consts {};  // no AVX2 path: only the portable decoder runs
 #endif  // QC_X86
 
+// ---- accuracy_level 4, one row (fp4_matmul_int8.cpp) ------------------------------------------------------
+
+// The int8 GEMV serves this layer on this CPU: accuracy_level 4, G >= 16, AVX2 (QCOMPILE_FP4_NO_AVX2 unset;
+// the AVX-512 VNNI form unless QCOMPILE_FP4_NO_AVX512 is set).
+bool int8_gemv_available(const Attrs& a);
+
+// Y[0, :] from the rotated activation row xrot[0..K): quantized to int8, then integer dot products.
+// *ran = false, nothing written, when the row holds a NaN or Inf (the caller then multiplies in fp32).
+Status run_gemv_int8(const Problem& p, const Geometry& g, const float* xrot, const Parallel& par, bool* ran);
+
 // Weights [k0, k0 + len) of W rows [n0, n0 + nc), scales applied, into a tile (fp4_matmul.cpp).
 void decode_tile(const Problem& p, const Geometry& g, bool avx2, const Avx2Consts& c, int64_t n0, int64_t nc,
                  int64_t rows, const float* scales, int64_t k0, int64_t len, float* tile, int64_t ld);

@@ -24,6 +24,8 @@
 #include "qcompile/cpu_features.h"
 #include "qcompile/spqr_matmul.h"
 #include "simd.h"
+#include "act_quant.h"
+#include "spqr_int8.h"
 #include "spqr_lut_i16.h"
 #include "spqr_matmul_internal.h"
 #include "tile_gemm.h"
@@ -99,7 +101,7 @@ void rows_scalar(const Call& c, int64_t r0, int64_t r1) {
       wrow[p] = scale[g] * ((float)code_at(row, p, s.bits) - zero[g]);
     }
     for (int64_t m = 0; m < c.M; ++m) {
-      const float* x = c.xk + m * c.Kc;
+      const float* x = c.xk + m * c.x_stride();
       float acc = 0.f;
       for (int64_t p = 0; p < s.K; ++p) acc += x[p] * wrow[p];
       acc = acc * c.dense_scale + outliers(c, n, m);
@@ -110,11 +112,18 @@ void rows_scalar(const Call& c, int64_t r0, int64_t r1) {
 }
 
 bool force_scalar() { return env_flag("QCOMPILE_SPQR_SCALAR"); }
-bool use_avx2() { return avx2_enabled("QCOMPILE_SPQR_SCALAR"); }
+[[maybe_unused]] bool use_avx2() { return avx2_enabled("QCOMPILE_SPQR_SCALAR"); }
 
 // The batch-1 walk over constant codes runs on fixed-point pair tables (spqr_lut_i16.h) for this layer on
 // this CPU: what prepare_constant_codes lays the codes out for, and what matmul_cpu checks it against.
-bool use_pairs_walk(const Attrs& a) { return cpu_has_avx2() && lut_i16::available() && lut_i16::supports(a); }
+bool use_pairs_walk(const Attrs& a) {
+  return a.accuracy_level != kAccuracyFp32 && cpu_has_avx2() && lut_i16::available() && lut_i16::supports(a);
+}
+
+// The batch-1 walk over constant codes is the int8 one (spqr_int8.h): accuracy_level 4 and the CPU for it.
+bool use_int8_walk(const Attrs& a) {
+  return a.accuracy_level == kAccuracyInt8 && int8_walk::available() && int8_walk::supports(a);
+}
 
 // Rows per task: whole 16-row panels, about 256K weight-ops per task so the pool's per-task cost
 // stays small while every thread still gets several tasks.
@@ -170,13 +179,14 @@ void recompute_non_finite(const float* xf, int64_t M, const Attrs& s, const Weig
 Status run_paths(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
                  const PreparedCodes* prep, const Parallel& par) {
   const int64_t Kc = s.chunks() * kChunk, G = s.groups(), Gp = round_up(G, 8);
+  const int64_t ldx = M > 1 ? Kc + 16 : Kc;  // (Call::ldx)
   // Kept per calling thread: no allocation (nor page faults) per call.
   thread_local std::vector<float> xk, xsum;
-  xk.assign((size_t)(M * Kc), 0.f);
+  xk.assign((size_t)(M * ldx), 0.f);
   xsum.assign((size_t)(M * Gp), 0.f);
   for (int64_t m = 0; m < M; ++m) {
     const float* src = xf + m * s.K;
-    float* dst = xk.data() + m * Kc;
+    float* dst = xk.data() + m * ldx;
     if (w.perm && w.perm_int16) {
       gather(src, (const int16_t*)w.perm, s.K, dst);
     } else if (w.perm) {
@@ -187,7 +197,7 @@ Status run_paths(const float* xf, int64_t M, const Attrs& s, const Weights& w, c
   }
   const float dense_scale = M == 1 ? scale_down_large_activations(xk.data(), s.K) : 1.0f;
   for (int64_t m = 0; m < M; ++m) {
-    const float* xs = xk.data() + m * Kc;
+    const float* xs = xk.data() + m * ldx;
     for (int64_t p = 0; p < s.K; ++p) xsum[(size_t)(m * Gp + p / s.group_size)] += xs[p];
   }
   thread_local std::vector<int32_t> inv;
@@ -219,7 +229,7 @@ Status run_paths(const float* xf, int64_t M, const Attrs& s, const Weights& w, c
         }
   }
   const Call c{&s, &w, M, xk.data(), Kc, xf, xsum.data(), Gp, bias, y, inv.empty() ? nullptr : inv.data(),
-               prep, prep ? xl.data() : nullptr, dense_scale};
+               prep, prep ? xl.data() : nullptr, dense_scale, ldx};
   const int64_t rpt = rows_per_task(s, M);
   void (*rows)(const Call&, int64_t, int64_t) = rows_scalar;
 #if QC_X86
@@ -234,9 +244,57 @@ Status run_paths(const float* xf, int64_t M, const Attrs& s, const Weights& w, c
   });
 }
 
+// accuracy_level 4: each row of X quantized to int8 in blocks of 16 stored positions (act_quant.h). xhat
+// gets x̂ in original order (a non-finite row as it is); q and qs the stored-order codes and scales of the
+// first row (Kc and Kc / 16 entries, zero padded). Returns whether that row was finite.
+bool quantize_stored(const float* xf, int64_t M, const Attrs& s, const Weights& w, float* xhat, int8_t* q, float* qs) {
+  const int64_t Kc = s.chunks() * kChunk;
+  thread_local std::vector<float> xs;
+  thread_local std::vector<int8_t> qrow;
+  thread_local std::vector<float> srow;
+  xs.assign((size_t)Kc, 0.f);
+  qrow.resize((size_t)Kc);
+  srow.resize((size_t)(Kc / act_quant::kBlock));
+  bool first_finite = false;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = xf + m * s.K;
+    float* dst = xhat + m * s.K;
+    for (int64_t p = 0; p < s.K; ++p) xs[(size_t)p] = src[w.perm ? perm_at(w, p) : p];
+    const bool ok = act_quant::quantize(xs.data(), Kc, qrow.data(), srow.data());
+    if (m == 0) first_finite = ok;
+    if (!ok) {
+      std::memcpy(dst, src, sizeof(float) * (size_t)s.K);
+      continue;
+    }
+    for (int64_t p = 0; p < s.K; ++p)
+      dst[w.perm ? perm_at(w, p) : p] = srow[(size_t)(p / act_quant::kBlock)] * (float)qrow[(size_t)p];
+    if (m == 0) {
+      std::memcpy(q, qrow.data(), (size_t)Kc);
+      std::memcpy(qs, srow.data(), sizeof(float) * (size_t)(Kc / act_quant::kBlock));
+    }
+  }
+  return first_finite;
+}
+
 // The driver: xf is fp32 [M, K] in original order; y fp32 [M, N].
 Status run(const float* xf, int64_t M, const Attrs& s, const Weights& w, const float* bias, float* y,
            const PreparedCodes* prep, const Parallel& par) {
+  if (s.accuracy_level == kAccuracyInt8) {  // the op multiplies with x̂
+    const int64_t Kc = s.chunks() * kChunk;
+    thread_local std::vector<float> xhat, qs;
+    thread_local std::vector<int8_t> q;
+    xhat.resize((size_t)(M * s.K));
+    q.assign((size_t)Kc, 0);
+    qs.assign((size_t)(Kc / act_quant::kBlock), 0.f);
+    const bool finite = quantize_stored(xf, M, s, w, xhat.data(), q.data(), qs.data());
+    xf = xhat.data();
+    if (M == 1 && finite && prep && !prep->int8.empty()) {
+      QCOMPILE_RETURN_IF_ERROR(int8_walk::run(s, w, q.data(), qs.data(), xf, bias, y, prep->int8.data(), par));
+      if (!simd::all_finite(y, s.N)) recompute_non_finite(xf, M, s, w, bias, y);
+      return Status::OK();
+    }
+    if (prep && !prep->int8.empty()) prep = nullptr;  // the other batch-1 walks have no layout prepared
+  }
   QCOMPILE_RETURN_IF_ERROR(run_paths(xf, M, s, w, bias, y, prep, par));
   if (!simd::all_finite(y, M * s.N)) recompute_non_finite(xf, M, s, w, bias, y);
   return Status::OK();
@@ -253,6 +311,7 @@ Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, const uint3
   out->stat_lanes.clear();
   out->stat_blocks = 0;
   out->pairs.clear();
+  out->int8.clear();
   out->per_lane = 32 / a.bits;
   const int64_t block = 8 * out->per_lane;
   out->blocks = (a.chunks() * kChunk) / block;
@@ -261,6 +320,11 @@ Status prepare_constant_codes(const Attrs& a, const uint32_t* codes, const uint3
 #else
   const bool useful = false;
 #endif
+  if (use_int8_walk(a)) {  // the walk this CPU will run at accuracy_level 4
+    out->int8.resize((size_t)int8_walk::prepared_bytes(a));
+    int8_walk::pack(a, codes, stat_codes, out->int8.data());
+    return Status::OK();
+  }
   if (use_pairs_walk(a)) {  // the walk this CPU will run
     out->pairs.resize((size_t)lut_i16::prepared_bytes(a));
     lut_i16::pack(a, codes, stat_codes, out->pairs.data());
@@ -308,7 +372,7 @@ Status matmul_cpu(const Problem& p, const Parallel& par) {
                     p.M == 1 && !force_scalar();
   const PreparedCodes* prep =
       same && ((!p.prepared->lanes.empty() && p.prepared->per_lane == 32 / a.bits) ||
-               (!p.prepared->pairs.empty() && use_pairs_walk(a)))
+               (!p.prepared->pairs.empty() && use_pairs_walk(a)) || (!p.prepared->int8.empty() && use_int8_walk(a)))
           ? p.prepared
           : nullptr;
   if (p.dtype == DType::kFloat32)

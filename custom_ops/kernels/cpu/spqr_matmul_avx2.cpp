@@ -371,51 +371,49 @@ QC_AVX2 void rows_avx2_m1(const Call& c, int64_t r0, int64_t r1) {
 
 namespace {
 
-// M > 1, GEMM-style (tile::tile_gemm): a panel of kPanel rows is dequantized K-slice by K-slice into a
-// transposed buffer (kSlice positions x 16 rows = 32 KB, L1/L2-resident) and every block of up to 6 rows of
-// X runs an outer-product microkernel over it (12 accumulators: per position 2 weight loads, 6 broadcasts,
-// 12 FMAs).
-constexpr int kPanel = 16;
-constexpr int64_t kSlice = 512;  // multiple of 32
+// M > 1, GEMM-style (tile::tile_gemm), as FP4MatMul's prefill: a task owns kTileRows rows of W; per K slice
+// it dequantizes them, scale · (code − zero) plus the slice's outliers, into a row-major L1 tile, and a 6 x 16
+// outer-product microkernel multiplies the tile with every 16-row block of X, packed transposed once per call
+// in stored order. (A transposed panel, the former layout, cost eight 8x8 transposes per 64 weights.)
+constexpr int64_t kTileRows = 12;  // two 6-row microkernel calls
+constexpr int64_t kSlice = 256;    // K positions per tile (whole groups of 16)
+constexpr int64_t kTileLd = kSlice + 8;
+constexpr int64_t kXtLd = 16;
 
-// One outlier of a panel: stored position, row within the panel, value.
-struct PanelEntry {
+// One outlier of a tile: stored position, row within the tile, value.
+struct TileEntry {
   int32_t p;
   int32_t r;
   float v;
 };
 
-// A panel's working set, kept per thread across calls.
-struct PanelScratch {
-  std::vector<float> panel, scale, zero, offs;
-  std::vector<PanelEntry> entries;  // the panel's outliers, bucketed by K slice
+// A tile's working set, kept per thread across calls.
+struct TileScratch {
+  std::vector<float> tile, acc, scale, offs;
+  std::vector<TileEntry> entries;  // the tile's outliers, bucketed by K slice
   std::vector<size_t> bucket_start, fill_pos;
-  const uint8_t* rows[kPanel];
 };
 
-PanelScratch& panel_scratch() {
-  thread_local PanelScratch s;
+TileScratch& tile_scratch() {
+  thread_local TileScratch s;
   return s;
 }
 
-// Statistics and row pointers of rows [n0, n0 + nr), their outputs zeroed, their outliers bucketed by the
-// K slice of their stored position (a column names an input feature).
-QC_AVX2 void panel_begin(const Call& c, int64_t n0, int nr, PanelScratch& s) {
-  const Attrs& a = *c.s;
+// Statistics (scale and -scale·zero per group) of rows [n0, n0 + nr) and their outliers bucketed by the K
+// slice of their stored position (a column names an input feature).
+QC_AVX2 void tile_begin(const Call& c, int64_t n0, int nr, int64_t ldc, TileScratch& s) {
   const int64_t Gp = c.Gp;
   s.bucket_start.resize((size_t)((c.Kc + kSlice - 1) / kSlice + 1));
-  s.panel.resize((size_t)(kSlice * kPanel));
-  s.scale.resize((size_t)(kPanel * Gp));
-  s.zero.resize((size_t)(kPanel * Gp));
-  s.offs.resize((size_t)(kPanel * Gp));
+  s.tile.resize((size_t)(kTileRows * kTileLd));
+  s.acc.resize((size_t)(kTileRows * ldc));
+  s.scale.resize((size_t)(kTileRows * Gp));
+  s.offs.resize((size_t)(kTileRows * Gp));
   for (int r = 0; r < nr; ++r) {
-    stats_avx2(c, n0 + r, s.scale.data() + r * Gp, s.zero.data() + r * Gp);
-    for (int64_t g = 0; g < Gp; ++g)
-      s.offs[(size_t)(r * Gp + g)] = -s.scale[(size_t)(r * Gp + g)] * s.zero[(size_t)(r * Gp + g)];
-    s.rows[r] = (const uint8_t*)c.w->codes + (n0 + r) * a.code_words() * 4;
+    float* sc = s.scale.data() + r * Gp;
+    float* off = s.offs.data() + r * Gp;
+    stats_avx2(c, n0 + r, sc, off);  // off holds zero until the next line
+    for (int64_t g = 0; g < Gp; ++g) off[g] = -sc[g] * off[g];
   }
-  for (int r = nr; r < kPanel; ++r) s.rows[r] = s.rows[0];
-  for (int64_t m = 0; m < c.M; ++m) std::memset(c.y + m * a.N + n0, 0, sizeof(float) * (size_t)nr);
   std::fill(s.bucket_start.begin(), s.bucket_start.end(), 0);
   const int64_t o0 = row_offset(*c.w, n0), o1 = row_offset(*c.w, n0 + nr);
   s.entries.resize((size_t)(o1 - o0));
@@ -430,117 +428,127 @@ QC_AVX2 void panel_begin(const Call& c, int64_t n0, int nr, PanelScratch& s) {
     for (int64_t o = row_offset(*c.w, n0 + r), end = row_offset(*c.w, n0 + r + 1); o < end; ++o) {
       const int64_t col = col_at(*c.w, o);
       const int32_t p = c.inv_perm ? c.inv_perm[col] : (int32_t)col;
-      s.entries[s.fill_pos[(size_t)(p / kSlice)]++] = PanelEntry{p, r, _cvtsh_ss(c.w->values[o])};
+      s.entries[s.fill_pos[(size_t)(p / kSlice)]++] = TileEntry{p, r, _cvtsh_ss(c.w->values[o])};
     }
 }
 
-// Dequantizes block q (codes 8q..8q+7) of chunk ch for 8 rows and stores it transposed: panel row p holds
-// the 16 rows' values at position p.
-template <int BITS, int Q>
-QC_AVX2 inline void panel_block(const uint8_t* const* rows, int nr8, int64_t ch, const float* sc, const float* off,
-                                float* dst) {
-  __m256 v[8];
-  for (int r = 0; r < 8; ++r)
-    v[r] = r < nr8 ? _mm256_fmadd_ps(decode8q<BITS, Q>(rows[r] + 4 * BITS * ch), _mm256_set1_ps(sc[r]),
-                                     _mm256_set1_ps(off[r]))
-                   : _mm256_setzero_ps();
-  simd::transpose8(v);
-  for (int t = 0; t < 8; ++t) _mm256_storeu_ps(dst + t * kPanel, v[t]);
-}
-
-// The panel's weights at stored positions [ks, ks + len), transposed, outliers added.
+// The tile's weights at stored positions [ks, ks + len), outliers added; rows past nr are zero.
 template <int BITS>
-QC_AVX2 void panel_decode(const Call& c, int64_t ks, int64_t len, int nr, PanelScratch& s) {
+QC_AVX2 void tile_decode(const Call& c, int64_t n0, int nr, int64_t ks, int64_t len, TileScratch& s) {
   const Attrs& a = *c.s;
-  const int64_t Gp = c.Gp;
-  for (int64_t ch = ks / 32; ch < (ks + len) / 32; ++ch) {
-    // a group is a multiple of 16 positions: each half-chunk lies in one group
-    const int64_t ga = (32 * ch) / a.group_size, gb = (32 * ch + 16) / a.group_size;
-    float* dst = s.panel.data() + (32 * ch - ks) * kPanel;
-    for (int half = 0; half < 2; ++half) {
-      const int nr8 = std::max(0, std::min(8, nr - 8 * half));
-      const uint8_t* const* rr = s.rows + 8 * half;
-      float sa[8], oa[8], sb[8], ob[8];
-      for (int r = 0; r < 8; ++r) {
-        const int rr_idx = 8 * half + r;
-        const bool live = r < nr8;
-        sa[r] = live ? s.scale[(size_t)(rr_idx * Gp + ga)] : 0.f;
-        oa[r] = live ? s.offs[(size_t)(rr_idx * Gp + ga)] : 0.f;
-        sb[r] = live ? s.scale[(size_t)(rr_idx * Gp + gb)] : 0.f;
-        ob[r] = live ? s.offs[(size_t)(rr_idx * Gp + gb)] : 0.f;
+  const int64_t Gp = c.Gp, bpr = a.code_words() * 4;
+  for (int r = 0; r < kTileRows; ++r) {
+    float* dst = s.tile.data() + r * kTileLd;
+    if (r >= nr) {
+      std::fill(dst, dst + len, 0.0f);
+      continue;
+    }
+    const uint8_t* row = (const uint8_t*)c.w->codes + (n0 + r) * bpr;
+    // the next slice's codes of this row: kTileRows rows a row apart, which the hardware prefetcher does not
+    // follow far enough ahead
+    if (ks + len < c.Kc)
+      for (int64_t b = 0; b < len * BITS / 8; b += 64) _mm_prefetch((const char*)(row + (ks + len) * BITS / 8 + b), _MM_HINT_T0);
+    const float* sc = s.scale.data() + r * Gp;
+    const float* off = s.offs.data() + r * Gp;
+    // a 32-code chunk at a time (ks and len are whole chunks): each of its halves lies in one group
+    const int64_t gs16 = a.group_size / 16;
+    int64_t h = ks / 16, g = h / gs16, hg = h - g * gs16;  // (one division per row and slice, not per code)
+    for (int64_t ch = ks / 32; ch < (ks + len) / 32; ++ch) {
+      const uint8_t* chunk = row + 4 * BITS * ch;
+      float* d = dst + 32 * ch - ks;
+      const __m256 sa = _mm256_broadcast_ss(sc + g), oa = _mm256_broadcast_ss(off + g);
+      if (++hg == gs16) {
+        hg = 0;
+        ++g;
       }
-      float* d = dst + 8 * half;
-      panel_block<BITS, 0>(rr, nr8, ch, sa, oa, d);
-      panel_block<BITS, 1>(rr, nr8, ch, sa, oa, d + 8 * kPanel);
-      panel_block<BITS, 2>(rr, nr8, ch, sb, ob, d + 16 * kPanel);
-      panel_block<BITS, 3>(rr, nr8, ch, sb, ob, d + 24 * kPanel);
+      const __m256 sb = _mm256_broadcast_ss(sc + g), ob = _mm256_broadcast_ss(off + g);
+      if (++hg == gs16) {
+        hg = 0;
+        ++g;
+      }
+      _mm256_storeu_ps(d, _mm256_fmadd_ps(decode8q<BITS, 0>(chunk), sa, oa));
+      _mm256_storeu_ps(d + 8, _mm256_fmadd_ps(decode8q<BITS, 1>(chunk), sa, oa));
+      _mm256_storeu_ps(d + 16, _mm256_fmadd_ps(decode8q<BITS, 2>(chunk), sb, ob));
+      _mm256_storeu_ps(d + 24, _mm256_fmadd_ps(decode8q<BITS, 3>(chunk), sb, ob));
     }
   }
   // padding positions p >= K meet x == 0; keep them exactly 0 even for non-finite statistics
   for (int64_t p = std::max(ks, a.K); p < ks + len; ++p)
-    std::memset(s.panel.data() + (p - ks) * kPanel, 0, sizeof(float) * kPanel);
-  // outliers add to the dequantized panel, in this slice's bucket
+    for (int r = 0; r < kTileRows; ++r) s.tile[(size_t)(r * kTileLd + p - ks)] = 0.0f;
+  // outliers add to the dequantized tile, in this slice's bucket
   for (size_t e = s.bucket_start[(size_t)(ks / kSlice)]; e < s.bucket_start[(size_t)(ks / kSlice) + 1]; ++e)
-    s.panel[(size_t)(s.entries[e].p - ks) * kPanel + s.entries[e].r] += s.entries[e].v;
+    s.tile[(size_t)(s.entries[e].r * kTileLd + s.entries[e].p - ks)] += s.entries[e].v;
 }
 
-// Y[m0 .. m0+MR) [n0 .. n0+nr) += X rows (stored order, positions ks ..) times the panel slice.
-template <int MR>
-QC_AVX2 void panel_rows(const Call& c, const float* panel, int64_t ks, int64_t len, int64_t m0, int64_t n0, int nr) {
-  const float* xrows[MR];
-  for (int i = 0; i < MR; ++i) xrows[i] = c.xk + (m0 + i) * c.Kc + ks;
-  alignas(32) float out[MR * kPanel];
-  tile::outer_product<MR, 2, false>(xrows, panel, kPanel, len, out, kPanel);
-  for (int i = 0; i < MR; ++i) {
-    float* y = c.y + (m0 + i) * c.s->N + n0;
-    for (int r = 0; r < nr; ++r) y[r] += out[i * kPanel + r];
-  }
-}
-
-// Every row of X against the panel slice, in blocks of 6 (then 4, 2, 1).
-QC_AVX2 void panel_multiply(const Call& c, const float* panel, int64_t ks, int64_t len, int64_t n0, int nr) {
-  int64_t m0 = 0;
-  while (m0 < c.M) {
-    const int64_t rem = c.M - m0;
-    if (rem >= 6) {
-      panel_rows<6>(c, panel, ks, len, m0, n0, nr);
-      m0 += 6;
-    } else if (rem >= 4) {
-      panel_rows<4>(c, panel, ks, len, m0, n0, nr);
-      m0 += 4;
-    } else if (rem >= 2) {
-      panel_rows<2>(c, panel, ks, len, m0, n0, nr);
-      m0 += 2;
-    } else {
-      panel_rows<1>(c, panel, ks, len, m0, n0, nr);
-      m0 += 1;
+// C^T[12][Mpad] (+)= the tile's rows times every 16-row block of xt ([Mpad/16][Kc][16]) over [ks, ks + len).
+QC_AVX2 void tile_multiply(const float* tile, const float* xt, int64_t Kc, int64_t Mpad, int64_t ks, int64_t len,
+                           float* acc, int64_t ldc) {
+  for (int64_t m = 0; m < Mpad; m += kXtLd) {
+    const float* xs = xt + m * Kc + ks * kXtLd;
+    for (int64_t r = 0; r < kTileRows; r += 6) {
+      const float* ws = tile + r * kTileLd;
+      const float* rows[6] = {ws, ws + kTileLd, ws + 2 * kTileLd, ws + 3 * kTileLd, ws + 4 * kTileLd,
+                              ws + 5 * kTileLd};
+      float* cs = acc + r * ldc + m;
+      if (ks == 0) tile::outer_product<6, 2, false>(rows, xs, kXtLd, len, cs, ldc);
+      else tile::outer_product<6, 2, true>(rows, xs, kXtLd, len, cs, ldc);
     }
   }
+}
+
+// xk rows (stride ldx) -> blocks of 16 rows stored k-major, [Mpad/16][Kc][16], zero padded, via 8x8
+// transposes.
+QC_AVX2 void pack_xt(const Call& c, int64_t Mpad, float* xt) {
+  const int64_t ldx = c.x_stride();
+  alignas(32) static const float zeros[8] = {};
+  for (int64_t m0 = 0; m0 < Mpad; m0 += 8)
+    for (int64_t k = 0; k < c.Kc; k += 8) {
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i) v[i] = m0 + i < c.M ? _mm256_loadu_ps(c.xk + (m0 + i) * ldx + k) : _mm256_load_ps(zeros);
+      simd::transpose8(v);
+      float* dst = xt + (m0 / kXtLd) * c.Kc * kXtLd + m0 % kXtLd;
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (k + i) * kXtLd, v[i]);
+    }
 }
 
 }  // namespace
 
 template <int BITS>
 Status run_panels(const Call& c, int64_t rows_per_task, const Parallel& par) {
-  struct Panel {
+  const int64_t Mpad = (c.M + kXtLd - 1) / kXtLd * kXtLd, ldc = Mpad + 8;
+  thread_local std::vector<float> xt_buf;
+  try {
+    xt_buf.resize((size_t)(Mpad * c.Kc));
+  } catch (const std::bad_alloc&) {
+    return Status::Error("SpQRMatMul: out of memory for the activation buffer");
+  }
+  const float* xt = xt_buf.data();
+  pack_xt(c, Mpad, xt_buf.data());
+  struct Tile {
     const Call& c;
-    int64_t n0;
+    const float* xt;
+    int64_t Mpad, ldc, n0;
     int nr;
-    PanelScratch& s;
-    void decode(int64_t ks, int64_t len) { panel_decode<BITS>(c, ks, len, nr, s); }
-    void multiply(int64_t ks, int64_t len) { panel_multiply(c, s.panel.data(), ks, len, n0, nr); }
+    TileScratch& s;
+    void decode(int64_t ks, int64_t len) { tile_decode<BITS>(c, n0, nr, ks, len, s); }
+    void multiply(int64_t ks, int64_t len) {
+      tile_multiply(s.tile.data(), xt, c.Kc, Mpad, ks, len, s.acc.data(), ldc);
+    }
     void finish() {
-      if (c.bias)
-        for (int64_t m = 0; m < c.M; ++m)
-          for (int r = 0; r < nr; ++r) c.y[m * c.s->N + n0 + r] += c.bias[n0 + r];
+      for (int64_t m = 0; m < c.M; ++m)
+        for (int r = 0; r < nr; ++r)
+          c.y[m * c.s->N + n0 + r] = s.acc[(size_t)(r * ldc + m)] + (c.bias ? c.bias[n0 + r] : 0.f);
     }
   };
-  const tile::Plan plan{c.s->N, rows_per_task, kPanel, c.Kc, kSlice};
-  return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nr) {
-    PanelScratch& s = panel_scratch();
-    panel_begin(c, n0, (int)nr, s);
-    return Panel{c, n0, (int)nr, s};
+  const int64_t rpt = (rows_per_task + kTileRows - 1) / kTileRows * kTileRows;
+  const tile::Plan plan{c.s->N, rpt, kTileRows, c.Kc, kSlice};
+  const Status st = tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nr) {
+    TileScratch& s = tile_scratch();
+    tile_begin(c, n0, (int)nr, ldc, s);
+    return Tile{c, xt, Mpad, ldc, n0, (int)nr, s};
   });
+  if (xt_buf.capacity() > (size_t{16} << 20)) std::vector<float>().swap(xt_buf);  // do not pin >64 MB per thread
+  return st;
 }
 
 template QC_AVX2 void rows_avx2_m1<3>(const Call&, int64_t, int64_t);

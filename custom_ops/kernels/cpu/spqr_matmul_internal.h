@@ -39,6 +39,10 @@ struct Call {
   // scale_down_large_activations); a row's dense part is computed from them and multiplied by dense_scale
   // before the outliers (read from xorig, unscaled) and the bias are added.
   float dense_scale = 1.0f;
+  // Row stride of xk when M > 1 (0: Kc). Kc + 16 there: rows a power of two apart (16 KB at K = 4096) put the
+  // prefill kernel's six X rows, read side by side, in the same L1 sets.
+  int64_t ldx = 0;
+  int64_t x_stride() const { return ldx ? ldx : Kc; }
 };
 
 // M == 1 walks sum x·code and x over a group before the group's scale shrinks them, so activations far

@@ -6,11 +6,12 @@ from __future__ import annotations
 from qcompile.formats.aqlm import fuzz
 from qcompile.errors import FormatError
 from qcompile.formats.aqlm import reference as ref
-from qcompile.formats.aqlm.bench import CODEBOOK_BENCH
+from qcompile.formats.aqlm.bench import CODEBOOK_BENCH, CODEBOOK_BENCH_A4
 from qcompile.formats.aqlm.finetune import tune_codebooks
 from qcompile.formats.aqlm.numerics import quantize_codebook
 from qcompile.formats.aqlm.weight import CodebookQuantizedWeight
-from qcompile.formats.base import Format, OpSpec, Option, at_least, between, finetune_options
+from qcompile.formats.base import (Format, OpSpec, Option, accuracy_level_option, at_least, between, finetune_options,
+                                   set_accuracy_level)
 
 OP = OpSpec("qcompile", "CodebookMatMul", ref.codebook_matmul, needs_library=True, fuzz=fuzz.SPEC,
             inputs=("codes", "codebooks", "scales", "bias"))
@@ -31,6 +32,7 @@ def _options(m: int, b: int, beam: int, rounds: int, kmeans_iters: int) -> dict[
         "damp": Option(float, 0.01, "added to the Hessian diagonal, relative to its mean", rule=at_least(0)),
         "seed": Option(int, 0, "seed of k-means sampling and init"),
         "progress": Option(bool, False, "per-layer progress bar with the running error"),
+        "accuracy_level": accuracy_level_option(),
         **finetune_options(),  # on by default: see qcompile.solvers.distill
     }
 
@@ -41,8 +43,8 @@ def _check_layer(k: int, n: int, opts: dict) -> None:
 
 
 def _aqlm_format(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters: int, note: str) -> Format:
-    def quantize(weight_kn, hessian, **opts):
-        return quantize_codebook(weight_kn, hessian, name=name, **opts)
+    def quantize(weight_kn, hessian, accuracy_level: int = 0, **opts):
+        return set_accuracy_level(quantize_codebook(weight_kn, hessian, name=name, **opts), accuracy_level)
 
     return Format(
         name=name,
@@ -58,7 +60,7 @@ def _aqlm_format(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters
         default_emit="native",
         tune=tune_codebooks,
         tunable=("codebooks", "scales"),
-        bench=(CODEBOOK_BENCH,) if (m, b) == (2, 8) else (),
+        bench=(CODEBOOK_BENCH, CODEBOOK_BENCH_A4) if (m, b) == (2, 8) else (),
         check_layer=_check_layer,
         embeddings="int4",  # int8 tables would be larger than all of a 2-bit model's linears
     )

@@ -5,6 +5,8 @@ Codes are random, so the timing is that of a real layer (the kernel's work does 
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -17,7 +19,7 @@ IN_GROUP = 8
 
 
 def build_codebook(K: int, N: int, dtype: np.dtype, rng: np.random.Generator, *, num_codebooks: int = NUM_CODEBOOKS,
-                   nbits: int = NBITS, in_group_size: int = IN_GROUP) -> onnx.ModelProto:
+                   nbits: int = NBITS, in_group_size: int = IN_GROUP, accuracy_level: int = 0) -> onnx.ModelProto:
     """One CodebookMatMul node ``y[M, N] = x[M, K] @ W`` with random codes, codebooks and scales."""
     size = 2**nbits
     code_dtype = np.uint8 if size <= 256 else np.uint16
@@ -27,7 +29,8 @@ def build_codebook(K: int, N: int, dtype: np.dtype, rng: np.random.Generator, *,
     inits = [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(books, "codebooks"),
              numpy_helper.from_array(scales, "scales")]
     node = helper.make_node("CodebookMatMul", ["x", "codes", "codebooks", "scales"], ["y"], domain="qcompile",
-                            K=K, N=N, num_codebooks=num_codebooks, codebook_size=size, in_group_size=in_group_size)
+                            K=K, N=N, num_codebooks=num_codebooks, codebook_size=size, in_group_size=in_group_size,
+                            **({"accuracy_level": accuracy_level} if accuracy_level else {}))
     return one_node_model(node, inits, K, N, dtype, {"qcompile": 1})
 
 
@@ -39,3 +42,6 @@ def codebook_bytes(K: int, N: int, num_codebooks: int = NUM_CODEBOOKS, nbits: in
 
 
 CODEBOOK_BENCH = BenchOp("CodebookMatMul", build_codebook, codebook_bytes)
+#: accuracy_level 4 (the batch-1 walk's table in int8 on CPU)
+CODEBOOK_BENCH_A4 = BenchOp("CodebookMatMul-a4", functools.partial(build_codebook, accuracy_level=4), codebook_bytes,
+                            providers=("cpu",))

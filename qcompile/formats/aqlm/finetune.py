@@ -110,8 +110,10 @@ def tune_codebooks(source: Any, quantized: dict[str, QuantizedWeight], calib: np
 
     def from_module(q: CodebookQuantizedWeight, mod: CodebookLinear) -> CodebookQuantizedWeight:
         books, scales = mod.stored()
-        return CodebookQuantizedWeight(q.format_name, q.codes, np.clip(books, -65504, 65504),
-                                       np.clip(scales, -65504, 65504), q.history)
+        out = CodebookQuantizedWeight(q.format_name, q.codes, np.clip(books, -65504, 65504),
+                                      np.clip(scales, -65504, 65504), q.history)
+        out.accuracy_level = q.accuracy_level
+        return out
 
     return tune_format_layers(source, calib, opts, progress, float_names, layers, to_module, from_module,
                               desc="aqlm finetune")

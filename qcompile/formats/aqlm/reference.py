@@ -84,8 +84,11 @@ def dequantize(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray) -> 
 
 def codebook_matmul(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray,
                     bias: np.ndarray | None = None, *, K: int, N: int, num_codebooks: int, codebook_size: int,
-                    in_group_size: int) -> np.ndarray:
-    """The op: validates, then ``Y = X @ Wᵀ + bias`` in float32, returned in X's dtype."""
+                    in_group_size: int, accuracy_level: int = 0) -> np.ndarray:
+    """The op: validates, then ``Y = X @ Wᵀ + bias`` in float32, returned in X's dtype.
+
+    ``accuracy_level`` does not change the result: level 4 lets the CPU kernel's batch-1 walk round its table to
+    int8 (:func:`lut_int8_matmul` is that computation), any kernel may compute exactly as here."""
     x = np.asarray(x)
     validate(x.shape, codes, codebooks, scales, bias, K=K, N=N, num_codebooks=num_codebooks,
              codebook_size=codebook_size, in_group_size=in_group_size, x_dtype=x.dtype)
@@ -116,3 +119,59 @@ def lut_fixed_point_error_bound(x_row: np.ndarray, codebooks: np.ndarray, scales
     step = np.abs(lut[:full]).reshape(-1, LUT_SLICE_TABLES * s).max(axis=1) / LUT_I16_MAX
     per_entry = LUT_SLICE_TABLES / 2 * step.sum()
     return np.abs(scales.astype(np.float64)) * per_entry
+
+
+#: accuracy_level 4: the batch-1 walk's table in int8. Per slice of LUT_SLICE_TABLES tables with largest |entry|
+#: m, table t's step is m / (127 * 2^e_t), e_t the largest of 0..LUT_I8_FINER with 2^e_t * max_t <= m.
+LUT_I8_MAX = 127
+LUT_I8_FINER = 4
+
+
+def lut_tables(x_row: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    """``[G*M, S]`` float32: ``lut[g*M + m, s] = x[g*d:(g+1)*d] . codebooks[m, s]`` (the kernel sums in float32
+    with FMAs; this sums in float64 and rounds once, so entries may differ from the kernel's in the last bit)."""
+    m, s, d = codebooks.shape
+    x = np.asarray(x_row, dtype=np.float64).reshape(-1, d)
+    return np.einsum("gj,msj->gms", x, codebooks.astype(np.float64)).reshape(-1, s).astype(np.float32)
+
+
+def lut_int8_steps(lut: np.ndarray) -> np.ndarray:
+    """``[T16]`` float64: each whole slice's table's step (the last ``T mod 16`` tables stay float32)."""
+    full = lut.shape[0] // LUT_SLICE_TABLES * LUT_SLICE_TABLES
+    tmax = np.abs(lut[:full]).max(axis=1).reshape(-1, LUT_SLICE_TABLES).astype(np.float32)  # [slices, 16]
+    m = tmax.max(axis=1, keepdims=True)
+    e = np.zeros_like(tmax, dtype=np.int64)
+    for _ in range(LUT_I8_FINER):
+        e += (m > 0) & (e < LUT_I8_FINER) & (tmax * np.float32(2.0) ** (e + 1) <= m)
+    return (m.astype(np.float64) / (LUT_I8_MAX * 2.0 ** e)).reshape(-1), e.reshape(-1)
+
+
+def lut_int8_matmul(x_row: np.ndarray, codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray,
+                    bias: np.ndarray | None = None) -> np.ndarray:
+    """``[N]`` float32: one row of the op as the accuracy_level 4 batch-1 walk computes it: each table of a
+    whole slice rounded to multiples of its step (:func:`lut_int8_steps`; ``rint(entry * (127 * 2^e / m))``
+    in float32), the last ``G*M mod 16`` tables kept float32, then
+    ``scales[n] * Σ_t lut[t, codes[n, t]] (+ bias)``."""
+    lut = lut_tables(x_row, codebooks)
+    t_all = lut.shape[0]
+    full = t_all // LUT_SLICE_TABLES * LUT_SLICE_TABLES
+    step, e = lut_int8_steps(lut)
+    m = np.abs(lut[:full]).reshape(-1, LUT_SLICE_TABLES * lut.shape[1]).max(axis=1).astype(np.float32)
+    inv = np.where(np.repeat(m, LUT_SLICE_TABLES) > 0,
+                   (np.float32(LUT_I8_MAX) * np.float32(2.0) ** e.astype(np.float32))
+                   / np.where(np.repeat(m, LUT_SLICE_TABLES) > 0, np.repeat(m, LUT_SLICE_TABLES), 1),
+                   0).astype(np.float32)
+    q = lut.astype(np.float64).copy()
+    q[:full] = np.rint(lut[:full] * inv[:, None]).astype(np.float64) * step[:, None]
+    n = codes.shape[0]
+    flat = codes.reshape(n, -1).astype(np.intp)
+    y = q[np.arange(t_all)[None, :], flat].sum(axis=1) * scales.astype(np.float64)
+    if bias is not None:
+        y = y + bias.astype(np.float64)
+    return y.astype(np.float32)
+
+
+def lut_int8_error_bound(x_row: np.ndarray, codebooks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """``[N]`` bound on |Y - reference| of the int8 table: ``|scales[n]| · Σ_t step_t / 2`` (whole slices)."""
+    step, _ = lut_int8_steps(lut_tables(x_row, codebooks))
+    return np.abs(scales.astype(np.float64)) * (step.sum() / 2)

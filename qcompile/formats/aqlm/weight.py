@@ -32,6 +32,8 @@ OP_VERSION = 1
 class CodebookQuantizedWeight(QuantizedWeight):
     """An additive-codebook weight: codes, shared codebooks, per-output-channel scales."""
 
+    accuracy_level = 0  # the op attribute (format option); not part of the weight
+
     def __init__(self, name: str, codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray,
                  history: list[tuple[str, float]] | None = None):
         n, g, m = codes.shape
@@ -79,8 +81,9 @@ class CodebookQuantizedWeight(QuantizedWeight):
     def lower_native(self, x: str, y: str, prefix: str, dtype: int) -> Lowered:
         _check_dtype(dtype)
         inits = [numpy_helper.from_array(arr, f"{prefix}.{key}") for key, arr in self.packed().items()]
+        level = {"accuracy_level": self.accuracy_level} if self.accuracy_level else {}
         node = helper.make_node(OP_NAME, [x] + [t.name for t in inits], [y], name=f"{prefix}.{OP_NAME}",
-                                domain=OP_DOMAIN, **self.attributes())
+                                domain=OP_DOMAIN, **self.attributes(), **level)
         return Lowered([node], inits, {OP_DOMAIN: OP_VERSION})
 
     def lower_portable(self, x: str, y: str, prefix: str, dtype: int) -> Lowered:

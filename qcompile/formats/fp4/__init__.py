@@ -4,7 +4,7 @@ into the weight, applied online to activations), stored as ``qcompile.FP4MatMul`
 from __future__ import annotations
 
 from qcompile.formats.fp4 import fuzz
-from qcompile.formats.base import Format, OpSpec, Option, at_least
+from qcompile.formats.base import Format, OpSpec, Option, accuracy_level_option, at_least, set_accuracy_level
 from qcompile.formats.fp4.bench import FP4_BENCH
 from qcompile.formats.fp4.numerics import METHODS, quantize_fp4
 from qcompile.formats.fp4.reference import fp4_matmul_reference
@@ -24,6 +24,7 @@ def _options(spec: FP4Spec, method: str) -> dict[str, Option]:
                                  choices=_BLOCKS),
         "scale_search": Option(bool, True, "per group, keep the representable scale (neighbouring exponents / "
                                "E4M3 codes) with the least squared error instead of the plain amax one"),
+        "accuracy_level": accuracy_level_option(),
     }
     if method != "rtn":
         opts["act_order"] = Option(bool, True, "quantize columns by decreasing Hessian diagonal (static groups)")
@@ -42,8 +43,9 @@ _DESCRIPTIONS = {
 def _fp4_format(spec: FP4Spec, method: str) -> Format:
     name = f"{spec.grid}-{method}"
 
-    def quantize(weight_kn, hessian, **opts):
-        return quantize_fp4(weight_kn, hessian, name=name, spec=spec, method=method, **opts)
+    def quantize(weight_kn, hessian, accuracy_level: int = 0, **opts):
+        qw = quantize_fp4(weight_kn, hessian, name=name, spec=spec, method=method, **opts)
+        return set_accuracy_level(qw, accuracy_level)
 
     scale = "E8M0 power-of-two" if spec.scale_format == "e8m0" else "E4M3 + fp32 tensor"
     return Format(
@@ -56,7 +58,7 @@ def _fp4_format(spec: FP4Spec, method: str) -> Format:
         op=OP,
         emits=("native", "simulated", "portable"),
         default_emit="native",
-        bench=(FP4_BENCH[spec.grid],),
+        bench=(FP4_BENCH[spec.grid], FP4_BENCH[f"{spec.grid}-a4"]),
     )
 
 

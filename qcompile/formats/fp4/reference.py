@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from qcompile.formats import act_quant
+
 E2M1_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
 #: All 16 E2M1 codes decoded (codes 8..15 are the negatives; code 8 is -0.0).
 E2M1_VALUES = np.concatenate([E2M1_MAGNITUDES, -E2M1_MAGNITUDES]).astype(np.float32)
@@ -176,6 +178,22 @@ def hadamard_transform(x: np.ndarray, b: int) -> np.ndarray:
     return y.astype(x.dtype) if np.issubdtype(x.dtype, np.floating) else y
 
 
+def fwht_float32(x: np.ndarray, b: int) -> np.ndarray:
+    """The rotation as the CPU kernel computes it in float32 (butterflies of strides 1, 2, 4, ... then a
+    multiply by ``1/sqrt(b)``): bit-identical to it, so int8 quantization of the result matches the kernel's."""
+    x = np.asarray(x, np.float32)
+    k = x.shape[-1]
+    y = x.reshape(-1, k // b, b).copy()
+    h = 1
+    while h < b:
+        v = y.reshape(y.shape[0], k // b, b // (2 * h), 2, h)
+        a, c = v[:, :, :, 0, :], v[:, :, :, 1, :]
+        y = np.stack([a + c, a - c], axis=3).reshape(y.shape)
+        h *= 2
+    norm = np.float32(1) / np.sqrt(np.float32(b))
+    return (y * norm).astype(np.float32).reshape(x.shape)
+
+
 # ---- packing ------------------------------------------------------------------------------------------
 
 
@@ -276,17 +294,25 @@ def dequantize_fp4(w: np.ndarray, scales: np.ndarray, tensor_scale: Any, K: int,
 
 def fp4_matmul_reference(x: np.ndarray, w: np.ndarray, scales: np.ndarray, tensor_scale: Any = None,
                          bias: np.ndarray | None = None, *, K: int, N: int, group_size: int, scale_format: str,
-                         hadamard_block: int = 0) -> np.ndarray:
+                         hadamard_block: int = 0, accuracy_level: int = 0) -> np.ndarray:
     """``Y = Hadamard_b(X) @ Wdeqᵀ (+ bias)``, computed in float64 and returned in X's dtype.
 
     The dequantized weight is formed in float64 from the exact decoded parts (product of E2M1 value,
-    scale and tensor_scale), so the only roundings are the final cast and the float32 tensor_scale."""
+    scale and tensor_scale), so the only roundings are the final cast and the float32 tensor_scale.
+    ``accuracy_level=4``: the quantized computation of the CPU kernels, ``Q8(Hadamard_b(X)) @ Wdeqᵀ`` with the
+    rotation in float32 as they compute it and :func:`qcompile.formats.act_quant.quantize_activations`."""
     validate_fp4_inputs(x, w, scales, tensor_scale, bias, K=K, N=N, group_size=group_size,
                         scale_format=scale_format, hadamard_block=hadamard_block)
     x = np.asarray(x)
-    xd = x.astype(np.float64)
-    if hadamard_block:
-        xd = hadamard_transform(xd, hadamard_block)
+    if accuracy_level == act_quant.INT8:
+        xr = x.astype(np.float32)
+        if hadamard_block > 1:
+            xr = fwht_float32(xr, hadamard_block)
+        xd = act_quant.quantize_activations(xr).astype(np.float64)
+    else:
+        xd = x.astype(np.float64)
+        if hadamard_block:
+            xd = hadamard_transform(xd, hadamard_block)
     codes = unpack_fp4(w, padded_k(K, group_size))
     ngroups = codes.shape[1] // group_size
     sc = decode_scales(scales, scale_format).astype(np.float64)

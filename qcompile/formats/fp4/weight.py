@@ -51,6 +51,8 @@ SPECS = {s.grid: s for s in (MXFP4, NVFP4)}
 class FP4QuantizedWeight(QuantizedWeight):
     """E2M1 codes + per-group scales (+ tensor scale), possibly in a Hadamard-rotated basis."""
 
+    accuracy_level = 0  # the op attribute (format option); not part of the weight
+
     def __init__(self, name: str, spec: FP4Spec, codes_nk: np.ndarray, scale_codes: np.ndarray,
                  tensor_scale: float | None, hadamard_block: int = 0, requested_block: int | None = None):
         n, k = codes_nk.shape
@@ -83,7 +85,8 @@ class FP4QuantizedWeight(QuantizedWeight):
     def attributes(self) -> dict[str, Any]:
         k, n = self.shape
         return {"K": k, "N": n, "group_size": self.spec.group_size, "scale_format": self.spec.scale_format,
-                "hadamard_block": self.hadamard_block}
+                "hadamard_block": self.hadamard_block,
+                **({"accuracy_level": self.accuracy_level} if self.accuracy_level else {})}
 
     def dequantize_stored_nk(self) -> np.ndarray:
         """The stored (rotated when hadamard_block > 0) weight ``[N, K]`` from the packed bytes."""

@@ -4,11 +4,11 @@ side parameters (codes fixed)."""
 from __future__ import annotations
 
 from qcompile.formats.spqr import fuzz
-from qcompile.formats.base import (Format, LayerOverride, OpSpec, Option, at_least, finetune_options, multiple_of,
-                                   positive)
+from qcompile.formats.base import (Format, LayerOverride, OpSpec, Option, accuracy_level_option, at_least,
+                                   finetune_options, multiple_of, positive, set_accuracy_level)
 from qcompile.errors import FormatError
 from qcompile.formats.spqr import reference as ref
-from qcompile.formats.spqr.bench import SPQR_BENCH
+from qcompile.formats.spqr.bench import SPQR_BENCH, SPQR_BENCH_A4
 from qcompile.formats.spqr.finetune import tune_spqr
 from qcompile.formats.spqr.numerics import quantize_spqr
 from qcompile.formats.spqr.weight import SpQRQuantizedWeight
@@ -50,6 +50,7 @@ def _options(bits: int, outlier_threshold: float, finetune_windows: int = 256) -
         "block_size": Option(int, 128, "columns per lazy GPTQ update block", rule=at_least(1)),
         "loo_outliers": Option(bool, True, "leave-one-out screening keeps likely outliers out of group ranges"),
         "range_search": Option(bool, True, "per row, shrink a group's range when that lowers its weighted error"),
+        "accuracy_level": accuracy_level_option(),
         **finetune_options(lr=1e-3, scale_lr=1e-3, windows=finetune_windows),  # on by default: see qcompile.solvers.distill
     }
 
@@ -64,8 +65,8 @@ def _check_layer(k: int, n: int, opts: dict) -> None:
 
 def _spqr_format(name: str, bits: int, outlier_threshold: float, finetune_windows: int = 256,
                  layer_options: tuple[LayerOverride, ...] = ()) -> Format:
-    def quantize(weight_kn, hessian, **opts):
-        return quantize_spqr(weight_kn, hessian, name=name, **opts)
+    def quantize(weight_kn, hessian, accuracy_level: int = 0, **opts):
+        return set_accuracy_level(quantize_spqr(weight_kn, hessian, name=name, **opts), accuracy_level)
 
     return Format(
         name=name,
@@ -83,7 +84,7 @@ def _spqr_format(name: str, bits: int, outlier_threshold: float, finetune_window
         tunable=("stat_params", "values"),
         calib_samples=CALIB_SAMPLES,
         layer_options=layer_options,
-        bench=(SPQR_BENCH[bits],),
+        bench=(SPQR_BENCH[bits], SPQR_BENCH_A4[bits]),
         check_layer=_check_layer,
     )
 

@@ -16,13 +16,14 @@ OUTLIER_RATE = 0.01
 INPUTS = ("codes", "stat_codes", "stat_params", "row_offsets", "col_indices", "values", "perm")
 
 
-def _builder(bits: int):
+def _builder(bits: int, accuracy_level: int = 0):
     def build(K: int, N: int, dtype: np.dtype, rng: np.random.Generator) -> onnx.ModelProto:
         packed = ref.random_packed(K, N, bits=bits, outlier_rate=OUTLIER_RATE, with_perm=True,
                                    seed=int(rng.integers(1 << 31)))
         inits = [numpy_helper.from_array(packed[k], f"spqr.{k}") for k in INPUTS]
         node = helper.make_node("SpQRMatMul", ["x"] + [t.name for t in inits], ["y"], domain="qcompile",
-                                K=K, N=N, bits=bits, group_size=16, stat_bits=3, stat_group=16)
+                                K=K, N=N, bits=bits, group_size=16, stat_bits=3, stat_group=16,
+                                **({"accuracy_level": accuracy_level} if accuracy_level else {}))
         return one_node_model(node, inits, K, N, dtype, {"qcompile": 1})
 
     return build
@@ -43,3 +44,6 @@ def _bytes(bits: int):
 
 
 SPQR_BENCH = {3: BenchOp("SpQRMatMul", _builder(3), _bytes(3)), 4: BenchOp("SpQRMatMul-w4", _builder(4), _bytes(4))}
+#: accuracy_level 4 (int8 activations on CPU)
+SPQR_BENCH_A4 = {3: BenchOp("SpQRMatMul-a4", _builder(3, 4), _bytes(3), providers=("cpu",)),
+                 4: BenchOp("SpQRMatMul-w4-a4", _builder(4, 4), _bytes(4), providers=("cpu",))}

@@ -105,7 +105,9 @@ def tune_spqr(source: Any, quantized: dict[str, QuantizedWeight], calib: np.ndar
 
     def from_module(q: SpQRQuantizedWeight, mod: SpQRLinear) -> SpQRQuantizedWeight:
         attrs = {a: v for a, v in q.attrs.items() if a not in ("K", "N")}
-        return SpQRQuantizedWeight(q.format_name, k=q.k, n=q.n, **attrs, tensors={**q.tensors, **mod.stored()})
+        out = SpQRQuantizedWeight(q.format_name, k=q.k, n=q.n, **attrs, tensors={**q.tensors, **mod.stored()})
+        out.accuracy_level = q.accuracy_level
+        return out
 
     return tune_format_layers(source, calib, opts, progress, float_names, layers,
                               lambda q: SpQRLinear(q.tensors, **q.attrs), from_module, desc="spqr finetune")

@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from qcompile.formats import act_quant
+
 CHUNK = 32  # stored positions per packing chunk
 BITS = (3, 4)
 MAX_STAT_BITS = 8
@@ -265,11 +267,26 @@ def dequantize(codes: np.ndarray, stat_codes: np.ndarray, stat_params: np.ndarra
     return w
 
 
+def quantize_stored(x: np.ndarray, perm: np.ndarray | None = None) -> np.ndarray:
+    """``x̂`` (float32, original order) the op multiplies with at ``accuracy_level=4``: each row gathered into
+    stored order (``x[perm]``), quantized to int8 in blocks of 16 stored positions
+    (:func:`qcompile.formats.act_quant.quantize_activations`), and put back in original order."""
+    x = np.asarray(x, np.float32)
+    if perm is None:
+        return act_quant.quantize_activations(x)
+    p = np.asarray(perm, np.int64)
+    out = np.empty_like(x)
+    out[..., p] = act_quant.quantize_activations(x[..., p])
+    return out
+
+
 def spqr_matmul_reference(x: np.ndarray, codes: np.ndarray, stat_codes: np.ndarray, stat_params: np.ndarray,
                           row_offsets: np.ndarray, col_indices: np.ndarray, values: np.ndarray,
                           perm: np.ndarray | None = None, bias: np.ndarray | None = None, *, K: int, N: int,
-                          bits: int, group_size: int, stat_bits: int, stat_group: int) -> np.ndarray:
-    """``Y = X @ W (+ bias)`` in float64 accumulation, returned in X's dtype (float32 or float16)."""
+                          bits: int, group_size: int, stat_bits: int, stat_group: int,
+                          accuracy_level: int = 0) -> np.ndarray:
+    """``Y = X @ W (+ bias)`` in float64 accumulation, returned in X's dtype (float32 or float16).
+    ``accuracy_level=4``: the CPU kernels' quantized computation, ``X̂ @ W`` with :func:`quantize_stored`."""
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float16):
         raise SpQRLayoutError(f"X must be float32 or float16, got {x.dtype}")
@@ -277,7 +294,8 @@ def spqr_matmul_reference(x: np.ndarray, codes: np.ndarray, stat_codes: np.ndarr
                     bits=bits, group_size=group_size, stat_bits=stat_bits, stat_group=stat_group)
     w = dequantize(codes, stat_codes, stat_params, row_offsets, col_indices, values, perm, K=K, N=N, bits=bits,
                    group_size=group_size, stat_bits=stat_bits, stat_group=stat_group)
-    y = x.astype(np.float64) @ w.astype(np.float64)
+    xq = quantize_stored(x, perm) if accuracy_level == act_quant.INT8 else x
+    y = xq.astype(np.float64) @ w.astype(np.float64)
     if bias is not None:
         y = y + np.asarray(bias).astype(np.float64)
     return y.astype(x.dtype)

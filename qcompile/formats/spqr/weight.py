@@ -20,6 +20,8 @@ OP_VERSION = 1
 class SpQRQuantizedWeight(QuantizedWeight):
     """A SpQR weight held as the op's packed tensors plus the attributes that describe them."""
 
+    accuracy_level = 0  # the op attribute (format option); not part of the weight
+
     def __init__(self, name: str, *, k: int, n: int, bits: int, group_size: int, stat_bits: int, stat_group: int,
                  tensors: dict[str, np.ndarray]):
         self.format_name = name
@@ -78,8 +80,9 @@ class SpQRQuantizedWeight(QuantizedWeight):
                                                 "values")]
         if "perm" in self.tensors:
             names.append(f"{prefix}.perm")
+        level = {"accuracy_level": self.accuracy_level} if self.accuracy_level else {}
         node = helper.make_node(OP_TYPE, [x] + names, [y], name=f"{prefix}.{OP_TYPE}", domain=OP_DOMAIN,
-                                **self.attrs)
+                                **self.attrs, **level)
         return Lowered([node], inits, {OP_DOMAIN: OP_VERSION})
 
     def lower_portable(self, x: str, y: str, prefix: str, dtype: int) -> Lowered:

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from cpu_flags import has_avx512bw
+from cpu_flags import has_avx512bw, has_avx512vbmi
 from qcompile.formats.aqlm import reference as ref
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -239,6 +239,79 @@ def test_fixed_point_walk_inf_scale(ops_session):
     assert (np.abs(y - want)[finite] <= (bound + 2e-5 * np.abs(want[finite]).max())[finite[0]]).all()
 
 
+# ---- accuracy_level 4: the int8 table of the batch-1 walk --------------------------------------------------
+
+# One X row over constant byte codes of a layer with at least 512 rows, AVX-512 VBMI: the table in int8
+# (each table's step as fine as its slice allows). A 64-row group tail, a partial last block of 512 rows, a
+# table tail (T % 16 = 8), S < 256, fp16 X, four codebooks, the smallest layer it serves.
+INT8_CASES = {
+    "4096x4096-2x8": (4096, 4096, 2, 256, np.float32, False),
+    "tails-bias": (1120, 2101, 2, 256, np.float32, True),
+    "s250-f16": (128, 700, 2, 250, np.float16, False),
+    "4cb": (256, 2080, 4, 256, np.float32, True),
+    "576x512": (576, 512, 2, 256, np.float32, False),
+}
+
+
+@pytest.mark.skipif(not has_avx512vbmi(), reason="the int8 walk needs AVX-512 VBMI")
+@pytest.mark.parametrize("name", list(INT8_CASES))
+def test_int8_table_matches_its_reference_and_bound(ops_session, monkeypatch, name):
+    K, N, M, S, xdt, bias = INT8_CASES[name]
+    case = make_case(1, K, N, M, S, 8, xdt, bias, seed=7)
+    x, codes, books, scales, b, attrs = case
+    x[0, 5::397] *= 30  # a few large channels, as in real models
+    level4 = attrs | {"accuracy_level": 4}
+    model = make_model(x.dtype, codes, books, scales, b, attrs, extra_attrs={"accuracy_level": 4})
+    y = ops_session(model, threads=2).run(None, {"x": x})[0]  # tables and row blocks on two threads
+    np.testing.assert_array_equal(y, ops_session(model, threads=1).run(None, {"x": x})[0])
+    got = y.astype(np.float64)
+    # the quantized computation: equal up to fp32 sums and a few entries the float64 table rounds the other way
+    q = ref.lut_int8_matmul(x[0].astype(np.float32), codes, books, scales, b).astype(np.float64)
+    step, _ = ref.lut_int8_steps(ref.lut_tables(x[0].astype(np.float32), books))
+    tol = (2e-3 if xdt == np.float16 else 2e-5) * np.abs(q).max()
+    assert (np.abs(got[0] - q) <= tol + 2 * np.abs(scales.astype(np.float64)) * step.max()).all()
+    # against the fp32 op: within the documented bound, and about the error of int8 activations
+    want = ref.codebook_matmul(x, codes, books, scales, b, **level4).astype(np.float64)
+    bound = ref.lut_int8_error_bound(x[0], books, scales)
+    err = np.abs(got - want)
+    assert (err <= bound + tol).all(), (err - bound).max()
+    if xdt == np.float32:
+        rel = np.sqrt(np.mean(err ** 2) / np.mean(want ** 2))
+        assert 1e-3 < rel < 2e-2, rel
+    # the switches: the 16-bit walk, and fp32 tables
+    monkeypatch.setenv("QCOMPILE_CODEBOOK_NO_INT8", "1")
+    y16 = ops_session(model).run(None, {"x": x})[0].astype(np.float64)
+    assert np.abs(y16 - want).max() <= (ref.lut_fixed_point_error_bound(x[0], books, scales) + tol).max()
+    monkeypatch.setenv("QCOMPILE_CODEBOOK_LUT_FP32", "1")
+    check(ops_session(model).run(None, {"x": x})[0], case)
+
+
+@pytest.mark.skipif(not has_avx512vbmi(), reason="the int8 walk needs AVX-512 VBMI")
+@pytest.mark.parametrize("bad", ["nan-x", "inf-x", "inf-scale"])
+def test_int8_table_non_finite(ops_session, bad):
+    """A NaN or Inf in the table takes the fp32 walk, so it propagates; an Inf scale as in the reference."""
+    case = inf_scale_case(1, 256, 2048) if bad == "inf-scale" else make_case(1, 256, 2048, 2, 256, seed=6)
+    x, codes, books, scales, b, attrs = case
+    if bad != "inf-scale":
+        x[0, 77] = np.nan if bad == "nan-x" else np.inf
+    model = make_model(x.dtype, codes, books, scales, b, attrs, extra_attrs={"accuracy_level": 4})
+    y = ops_session(model).run(None, {"x": x})[0]
+    with np.errstate(invalid="ignore"):
+        want = ref.codebook_matmul(x, codes, books, scales, b, **attrs)
+    if bad == "inf-scale":
+        assert_same_non_finite(y, want)
+    else:
+        np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
+
+
+def test_accuracy_level_1_keeps_fp32_tables(ops_session):
+    case = make_case(1, 256, 2048, 2, 256, seed=2)
+    x, codes, books, scales, b, attrs = case
+    y = ops_session(make_model(x.dtype, codes, books, scales, b, attrs, extra_attrs={"accuracy_level": 1})).run(
+        None, {"x": x})[0]
+    check(y, case)
+
+
 def test_bad_constant_code_fails_the_session_creation(ops_session):
     # checked once when the session is created: the model never loads (InvalidArgument through make_session)
     x, codes, books, scales, b, attrs = make_case(1, 64, 2048, 2, 250)
@@ -298,7 +371,8 @@ def test_bad_shapes_and_dtypes_raise(ops_session, mutation):
 
 
 @pytest.mark.parametrize("bad", [dict(K=60), dict(in_group_size=7), dict(codebook_size=0), dict(num_codebooks=0),
-                                 dict(codebook_size=70000), dict(N=-1)])
+                                 dict(codebook_size=70000), dict(N=-1), dict(accuracy_level=5),
+                                 dict(accuracy_level=-1)])
 def test_bad_attributes_raise(ops_session, bad):
     x, codes, books, scales, b, attrs = make_case(1, 64, 16, 1, 256)
     # found when the session is created; make_session raises it as InvalidArgument (docs/ops.md)

@@ -9,6 +9,8 @@ import pytest
 from onnx import TensorProto, helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
+from cpu_flags import has_avx2, has_avx512vnni
+from qcompile.formats import act_quant
 from qcompile.formats.fp4 import reference as fp4
 
 F32, F16 = np.float32, np.float16
@@ -53,12 +55,14 @@ def random_weights(rng, K: int, N: int, G: int, fmt: str, nan_row: int | None = 
     return w, s
 
 
-def check_close(y: np.ndarray, ref: np.ndarray, x, w, s, ts, K, N, G, fmt, hb, dtype) -> None:
+def check_close(y: np.ndarray, ref: np.ndarray, x, w, s, ts, K, N, G, fmt, hb, dtype, level: int = 0) -> None:
     """Elementwise bound: fp32 accumulation error relative to sum |terms|, plus fp16 output rounding."""
     assert y.shape == ref.shape and y.dtype == ref.dtype
     xd = np.asarray(x, np.float64).reshape(-1, K)
     if hb:
         xd = fp4.hadamard_transform(xd, hb)
+    if level == act_quant.INT8:
+        xd = act_quant.quantize_activations(xd.astype(np.float32)).astype(np.float64)
     wd = np.abs(fp4.dequantize_fp4(w, s, ts, K, G, fmt).astype(np.float64))
     mag = (np.abs(xd) @ wd.T).reshape(ref.shape)
     ref64 = ref.astype(np.float64)
@@ -180,6 +184,106 @@ def test_zero_rows(ops_session):
     w, s = random_weights(np.random.default_rng(0), 64, 5, 32, "e8m0")
     y = sess.run(None, {"x": np.zeros((0, 64), F32), "w": w, "s": s})[0]
     assert y.shape == (0, 5)
+
+
+# ---- accuracy_level 4: int8 activations -----------------------------------------------------------------------
+
+# Paths at accuracy_level 4: one X row on the AVX-512 VNNI or the AVX2 int8 dot products, or (portable, and
+# every M > 1) the fp32 kernels multiplying with the quantized activation. Each must compute the reference's
+# quantized product, Q8(Hadamard_b(X)) @ Wdeqᵀ, to fp32 accumulation.
+INT8_PATHS = {
+    "avx512": {},
+    "avx2": {"QCOMPILE_FP4_NO_AVX512": "1"},
+    "portable": {"QCOMPILE_FP4_NO_AVX2": "1"},
+}
+INT8_CASES = CASES + GEMV_TAILS + [
+    ((1,), 4096, 70, 32, "e8m0", 32, F32, False, True),    # MXFP4 as mxfp4-mr writes it, many spans
+    ((1,), 2000, 33, 64, "e4m3", 16, F16, True, False),    # a group of 4 blocks, ragged last span
+    ((1,), 300, 5, 256, "e8m0", 4, F32, False, True),      # one group over several spans
+]
+
+
+def _int8_case(make_session, case, seed: int):
+    mshape, K, N, G, fmt, hb, dtype, ts, bias = case
+    rng = np.random.default_rng(seed)
+    w, s = random_weights(rng, K, N, G, fmt)
+    x = rng.normal(size=(*mshape, K)).astype(dtype)
+    x[..., 3::41] *= 30  # a few large channels, as real activations have
+    tsv = np.array([0.625], np.float32) if ts else None
+    b = rng.normal(size=N).astype(dtype) if bias else None
+    sess = make_session(fp4_model(K=K, N=N, G=G, fmt=fmt, hb=hb, dtype=dtype, ts=ts, bias=bias,
+                                  extra_attrs={"accuracy_level": 4}))
+    feed = {"x": x, "w": w, "s": s} | ({"ts": tsv} if ts else {}) | ({"b": b} if bias else {})
+    y = sess.run(None, feed)[0]
+    kw = dict(K=K, N=N, group_size=G, scale_format=fmt, hadamard_block=hb)
+    want = fp4.fp4_matmul_reference(x, w, s, tsv, b, **kw, accuracy_level=4)
+    check_close(y, want, x, w, s, tsv, K, N, G, fmt, hb, dtype, level=4)
+    return x, w, s, tsv, b, y, kw
+
+
+@pytest.mark.parametrize("path", list(INT8_PATHS))
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-G{c[3]}-{c[4]}-hb{c[5]}-{c[6].__name__}")
+def test_int8_activations_match_quantized_reference(ops_session, monkeypatch, case, path):
+    if path == "avx512" and not has_avx512vnni():
+        pytest.skip("the AVX-512 int8 path needs AVX-512 VNNI")
+    if path == "avx2" and not has_avx2():
+        pytest.skip("no AVX2")
+    for k, v in INT8_PATHS[path].items():
+        monkeypatch.setenv(k, v)
+    _int8_case(ops_session, case, seed=zlib.crc32(repr(case[:6]).encode()))
+
+
+def test_int8_activations_within_documented_bound(ops_session):
+    """Against the fp32 reference, the error stays under the quantization bound of docs/ops.md, and it is the
+    size int8 predicts (so the int8 path did run: it is not the fp32 result)."""
+    x, w, s, tsv, b, y, kw = _int8_case(ops_session, ((1,), 4096, 96, 32, "e8m0", 32, F32, False, False), seed=3)
+    exact = fp4.fp4_matmul_reference(x, w, s, tsv, b, **kw).astype(np.float64)
+    xr = fp4.fwht_float32(x, 32)
+    wabs = np.abs(fp4.dequantize_fp4(w, s, tsv, kw["K"], kw["group_size"], kw["scale_format"]).astype(np.float64)).T
+    bound = act_quant.quantization_error_bound(xr, wabs)
+    err = np.abs(y.astype(np.float64) - exact)
+    assert (err <= bound + 2e-6 * (np.abs(xr) @ wabs)).all()
+    rel = np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2))
+    assert 1e-4 < rel < 2e-2, rel
+
+
+@pytest.mark.parametrize("path", list(INT8_PATHS))
+def test_int8_activations_huge_scales_and_non_finite_rows(ops_session, monkeypatch, path):
+    """One row: group scale x tensor_scale beyond fp32 with tiny activations, finite in the reference (the
+    int8 GEMVs recompute sums that overflow its way; the fp32 kernels fold tensor_scale into the scales at
+    every accuracy_level and overflow there). Rows with a NaN or an Inf are used unquantized."""
+    for k, v in INT8_PATHS[path].items():
+        monkeypatch.setenv(k, v)
+    rng = np.random.default_rng(9)
+    K, N, G = 256, 20, 32
+    w, s = random_weights(rng, K, N, G, "e8m0")
+    kw = dict(K=K, N=N, group_size=G, scale_format="e8m0", hadamard_block=0, accuracy_level=4)
+    sess = ops_session(fp4_model(K=K, N=N, G=G, fmt="e8m0", ts=True, extra_attrs={"accuracy_level": 4}))
+    huge = s.copy()
+    huge[:4] = 250  # 2^123 * tensor_scale 2^8 = 2^131: infinite in fp32
+    tsv = np.array([256.0], np.float32)
+    x = (rng.normal(size=(1, K)) * 2.0**-60).astype(F32)
+    want = fp4.fp4_matmul_reference(x, w, huge, tsv, None, **kw)
+    assert np.isfinite(want).all()
+    if path != "portable":
+        np.testing.assert_allclose(sess.run(None, {"x": x, "w": w, "s": huge, "ts": tsv})[0], want, rtol=1e-5)
+    x = rng.normal(size=(3, K)).astype(F32)
+    x[1, 7] = np.nan
+    x[2, 9] = np.inf
+    tsv = np.array([1.0], np.float32)
+    for rows in (x[1:2], x[2:], x):  # the int8 GEMV hands a non-finite row to the fp32 path
+        y = sess.run(None, {"x": rows, "w": w, "s": s, "ts": tsv})[0]
+        with np.errstate(invalid="ignore"):
+            want = fp4.fp4_matmul_reference(rows, w, s, tsv, None, **kw)
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+        np.testing.assert_array_equal(np.isposinf(y), np.isposinf(want))
+        np.testing.assert_allclose(y[0], want[0], rtol=1e-5, atol=1e-5 * np.abs(want[0][np.isfinite(want[0])]).max(initial=1))
+
+
+@pytest.mark.parametrize("level", [-1, 5, 2.0])
+def test_bad_accuracy_level_raises(ops_session, level):
+    with pytest.raises(InvalidArgument, match="FP4MatMul"):
+        ops_session(fp4_model(K=64, N=4, G=32, fmt="e8m0", extra_attrs={"accuracy_level": level})).run(None, _feed())
 
 
 # ---- malformed models / inputs ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from cpu_flags import has_avx512bw
+from cpu_flags import has_avx2, has_avx512bw, has_avx512vnni
 from qcompile.formats.spqr import reference as ref
 
 F32, F16 = np.float32, np.float16
@@ -51,17 +51,19 @@ def feeds(x: np.ndarray, packed: dict, bias, as_inputs: bool) -> dict:
     return out
 
 
-def reference(x, packed, attrs, bias):
+def reference(x, packed, attrs, bias, level: int = 0):
     args = {k: packed.get(k) for k in WEIGHT_INPUTS}
     w = ref.dequantize(**args, **attrs).astype(np.float64)
     xd = np.asarray(x, np.float64).reshape(-1, attrs["K"])
+    if level == 4:  # accuracy_level 4: the op multiplies with X quantized in stored order
+        xd = ref.quantize_stored(xd.astype(np.float32), packed.get("perm")).astype(np.float64)
     y = xd @ w + (0 if bias is None else np.asarray(bias, np.float64))
     scale = np.abs(xd) @ np.abs(w) + (0 if bias is None else np.abs(np.asarray(bias, np.float64)))
     return y, scale
 
 
-def check(y, x, packed, attrs, bias, dtype):
-    want, scale = reference(x, packed, attrs, bias)
+def check(y, x, packed, attrs, bias, dtype, level: int = 0):
+    want, scale = reference(x, packed, attrs, bias, level)
     got = np.asarray(y, np.float64).reshape(want.shape)
     assert y.dtype == dtype and y.shape == tuple(np.shape(x)[:-1]) + (attrs["N"],)
     if dtype == F32:
@@ -217,6 +219,80 @@ def test_pair_tables_propagate_nan_and_inf(ops_session, monkeypatch, bad):
     y = ops_session(spqr_model(packed, attrs)).run(None, {"x": x})[0]
     want = x.astype(np.float64) @ ref.dequantize(**{k: packed.get(k) for k in WEIGHT_INPUTS}, **attrs)
     np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
+
+
+# ---- accuracy_level 4: int8 activations ------------------------------------------------------------------
+
+# Paths at accuracy_level 4 (X quantized in stored order, then multiplied exactly): one row on the AVX-512
+# VNNI int8 walk (3- and 4-bit codes, groups of 16, stat_bits <= 4, stat_group a multiple of 16), the AVX2
+# walks, the scalar path; every M > 1 on the prefill paths.
+INT8_PATHS = {
+    "int8-walk": {},
+    "avx2": {"QCOMPILE_SPQR_NO_AVX512": "1"},
+    "scalar": {"QCOMPILE_SPQR_SCALAR": "1"},
+}
+INT8_CASES = [  # K, N, bits, stat_bits, stat_group, M, perm, bias, dtype
+    (4096, 130, 3, 3, 16, [1], True, True, F32),   # two batches of 4 row blocks, the last with 1 block, 2 rows
+    (1000, 100, 4, 3, 16, [1], True, False, F32),  # 4-bit codes; K % 16 = 8
+    (576, 193, 3, 4, 32, [1], True, True, F16),    # two row blocks share the second-level parameters
+    (577, 70, 3, 2, 16, [1], False, False, F32),   # K % 32 = 1
+    (200, 37, 3, 3, 16, [5], True, True, F32),     # prefill
+    (130, 33, 4, 5, 7, [1], True, False, F32),     # a layout the int8 walk does not serve (fp32 walks)
+]
+
+
+@pytest.mark.parametrize("path", list(INT8_PATHS))
+@pytest.mark.parametrize("k,n,bits,sb,sg,lead,perm,with_bias,dtype", INT8_CASES)
+def test_int8_activations_match_quantized_reference(ops_session, monkeypatch, path, k, n, bits, sb, sg, lead, perm,
+                                                    with_bias, dtype):
+    if path == "int8-walk" and not has_avx512vnni():
+        pytest.skip("the int8 walk needs AVX-512 VNNI")
+    if path == "avx2" and not has_avx2():
+        pytest.skip("no AVX2")
+    for key, v in INT8_PATHS[path].items():
+        monkeypatch.setenv(key, v)
+    attrs = dict(K=k, N=n, bits=bits, group_size=16, stat_bits=sb, stat_group=sg)
+    packed = ref.random_packed(k, n, bits=bits, group_size=16, stat_bits=sb, stat_group=sg, outlier_rate=0.02,
+                               with_perm=perm, seed=k + n)
+    rng = np.random.default_rng(n)
+    bias = rng.standard_normal(n).astype(dtype) if with_bias else None
+    x = rng.standard_normal(lead + [k]).astype(dtype)
+    x[..., 3::41] *= 30  # a few large channels, as real activations have
+    model = spqr_model(packed, attrs | {"accuracy_level": 4}, dtype=dtype, bias=bias)
+    y = ops_session(model, threads=2).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, ops_session(model, threads=1).run(None, {"x": x})[0])
+    check(y, x, packed, attrs, bias, dtype, level=4)
+    want = ref.spqr_matmul_reference(x, *(packed.get(key) for key in WEIGHT_INPUTS), bias, **attrs,
+                                     accuracy_level=4)
+    np.testing.assert_allclose(y, want, rtol=0, atol=(2e-3 if dtype == F16 else 2e-5) * np.abs(want).max())
+    # int8 activations are off the fp32 result by about 1% (so the quantized path ran), not more
+    exact, _ = reference(x, packed, attrs, bias)
+    rel = np.sqrt(np.mean((y.astype(np.float64) - exact) ** 2) / np.mean(exact ** 2))
+    assert 1e-4 < rel < 3e-2, rel
+
+
+@pytest.mark.parametrize("path", list(INT8_PATHS))
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_int8_activations_non_finite_row(ops_session, monkeypatch, path, bad):
+    """A row holding a NaN or an Inf is used unquantized, so it propagates as the reference's does."""
+    for key, v in INT8_PATHS[path].items():
+        monkeypatch.setenv(key, v)
+    attrs = dict(K=256, N=64, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(256, 64, outlier_rate=0.02, seed=4)
+    x = np.random.default_rng(4).standard_normal((2, 256)).astype(F32)
+    x[1, 100] = bad
+    sess = ops_session(spqr_model(packed, attrs | {"accuracy_level": 4}))
+    for rows in (x[1:], x):
+        y = sess.run(None, {"x": rows})[0]
+        want = rows.astype(np.float64) @ ref.dequantize(**{k: packed.get(k) for k in WEIGHT_INPUTS}, **attrs)
+        np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
+
+
+@pytest.mark.parametrize("level", [-1, 5])
+def test_bad_accuracy_level_raises(ops_session, level):
+    attrs = dict(K=64, N=16, bits=3, group_size=16, stat_bits=3, stat_group=16, accuracy_level=level)
+    with pytest.raises(InvalidArgument, match="SpQRMatMul"):
+        ops_session(spqr_model(ref.random_packed(64, 16, seed=1), attrs))
 
 
 # One row of activations near 4e37: the outputs fit fp32 (as two rows and the reference show), but the

@@ -1,0 +1,23 @@
+"""qcompile bench --roofline: the read-bandwidth probe and each op's GB/s against it (tiny shapes: the plumbing,
+not the speed)."""
+from __future__ import annotations
+
+import pytest
+
+
+def test_bench_roofline_columns(ops_library, monkeypatch):
+    """--roofline: the read-bandwidth probe in every row, and each op's GB/s over its stored bytes against it."""
+    from qcompile import bench
+
+    monkeypatch.setenv("QCOMPILE_OPS_LIBRARY", str(ops_library))
+    rows = bench.run_op_bench(ops=["FP4MatMul", "FP4MatMul-a4"], shapes=[(256, 64)], ms=[1], repeats=2, warmup=1,
+                              flush_mb=1, clock="thread_cpu", verbose=False, roofline=True, probe_mb=8)
+    (r,) = rows
+    assert r["read_GBps_1t"] > 0
+    for op in ("FP4MatMul", "FP4MatMul-a4"):
+        gbps = bench.registered_ops()[op].weight_bytes(256, 64) / (r[f"{op}_ms"] / 1000) / 1e9
+        assert r[f"{op}_GBps"] == pytest.approx(gbps)
+        assert r[f"{op}_bw_frac"] == pytest.approx(gbps / r["read_GBps_1t"])
+    assert "MatMul_GBps" not in r  # baselines: time only
+    table = bench.format_table(rows)
+    assert table.startswith("streaming read") and "FP4MatMul-a4_bw_frac" in table
