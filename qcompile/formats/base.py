@@ -146,7 +146,7 @@ def is_whole_model_option(key: str) -> bool:
 def finetune_options(epochs: float = distill.DEFAULT_EPOCHS, lr: float = 1e-3, scale_lr: float | None = None,
                      windows: int = distill.DEFAULT_WINDOWS, norm_lr: float = distill.DEFAULT_NORM_LR) -> dict[str, Any]:
     """The ``finetune_*`` options every tunable format shares (defaults per format); they configure
-    :func:`qcompile.solvers.distill.tune_format_layers`."""
+    the tune pass (:func:`qcompile.solvers.distill.tune_modules`)."""
     opts = {
         "finetune_epochs": Option(float, epochs, rule=at_least(0), help="after all layers: epochs of tuning the format's float side "
                                   "parameters (codes fixed) against the float model's next-token distribution "
@@ -218,13 +218,13 @@ class Format:
     op: OpSpec  # what the native emit writes
     emits: tuple[str, ...] = ("native", "simulated")
     default_emit: str = "native"
-    # Optional whole-model step once every layer is quantized (e.g. AQLM's codebook fine-tuning):
-    # tune(source, {layer: QuantizedWeight}, calib_windows, options, device, progress, float_names=set of
-    #      float initializers it may retune (read by one node only))
-    #   -> ({layer: new QuantizedWeight}, {float initializer name: new value}, summary dict for the report),
-    #   or None when the options disable it.
-    tune: Callable[..., Any] | None = None
-    # Packed tensors ``tune`` may change (float side parameters); every other tensor, and so the file layout and
+    # Fine-tuning hooks (the tune pass, qcompile.passes.tune): ``to_module(qw)`` is a
+    # :class:`qcompile.solvers.distill.TunableLinear` that decodes the weight differentiably in its float side
+    # parameters, ``from_module(qw, tuned module)`` the packed weight holding the tuned values. The tune pass builds
+    # one module per layer of every format that has them, so a file mixing formats is distilled once, jointly.
+    to_module: Callable[[QuantizedWeight], "distill.TunableLinear"] | None = None
+    from_module: Callable[[QuantizedWeight, "distill.TunableLinear"], QuantizedWeight] | None = None
+    # Packed tensors fine-tuning may change (float side parameters); every other tensor, and so the file layout and
     # size, stays byte for byte as the layer-wise method left it (the tune pass checks this).
     tunable: tuple[str, ...] = ()
     # Op benchmark columns for ``qcompile bench`` (qcompile.bench.BenchOp); formats sharing an op share them.

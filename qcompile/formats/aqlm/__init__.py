@@ -6,7 +6,7 @@ from __future__ import annotations
 from qcompile.errors import FormatError
 from qcompile.formats.aqlm import reference as ref
 from qcompile.formats.aqlm.bench import CODEBOOK_BENCH
-from qcompile.formats.aqlm.finetune import tune_codebooks
+from qcompile.formats.aqlm import finetune
 from qcompile.formats.aqlm.numerics import quantize_codebook
 from qcompile.formats.aqlm.weight import CodebookQuantizedWeight
 from qcompile.formats.base import Format, OpSpec, Option, at_least, between, finetune_options
@@ -55,7 +55,8 @@ def _aqlm_format(name: str, m: int, b: int, beam: int, rounds: int, kmeans_iters
         op=OP,
         emits=("native", "simulated", "portable"),
         default_emit="native",
-        tune=tune_codebooks,
+        to_module=finetune.to_module,
+        from_module=finetune.from_module,
         tunable=("codebooks", "scales"),
         bench=(CODEBOOK_BENCH,) if (m, b) == (2, 8) else (),
         check_layer=_check_layer,

@@ -8,7 +8,7 @@ from qcompile.formats.base import (Format, LayerOverride, OpSpec, Option, at_lea
 from qcompile.errors import FormatError
 from qcompile.formats.spqr import reference as ref
 from qcompile.formats.spqr.bench import SPQR_BENCH
-from qcompile.formats.spqr.finetune import tune_spqr
+from qcompile.formats.spqr import finetune
 from qcompile.formats.spqr.numerics import quantize_spqr
 from qcompile.formats.spqr.weight import SpQRQuantizedWeight
 
@@ -78,7 +78,8 @@ def _spqr_format(name: str, bits: int, outlier_threshold: float, finetune_window
         weight=SpQRQuantizedWeight,
         op=OP,
         emits=("native", "simulated", "portable"),
-        tune=tune_spqr,
+        to_module=finetune.to_module,
+        from_module=finetune.from_module,
         tunable=("stat_params", "values"),
         calib_samples=CALIB_SAMPLES,
         layer_options=layer_options,
