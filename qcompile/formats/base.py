@@ -238,6 +238,14 @@ class Format:
     # How the vocabulary tables are stored when the user names none (--embeddings): a format that aims at a size
     # class stores them at a matching width (see qcompile.passes.embeddings).
     embeddings: str = "int8"
+    # The settings this row offers ``-f auto``'s default palette (each a dict of options over the defaults; none: the
+    # row is not in it). Only settings worth choosing per layer: useful widths and groups that run natively.
+    palette: tuple[dict[str, Any], ...] = ()
+    # A slow format's cheaper options for estimating a layer's damage while ``-f auto`` allocates (the chosen layers
+    # are then quantized with the full options), and the measured ratio of the full options' output error to the
+    # cheap ones', by which the estimate is multiplied.
+    estimate_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    estimate_error_ratio: float = 1.0
     # check_layer(K, N, layer's options) raises FormatError when a layer of that shape cannot take these options
     # (e.g. K not a multiple of a group): run over every layer right after discovery, before calibration.
     check_layer: Callable[[int, int, dict[str, Any]], None] | None = None

@@ -56,6 +56,7 @@ def _fp4_format(spec: FP4Spec, method: str) -> Format:
         emits=("native", "simulated", "portable"),
         default_emit="native",
         bench=(FP4_BENCH[spec.grid],),
+        palette=({},) if method == "mr" else (),  # -f auto: the most accurate method of each grid
     )
 
 

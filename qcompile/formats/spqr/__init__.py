@@ -85,6 +85,7 @@ def _spqr_format(name: str, bits: int, outlier_threshold: float, finetune_window
         layer_options=layer_options,
         bench=(SPQR_BENCH[bits],),
         check_layer=_check_layer,
+        palette=({"bits": 3}, {"bits": 4}) if name == "spqr-w3" else (),  # -f auto: both code widths
     )
 
 
