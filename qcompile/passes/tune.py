@@ -59,19 +59,24 @@ def check_tunable(formats: dict[str, Format], before: dict[str, QuantizedWeight]
                                     f"(tunable: {', '.join(fmt.tunable) or 'none'})")
 
 
+def tunable_layers(state: CompileState) -> dict[str, QuantizedWeight]:
+    """The quantized layers whose format can be tuned, in graph order."""
+    return {m.name: state.quantized[m.name] for m in state.matches
+            if state.layer_formats[m.name].to_module is not None and m.name in state.quantized}
+
+
 def step(state: CompileState) -> CompileState:
-    fmt = state.fmt
-    layers = {m.name: state.quantized[m.name] for m in state.matches} if fmt.to_module is not None else {}
+    layers = tunable_layers(state)
     if not layers:
         return state
-    formats = {n: fmt for n in layers}
-    modules = {n: fmt.to_module(q) for n, q in layers.items()}
+    formats = {n: state.layer_formats[n] for n in layers}
+    modules = {n: formats[n].to_module(q) for n, q in layers.items()}  # type: ignore[misc]
     tuned = tune_modules(state.source, state.calib, state.options, state.cfg.progress,
-                         private_initializers(state.model), modules, desc=f"{fmt.name} finetune")
+                         private_initializers(state.model), modules, desc=f"{state.format_name} finetune")
     if tuned is None:
         return state
     mods, floats, summary = tuned
-    new = {n: fmt.from_module(layers[n], mod) for n, mod in mods.items()}  # type: ignore[misc]
+    new = {n: formats[n].from_module(layers[n], mod) for n, mod in mods.items()}  # type: ignore[misc]
     check_tunable(formats, layers, new)
     return state.replace(quantized={**state.quantized, **new}, model=override_initializers(state.model, floats),
-                         tune_summary=summary)
+                         layerwise={n: layers[n] for n in new}, tune_summary=summary)
