@@ -32,8 +32,7 @@ from qcompile.formats.base import QuantizedWeight
 from qcompile.formats.palette import Candidate
 from qcompile.layer_checkpoint import LayerCheckpoint
 from qcompile.report import tensor_nbytes
-from qcompile.solvers.gptq import relative_output_error
-from qcompile.solvers.sensitivity import damage
+from qcompile.solvers.sensitivity import damage_of_rows, row_errors
 
 #: Bump when a candidate's cached result for the same inputs changes meaning.
 CANDIDATE_VERSION = "candidates-v1"
@@ -95,11 +94,13 @@ def stored_tensors(qw: QuantizedWeight, emit: str, dtype: int, prefix: str) -> l
     return out
 
 
-def _measure(job: Job, index: int, qw: QuantizedWeight, estimated: bool, ratio: float, seconds: float | None) -> Entry:
+def _measure(job: Job, index: int, qw: QuantizedWeight, estimated: bool, ratio: float, seconds: float | None,
+             energy: float) -> Entry:
+    """``energy``: tr(W H Wᵀ), for the relative output error."""
     tensors = stored_tensors(qw, job.emit, job.dtype, f"qc.{job.layer}")
-    deq = qw.dequantize()
-    err = relative_output_error(torch.from_numpy(job.weight.T), torch.from_numpy(deq.T), job.hessian)
-    d = err if job.fisher is None else damage(job.weight, deq, job.hessian, job.fisher)
+    rows = row_errors(job.weight, qw.dequantize(), job.hessian)
+    err = float(rows.sum()) / max(energy, 1e-30)
+    d = err if job.fisher is None else damage_of_rows(rows, job.fisher)
     d *= ratio if estimated else 1.0
     unique = frozenset(tensors) if job.emit != "simulated" else frozenset()
     return Entry(index, sum(n for _, n in tensors), unique, d, err, estimated, seconds)
@@ -111,6 +112,7 @@ def run_job(job: Job) -> list[Entry]:
     before = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("QCOMPILE_QUANT_THREADS", "1")))
     try:
+        energy = float(row_errors(job.weight, np.zeros_like(job.weight), job.hessian).sum())  # tr(W H Wᵀ)
         for index, fmt_name, opts, estimated, ratio, folder, fingerprint in job.todo:
             ckpt = LayerCheckpoint(folder, fingerprint=fingerprint)
             qw = ckpt.get(job.layer)
@@ -122,7 +124,7 @@ def run_job(job: Job) -> list[Entry]:
                                   **dict(opts))
                 seconds = time.perf_counter() - t0
                 ckpt.put(job.layer, qw, {"seconds": seconds})
-            out.append(_measure(job, index, qw, estimated, ratio, seconds))
+            out.append(_measure(job, index, qw, estimated, ratio, seconds, energy))
     finally:
         torch.set_num_threads(before)
     return out

@@ -34,7 +34,7 @@ from qcompile.passes.state import CompileState
 from qcompile.solvers import knapsack
 
 #: Calibration windows the output Fisher is averaged over (x the sequence length in tokens).
-FISHER_WINDOWS = 16
+FISHER_WINDOWS = 8
 #: Rounds of solving again when a ``--budget-mb`` file came out over the budget (node records and padding).
 MB_ROUNDS = 6
 ESTIMATOR = "fisher"

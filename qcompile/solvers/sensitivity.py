@@ -79,10 +79,19 @@ def output_fisher(model: torch.nn.Module, names: Iterable[str], windows: np.ndar
     return {n: (a / max(tokens, 1)).float() for n, a in acc.items()}
 
 
+def row_errors(weight_kn: np.ndarray, approx_kn: np.ndarray, hessian: torch.Tensor) -> torch.Tensor:
+    """``[N]``: each output row's error ``ΔW_n H ΔW_nᵀ`` for a ``[K, N]`` weight and its quantized version (one
+    float32 product, summed in float64)."""
+    delta = torch.from_numpy(np.asarray(approx_kn, dtype=np.float32) - np.asarray(weight_kn, dtype=np.float32))
+    return ((hessian.float() @ delta).double() * delta.double()).sum(0)
+
+
+def damage_of_rows(rows: torch.Tensor, fisher: torch.Tensor | None) -> float:
+    """½ Σ_n f_n · rows_n (``fisher`` None: every f_n = 1, i.e. half the layer's own output error)."""
+    return 0.5 * float(rows.sum() if fisher is None else (fisher.double() * rows).sum())
+
+
 def damage(weight_kn: np.ndarray, approx_kn: np.ndarray, hessian: torch.Tensor, fisher: torch.Tensor | None) -> float:
     """½ Σ_n f_n ΔW_n H ΔW_nᵀ for a ``[K, N]`` weight and its quantized version (``fisher`` None: every f_n = 1,
     i.e. half the layer's own output error)."""
-    delta = torch.from_numpy(np.asarray(approx_kn, dtype=np.float64) - np.asarray(weight_kn, dtype=np.float64))
-    per_row = ((hessian.double() @ delta) * delta).sum(0)  # [N]: ΔW_n H ΔW_nᵀ
-    f = torch.ones_like(per_row) if fisher is None else fisher.double()
-    return 0.5 * float((f * per_row).sum())
+    return damage_of_rows(row_errors(weight_kn, approx_kn, hessian), fisher)
