@@ -44,6 +44,9 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--palette", action="append", default=[], metavar="FMT[:KEY=VALUE...][,FMT...]",
                    help="-f auto: the settings a layer may take, e.g. 'spqr-w3:bits=3,spqr-w3:bits=4,aqlm-2x8' "
                         "(repeatable; default: the int, FP4, SpQR and AQLM settings `qcompile formats` marks)")
+    p.add_argument("--tie", action="store_true",
+                   help="-f auto: layers that read the same input (q/k/v, gate/up) take the same palette entry "
+                        "(default: each its own, identical tensors stored once)")
     p.add_argument("--group-size", type=int, help="format option group_size")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="format option act_order")
     p.add_argument("--damp", type=float, help="format option damp")
@@ -92,7 +95,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples, seq_len=args.seq_len, eval_samples=args.eval_samples,
         eval_seq_len=args.eval_seq_len, eval_text=args.eval_text, evaluate=not args.no_eval, seed=args.seed,
         device=args.device, dtype=args.dtype, include_lm_head=args.include_lm_head, embeddings=args.embeddings,
-        budget=args.budget, budget_mb=args.budget_mb, palette=list(args.palette),
+        budget=args.budget, budget_mb=args.budget_mb, palette=list(args.palette), tie=args.tie,
         sequential=args.sequential,
         force=args.force, resume=not args.no_resume, progress=not args.quiet, verbose=args.verbose,
         tokenizer=args.tokenizer,

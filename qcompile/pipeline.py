@@ -56,6 +56,7 @@ class CompileConfig:
     budget: float | None = None  # -f auto: bits per weight over the quantized linears
     budget_mb: float | None = None  # -f auto: the whole file, in MB of 10^6 bytes
     palette: list[str] = dataclasses.field(default_factory=list)  # -f auto: entries (default: the registry's)
+    tie: bool = False  # -f auto: layers that read one input (q/k/v, gate/up) take one palette entry
     sequential: bool = False
     force: bool = False
     resume: bool = True  # reuse layers a killed compile with the same inputs already finished
@@ -92,8 +93,8 @@ def plan(cfg: CompileConfig) -> Plan:
     """Check every option of the request before any work, so a typo fails at once."""
     if cfg.format == AUTO:
         return _plan_auto(cfg)
-    if cfg.budget is not None or cfg.budget_mb is not None or cfg.palette:
-        raise QCompileError(f"--budget, --budget-mb and --palette go with -f {AUTO}, not -f {cfg.format}")
+    if cfg.budget is not None or cfg.budget_mb is not None or cfg.palette or cfg.tie:
+        raise QCompileError(f"--budget, --budget-mb, --palette and --tie go with -f {AUTO}, not -f {cfg.format}")
     fmt = get_format(cfg.format)
     options = fmt.resolve_options(cfg.options)
     overrides = tuple(o if isinstance(o, LayerOverride) else LayerOverride.parse(o) for o in cfg.layer_options)

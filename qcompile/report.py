@@ -243,7 +243,7 @@ def allocation_summary(alloc: Any, report: dict[str, Any]) -> dict[str, Any]:
     for m in mix.values():
         m["bits_per_weight"] = 8.0 * m["bytes"] / m["weights"]
     return {
-        "budget": alloc.budget, "budget_bytes": alloc.budget_bytes, "palette": list(alloc.palette),
+        "budget": alloc.budget, "budget_bytes": alloc.budget_bytes, "palette": list(alloc.palette), "tie": alloc.tie,
         "estimator": alloc.estimator,
         "predicted_bytes": alloc.bytes, "bytes": sum(layer["bytes"] for layer in layers),
         "predicted_file_bytes": alloc.file_bytes,

@@ -53,6 +53,7 @@ def own_cache(tmp_path_factory, monkeypatch):
     (dict(budget=3.0, sequential=True), "--sequential does not apply"),
     (dict(budget=3.0, options={"group_size": 64}), "group_size belongs in a --palette entry"),
     (dict(budget=3.0, emit="portable"), "int4-gptq, int4-gptq:group_size=64 do not"),
+    (dict(tie=True, budget=3.0, palette=["mxfp4-mr"], sequential=True), "--sequential does not apply"),
 ])
 def test_bad_requests_fail_before_any_model_is_loaded(tmp_path, kwargs, message):
     out = tmp_path / "out"
@@ -61,9 +62,10 @@ def test_bad_requests_fail_before_any_model_is_loaded(tmp_path, kwargs, message)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_budget_and_palette_belong_to_auto(tmp_path):
+@pytest.mark.parametrize("kwargs", [dict(budget=3.0), dict(budget_mb=40.0), dict(palette=["mxfp4-mr"]), dict(tie=True)])
+def test_budget_palette_and_tie_belong_to_auto(tmp_path, kwargs):
     with pytest.raises(QCompileError, match="go with -f auto"):
-        qcompile_compile("no-such-model-dir", "int4-gptq", tmp_path / "o", budget=3.0)
+        qcompile_compile("no-such-model-dir", "int4-gptq", tmp_path / "o", **kwargs)
 
 
 def test_cli_prints_one_line_and_writes_nothing(tmp_path, capsys):
@@ -151,6 +153,20 @@ def test_budget_is_never_exceeded_counted_from_the_file(tiny, tmp_path):
     assert len({tuple(sorted(r["allocation"]["mix"])) for r in reports.values()}) > 1  # really mixes
     with pytest.raises(QCompileError, match="below the smallest this palette can store"):
         qcompile_compile(tiny, "auto", tmp_path / "tiny-budget", budget=2.0, palette=[PALETTE], **SMALL)
+
+
+def test_tie_gives_layers_of_one_input_one_entry(tiny, tmp_path):
+    free = qcompile_compile(tiny, "auto", tmp_path / "free", budget=4.8, palette=[PALETTE],
+                            options={"finetune_epochs": 0}, **SMALL)
+    tied = qcompile_compile(tiny, "auto", tmp_path / "tied", budget=4.8, palette=[PALETTE], tie=True,
+                            options={"finetune_epochs": 0}, **SMALL)
+    entry = {layer["name"]: layer["candidate"] for layer in tied["layers"]}
+    for b in (0, 1):
+        p = f"model.layers.{b}."
+        assert entry[p + "self_attn.q_proj"] == entry[p + "self_attn.k_proj"] == entry[p + "self_attn.v_proj"]
+        assert entry[p + "mlp.gate_proj"] == entry[p + "mlp.up_proj"]
+    assert tied["bits_per_weight"] <= 4.8 and tied["allocation"]["tie"]
+    assert tied["allocation"]["predicted_damage"] >= free["allocation"]["predicted_damage"]  # a constraint costs
 
 
 @pytest.mark.parametrize("embeddings", [None, "float"])

@@ -8,7 +8,8 @@ whose bytes fit the budget.
 3. The budget in bytes: ``--budget`` bits times the quantized weights; ``--budget-mb`` less the bytes of
    everything else in the file, measured by writing the graph the later passes write (the vocabulary tables as
    ``--embeddings`` stores them, norms, node records) with the chosen layers, and solved again if it is over.
-4. A multiple-choice knapsack over groups of layers that read one input (:mod:`qcompile.solvers.knapsack`).
+4. A multiple-choice knapsack over groups of layers that read one input (:mod:`qcompile.solvers.knapsack`): each
+   member its own entry, identical tensors counted once, or with ``--tie`` one entry for the whole group.
 
 The quantize pass then quantizes only the layers whose setting was estimated with cheaper options.
 """
@@ -54,6 +55,7 @@ class LayerChoice:
 @dataclasses.dataclass(frozen=True)
 class Allocation:
     budget: str  # as asked, e.g. "3 bits/weight" or "40 MB"
+    tie: bool  # layers reading one input took one entry
     budget_bytes: int  # for the quantized linears
     bytes: int  # predicted for the quantized linears
     damage: float  # predicted KL to the float model (sum over layers)
@@ -111,11 +113,14 @@ def groups_by_input(matches: tuple[LinearMatch, ...]) -> list[list[LinearMatch]]
     return list(groups.values())
 
 
-def _solve(groups: list[list[LinearMatch]], table: dict[str, list[cands.Entry]], budget: int
+def _choices(groups: list[list[LinearMatch]], table: dict[str, list[cands.Entry]]) -> list:
+    return [[[knapsack.Choice(e.candidate, e.bytes, e.damage, e.shared) for e in table[m.name]] for m in g]
+            for g in groups]
+
+
+def _solve(groups: list[list[LinearMatch]], table: dict[str, list[cands.Entry]], budget: int, tie: bool
            ) -> dict[str, cands.Entry]:
-    choices = [[[knapsack.Choice(e.candidate, e.bytes, e.damage, e.shared) for e in table[m.name]] for m in g]
-               for g in groups]
-    sol = knapsack.solve(choices, budget)
+    sol = knapsack.solve(_choices(groups, table), budget, tie=tie)
     return {m.name: table[m.name][i] for g, picks in zip(groups, sol.picks) for m, i in zip(g, picks)}
 
 
@@ -210,10 +215,9 @@ def allocate(state: CompileState) -> CompileState:
     predicted_file = None
     for _ in range(MB_ROUNDS if target is not None else 1):
         try:
-            chosen = _solve(groups, table, budget)
+            chosen = _solve(groups, table, budget, state.cfg.tie)
         except ValueError:
-            least = sum(knapsack.group_frontier([[knapsack.Choice(e.candidate, e.bytes, e.damage, e.shared)
-                                                  for e in table[m.name]] for m in g])[0].bytes for g in groups)
+            least = sum(knapsack.group_frontier(g, state.cfg.tie)[0].bytes for g in _choices(groups, table))
             need = (f"{8 * least / params:.3f} bits/weight" if target is None
                     else f"{(target - budget + least) / 1e6:.3f} MB with --embeddings {embeddings}")
             raise QCompileError(f"-f auto: a budget of {state.budget.text} is below the smallest this palette can "
@@ -233,7 +237,7 @@ def allocate(state: CompileState) -> CompileState:
                                    state.palette[chosen[m.name].candidate].fmt.name, attributed[m.name],
                                    chosen[m.name].damage, chosen[m.name].estimated) for m in state.matches}
     allocation = Allocation(
-        budget=state.budget.text, budget_bytes=budget, bytes=sum(attributed.values()),
+        budget=state.budget.text, tie=state.cfg.tie, budget_bytes=budget, bytes=sum(attributed.values()),
         damage=math.fsum(c.damage for c in choices.values()), estimator=ESTIMATOR if fisher else "relative output error",
         palette=tuple(c.text for c in state.palette), choices=choices, seconds=seconds, file_bytes=predicted_file,
         table={n: [{"candidate": state.palette[e.candidate].text, "bytes": e.bytes, "damage": e.damage,
