@@ -28,11 +28,25 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
                        description="Compile MODEL (smollm2-135m, a .gguf, a HF folder or hub id, or an .onnx) "
                                    "with a weight FORMAT into OUT/ (model.onnx, report.json, report.md).")
     p.add_argument("model")
-    p.add_argument("-f", "--format", required=True, help="weight format (see `qcompile formats`)")
+    p.add_argument("-f", "--format", required=True,
+                   help="weight format (see `qcompile formats`), or auto: a per-layer mix of the --palette's settings "
+                        "with the least estimated damage within --budget or --budget-mb")
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     p.add_argument("--emit", choices=["native", "simulated", "portable"],
                    help="native: the format's op; portable: standard ONNX ops only; simulated: dequantized "
                         "floats (research mode, large file). Default: the format's own default")
+    p.add_argument("--budget", type=float, metavar="BITS",
+                   help="-f auto: bits per weight over the quantized linears, counted from the file's bytes as "
+                        "report.json's bits_per_weight")
+    p.add_argument("--budget-mb", type=float, metavar="MB",
+                   help="-f auto: the whole file (model.onnx and its data, vocabulary tables included) in MB of 10^6 "
+                        "bytes")
+    p.add_argument("--palette", action="append", default=[], metavar="FMT[:KEY=VALUE...][,FMT...]",
+                   help="-f auto: the settings a layer may take, e.g. 'spqr-w3:bits=3,spqr-w3:bits=4,aqlm-2x8' "
+                        "(repeatable; default: the int, FP4, SpQR and AQLM settings `qcompile formats` marks)")
+    p.add_argument("--tie", action="store_true",
+                   help="-f auto: layers that read the same input (q/k/v, gate/up) take the same palette entry "
+                        "(default: each its own, identical tensors stored once)")
     p.add_argument("--group-size", type=int, help="format option group_size")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="format option act_order")
     p.add_argument("--damp", type=float, help="format option damp")
@@ -81,6 +95,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples, seq_len=args.seq_len, eval_samples=args.eval_samples,
         eval_seq_len=args.eval_seq_len, eval_text=args.eval_text, evaluate=not args.no_eval, seed=args.seed,
         device=args.device, dtype=args.dtype, include_lm_head=args.include_lm_head, embeddings=args.embeddings,
+        budget=args.budget, budget_mb=args.budget_mb, palette=list(args.palette), tie=args.tie,
         sequential=args.sequential,
         force=args.force, resume=not args.no_resume, progress=not args.quiet, verbose=args.verbose,
         tokenizer=args.tokenizer,
@@ -99,6 +114,10 @@ def _print_summary(rep: dict[str, Any], out: Path) -> None:
         f"whole file        {rep['file_bytes'] / 1e6:.1f} MB, {rep['bits_per_parameter']:.3f} bits per parameter"
         f" (float: {rep['float_file_bytes'] / 1e6:.1f} MB; source: {rep['source_bytes'] / 1e6:.1f} MB)",
     ]
+    alloc = rep.get("allocation")
+    if alloc:
+        mix = ", ".join(f"{k} x{v['layers']}" for k, v in alloc["mix"].items())
+        lines.insert(1, f"budget            {alloc['budget']}: {mix} (allocation {alloc['seconds']['total']:.0f} s)")
     if rep.get("ppl_quantized"):
         lines.append(f"perplexity        {rep['ppl_quantized']:.3f} (float {rep['ppl_reference']:.3f}, "
                      f"{100 * (rep['ppl_ratio'] - 1):+.2f}%) on {rep['eval_tokens']:,} tokens")
@@ -192,7 +211,8 @@ def cmd_formats(args: argparse.Namespace) -> int:
                            "needs_calibration": f.needs_calibration, "calib_samples": f.calib_samples,
                            "embeddings": f.embeddings,
                            "options": {k: {"default": o.default, "help": o.help} for k, o in f.options.items()},
-                           "layer_options": [str(o) for o in f.layer_options]}
+                           "layer_options": [str(o) for o in f.layer_options],
+                           "palette": [dict(o) for o in f.palette]}
                           for f in fmts], indent=2, default=str))
         return 0
     for f in fmts:
@@ -204,6 +224,8 @@ def cmd_formats(args: argparse.Namespace) -> int:
             print(f"    -O {f'{k}={o.default}':<24} {o.help}")
         for o in f.layer_options:
             print(f"    -L {o}")
+        for opts in f.palette:
+            print(f"    in -f auto's default palette as {f.name}" + "".join(f":{k}={v}" for k, v in opts.items()))
     return 0
 
 

@@ -24,6 +24,7 @@ from qcompile import report as reports
 from qcompile.errors import QCompileError
 from qcompile.formats import get_format
 from qcompile.formats.base import EMIT_MODES, Format, LayerOverride
+from qcompile.formats.palette import AUTO, Budget, Candidate
 from qcompile.models.decoder import is_decoder_folder, write_genai_folder
 from qcompile.models.export import save_onnx
 from qcompile.runtime import needs_ops_library
@@ -52,6 +53,10 @@ class CompileConfig:
     dtype: str = "float32"
     include_lm_head: bool = False
     embeddings: str | None = None  # the vocabulary tables: float, int8 or int4; None: the format's default
+    budget: float | None = None  # -f auto: bits per weight over the quantized linears
+    budget_mb: float | None = None  # -f auto: the whole file, in MB of 10^6 bytes
+    palette: list[str] = dataclasses.field(default_factory=list)  # -f auto: entries (default: the registry's)
+    tie: bool = False  # -f auto: layers that read one input (q/k/v, gate/up) take one palette entry
     sequential: bool = False
     force: bool = False
     resume: bool = True  # reuse layers a killed compile with the same inputs already finished
@@ -65,11 +70,13 @@ class Plan:
     """A checked request: everything resolved that can be resolved before any model is loaded."""
 
     cfg: CompileConfig
-    fmt: Format
+    fmt: Format | None  # None: -f auto
     options: dict[str, Any]
     overrides: tuple[LayerOverride, ...]
     emit: str
     device: str
+    palette: tuple[Candidate, ...] = ()
+    budget: Budget | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -84,6 +91,10 @@ def resolve_device(device: str) -> str:
 
 def plan(cfg: CompileConfig) -> Plan:
     """Check every option of the request before any work, so a typo fails at once."""
+    if cfg.format == AUTO:
+        return _plan_auto(cfg)
+    if cfg.budget is not None or cfg.budget_mb is not None or cfg.palette or cfg.tie:
+        raise QCompileError(f"--budget, --budget-mb, --palette and --tie go with -f {AUTO}, not -f {cfg.format}")
     fmt = get_format(cfg.format)
     options = fmt.resolve_options(cfg.options)
     overrides = tuple(o if isinstance(o, LayerOverride) else LayerOverride.parse(o) for o in cfg.layer_options)
@@ -94,20 +105,56 @@ def plan(cfg: CompileConfig) -> Plan:
         raise QCompileError(f"format {fmt.name} cannot emit {emit!r}; it emits: {', '.join(fmt.emits)}")
     if cfg.calib_samples is None:
         cfg = dataclasses.replace(cfg, calib_samples=fmt.calib_samples)
+    if cfg.embeddings is None:
+        cfg = dataclasses.replace(cfg, embeddings=fmt.embeddings)
+    _check_common(cfg)
+    return Plan(cfg, fmt, options, overrides, emit, resolve_device(cfg.device))
+
+
+def _check_common(cfg: CompileConfig) -> None:
+    from qcompile.passes.embeddings import EMBEDDINGS
+
     for name in ("calib_samples", "seq_len", "eval_samples", "eval_seq_len"):
         if getattr(cfg, name) < 1:
             raise QCompileError(f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    from qcompile.passes.embeddings import EMBEDDINGS
-
-    if cfg.embeddings is None:
-        cfg = dataclasses.replace(cfg, embeddings=fmt.embeddings)
-    if cfg.embeddings not in EMBEDDINGS:
+    if cfg.embeddings is not None and cfg.embeddings not in EMBEDDINGS:
         raise QCompileError(f"--embeddings {cfg.embeddings!r}: expected one of {', '.join(EMBEDDINGS)}")
     if cfg.evaluate and cfg.eval_text is not None:
         from qcompile.data import load_text_file
 
         load_text_file(cfg.eval_text)  # readable UTF-8 text, before any work (its length is checked once tokenized)
-    return Plan(cfg, fmt, options, overrides, emit, resolve_device(cfg.device))
+
+
+def _plan_auto(cfg: CompileConfig) -> Plan:
+    """``-f auto``: the palette and the budget checked; options may only be the whole-model (fine-tuning) ones, which
+    act on every tunable layer at once; the calibration is the largest any palette format asks for."""
+    from qcompile.formats.base import finetune_options, is_whole_model_option
+    from qcompile.formats.palette import Budget, parse_palette
+
+    budget = Budget(cfg.budget, cfg.budget_mb)
+    palette = parse_palette(cfg.palette)
+    if cfg.layer_options:
+        raise QCompileError(f"-L does not apply to -f {AUTO}: give per-layer settings as --palette entries, e.g. "
+                            "'spqr-w3:bits=4'")
+    if cfg.sequential:
+        raise QCompileError(f"--sequential does not apply to -f {AUTO}")
+    table = finetune_options()
+    bad = sorted(k for k in cfg.options if not is_whole_model_option(k) or k not in table)
+    if bad:
+        raise QCompileError(f"-f {AUTO} takes only whole-model options with -O ({', '.join(sorted(table))}); "
+                            f"{', '.join(bad)} belongs in a --palette entry, e.g. 'spqr-w3:{bad[0]}=...'")
+    options = {k: o.default for k, o in table.items()}
+    options.update({k: table[k].parse(k, v) for k, v in cfg.options.items()})
+    emit = cfg.emit or "native"
+    cannot = [c.text for c in palette if emit not in c.fmt.emits]
+    if emit not in EMIT_MODES or cannot:
+        raise QCompileError(f"-f {AUTO} cannot emit {emit!r}: palette entries {', '.join(cannot)} do not")
+    if cfg.calib_samples is None:
+        cfg = dataclasses.replace(cfg, calib_samples=max(c.fmt.calib_samples for c in palette))
+    if cfg.embeddings is None and budget.bits is not None:  # 2-bit-class budgets store 4-bit tables (as aqlm-2x8 does)
+        cfg = dataclasses.replace(cfg, embeddings="int4" if budget.bits < 3 else "int8")
+    _check_common(cfg)  # (--budget-mb without --embeddings: the allocate pass chooses int8 or int4)
+    return Plan(cfg, None, options, (), emit, resolve_device(cfg.device), palette, budget)
 
 
 def compile_model(cfg: CompileConfig) -> dict[str, Any]:
@@ -131,7 +178,7 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
                                         seq_len=cfg.eval_seq_len)
         float_path = stages.run("export", lambda: float_onnx(source, cfg.dtype, verbose=cfg.verbose))
         state = CompileState(cfg=cfg, fmt=p.fmt, options=p.options, overrides=p.overrides, emit=p.emit,
-                             device=p.device, source=source, float_path=float_path,
+                             device=p.device, palette=p.palette, budget=p.budget, source=source, float_path=float_path,
                              model=onnx.load(str(float_path)), tokenizer=tokenizer, eval_windows=eval_windows)
         for step in PIPELINE:
             state = stages.run(step.name, lambda: step.run(state))
@@ -147,6 +194,8 @@ def compile_model(cfg: CompileConfig) -> dict[str, Any]:
         if state.tune_summary is not None:
             report["tune"] = state.tune_summary
         report["layers"] = list(state.layers)
+        if state.allocation is not None:
+            report["allocation"] = reports.allocation_summary(state.allocation, report)
         report["stage_seconds"] = stages.seconds
         report["compile_seconds"] = time.perf_counter() - t_start
         report["peak_memory_mib"] = _peak_memory_mib()
@@ -170,7 +219,7 @@ def _report(state: CompileState, out_model: Path) -> dict[str, Any]:
     file_bytes = reports.model_file_bytes(out_model)
     params = reports.model_parameters(state.float_model)
     return {
-        "format": state.fmt.name, "emit": state.emit, "model": state.cfg.model, "options": state.options,
+        "format": state.format_name, "emit": state.emit, "model": state.cfg.model, "options": state.options,
         "device": state.device, "layer_options": state.override_texts,
         "bits_per_weight": reports.overall_bits(sizes, packed=simulated),
         "bits_per_weight_in_file": reports.overall_bits(sizes),
@@ -186,8 +235,16 @@ def _report(state: CompileState, out_model: Path) -> dict[str, Any]:
         "source_bytes": state.source.size_bytes(),
         "calib_tokens": int(state.calib.size), "calib_samples": state.cfg.calib_samples,
         "seq_len": state.cfg.seq_len, "seed": state.cfg.seed,
-        "runtime": state.fmt.runtime if state.emit == "native" else "stock onnxruntime",
+        "runtime": _runtime(state),
     }
+
+
+def _runtime(state: CompileState) -> str:
+    """What the file needs to run: every op its layers' formats emit natively, else stock onnxruntime."""
+    if state.emit != "native":
+        return "stock onnxruntime"
+    used = {f.name: f for f in state.layer_formats.values()}
+    return "; ".join(sorted({f.runtime for f in used.values()}))
 
 
 def _evaluate(state: CompileState, out_model: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ FORMAT_KEY = "qcompile.format"
 PACKED_BITS_KEY = "qcompile.packed_bits_per_weight"
 SHAPE_KEY = "qcompile.shape"
 ROLE_KEY = "qcompile.role"  # absent: a linear layer; "embedding": the vocabulary tables
+OPTIONS_KEY = "qcompile.options"  # the layer's own options where they differ from its format's, e.g. "bits=4"
 
 
 @dataclasses.dataclass
@@ -31,6 +32,7 @@ class LayerSize:
     bits_per_weight: float  # from the bytes in the file
     packed_bits_per_weight: float | None  # simulated emit: what the format's native storage would take
     role: str = "linear"  # or "embedding" (the LM head / embedding tables)
+    options: str = ""  # the layer's own options (OPTIONS_KEY), e.g. "bits=4"
 
     @property
     def params(self) -> int:
@@ -58,14 +60,15 @@ def layer_sizes(model: onnx.ModelProto) -> list[LayerSize]:
         name = meta[LAYER_KEY]
         entry = layers.setdefault(name, {"format": meta.get(FORMAT_KEY, "?"), "inputs": set(),
                                          "shape": tuple(int(v) for v in meta[SHAPE_KEY].split(",")),
-                                         "packed": meta.get(PACKED_BITS_KEY), "role": meta.get(ROLE_KEY, "linear")})
+                                         "packed": meta.get(PACKED_BITS_KEY), "role": meta.get(ROLE_KEY, "linear"),
+                                         "options": meta.get(OPTIONS_KEY, "")})
         entry["inputs"].update(i for i in node.input if i in inits and i.startswith(f"qc.{name}."))
     out = []
     for name, e in layers.items():
         nbytes = sum(tensor_nbytes(inits[i]) for i in e["inputs"])
         k, n = e["shape"]
         out.append(LayerSize(name, e["format"], e["shape"], nbytes, 8.0 * nbytes / (k * n),
-                             float(e["packed"]) if e["packed"] else None, e["role"]))
+                             float(e["packed"]) if e["packed"] else None, e["role"], e["options"]))
     return out
 
 
@@ -161,7 +164,8 @@ def inspect_rows(model_path: Path) -> list[dict[str, Any]]:
     from qcompile.passes.discover import discover_linears, ensure_node_names
 
     model = ensure_node_names(onnx.load(str(model_path), load_external_data=False))
-    rows = [{"name": s.name, "format": s.format + (" (simulated)" if s.packed_bits_per_weight else ""),
+    rows = [{"name": s.name, "format": s.format + (f" {s.options}" if s.options else "")
+             + (" (simulated)" if s.packed_bits_per_weight else ""),
              "role": s.role, "shape": f"{s.shape[0]}x{s.shape[1]}", "bytes": s.stored_bytes,
              "bits_per_weight": s.bits_per_weight,
              "packed_bits_per_weight": s.packed_bits_per_weight} for s in layer_sizes(model)]
@@ -235,6 +239,32 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def allocation_summary(alloc: Any, report: dict[str, Any]) -> dict[str, Any]:
+    """report.json's ``allocation`` (``-f auto``): the budget, the mix, predicted against measured bytes and damage,
+    how long the allocation took, and every layer's candidates as the knapsack saw them."""
+    layers = report["layers"]
+    mix: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        m = mix.setdefault(layer["candidate"], {"layers": 0, "weights": 0, "bytes": 0})
+        m["layers"] += 1
+        m["weights"] += layer["shape"][0] * layer["shape"][1]
+        m["bytes"] += layer["bytes"]
+    for m in mix.values():
+        m["bits_per_weight"] = 8.0 * m["bytes"] / m["weights"]
+    return {
+        "budget": alloc.budget, "budget_bytes": alloc.budget_bytes, "palette": list(alloc.palette), "tie": alloc.tie,
+        "estimator": alloc.estimator,
+        "predicted_bytes": alloc.bytes, "bytes": sum(layer["bytes"] for layer in layers),
+        "predicted_file_bytes": alloc.file_bytes,
+        "predicted_damage": alloc.damage, "damage": sum(layer["damage"] for layer in layers),
+        "damage_tuned": (sum(layer["damage_tuned"] if layer["damage_tuned"] is not None else layer["damage"]
+                             for layer in layers)),
+        "seconds": alloc.seconds,
+        "mix": dict(sorted(mix.items(), key=lambda kv: -kv[1]["weights"])),
+        "candidates": alloc.table,
+    }
+
+
 LAYER_COLUMNS = [("name", "layer", "s"), ("shape", "K x N", "s"), ("format", "format", "s"),
                  ("bits_per_weight", "bits/weight", ".3f"), ("rel_output_error", "rel. output error", ".2e"),
                  ("quantize_seconds", "quantize s", ".2f")]
@@ -269,6 +299,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             if report.get("resumed_layers") else "")),
         ("peak memory (MiB)", f"{report.get('peak_memory_mib', 0):.0f}"),
     ]
+    alloc = report.get("allocation")
+    if alloc:
+        s = alloc["seconds"]
+        head[1:1] = [
+            ("budget", f"{alloc['budget']} ({alloc['budget_bytes']:,} bytes for the linears)"),
+            ("linears' bytes, predicted / in the file", f"{alloc['predicted_bytes']:,} / {alloc['bytes']:,}"),
+            ("estimated KL to float, predicted / as quantized / as tuned",
+             f"{alloc['predicted_damage']:.4f} / {alloc['damage']:.4f} / {alloc['damage_tuned']:.4f} nats per token "
+             f"({alloc['estimator']})"),
+            ("allocation seconds", f"{s['total']:.0f} (sensitivity {s['sensitivity']:.0f}, candidates "
+                                   f"{s['candidates']:.0f}, knapsack {s['knapsack']:.0f})"),
+        ]
+        if alloc.get("predicted_file_bytes"):
+            head.insert(3, ("file bytes, predicted", f"{alloc['predicted_file_bytes']:,}"))
     if report.get("layer_options"):
         head.insert(3, ("layer options (-L, in order)", ", ".join(f"`{o}`" for o in report["layer_options"])))
     tune = report.get("tune")
@@ -281,10 +325,23 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("emit") == "simulated":
         head.insert(4, ("note", "simulated emit: the file holds dequantized floats; bits per weight is what the "
                                 "format's native storage takes"))
-    lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in head], "", "## Layers", ""]
+    lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in head], ""]
+    if alloc:
+        lines += ["## Mix", "", markdown_table([{"candidate": k, **v} for k, v in alloc["mix"].items()],
+                                               [("candidate", "palette entry", "s"), ("layers", "layers", "d"),
+                                                ("weights", "weights", ",d"), ("bytes", "bytes", ",d"),
+                                                ("bits_per_weight", "bits/weight", ".3f")]), ""]
+    lines += ["## Layers", ""]
     rows = [dict(layer, shape="x".join(map(str, layer["shape"])),
                  own=",".join(f"{k}={v}" for k, v in layer.get("layer_options", {}).items()))
             for layer in report["layers"]]
-    columns = LAYER_COLUMNS + ([("own", "own options", "s")] if any(r["own"] for r in rows) else [])
+    if alloc:
+        columns = [("name", "layer", "s"), ("shape", "K x N", "s"), ("candidate", "palette entry", "s"),
+                   ("bits_per_weight", "bits/weight", ".3f"), ("predicted_bytes", "bytes predicted", ",d"),
+                   ("bytes", "bytes", ",d"), ("predicted_damage", "damage predicted", ".2e"),
+                   ("damage", "damage", ".2e"), ("damage_tuned", "tuned", ".2e"),
+                   ("rel_output_error", "rel. output error", ".2e")]
+    else:
+        columns = LAYER_COLUMNS + ([("own", "own options", "s")] if any(r["own"] for r in rows) else [])
     lines.append(markdown_table(rows, columns))
     return "\n".join(lines) + "\n"

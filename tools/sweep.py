@@ -8,9 +8,11 @@ this curve, produced by one command with one calibration set and one evaluation 
     python tools/sweep.py --out runs/sweep                                   # the default row list
     python tools/sweep.py --out runs/sweep --row mxfp4-mr --row int2-gptq:simulated,group_size=64
     python tools/sweep.py --out runs/sweep --reuse                           # only compile what is missing
+    python tools/sweep.py --out runs/sweep --auto-budgets 2.25,2.5,3,3.5,4,4.5   # plus the -f auto curve
 
 A row is ``FORMAT[:EMIT][,KEY=VALUE...][,--FLAG...]`` (options as ``qcompile compile -O``, flags such as
-``--sequential`` as they are). Each row is compiled by the
+``--sequential`` or ``--budget=3`` as they are; a ``--palette=`` flag separates its entries with ``+``). ``--auto-budgets`` adds one ``auto,--budget=B`` row per budget;
+the plot draws those as one curve over the single-format points. Each row is compiled by the
 CLI in its own process (a crash or bad option fails that row only, with its log kept in OUT/<row>.log).
 ``--reuse`` takes a row from OUT/<row>/report.json when that run used the same model and settings.
 """
@@ -70,7 +72,7 @@ class Row:
             args += ["--emit", self.emit]
         for key, value in self.options.items():
             args += ["-O", f"{key}={value}"]
-        return args + self.flags
+        return args + [f.replace("+", ",") if f.startswith("--palette=") else f for f in self.flags]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--row", action="append", dest="rows", metavar="FORMAT[:EMIT][,K=V...][,--FLAG...]",
                    help=f"a row (repeatable); default: {' '.join(DEFAULT_ROWS)}")
+    p.add_argument("--auto-budgets", default="", metavar="BITS[,BITS...]",
+                   help="also compile -f auto at these budgets (bits per weight), drawn as a curve")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: each format's own)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=32)
@@ -97,8 +101,13 @@ def _row_settings(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     settings = _settings(args)
     if settings["calib_samples"] is None:
         from qcompile.formats import get_format
+        from qcompile.formats.palette import AUTO, parse_palette
 
-        settings["calib_samples"] = get_format(row.format).calib_samples
+        if row.format == AUTO:  # the largest any palette format asks for, as the compile plans it
+            palettes = [f.split("=", 1)[1].replace("+", ",") for f in row.flags if f.startswith("--palette=")]
+            settings["calib_samples"] = max(c.fmt.calib_samples for c in parse_palette(palettes or None))
+        else:
+            settings["calib_samples"] = get_format(row.format).calib_samples
     return settings
 
 
@@ -183,20 +192,31 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     except ImportError:
         return False
     points = [r for r in rows if "error" not in r and r["row"] != "float" and r.get("ppl")]
+    curve = sorted((r for r in points if r["row"].startswith("auto,")), key=lambda r: r["bits_per_weight"])
+    points = [r for r in points if r not in curve]
     ref = next((r["ppl"] for r in rows if r["row"] == "float"), None)
     near = [r for r in points if ref and r["ppl"] < 2 * ref]  # the crowded region gets its own linear panel
+    near_curve = [r for r in curve if ref and r["ppl"] < 2 * ref]
     fig, axes = plt.subplots(1, 2 if near and len(near) < len(points) else 1, figsize=(12, 5), squeeze=False)
-    for ax, subset, log in zip(axes[0], [points, near], [True, False]):
+    for ax, subset, line, log in zip(axes[0], [points, near], [curve, near_curve], [True, False]):
         for r in subset:
             ax.scatter(r["bits_per_weight"], r["ppl"], s=18)
             ax.annotate(r["row"], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if line:
+            ax.plot([r["bits_per_weight"] for r in line], [r["ppl"] for r in line], "k.-", linewidth=1.2,
+                    label="-f auto (per-layer mix at a budget)")
+            for r in line:
+                ax.annotate(r["row"].rpartition("=")[2], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(-3, -9),
+                            textcoords="offset points", ha="right")
         if ref:
             ax.axhline(ref, color="gray", linestyle="--", linewidth=1, label=f"float ({ref:.2f})")
+            ax.legend(loc="upper right")
+        if line and not ref:
             ax.legend(loc="upper right")
         plain = matplotlib.ticker.FormatStrFormatter("%g")
         if log:
             ax.set_yscale("log")
-            ys = [r["ppl"] for r in subset] + ([ref] if ref else [])
+            ys = [r["ppl"] for r in subset + line] + ([ref] if ref else [])
             # less than a decade shows no major tick on a log axis: label the minor ones then
             ax.yaxis.set_minor_formatter(plain if max(ys) < 10 * min(ys) else matplotlib.ticker.NullFormatter())
         ax.yaxis.set_major_formatter(plain)
@@ -221,6 +241,7 @@ def _write(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = [Row.parse(s) for s in (args.rows or DEFAULT_ROWS)]
+    rows += [Row.parse(f"auto,--budget={b.strip()}") for b in args.auto_budgets.split(",") if b.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     for i, row in enumerate(rows, 1):

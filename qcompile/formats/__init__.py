@@ -49,6 +49,11 @@ def all_formats() -> list[Format]:
     return [f for _, f in sorted(_registry().items())]
 
 
+def registered() -> list[Format]:
+    """Every registered format in registry order (package by package, each package's rows in its order)."""
+    return list(_registry().values())
+
+
 def bench_cases() -> list:
     """The op benchmark columns of every format (each once, in registry order)."""
     seen: dict[str, object] = {}
@@ -59,4 +64,4 @@ def bench_cases() -> list:
 
 
 __all__ = ["PACKAGES", "Format", "LayerOverride", "OpSpec", "QuantizedWeight", "all_formats", "bench_cases",
-           "get_format", "register"]
+           "get_format", "register", "registered"]

@@ -159,7 +159,7 @@ def is_whole_model_option(key: str) -> bool:
 def finetune_options(epochs: float = distill.DEFAULT_EPOCHS, lr: float = 1e-3, scale_lr: float | None = None,
                      windows: int = distill.DEFAULT_WINDOWS, norm_lr: float = distill.DEFAULT_NORM_LR) -> dict[str, Any]:
     """The ``finetune_*`` options every tunable format shares (defaults per format); they configure
-    :func:`qcompile.solvers.distill.tune_format_layers`."""
+    the tune pass (:func:`qcompile.solvers.distill.tune_modules`)."""
     opts = {
         "finetune_epochs": Option(float, epochs, rule=at_least(0), help="after all layers: epochs of tuning the format's float side "
                                   "parameters (codes fixed) against the float model's next-token distribution "
@@ -232,13 +232,13 @@ class Format:
     op: OpSpec  # what the native emit writes
     emits: tuple[str, ...] = ("native", "simulated")
     default_emit: str = "native"
-    # Optional whole-model step once every layer is quantized (e.g. AQLM's codebook fine-tuning):
-    # tune(source, {layer: QuantizedWeight}, calib_windows, options, device, progress, float_names=set of
-    #      float initializers it may retune (read by one node only))
-    #   -> ({layer: new QuantizedWeight}, {float initializer name: new value}, summary dict for the report),
-    #   or None when the options disable it.
-    tune: Callable[..., Any] | None = None
-    # Packed tensors ``tune`` may change (float side parameters); every other tensor, and so the file layout and
+    # Fine-tuning hooks (the tune pass, qcompile.passes.tune): ``to_module(qw)`` is a
+    # :class:`qcompile.solvers.distill.TunableLinear` that decodes the weight differentiably in its float side
+    # parameters, ``from_module(qw, tuned module)`` the packed weight holding the tuned values. The tune pass builds
+    # one module per layer of every format that has them, so a file mixing formats is distilled once, jointly.
+    to_module: Callable[[QuantizedWeight], "distill.TunableLinear"] | None = None
+    from_module: Callable[[QuantizedWeight, "distill.TunableLinear"], QuantizedWeight] | None = None
+    # Packed tensors fine-tuning may change (float side parameters); every other tensor, and so the file layout and
     # size, stays byte for byte as the layer-wise method left it (the tune pass checks this).
     tunable: tuple[str, ...] = ()
     # Op benchmark columns for ``qcompile bench`` (qcompile.bench.BenchOp); formats sharing an op share them.
@@ -252,6 +252,14 @@ class Format:
     # How the vocabulary tables are stored when the user names none (--embeddings): a format that aims at a size
     # class stores them at a matching width (see qcompile.passes.embeddings).
     embeddings: str = "int8"
+    # The settings this row offers ``-f auto``'s default palette (each a dict of options over the defaults; none: the
+    # row is not in it). Only settings worth choosing per layer: useful widths and groups that run natively.
+    palette: tuple[dict[str, Any], ...] = ()
+    # A slow format's cheaper options for estimating a layer's damage while ``-f auto`` allocates (the chosen layers
+    # are then quantized with the full options), and the measured ratio of the full options' output error to the
+    # cheap ones', by which the estimate is multiplied.
+    estimate_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    estimate_error_ratio: float = 1.0
     # check_layer(K, N, layer's options) raises FormatError when a layer of that shape cannot take these options
     # (e.g. K not a multiple of a group): run over every layer right after discovery, before calibration.
     check_layer: Callable[[int, int, dict[str, Any]], None] | None = None

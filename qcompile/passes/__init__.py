@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from qcompile.passes import calibrate, discover, embeddings, lower, quantize, report, share, tune
+from qcompile.passes import allocate, calibrate, discover, embeddings, lower, quantize, report, share, tune
 from qcompile.passes.state import CompileState
 
 
@@ -23,8 +23,9 @@ class Pass:
 PIPELINE: tuple[Pass, ...] = (
     Pass("discover", discover.step),    # the linears with constant weights, and each one's options
     Pass("calibrate", calibrate.step),  # calibration windows and each linear's input Hessian
+    Pass("allocate", allocate.step),    # -f auto: each linear's palette setting under the budget
     Pass("quantize", quantize.step),    # each weight through its format's numerics (checkpointed)
-    Pass("tune", tune.step),            # the format's whole-model fine-tuning, if any
+    Pass("tune", tune.step),            # one whole-model fine-tuning of every tunable layer, if any
     Pass("embeddings", embeddings.step),  # the vocabulary tables quantized and stored once (--embeddings)
     Pass("lower", lower.step),          # MatMuls rewritten to the format's op (or portable / simulated)
     Pass("share", share.step),          # byte-identical quantized tensors stored once

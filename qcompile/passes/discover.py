@@ -154,17 +154,24 @@ def ensure_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def step(state: "CompileState") -> "CompileState":
-    """Pipeline step: the linears to quantize, and each one's format options (``-L`` overrides applied)."""
-    from qcompile.errors import UnsupportedModelError
+    """Pipeline step: the linears to quantize, and each one's format and options (``-L`` overrides applied; with
+    ``-f auto`` the allocate pass chooses them)."""
+    from qcompile.errors import FormatError, UnsupportedModelError
 
     model = ensure_node_names(state.model)
     matches = discover_linears(model, include_lm_head=state.cfg.include_lm_head)
     if not matches:
         raise UnsupportedModelError(f"{state.cfg.model}: no MatMul/Gemm with a constant weight to quantize")
-    per_layer = state.fmt.resolve_layer_options(state.options, state.overrides, [m.name for m in matches])
-    if state.fmt.check_layer is not None:
-        from qcompile.errors import FormatError
-
+    if state.fmt is None:  # -f auto: the allocate pass chooses each layer's format
+        per_layer, formats = {}, {}
+        for m in matches:
+            if not any(c.fits(*m.shape) for c in state.palette):
+                raise FormatError(f"no palette entry can quantize {m.name} ({m.shape[0]}x{m.shape[1]}); palette: "
+                                  f"{', '.join(c.text for c in state.palette)}")
+    else:
+        per_layer = state.fmt.resolve_layer_options(state.options, state.overrides, [m.name for m in matches])
+        formats = {m.name: state.fmt for m in matches}
+    if state.fmt is not None and state.fmt.check_layer is not None:
         for m in matches:
             try:
                 state.fmt.check_layer(*m.shape, per_layer[m.name])
@@ -176,4 +183,4 @@ def step(state: "CompileState") -> "CompileState":
 
         embedding = match_embeddings(model, state.cfg.include_lm_head)
     return state.replace(model=model, float_model=model, matches=tuple(matches), layer_options=per_layer,
-                         embedding=embedding)
+                         layer_formats=formats, embedding=embedding)

@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from qcompile.formats.base import Lowered, QuantizedWeight
 from qcompile.passes.discover import LinearMatch
-from qcompile.report import FORMAT_KEY, LAYER_KEY, PACKED_BITS_KEY, ROLE_KEY, SHAPE_KEY
+from qcompile.report import FORMAT_KEY, LAYER_KEY, OPTIONS_KEY, PACKED_BITS_KEY, ROLE_KEY, SHAPE_KEY
 
 if TYPE_CHECKING:
     from qcompile.passes.state import CompileState
@@ -27,10 +27,13 @@ if TYPE_CHECKING:
 
 
 def tag(node: onnx.NodeProto, layer: str, fmt: str, shape: tuple[int, int], packed_bits: float | None,
-        role: str = "linear") -> None:
-    """Mark a node as part of ``layer``'s lowering, so the report attributes the bytes it reads to that layer."""
+        role: str = "linear", options: str = "") -> None:
+    """Mark a node as part of ``layer``'s lowering, so the report attributes the bytes it reads to that layer
+    (``options``: the layer's own options, shown by ``qcompile inspect``)."""
     for key, value in ((LAYER_KEY, layer), (FORMAT_KEY, fmt), (SHAPE_KEY, f"{shape[0]},{shape[1]}")):
         node.metadata_props.add(key=key, value=value)
+    if options:
+        node.metadata_props.add(key=OPTIONS_KEY, value=options)
     if packed_bits is not None:
         node.metadata_props.add(key=PACKED_BITS_KEY, value=f"{packed_bits:.6f}")
     if role != "linear":
@@ -53,8 +56,9 @@ def _simulated(match: LinearMatch, node: onnx.NodeProto, qw: QuantizedWeight, pr
 
 
 def lower_weights(model: onnx.ModelProto, matches: list[LinearMatch], quantized: dict[str, QuantizedWeight],
-                  emit: str) -> onnx.ModelProto:
-    """Return a new model where every match named in ``quantized`` is lowered with ``emit``."""
+                  emit: str, options: dict[str, str] | None = None) -> onnx.ModelProto:
+    """Return a new model where every match named in ``quantized`` is lowered with ``emit`` (``options``: each
+    layer's own options as text, recorded on its nodes)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -78,7 +82,7 @@ def lower_weights(model: onnx.ModelProto, matches: list[LinearMatch], quantized:
             raise ValueError(f"unknown emit mode {emit!r}")
         packed_bits = qw.bits_per_weight() if emit == "simulated" else None
         for n in low.nodes:
-            tag(n, match.name, qw.format_name, match.shape, packed_bits)
+            tag(n, match.name, qw.format_name, match.shape, packed_bits, options=(options or {}).get(match.name, ""))
         new_nodes.extend(low.nodes)
         graph.initializer.extend(low.initializers)
         opsets.update(low.opset_imports)
@@ -135,8 +139,20 @@ def dequantized_weights(matches: list[LinearMatch], quantized: dict[str, Quantiz
     return out
 
 
+def own_options(state: "CompileState") -> dict[str, dict]:
+    """Each layer's options that differ from what its format would use everywhere: the ``-L`` ones, or with
+    ``-f auto`` its palette entry's."""
+    out = {}
+    for m in state.matches:
+        fmt, opts = state.layer_formats[m.name], state.layer_options[m.name]
+        base = state.options if state.fmt is not None else {k: o.default for k, o in fmt.options.items()}
+        out[m.name] = {k: v for k, v in opts.items() if k in base and v != base[k]}
+    return out
+
+
 def step(state: "CompileState") -> "CompileState":
-    model = lower_weights(state.model, list(state.matches), state.quantized, state.emit)
-    for key, value in (("qcompile.format", state.fmt.name), ("qcompile.emit", state.emit)):
+    texts = {n: ",".join(f"{k}={v}" for k, v in o.items()) for n, o in own_options(state).items()}
+    model = lower_weights(state.model, list(state.matches), state.quantized, state.emit, texts)
+    for key, value in (("qcompile.format", state.format_name), ("qcompile.emit", state.emit)):
         model.metadata_props.add(key=key, value=value)
     return state.replace(model=model)

@@ -2,7 +2,8 @@
 
 Each finished layer is checkpointed under the cache (:class:`~qcompile.layer_checkpoint.LayerCheckpoint`,
 keyed by everything that determines a layer's result), so a killed compile of a slow format resumes from the
-last finished layer; the pipeline removes the checkpoint once OUT is complete.
+last finished layer; the pipeline removes the checkpoint once OUT is complete. With ``-f auto`` the layers the
+allocate pass already quantized with their chosen settings are kept as they are.
 """
 from __future__ import annotations
 
@@ -54,16 +55,20 @@ def layer_checkpoint(state: CompileState, calib: np.ndarray) -> LayerCheckpoint:
 
     cfg = state.cfg
     layer_opts = {k: v for k, v in state.options.items() if k != "progress" and not is_whole_model_option(k)}
-    key = key_hash(CHECKPOINT_VERSION, getattr(state.source, "fingerprint", None), str(state.float_path),
-                   file_key(state.float_path), state.fmt.name, layer_opts, state.override_texts,
-                   digest_array(np.asarray(calib)), cfg.sequential, cfg.include_lm_head, state.device)
+    parts = [CHECKPOINT_VERSION, getattr(state.source, "fingerprint", None), str(state.float_path),
+             file_key(state.float_path), state.format_name, layer_opts, state.override_texts,
+             digest_array(np.asarray(calib)), cfg.sequential, cfg.include_lm_head, state.device]
+    if state.fmt is None:  # -f auto: each layer's own format and options
+        parts.append({n: (f.name, {k: v for k, v in state.layer_options[n].items() if k != "progress"})
+                      for n, f in sorted(state.layer_formats.items())})
+    key = key_hash(*parts)
     return LayerCheckpoint(cache_dir() / "layers" / key, fingerprint=key)
 
 
 def step(state: CompileState) -> CompileState:
     from qcompile.cache import prune_checkpoints
 
-    cfg, fmt = state.cfg, state.fmt
+    cfg = state.cfg
     ckpt = layer_checkpoint(state, state.calib)
     prune_checkpoints(keep=ckpt.directory)  # abandoned checkpoints of other compiles
     names = {m.name for m in state.matches}
@@ -82,6 +87,7 @@ def step(state: CompileState) -> CompileState:
             secs = hit[1].get("seconds")
             seconds[m.name] = float(secs) if isinstance(secs, (int, float)) else None
             return hit[0]
+        fmt = state.layer_formats[m.name]
         t0 = time.perf_counter()
         with quantization_threads(state.device):
             qw = fmt.quantize(m.weight(inits), h if fmt.needs_calibration else None, device=state.device,
@@ -95,8 +101,9 @@ def step(state: CompileState) -> CompileState:
         if cfg.sequential:
             quantized = _sequential(state, quantize_layer, hessians)
         else:
-            quantized = {}
-            bar = tqdm(state.matches, desc=f"quantize {fmt.name}", unit="layer", disable=not cfg.progress)
+            quantized = dict(state.quantized)  # -f auto: the allocation's own quantizations of the chosen settings
+            todo = [m for m in state.matches if m.name not in quantized]
+            bar = tqdm(todo, desc=f"quantize {state.format_name}", unit="layer", disable=not cfg.progress or not todo)
             for m in bar:
                 bar.set_postfix_str(m.name[-32:])
                 quantized[m.name] = quantize_layer(m, hessians.get(m.name))

@@ -19,7 +19,9 @@ from qcompile.formats.base import Format, LayerOverride, QuantizedWeight
 if TYPE_CHECKING:
     import torch
 
+    from qcompile.formats.palette import Budget, Candidate
     from qcompile.layer_checkpoint import LayerCheckpoint
+    from qcompile.passes.allocate import Allocation
     from qcompile.models.sources import ModelSource
     from qcompile.passes.discover import LinearMatch
     from qcompile.passes.embeddings import EmbeddingMatch
@@ -29,8 +31,8 @@ if TYPE_CHECKING:
 @dataclasses.dataclass(frozen=True)
 class CompileState:
     cfg: "CompileConfig"
-    fmt: Format
-    options: dict[str, Any]  # the format's options, resolved over its defaults
+    fmt: Format | None  # the format of every layer; None with ``-f auto`` (each layer's is in ``layer_formats``)
+    options: dict[str, Any]  # the format's options, resolved over its defaults (-f auto: the whole-model ones)
     overrides: tuple[LayerOverride, ...]  # the user's per-layer overrides, in order (the format's own come first)
     emit: str
     device: str
@@ -41,7 +43,11 @@ class CompileState:
     eval_windows: np.ndarray | None = None  # the evaluation text, tokenized up front (None: no evaluation)
     float_model: onnx.ModelProto | None = None  # discover: the float graph, kept for the report's errors
     matches: tuple["LinearMatch", ...] = ()  # discover
-    layer_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # discover: per layer
+    layer_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # discover/allocate: per layer
+    layer_formats: dict[str, Format] = dataclasses.field(default_factory=dict)  # discover/allocate: per layer
+    palette: tuple["Candidate", ...] = ()  # -f auto: the settings each layer may take
+    budget: "Budget | None" = None  # -f auto: what the layers' bytes must fit in
+    allocation: "Allocation | None" = None  # allocate: each layer's choice, predicted bytes and damage
     embedding: "EmbeddingMatch | None" = None  # discover: the vocabulary tables, when --embeddings quantizes them
     calib: np.ndarray | None = None  # calibrate: token windows [n, seq]
     hessians: dict[str, "torch.Tensor"] = dataclasses.field(default_factory=dict)  # calibrate
@@ -49,6 +55,7 @@ class CompileState:
     quantized: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)  # quantize, tune
     layer_seconds: dict[str, float | None] = dataclasses.field(default_factory=dict)  # quantize
     resumed: frozenset[str] = frozenset()  # quantize: layers taken from the checkpoint
+    layerwise: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)  # tune: tuned layers as quantized
     tune_summary: dict[str, Any] | None = None  # tune
     embedding_weights: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)  # embeddings
     layers: tuple[dict[str, Any], ...] = ()  # report: one row per quantized layer
@@ -57,6 +64,14 @@ class CompileState:
         return dataclasses.replace(self, **changes)
 
     @property
+    def format_name(self) -> str:
+        """What report.json's ``format`` says: the format, or ``auto`` for a per-layer mix."""
+        from qcompile.formats.palette import AUTO
+
+        return AUTO if self.fmt is None else self.fmt.name
+
+    @property
     def override_texts(self) -> list[str]:
         """Every per-layer override in the order it applies: the format's own, then the user's."""
-        return [str(o) for o in (*self.fmt.layer_options, *self.overrides)]
+        own = self.fmt.layer_options if self.fmt is not None else ()
+        return [str(o) for o in (*own, *self.overrides)]

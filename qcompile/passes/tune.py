@@ -1,8 +1,10 @@
-"""Tune pass (model → model): the format's whole-model step once every layer is quantized (SpQR and AQLM
-distil their float side parameters against the float model, :mod:`qcompile.solvers.distill`).
+"""Tune pass (model → model): one whole-model distillation of the float side parameters of every tunable layer,
+whatever its format (SpQR statistics and outliers, AQLM codebooks and scales), against the float model
+(:mod:`qcompile.solvers.distill`). Each format contributes a module per layer (``Format.to_module``) and takes the
+tuned values back (``Format.from_module``); a file mixing formats is tuned jointly, in one loop.
 
-It may change only the packed tensors the format names as ``tunable`` and float initializers private to one
-node (norm weights); every other tensor, and so the file layout and size, is checked to stay byte for byte.
+It may change only the packed tensors each layer's format names as ``tunable`` and float initializers private to
+one node (norm weights); every other tensor, and so the file layout and size, is checked to stay byte for byte.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from onnx import helper, numpy_helper
 from qcompile.errors import QCompileError
 from qcompile.formats.base import Format, QuantizedWeight
 from qcompile.passes.state import CompileState
+from qcompile.solvers.distill import tune_modules
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
@@ -43,9 +46,11 @@ def override_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray])
     return out
 
 
-def check_tunable(fmt: Format, before: dict[str, QuantizedWeight], after: dict[str, QuantizedWeight]) -> None:
-    """Fine-tuning keeps codes, positions and sizes: only ``fmt.tunable`` tensors may differ."""
+def check_tunable(formats: dict[str, Format], before: dict[str, QuantizedWeight],
+                  after: dict[str, QuantizedWeight]) -> None:
+    """Fine-tuning keeps codes, positions and sizes: only each layer's ``Format.tunable`` tensors may differ."""
     for name, new in after.items():
+        fmt = formats[name]
         old_p, new_p = before[name].packed(), new.packed()
         for key, arr in old_p.items():
             same = key in new_p and new_p[key].dtype == arr.dtype and new_p[key].shape == arr.shape
@@ -54,15 +59,24 @@ def check_tunable(fmt: Format, before: dict[str, QuantizedWeight], after: dict[s
                                     f"(tunable: {', '.join(fmt.tunable) or 'none'})")
 
 
+def tunable_layers(state: CompileState) -> dict[str, QuantizedWeight]:
+    """The quantized layers whose format can be tuned, in graph order."""
+    return {m.name: state.quantized[m.name] for m in state.matches
+            if state.layer_formats[m.name].to_module is not None and m.name in state.quantized}
+
+
 def step(state: CompileState) -> CompileState:
-    fmt = state.fmt
-    if fmt.tune is None:
+    layers = tunable_layers(state)
+    if not layers:
         return state
-    tuned = fmt.tune(state.source, state.quantized, state.calib, state.options, state.device, state.cfg.progress,
-                     float_names=private_initializers(state.model))
+    formats = {n: state.layer_formats[n] for n in layers}
+    modules = {n: formats[n].to_module(q) for n, q in layers.items()}  # type: ignore[misc]
+    tuned = tune_modules(state.source, state.calib, state.options, state.cfg.progress,
+                         private_initializers(state.model), modules, desc=f"{state.format_name} finetune")
     if tuned is None:
         return state
-    layers, floats, summary = tuned
-    check_tunable(fmt, state.quantized, layers)
-    return state.replace(quantized={**state.quantized, **layers}, model=override_initializers(state.model, floats),
-                         tune_summary=summary)
+    mods, floats, summary = tuned
+    new = {n: formats[n].from_module(layers[n], mod) for n, mod in mods.items()}  # type: ignore[misc]
+    check_tunable(formats, layers, new)
+    return state.replace(quantized={**state.quantized, **new}, model=override_initializers(state.model, floats),
+                         layerwise={n: layers[n] for n in new}, tune_summary=summary)

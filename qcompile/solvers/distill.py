@@ -8,8 +8,9 @@ student is the float transformers model with every quantized linear replaced by 
 :class:`TunableLinear` (weight decoded from codes on the fly, so gradients reach the side parameters); the
 loss is KL(float next-token distribution || student's). It targets perplexity directly.
 
-A format plugs in with one module class per layer (decode + ``param_groups`` + ``stored``) and calls
-:func:`tune_format_layers` from its ``Format.tune`` hook; the options (``finetune_epochs`` ...) are shared
+A format plugs in with one module class per layer (decode + ``param_groups`` + ``stored``) and its
+``Format.to_module`` / ``from_module`` factories; the tune pass builds the modules of every layer, whatever its
+format, and calls :func:`tune_modules` once. The options (``finetune_epochs`` ...) are shared
 (:func:`qcompile.formats.base.finetune_options`).
 
 What it never changes: codes, embeddings, the LM head, the file layout; the RMSNorm weights only when
@@ -160,21 +161,19 @@ def distill(model: torch.nn.Module, modules: Mapping[str, TunableLinear], window
 DEFAULT_EPOCHS, DEFAULT_WINDOWS, DEFAULT_NORM_LR = 1.0, 256, 1e-3
 
 
-def tune_format_layers(source: Any, calib: np.ndarray, opts: dict[str, Any], progress: bool,
-                       float_names: set[str] | None, layers: Mapping[str, Any],
-                       to_module: Callable[[Any], TunableLinear], from_module: Callable[[Any, TunableLinear], Any],
-                       desc: str) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]] | None:
-    """The shared body of a format's ``tune`` hook: read the ``finetune_*`` options, load the float model,
-    choose the windows, :func:`distill` ``{name: to_module(layer)}``, and return ``{name: from_module(layer,
-    tuned module)}`` (the format's packed weight with the tuned parameters), the tuned norm weights and the
-    summary. ``None`` when ``finetune_epochs`` is 0.
+def tune_modules(source: Any, calib: np.ndarray, opts: dict[str, Any], progress: bool, float_names: set[str] | None,
+                 modules: Mapping[str, TunableLinear], desc: str = "finetune"
+                 ) -> tuple[dict[str, TunableLinear], dict[str, np.ndarray], dict[str, Any]] | None:
+    """The tune pass's body: read the ``finetune_*`` options, load the float model, choose the windows and
+    :func:`distill` every module of ``modules`` (``{linear name: module}``, layers of any formats) at once.
+    Returns the tuned modules, the tuned norm weights and the summary; ``None`` when ``finetune_epochs`` is 0.
 
-    Skipped (with the reason in the summary) when the source has no transformers model (a bare .onnx).
-    Norm weights are tuned only when they are in ``float_names`` (graph initializers of that name, private
+    Skipped (no modules returned, the reason in the summary) when the source has no transformers model (a bare
+    .onnx). Norm weights are tuned only when they are in ``float_names`` (graph initializers of that name, private
     to one node), so what is tuned is exactly what the graph can hold.
     """
     epochs = float(opts.get("finetune_epochs", 0.0))
-    if epochs <= 0:
+    if epochs <= 0 or not modules:
         return None
     try:
         model = source.load_model("float32")
@@ -196,11 +195,10 @@ def tune_format_layers(source: Any, calib: np.ndarray, opts: dict[str, Any], pro
     threads = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("QCOMPILE_TUNE_THREADS", str(os.cpu_count() or 1))))
     try:
-        mods, floats, summary = distill(model, {n: to_module(q) for n, q in layers.items()}, windows, cfg)
+        return distill(model, dict(modules), windows, cfg)
     finally:
         torch.set_num_threads(threads)
-    return {n: from_module(layers[n], m) for n, m in mods.items()}, floats, summary
 
 
 __all__ = ["FinetuneConfig", "TunableLinear", "distill", "kl_to_teacher", "set_module",
-           "tune_format_layers"]
+           "tune_modules"]

@@ -56,3 +56,25 @@ def test_table_is_ordered_by_size_then_accuracy_with_float_first(sweep):
     md = sweep.markdown(rows, {"model": "m", "calib_samples": 1, "seq_len": 2, "eval_samples": 3, "eval_seq_len": 4,
                                "seed": 0})
     assert "| b | native | 4.250 | 25.000 | +25.0% |" in md and "FAILED: exit 1: boom" in md
+
+
+def test_auto_budgets_become_rows_planned_like_the_compile(sweep, tmp_path, monkeypatch):
+    args = sweep.parse_args(["--out", str(tmp_path), "--auto-budgets", "2.5, 3", "--row", "mxfp4-mr"])
+    compiled = []
+    monkeypatch.setattr(sweep, "compile_row", lambda row, a: compiled.append(row.cli_args()) or {"error": "skipped"})
+    assert sweep.main(["--out", str(tmp_path), "--auto-budgets", "2.5, 3", "--row", "mxfp4-mr"]) == 1
+    assert compiled == [["-f", "mxfp4-mr"], ["-f", "auto", "--budget=2.5"], ["-f", "auto", "--budget=3"]]
+    auto = sweep.Row.parse("auto,--budget=3")
+    assert sweep._row_settings(auto, args)["calib_samples"] == 256  # SpQR's, the largest of the default palette
+    own = sweep.Row.parse("auto,--budget=3,--palette=mxfp4-mr+nvfp4-mr")
+    assert own.cli_args() == ["-f", "auto", "--budget=3", "--palette=mxfp4-mr,nvfp4-mr"]
+    assert sweep._row_settings(own, args)["calib_samples"] == 64
+
+
+def test_plot_draws_the_auto_curve_over_the_points(sweep, tmp_path):
+    pytest.importorskip("matplotlib")
+    results = {"mxfp4-mr": {"bits_per_weight": 4.25, "ppl_quantized": 26.0, "ppl_reference": 23.5, "emit": "native"},
+               "aqlm-2x8": {"bits_per_weight": 2.15, "ppl_quantized": 44.0, "ppl_reference": 23.5, "emit": "native"},
+               "auto,--budget=2.5": {"bits_per_weight": 2.5, "ppl_quantized": 35.0, "ppl_reference": 23.5},
+               "auto,--budget=4.25": {"bits_per_weight": 4.25, "ppl_quantized": 24.5, "ppl_reference": 23.5}}
+    assert sweep.plot(sweep.table_rows(results), tmp_path / "p.png", "t") and (tmp_path / "p.png").stat().st_size > 0

@@ -5,15 +5,14 @@ the float model's next-token distribution (the generic loop in :mod:`qcompile.so
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from qcompile.formats.aqlm.weight import CodebookQuantizedWeight
-from qcompile.formats.base import QuantizedWeight
-from qcompile.solvers.distill import FinetuneConfig, TunableLinear, distill, tune_format_layers
+from qcompile.solvers.distill import FinetuneConfig, TunableLinear, distill
 
 
 class _DecodeGroups(torch.autograd.Function):
@@ -97,23 +96,16 @@ def finetune_codebooks(model: torch.nn.Module, layers: dict[str, tuple[np.ndarra
     return {name: m.stored() for name, m in tuned.items()}, floats, summary
 
 
-def tune_codebooks(source: Any, quantized: dict[str, QuantizedWeight], calib: np.ndarray, opts: dict[str, Any],
-                   device: str, progress: bool, float_names: set[str] | None = None
-                   ) -> tuple[dict[str, QuantizedWeight], dict[str, np.ndarray], dict[str, Any]] | None:
-    """The format's whole-model step: codebooks and scales of every codebook layer tuned by
-    :func:`qcompile.solvers.distill.tune_format_layers` (codes fixed), then rounded to fp16 as the op stores them."""
-    layers = {n: q for n, q in quantized.items() if isinstance(q, CodebookQuantizedWeight)}
+def to_module(q: CodebookQuantizedWeight) -> CodebookLinear:
+    """The tune pass's module for one codebook layer (codes fixed; codebooks and scales tuned)."""
+    return CodebookLinear(torch.from_numpy(q.codes.astype(np.int64)), torch.from_numpy(q.codebooks.astype(np.float32)),
+                          torch.from_numpy(q.scales.astype(np.float32)))
 
-    def to_module(q: CodebookQuantizedWeight) -> CodebookLinear:
-        return CodebookLinear(torch.from_numpy(q.codes.astype(np.int64)), torch.from_numpy(q.codebooks.astype(np.float32)),
-                              torch.from_numpy(q.scales.astype(np.float32)))
 
-    def from_module(q: CodebookQuantizedWeight, mod: CodebookLinear) -> CodebookQuantizedWeight:
-        books, scales = mod.stored()
-        out = CodebookQuantizedWeight(q.format_name, q.codes, np.clip(books, -65504, 65504),
-                                      np.clip(scales, -65504, 65504), q.history)
-        out.accuracy_level = q.accuracy_level
-        return out
-
-    return tune_format_layers(source, calib, opts, progress, float_names, layers, to_module, from_module,
-                              desc="aqlm finetune")
+def from_module(q: CodebookQuantizedWeight, mod: CodebookLinear) -> CodebookQuantizedWeight:
+    """``q`` with the tuned codebooks and scales, rounded to fp16 as the op stores them."""
+    books, scales = mod.stored()
+    out = CodebookQuantizedWeight(q.format_name, q.codes, np.clip(books, -65504, 65504),
+                                  np.clip(scales, -65504, 65504), q.history)
+    out.accuracy_level = q.accuracy_level
+    return out

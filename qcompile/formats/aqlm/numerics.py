@@ -442,7 +442,7 @@ def quantize_codebook(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, na
                       device: str = "cpu", **whole_model: Any) -> CodebookQuantizedWeight:
     """Quantize one ``[K, N]`` weight with AQLM. ``hessian`` None = plain weight MSE (data-free).
 
-    ``whole_model`` takes the ``finetune_*`` options, which act later (:func:`tune_codebooks`)."""
+    ``whole_model`` takes the ``finetune_*`` options, which act later (the tune pass, :mod:`qcompile.passes.tune`)."""
     unknown = [k for k in whole_model if not is_whole_model_option(k)]
     if unknown:
         raise FormatError(f"{name}: unknown option(s) {', '.join(unknown)}")

@@ -59,6 +59,7 @@ def _fp4_format(spec: FP4Spec, method: str) -> Format:
         emits=("native", "simulated", "portable"),
         default_emit="native",
         bench=(FP4_BENCH[spec.grid], FP4_BENCH[f"{spec.grid}-a4"]),
+        palette=({},) if method == "mr" else (),  # -f auto: the most accurate method of each grid
     )
 
 

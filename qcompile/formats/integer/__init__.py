@@ -50,6 +50,8 @@ def _int_format(bits: int, method: str, group_size: int) -> Format:
         emits=("native", "simulated"),
         default_emit="native" if storage == bits else "simulated",
         bench=NBITS_BENCH,
+        # -f auto: 4-bit GPTQ at groups of 128 and 64 (64 pads less when K is not a multiple of 128)
+        palette=({}, {"group_size": 64}) if (bits, method) == (4, "gptq") else (),
     )
 
 

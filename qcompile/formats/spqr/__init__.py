@@ -9,7 +9,7 @@ from qcompile.formats.base import (Format, LayerOverride, OpSpec, Option, accura
 from qcompile.errors import FormatError
 from qcompile.formats.spqr import reference as ref
 from qcompile.formats.spqr.bench import SPQR_BENCH, SPQR_BENCH_A4
-from qcompile.formats.spqr.finetune import tune_spqr
+from qcompile.formats.spqr import finetune
 from qcompile.formats.spqr.numerics import quantize_spqr
 from qcompile.formats.spqr.weight import SpQRQuantizedWeight
 
@@ -80,12 +80,14 @@ def _spqr_format(name: str, bits: int, outlier_threshold: float, finetune_window
         weight=SpQRQuantizedWeight,
         op=OP,
         emits=("native", "simulated", "portable"),
-        tune=tune_spqr,
+        to_module=finetune.to_module,
+        from_module=finetune.from_module,
         tunable=("stat_params", "values"),
         calib_samples=CALIB_SAMPLES,
         layer_options=layer_options,
         bench=(SPQR_BENCH[bits], SPQR_BENCH_A4[bits]),
         check_layer=_check_layer,
+        palette=({"bits": 3}, {"bits": 4}) if name == "spqr-w3" else (),  # -f auto: both code widths
     )
 
 

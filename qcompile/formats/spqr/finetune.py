@@ -1,4 +1,4 @@
-"""SpQR's tunable layer for :mod:`qcompile.solvers.distill`: the fp16 side parameters of a packed SpQR weight.
+"""SpQR's tunable layer for :mod:`qcompile.solvers.distill` and the format's ``to_module``/``from_module``: the fp16 side parameters of a packed SpQR weight.
 
 Why: at 3 bits the per-layer GPTQ sweep leaves errors that compound through the blocks. The file holds,
 besides the 3/4-bit codes, fp16 second-level statistics (per block of ``stat_group`` rows and column
@@ -12,15 +12,12 @@ outlier values are divided by the dense scale at their position (code units too;
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
-from qcompile.formats.base import QuantizedWeight
 from qcompile.formats.spqr import reference as ref
 from qcompile.formats.spqr.weight import SpQRQuantizedWeight
-from qcompile.solvers.distill import TunableLinear, tune_format_layers
+from qcompile.solvers.distill import TunableLinear
 
 
 class SpQRLinear(TunableLinear):
@@ -96,18 +93,14 @@ class SpQRLinear(TunableLinear):
         return {"stat_params": np.ascontiguousarray(sp), "values": vals}
 
 
-def tune_spqr(source: Any, quantized: dict[str, QuantizedWeight], calib: np.ndarray, opts: dict[str, Any],
-              device: str, progress: bool, float_names: set[str] | None = None
-              ) -> tuple[dict[str, QuantizedWeight], dict[str, np.ndarray], dict[str, Any]] | None:
-    """The format's whole-model step: the fp16 statistics and outlier values of every SpQR layer tuned by
-    :func:`qcompile.solvers.distill.tune_format_layers`; every code and outlier position stays as it is."""
-    layers = {n: q for n, q in quantized.items() if isinstance(q, SpQRQuantizedWeight)}
+def to_module(q: SpQRQuantizedWeight) -> SpQRLinear:
+    """The tune pass's module for one SpQR layer."""
+    return SpQRLinear(q.tensors, **q.attrs)
 
-    def from_module(q: SpQRQuantizedWeight, mod: SpQRLinear) -> SpQRQuantizedWeight:
-        attrs = {a: v for a, v in q.attrs.items() if a not in ("K", "N")}
-        out = SpQRQuantizedWeight(q.format_name, k=q.k, n=q.n, **attrs, tensors={**q.tensors, **mod.stored()})
-        out.accuracy_level = q.accuracy_level
-        return out
 
-    return tune_format_layers(source, calib, opts, progress, float_names, layers,
-                              lambda q: SpQRLinear(q.tensors, **q.attrs), from_module, desc="spqr finetune")
+def from_module(q: SpQRQuantizedWeight, mod: SpQRLinear) -> SpQRQuantizedWeight:
+    """``q`` with the tuned fp16 statistics and outlier values; every code and outlier position stays as it is."""
+    attrs = {a: v for a, v in q.attrs.items() if a not in ("K", "N")}
+    out = SpQRQuantizedWeight(q.format_name, k=q.k, n=q.n, **attrs, tensors={**q.tensors, **mod.stored()})
+    out.accuracy_level = q.accuracy_level
+    return out

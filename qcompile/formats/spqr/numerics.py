@@ -270,7 +270,7 @@ def quantize_spqr(weight_kn: np.ndarray, hessian: torch.Tensor | None, *, name: 
                   device: str = "cpu", **whole_model: Any) -> SpQRQuantizedWeight:
     """Quantize one ``[K, N]`` weight with SpQR. Without a Hessian, H = I (data-free, saliency = error²).
 
-    ``whole_model`` takes the ``finetune_*`` options, which act later (:func:`tune_spqr`)."""
+    ``whole_model`` takes the ``finetune_*`` options, which act later (the tune pass, :mod:`qcompile.passes.tune`)."""
     unknown = [k for k in whole_model if not is_whole_model_option(k)]
     if unknown:
         raise FormatError(f"{name}: unknown option(s) {', '.join(unknown)}")
