@@ -93,12 +93,13 @@ def mixed(tiny, tmp_path_factory):
 
     mp.setattr(candidates, "_measure", steered)
     root = tmp_path_factory.mktemp("mixed")
-    palette = f"int4-gptq:group_size=32,mxfp4-mr,spqr-w3:bits=4,{CHEAP_AQLM}"
+    # fp32 activations everywhere (accuracy_level=1, float vocabulary tables): native equals simulated to rounding
+    palette = f"int4-gptq:group_size=32:accuracy_level=1,mxfp4-mr,spqr-w3:bits=4,{CHEAP_AQLM}"
     out = {}
     try:
         for emit in ("native", "simulated"):
             out[emit] = root / emit, qcompile_compile(
-                tiny, "auto", root / emit, emit=emit, budget=16.0, palette=[palette],
+                tiny, "auto", root / emit, emit=emit, budget=16.0, palette=[palette], embeddings="float",
                 options={"finetune_epochs": 1, "finetune_windows": 8}, **SMALL)
     finally:
         mp.undo()
@@ -133,7 +134,7 @@ def test_report_predicts_the_files_bytes_and_inspect_shows_the_mix(mixed):
     assert "## Mix" in md and "| spqr-w3:bits=4 |" in md
     rows = {r["name"]: r for r in inspect_model(path / "model.onnx")[0]}
     assert rows["model.layers.0.self_attn.v_proj"]["format"] == "spqr-w3 bits=4"
-    assert rows["model.layers.0.self_attn.q_proj"]["format"] == "int4-gptq group_size=32"
+    assert rows["model.layers.0.self_attn.q_proj"]["format"] == "int4-gptq group_size=32,accuracy_level=1"
     assert rows["model.layers.0.self_attn.k_proj"]["format"] == "mxfp4-mr"
 
 
