@@ -125,19 +125,34 @@ def main(argv: list[str] | None = None) -> int:
                                                                            state.hessians[m.name], fisher[m.name]),
                          "rel_output_error": entry.rel_error if not entry.estimated else None,
                          "output_error": out_err, "kl": kl, "ppl_change": float(torch.exp(nll) / torch.exp(ref_nll)) - 1,
-                         "estimated": entry.estimated})
+                         "estimated": entry.estimated,
+                         "estimate_ratio": cand.fmt.estimate_error_ratio if entry.estimated else None})
             print(f"{m.name:36s} {cand.text:20s} predicted {entry.damage:.2e} measured KL {kl:.2e}", file=sys.stderr)
 
     kl = [r["kl"] for r in rows]
+    exact = [r for r in rows if not r["estimated"]]  # quantized with the final options: every estimate exists
+    estimated = [r for r in rows if r["estimated"]]
+    implied_ratio = [r["estimate_ratio"] * r["fisher_final"] / r["predicted"] for r in estimated]
     summary = {
         "pairs": len(rows), "layers": len(sample), "palette": args.palette, "blocks": blocks,
         "held_out_tokens": int(ids.numel()), "fisher_windows": allocate.FISHER_WINDOWS,
         "spearman_kl": {"fisher (allocation)": spearman([r["predicted"] for r in rows], kl),
                         "fisher on the final weight": spearman([r["fisher_final"] for r in rows], kl),
-                        "relative output error": spearman([r["rel_output_error"] if r["rel_output_error"] is not None
-                                                           else float("nan") for r in rows], kl)
-                        if all(r["rel_output_error"] is not None for r in rows) else None,
                         "absolute output error": spearman([r["output_error"] for r in rows], kl)},
+        # The relative output error exists only where the setting was quantized with its final options.
+        "spearman_kl_exact_pairs": {
+            "pairs": len(exact),
+            "fisher (allocation)": spearman([r["predicted"] for r in exact], [r["kl"] for r in exact]),
+            "relative output error": spearman([r["rel_output_error"] for r in exact], [r["kl"] for r in exact]),
+            "absolute output error": spearman([r["output_error"] for r in exact], [r["kl"] for r in exact]),
+        } if len(exact) > 1 else None,
+        # What the registry's estimate_error_ratio would have to be on this sample: the final quantization's
+        # Fisher-weighted error over the cheap options' estimate.
+        "estimate_ratio_measured": {
+            "pairs": len(estimated),
+            "registry": sorted({r["estimate_ratio"] for r in estimated}),
+            "median": float(np.median(implied_ratio)), "min": min(implied_ratio), "max": max(implied_ratio),
+        } if estimated else None,
         "spearman_ppl": {"fisher (allocation)": spearman([r["predicted"] for r in rows], [r["ppl_change"] for r in rows])},
         "spearman_within_candidate": {c: spearman([r["predicted"] for r in rows if r["candidate"] == c],
                                                   [r["kl"] for r in rows if r["candidate"] == c])
