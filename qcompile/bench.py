@@ -5,8 +5,10 @@ shapes, for M = 1 (decode) and M = 128 (prefill), all in one run.
 Every candidate is a one-node ONNX model with ``x: [M, K]`` as the only graph input and its weights as
 initializers (so onnxruntime may pre-pack them, as it would in a real model). CPU latency is the node's
 kernel time from onnxruntime's profiler (no Python or session overhead), median over ``repeats`` runs;
-with ``cold_cache`` (default) a 64 MB buffer is rewritten before every run so weights stream from DRAM,
-as they do in a model far larger than the caches. CUDA latency is wall time around an I/O-bound run
+with ``cold_cache`` (default) a 64 MB buffer is read before every run so weights stream from DRAM, as they
+do in a model far larger than the caches, where the layers before this one left the caches full of their
+own weights: clean lines (``flush="write"`` rewrites the buffer instead, which leaves dirty lines whose
+write-back shares the memory bus with the op's reads). CUDA latency is wall time around an I/O-bound run
 (device-resident input and output), and the table adds the weight bandwidth achieved as a fraction of
 the device's peak.
 
@@ -91,14 +93,29 @@ MATMUL = BenchOp("MatMul", build_matmul, lambda K, N: K * N * 4, needs_ops_libra
 
 
 class _CacheFlusher:
-    """Rewrites a buffer larger than the last-level cache so the next run finds no weights cached."""
+    """Evicts the weights of the last run: reads (``mode="read"``) or rewrites (``"write"``) a buffer larger
+    than the last-level cache.
 
-    def __init__(self, megabytes: int):
-        self.buf = np.zeros(megabytes * (1 << 20) // 8, dtype=np.float64) if megabytes > 0 else None
+    Why read by default: in decode the layers before this one read their weights, they write next to nothing,
+    so the caches hold clean lines. A rewritten buffer leaves dirty ones, and writing them back competes with
+    the op's own reads (about 2x the memory traffic), which no real model run has."""
+
+    MODES = ("read", "write")
+
+    def __init__(self, megabytes: int, mode: str = "read"):
+        if mode not in self.MODES:
+            raise ValueError(f"flush mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+        self.buf = np.ones(megabytes * (1 << 20) // 8, dtype=np.float64) if megabytes > 0 else None
+        self.sink = 0.0
 
     def __call__(self) -> None:
-        if self.buf is not None:
+        if self.buf is None:
+            return
+        if self.mode == "write":
             self.buf += 1.0
+        else:
+            self.sink += float(self.buf.sum())  # kept, so the read is never dead
 
 
 def _kernel_times_us(profile_path: str, node_op: str) -> list[float]:
@@ -252,8 +269,8 @@ def measure_read_bandwidth(threads: int | None, clock: str, stat: Callable[[list
 
 def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, int]] | None = None,
                  ms: Sequence[int] = DEFAULT_MS, repeats: int = 20, provider: str = "cpu", *,
-                 threads: int | None = None, cold_cache: bool = True, flush_mb: int = 64, warmup: int = 3,
-                 baselines: bool = True, seed: int = 0, verbose: bool = True, clock: str = "profile",
+                 threads: int | None = None, cold_cache: bool = True, flush_mb: int = 64, flush_mode: str = "read",
+                 warmup: int = 3, baselines: bool = True, seed: int = 0, verbose: bool = True, clock: str = "profile",
                  stat: str = "median", roofline: bool = False, probe_mb: int = PROBE_MB) -> list[dict[str, Any]]:
     """Latency table rows: one dict per (K, N, M) with ``{op}_ms`` for every op and baseline, ``{op}_GBps``
     on CUDA, ``{baseline}/{op}`` ratios against the first selected op, and the run settings.
@@ -262,7 +279,8 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
     ``clock`` (CPU): "profile" (node wall time from the profiler) or "thread_cpu" (CPU time of the calling
     thread; forces ``threads=1``; use it on a loaded machine). ``stat``: "median" or "min" over repeats.
     ``roofline`` (CPU): also ``read_GBps_1t`` / ``read_GBps_<n>t`` (the probe, once per run, in every row),
-    ``{op}_GBps`` and ``{op}_bw_frac`` (against the probe at the run's thread count).
+    ``{op}_GBps`` and ``{op}_bw_frac`` (against the probe at the run's thread count). ``flush_mode`` (CPU, with
+    ``cold_cache``): "read" or "write" (see :class:`_CacheFlusher`).
     """
     if provider not in ("cpu", "cuda"):
         raise ValueError(f"provider must be cpu or cuda, got {provider!r}")
@@ -295,7 +313,7 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
         peak = (probe.get(f"read_GBps_{run_threads}t") or probe["read_GBps_1t"]) * 1e9
     flush: Callable[[], None]
     if provider == "cpu":
-        flush = _CacheFlusher(flush_mb if cold_cache else 0)
+        flush = _CacheFlusher(flush_mb if cold_cache else 0, flush_mode)
     else:
         flush = _cuda_flusher(4 * flush_mb if cold_cache else 0)
     ours = [o for o in chosen if not o.baseline]
@@ -306,7 +324,8 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
         for M in ms:
             x = rng.standard_normal((M, K)).astype(dtype)
             row: dict[str, Any] = {"provider": provider, "K": K, "N": N, "M": M, "dtype": dtype.name,
-                                   "cold_cache": cold_cache, "threads": threads, "clock": clock, "stat": stat, **probe}
+                                   "cold_cache": cold_cache,
+                                   "flush": flush_mode if cold_cache and provider == "cpu" else None, "threads": threads, "clock": clock, "stat": stat, **probe}
             for o in chosen:
                 if provider == "cpu":
                     t = _time_cpu(models[o.name], x, repeats, threads, flush, warmup,  # type: ignore[arg-type]
@@ -387,7 +406,7 @@ def cli_bench(args: argparse.Namespace) -> int:
                         repeats=getattr(args, "repeats", 20), provider=getattr(args, "provider", "cpu"),
                         threads=getattr(args, "threads", None), clock=getattr(args, "clock", "profile"),
                         stat=getattr(args, "stat", "median"), cold_cache=not getattr(args, "warm", False),
-                        verbose=False, roofline=getattr(args, "roofline", False))
+                        flush_mode=getattr(args, "flush", "read"), verbose=False, roofline=getattr(args, "roofline", False))
     text = format_table(rows)
     print(text)
     if getattr(args, "output", None):
@@ -409,6 +428,9 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clock", default="profile", choices=["profile", "thread_cpu"])
     p.add_argument("--stat", default="median", choices=["median", "min"])
     p.add_argument("--warm", action="store_true", help="do not flush the caches between runs")
+    p.add_argument("--flush", default="read", choices=list(_CacheFlusher.MODES),
+                   help="CPU: evict the weights between runs by reading (clean lines, as in a model's decode) or by "
+                        "rewriting a 64 MB buffer")
     p.add_argument("--roofline", action="store_true",
                    help="CPU: each op's GB/s over its stored bytes against a streaming-read probe of this machine")
     p.add_argument("-o", "--output", type=Path, default=None)

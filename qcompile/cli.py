@@ -250,6 +250,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="CPU op timing: the profiler's node time, or the calling thread's CPU time (one thread)")
     p.add_argument("--stat", default="median", choices=["median", "min"], help="over the repeats")
     p.add_argument("--warm", action="store_true", help="do not flush the caches between runs")
+    p.add_argument("--flush", default="read", choices=["read", "write"],
+                   help="CPU: evict the weights between runs by reading (clean lines, as in a model's decode) or by "
+                        "rewriting a 64 MB buffer")
     p.add_argument("--roofline", action="store_true",
                    help="CPU: each op's GB/s over its stored bytes against a streaming-read probe of this machine")
     p.add_argument("-o", "--output", type=Path,

@@ -21,3 +21,31 @@ def test_bench_roofline_columns(ops_library, monkeypatch):
     assert "MatMul_GBps" not in r  # baselines: time only
     table = bench.format_table(rows)
     assert table.startswith("streaming read") and "FP4MatMul-a4_bw_frac" in table
+
+
+def test_cache_flusher_evicts_by_reading_or_writing():
+    """The default flush reads its buffer (clean lines, as the layers before leave them in decode); "write"
+    rewrites it; anything else is refused by name."""
+    from qcompile.bench import _CacheFlusher
+
+    read = _CacheFlusher(1)
+    read()
+    read()
+    assert read.mode == "read" and read.sink == 2 * read.buf.size and (read.buf == 1.0).all()
+    write = _CacheFlusher(1, "write")
+    write()
+    assert (write.buf == 2.0).all()
+    _CacheFlusher(0)()  # no buffer: nothing to do
+    with pytest.raises(ValueError, match="flush mode"):
+        _CacheFlusher(1, "rinse")
+
+
+def test_bench_rows_name_the_flush(ops_library, monkeypatch):
+    from qcompile import bench
+
+    monkeypatch.setenv("QCOMPILE_OPS_LIBRARY", str(ops_library))
+    kw = dict(ops=["FP4MatMul"], shapes=[(256, 64)], ms=[1], repeats=1, warmup=1, flush_mb=1, clock="thread_cpu",
+              verbose=False, baselines=False)
+    assert bench.run_op_bench(**kw)[0]["flush"] == "read"
+    assert bench.run_op_bench(**kw, flush_mode="write")[0]["flush"] == "write"
+    assert bench.run_op_bench(**kw, cold_cache=False)[0]["flush"] is None
