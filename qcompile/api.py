@@ -87,19 +87,21 @@ def model_file(path: str | Path) -> Path:
 
 
 def evaluate(model_path: str | Path, *, text: str | Path | None = None, samples: int = 32, seq_len: int = 512,
-             tokenizer: str | None = None, progress: bool = True) -> tuple[float, int]:
+             tokenizer: str | None = None, progress: bool = True, decode: bool = False) -> tuple[float, int]:
     """Perplexity of an ONNX model (or compiled folder) on the bundled evaluation split (or ``text``): the
-    report's computation."""
+    report's computation, or with ``decode`` the same windows fed one token per step through the KV cache
+    (:func:`qcompile.evaluate.decode_perplexity`)."""
     if samples < 1:
         raise QCompileError(f"--samples must be at least 1, got {samples}")
     if seq_len < 2:
         raise QCompileError(f"--seq-len must be at least 2, got {seq_len}")
     model_path = model_file(model_path)
-    from qcompile.evaluate import perplexity, text_windows
+    from qcompile.evaluate import decode_perplexity, perplexity, text_windows
     from qcompile.models.sources import resolve_source
 
     tok = resolve_source(model_path, tokenizer=tokenizer).load_tokenizer()
-    return perplexity(model_path, text_windows(tok, text=text, samples=samples, seq_len=seq_len), progress=progress)
+    windows = text_windows(tok, text=text, samples=samples, seq_len=seq_len)
+    return (decode_perplexity if decode else perplexity)(model_path, windows, progress=progress)
 
 
 def inspect_model(model_path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -152,6 +152,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--tokenizer", help="tokenizer source when the model does not name one")
+    p.add_argument("--decode", action="store_true",
+                   help="feed each window one token per step through the KV cache, as generation runs (the ops' "
+                        "batch-1 kernels); slower, so use fewer --samples")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -160,8 +163,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from qcompile.api import evaluate
 
     ppl, n = evaluate(args.model, text=args.text, samples=args.samples, seq_len=args.seq_len,
-                      tokenizer=args.tokenizer, progress=not args.quiet)
-    print(f"perplexity {ppl:.4f} over {n:,} tokens")
+                      tokenizer=args.tokenizer, progress=not args.quiet, decode=args.decode)
+    print(f"perplexity {ppl:.4f} over {n:,} tokens{' (decode, one token per step)' if args.decode else ''}")
     return 0
 
 

@@ -93,6 +93,74 @@ def perplexity(
     return (math.exp(mean) if math.isfinite(mean) and mean < 700 else float("inf") if mean == mean else float("nan")), count
 
 
+def decode_perplexity(onnx_path_or_session: str | os.PathLike | Any, token_windows: np.ndarray, *,
+                      progress: bool = True) -> tuple[float, int]:
+    """``(perplexity, predicted tokens)`` computed the way decode runs: one window at a time, one token per
+    step through a KV-cache decoder (every matrix product sees one row of activations).
+
+    Why: at batch 1 the ops take other kernels than in prefill (the M = 1 walks, and at ``accuracy_level``
+    4 their fixed-point tables), so this is the perplexity a user's generation gets; the prefill figure
+    of :func:`perplexity` may not show what those kernels change."""
+    windows = np.asarray(token_windows)
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise CalibrationError(f"evaluation windows must be [n, seq>=2] token ids, got shape {list(windows.shape)}")
+    windows = windows.astype(np.int64, copy=False)
+    folder = None
+    if isinstance(onnx_path_or_session, (str, os.PathLike)):
+        from qcompile.runtime import make_session
+
+        folder = Path(onnx_path_or_session).parent
+        sess = make_session(str(onnx_path_or_session))
+    else:
+        sess = onnx_path_or_session
+    inputs = session_inputs(sess)
+    info = DecoderInfo.of_session(sess, folder)
+    if info is None or not info.past_names() <= set(inputs):
+        raise QCompileError("decode perplexity needs a KV-cache decoder (past_key_values inputs); this model has "
+                            f"inputs {', '.join(inputs)}")
+    outputs = [o.name for o in sess.get_outputs()]
+    # the cache comes back as present.N.key / present.N.value (our decoders' and onnxruntime-genai's names)
+    present = {info.past_key % i: "present.%d.key" % i for i in range(info.num_layers)}
+    present |= {info.past_value % i: "present.%d.value" % i for i in range(info.num_layers)}
+    missing = sorted(set(present.values()) - set(outputs))
+    if "logits" not in outputs or missing:
+        raise QCompileError(f"decode perplexity needs outputs logits and present.N.key/value; missing "
+                            f"{', '.join((['logits'] if 'logits' not in outputs else []) + missing)}")
+    vocab = sess.get_outputs()[outputs.index("logits")].shape[-1]
+    if isinstance(vocab, int):
+        _check_vocab(windows, vocab)
+    steps = windows.shape[0] * (windows.shape[1] - 1)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="decode perplexity", unit="token", leave=False)
+    total_nll, count = 0.0, 0
+    names = ["logits", *present.values()]
+    for ids in windows:
+        feeds = prefill_feeds(inputs, ids[None, :1], info)  # zero-length past, one token
+        for t in range(len(ids) - 1):
+            out = dict(zip(names, sess.run(names, feeds)))
+            logits = out["logits"][0, -1].astype(np.float64)
+            m = logits.max()
+            total_nll += float(m + np.log(np.exp(logits - m).sum()) - logits[ids[t + 1]])
+            count += 1
+            feeds = {name: out[present[name]] for name in present}
+            for name, (dtype, _shape) in inputs.items():
+                if name == "input_ids":
+                    feeds[name] = ids[None, t + 1 : t + 2].astype(dtype)
+                elif name == "attention_mask":
+                    feeds[name] = np.ones((1, t + 2), dtype=dtype)
+                elif name == "position_ids":
+                    feeds[name] = np.array([[t + 1]], dtype=dtype)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    mean = total_nll / count
+    return (math.exp(mean) if math.isfinite(mean) and mean < 700 else float("inf") if mean == mean else float("nan")), count
+
+
 def _check_vocab(windows: np.ndarray, vocab: int) -> None:
     lo, hi = int(windows.min()), int(windows.max())
     if lo < 0 or hi >= vocab:

@@ -11,7 +11,8 @@ import onnx
 import pytest
 import torch
 
-from qcompile.evaluate import forward_logits, perplexity
+from qcompile.errors import QCompileError
+from qcompile.evaluate import decode_perplexity, forward_logits, perplexity
 from qcompile.models.decoder import GENAI_CONFIG, DecoderInfo
 from qcompile.models.sources import resolve_source
 from qcompile.pipeline import float_onnx
@@ -129,6 +130,26 @@ def test_calibration_and_evaluation_on_the_decoder_equal_the_full_sequence_graph
     assert hd.keys() == hf.keys() and len(hd) == 7 * LAYERS
     for k in hd:
         assert _rel(hd[k].numpy(), hf[k].numpy()) < 1e-4, k
+
+
+def test_decode_perplexity_equals_the_prefill_one(decoder):
+    """One token per step through the KV cache gives the perplexity of one pass over each window (the same
+    function, so only float rounding differs), and the token count excludes each window's first token."""
+    hf, path = decoder
+    windows = random_tokens(2, 13, seed=9)
+    (a, n_a), (b, n_b) = decode_perplexity(path, windows, progress=False), perplexity(path, windows, progress=False)
+    assert n_a == n_b == 2 * 12
+    assert a == pytest.approx(b, rel=1e-5)
+    # and it is the model's own: a window with other tokens gives another value
+    assert decode_perplexity(path, windows[:, ::-1].copy(), progress=False)[0] != pytest.approx(a, rel=1e-3)
+
+
+def test_decode_perplexity_needs_a_kv_cache_decoder():
+    from qcompile.models.export import export_onnx
+
+    full = export_onnx(resolve_source(str(save_tiny_hf_dir())))
+    with pytest.raises(QCompileError, match="KV-cache decoder"):
+        decode_perplexity(full, random_tokens(1, 5, seed=1), progress=False)
 
 
 def test_rotary_tables_are_computed_at_load_not_stored(decoder):
