@@ -28,5 +28,10 @@ def has_avx512vbmi() -> bool:
     return {"avx512bw", "avx512vbmi"} <= _flags()
 
 
+def has_gfni() -> bool:
+    """GFNI (the SpQR int8 walk extracts its code fields with vgf2p8affineqb where the CPU has it)."""
+    return "gfni" in _flags()
+
+
 def has_avx2() -> bool:
     return {"avx2", "fma", "f16c"} <= _flags()

@@ -7,6 +7,7 @@
 
 #include "qcompile/accuracy_level.h"
 #include "qcompile/dtype.h"
+#include "qcompile/huge_pages.h"
 #include "qcompile/parallel.h"
 #include "qcompile/status.h"
 
@@ -51,7 +52,7 @@ struct PreparedCodes {
   bool checked = false;          // every code of `source` is < codebook_size
   int64_t block_rows = 0;
   WalkLayout layout = WalkLayout::kNone;
-  std::vector<uint8_t> sliced;
+  std::vector<uint8_t, HugePageAllocator<uint8_t>> sliced;  // streamed every call: on huge pages
 };
 
 // One call's operands; all pointers are in the kernel's device memory. fp16 values are raw bits.

@@ -17,6 +17,10 @@
 // AVX-512F/BW/VL with VNNI byte dot products (the int8 activation kernels); call only when
 // cpu_has_avx512vnni() is true, and use VBMI instructions only after cpu_has_avx512vbmi().
 #define QC_AVX512VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+// QC_AVX512VNNI plus GFNI (a byte's bit fields moved by one affine instruction); call only when
+// cpu_has_avx512vnni() and cpu_has_gfni() are true.
+#define QC_AVX512VNNI_GFNI \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni")))
 // AVX-512F/BW with VBMI byte permutes (the int8 table walks); call only when cpu_has_avx512vbmi() is true.
 #define QC_AVX512VBMI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vbmi")))
 #else
@@ -61,6 +65,16 @@ inline bool cpu_has_avx512vnni() {
 inline bool cpu_has_avx512vbmi() {
 #if QC_X86
   static const bool ok = cpu_has_avx2() && cpu_has_avx512bw() && __builtin_cpu_supports("avx512vbmi");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// GFNI (vgf2p8affineqb), checked once per process. Ice Lake, Zen 4 and later have it; Cascade Lake does not.
+inline bool cpu_has_gfni() {
+#if QC_X86
+  static const bool ok = __builtin_cpu_supports("gfni");
   return ok;
 #else
   return false;

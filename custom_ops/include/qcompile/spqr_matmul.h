@@ -15,6 +15,7 @@
 
 #include "qcompile/accuracy_level.h"
 #include "qcompile/dtype.h"
+#include "qcompile/huge_pages.h"
 #include "qcompile/parallel.h"
 #include "qcompile/status.h"
 
@@ -70,19 +71,19 @@ struct PreparedCodes {
   const uint32_t* stat_source = nullptr;  // while a call's match)
   int per_lane = 0;                  // L
   int64_t blocks = 0;                // whole blocks per row
-  std::vector<uint32_t> lanes;       // [N, blocks, 8]
+  std::vector<uint32_t, HugePageAllocator<uint32_t>> lanes;  // [N, blocks, 8]
   // stat_bits == 3 only: the scale and zero codes in the same lane layout (10 groups per lane, 80 per
   // block, zero padded): [N, 2 (scale, zero), stat_blocks, 8]. Empty otherwise.
   int64_t stat_blocks = 0;
-  std::vector<uint32_t> stat_lanes;
+  std::vector<uint32_t, HugePageAllocator<uint32_t>> stat_lanes;
   // On CPUs with AVX-512BW, for 3-bit codes in groups of 16 (stat_bits <= 4, stat_group a multiple of 16):
   // instead of the lanes, the fixed-point walk's layout (kernels/cpu/spqr_lut_i16.h): per 32-row group and
   // group of 16 positions, 8 bytes of pair codes ca | cb << 3 per row and one byte sc | zc << 4.
-  std::vector<uint8_t> pairs;
+  std::vector<uint8_t, HugePageAllocator<uint8_t>> pairs;
   // At accuracy_level 4 on CPUs with AVX-512 VNNI (groups of 16, stat_bits <= 4, stat_group a multiple of 16):
   // instead of all the above, the int8 walk's layout (kernels/cpu/spqr_int8.h): rows in blocks of 16, per
   // group a byte per row and 2 positions (codes as nibbles) and a byte per row for the stat codes.
-  std::vector<uint8_t> int8;
+  std::vector<uint8_t, HugePageAllocator<uint8_t>> int8;  // (every prepared layout is on huge pages, huge_pages.h)
 };
 
 struct Problem {

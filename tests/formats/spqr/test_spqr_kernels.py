@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from cpu_flags import has_avx2, has_avx512bw, has_avx512vnni
+from cpu_flags import has_avx2, has_avx512bw, has_avx512vnni, has_gfni
 from qcompile.formats.spqr import reference as ref
 
 F32, F16 = np.float32, np.float16
@@ -224,10 +224,12 @@ def test_pair_tables_propagate_nan_and_inf(ops_session, monkeypatch, bad):
 # ---- accuracy_level 4: int8 activations ------------------------------------------------------------------
 
 # Paths at accuracy_level 4 (X quantized in stored order, then multiplied exactly): one row on the AVX-512
-# VNNI int8 walk (3- and 4-bit codes, groups of 16, stat_bits <= 4, stat_group a multiple of 16), the AVX2
-# walks, the scalar path; every M > 1 on the prefill paths.
+# VNNI int8 walk (3- and 4-bit codes, groups of 16, stat_bits <= 4, stat_group a multiple of 16; its code
+# fields extracted with GFNI where the CPU has it, and without), the AVX2 walks, the scalar path; every M > 1
+# on the prefill paths.
 INT8_PATHS = {
     "int8-walk": {},
+    "int8-walk-no-gfni": {"QCOMPILE_SPQR_NO_GFNI": "1"},
     "avx2": {"QCOMPILE_SPQR_NO_AVX512": "1"},
     "scalar": {"QCOMPILE_SPQR_SCALAR": "1"},
 }
@@ -245,8 +247,10 @@ INT8_CASES = [  # K, N, bits, stat_bits, stat_group, M, perm, bias, dtype
 @pytest.mark.parametrize("k,n,bits,sb,sg,lead,perm,with_bias,dtype", INT8_CASES)
 def test_int8_activations_match_quantized_reference(ops_session, monkeypatch, path, k, n, bits, sb, sg, lead, perm,
                                                     with_bias, dtype):
-    if path == "int8-walk" and not has_avx512vnni():
+    if path.startswith("int8-walk") and not has_avx512vnni():
         pytest.skip("the int8 walk needs AVX-512 VNNI")
+    if path == "int8-walk" and not has_gfni():
+        pytest.skip("no GFNI: int8-walk-no-gfni is the same path")
     if path == "avx2" and not has_avx2():
         pytest.skip("no AVX2")
     for key, v in INT8_PATHS[path].items():
