@@ -9,12 +9,16 @@ this curve, produced by one command with one calibration set and one evaluation 
     python tools/sweep.py --out runs/sweep --row mxfp4-mr --row int2-gptq:simulated,group_size=64
     python tools/sweep.py --out runs/sweep --reuse                           # only compile what is missing
     python tools/sweep.py --out runs/sweep --auto-budgets 2.25,2.5,3,3.5,4,4.5   # plus the -f auto curve
+    python tools/sweep.py --out runs/sweep --points docs/sweep-points.json --auto-budgets 3.5
 
 A row is ``FORMAT[:EMIT][,KEY=VALUE...][,--FLAG...]`` (options as ``qcompile compile -O``, flags such as
 ``--sequential`` or ``--budget=3`` as they are; a ``--palette=`` flag separates its entries with ``+``). ``--auto-budgets`` adds one ``auto,--budget=B`` row per budget;
 the plot draws those as one curve over the single-format points. Each row is compiled by the
 CLI in its own process (a crash or bad option fails that row only, with its log kept in OUT/<row>.log).
 ``--reuse`` takes a row from OUT/<row>/report.json when that run used the same model and settings.
+``--points FILE`` adds rows measured by earlier runs (a sweep.json, or the same schema with a ``source`` per
+row) to the table and the plot, so a curve can be finished without recompiling every point; the file's
+settings must be this sweep's, and with ``--points`` only the ``--row`` rows given are compiled.
 """
 from __future__ import annotations
 
@@ -89,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder for the models, sweep.json, sweep.md, sweep.png")
     p.add_argument("--reuse", action="store_true", help="keep rows whose OUT/<row>/report.json has the same settings")
+    p.add_argument("--points", type=Path, action="append", default=[], metavar="FILE",
+                   help="rows measured earlier (sweep.json schema) to table and plot beside this run's (repeatable)")
     return p.parse_args(argv)
 
 
@@ -139,6 +145,47 @@ def compile_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     return rep
 
 
+POINT_SETTINGS = ("model", "seq_len", "eval_samples", "eval_seq_len", "seed")
+
+
+def load_points(paths: list[Path], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows from earlier runs; refused when they were evaluated on other text, since their perplexities would
+    not be comparable with this run's."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"sweep: cannot read points file {path}: {exc}") from None
+        theirs = data.get("settings", {})
+        differ = {k: (theirs.get(k), settings[k]) for k in POINT_SETTINGS if theirs.get(k) != settings[k]}
+        if differ:
+            raise SystemExit(f"sweep: points file {path} was measured with other settings (theirs, ours): {differ}")
+        for r in data.get("rows", []):
+            if not {"row", "bits_per_weight", "ppl"} <= r.keys():
+                raise SystemExit(f"sweep: points file {path}: a row needs row, bits_per_weight and ppl: {r}")
+            rows.append({**r, "source": r.get("source") or path.name})
+    return rows
+
+
+def merge_points(table: list[dict[str, Any]], points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This run's rows, then the earlier points it did not recompute; float from this run where it has one."""
+    have = {r["row"] for r in table}
+    ref = next((r["ppl"] for r in table + points if r["row"] == "float"), None)
+    merged = list(table)
+    for r in points:
+        if r["row"] in have:
+            continue
+        have.add(r["row"])
+        row = {"emit": "-", **r}
+        if r["row"] != "float" and ref:
+            row["vs_float"] = r["ppl"] / ref - 1
+        merged.append(row)
+    first = [r for r in merged if r["row"] == "float"][:1]
+    rest = [r for r in merged if r["row"] != "float"]
+    return first + sorted(rest, key=lambda r: (-r.get("bits_per_weight", -1), r.get("ppl") or float("inf"), r["row"]))
+
+
 def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Table rows sorted by bits per weight, with the float model first."""
     rows = []
@@ -168,16 +215,18 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
              f"{settings['eval_samples']} x {settings['eval_seq_len']} tokens (bundled Wikipedia split), seed "
              f"{settings['seed']}; {platform.node()} ({platform.machine()}). Bits per weight are counted from the "
              "saved file's bytes (codes, scales, codebooks, outliers); the LM head and embeddings stay float.", "",
-             "| row | emit | bits/weight | perplexity | vs float | compile s | peak MiB | calib |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| row | emit | bits/weight | perplexity | vs float | compile s | peak MiB | calib |"
+             + (" measured |" if any("source" in r for r in rows) else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---|" if any("source" in r for r in rows) else "")]
+    sourced = any("source" in r for r in rows)
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | FAILED: {r['error']} | | | | | | |")
+            lines.append(f"| {r['row']} | FAILED: {r['error']} | | | | | | |" + (" |" if sourced else ""))
             continue
         change = "-" if r.get("vs_float") is None else f"{r['vs_float']:+.1%}"
         lines.append(f"| {r['row']} | {r['emit']} | {r['bits_per_weight']:.3f} | {_fmt(r['ppl'], '.3f')} | {change} "
                      f"| {_fmt(r.get('compile_seconds'), '.0f')} | {_fmt(r.get('peak_memory_mib'), '.0f')} "
-                     f"| {_fmt(r.get('calib_samples'), 'd')} |")
+                     f"| {_fmt(r.get('calib_samples'), 'd')} |" + (f" {r.get('source', 'this run')} |" if sourced else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -240,7 +289,9 @@ def _write(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = [Row.parse(s) for s in (args.rows or DEFAULT_ROWS)]
+    settings = _settings(args)
+    points = load_points(args.points, settings)
+    rows = [Row.parse(s) for s in (args.rows or ([] if points else DEFAULT_ROWS))]
     rows += [Row.parse(f"auto,--budget={b.strip()}") for b in args.auto_budgets.split(",") if b.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
@@ -251,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         status = rep["error"] if "error" in rep else f"ppl {rep.get('ppl_quantized', float('nan')):.3f} at " \
                                                      f"{rep['bits_per_weight']:.3f} bits/weight"
         print(f"[{i}/{len(rows)}] {row.spec}: {status} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    settings = _settings(args)
-    table = table_rows(results)
+    table = merge_points(table_rows(results), points)
     _write(args.out / "sweep.json", json.dumps({"settings": settings, "rows": table}, indent=2) + "\n")
     md = markdown(table, settings)
     if plot(table, args.out / "sweep.png", f"{args.model}: perplexity vs bits per weight"):

@@ -78,3 +78,38 @@ def test_plot_draws_the_auto_curve_over_the_points(sweep, tmp_path):
                "auto,--budget=2.5": {"bits_per_weight": 2.5, "ppl_quantized": 35.0, "ppl_reference": 23.5},
                "auto,--budget=4.25": {"bits_per_weight": 4.25, "ppl_quantized": 24.5, "ppl_reference": 23.5}}
     assert sweep.plot(sweep.table_rows(results), tmp_path / "p.png", "t") and (tmp_path / "p.png").stat().st_size > 0
+
+
+def _points_file(tmp_path, settings, rows):
+    path = tmp_path / "points.json"
+    path.write_text(json.dumps({"settings": settings, "rows": rows}))
+    return path
+
+
+def test_points_from_earlier_runs_join_the_table_and_curve_without_recompiling(sweep, tmp_path, monkeypatch):
+    settings = {"model": "smollm2-135m", "seq_len": 256, "eval_samples": 32, "eval_seq_len": 512, "seed": 0}
+    points = _points_file(tmp_path, settings, [
+        {"row": "float", "bits_per_weight": 32, "ppl": 20.0},
+        {"row": "aqlm-2x8", "bits_per_weight": 2.15, "ppl": 40.0, "source": "x86 VM"},
+        {"row": "auto,--budget=3", "bits_per_weight": 3.0, "ppl": 25.0}])
+    compiled = []
+    report = {"bits_per_weight": 2.5, "ppl_quantized": 30.0, "ppl_reference": 20.0, "emit": "native"}
+    monkeypatch.setattr(sweep, "compile_row", lambda row, a: compiled.append(row.spec) or dict(report))
+    out = tmp_path / "out"
+    assert sweep.main(["--out", str(out), "--points", str(points), "--auto-budgets", "2.5"]) == 0
+    assert compiled == ["auto,--budget=2.5"]  # no default rows: the points stand in for them
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["row"] for r in rows] == ["float", "auto,--budget=3", "auto,--budget=2.5", "aqlm-2x8"]
+    assert rows[3]["vs_float"] == pytest.approx(1.0) and rows[3]["source"] == "x86 VM"
+    assert rows[1]["source"] == "points.json" and "source" not in rows[2]
+    assert "| aqlm-2x8 | - | 2.150 | 40.000 | +100.0% | - | - | - | x86 VM |" in (out / "sweep.md").read_text()
+
+
+def test_points_measured_on_other_text_are_refused(sweep, tmp_path):
+    settings = {"model": "smollm2-135m", "seq_len": 256, "eval_samples": 8, "eval_seq_len": 512, "seed": 0}
+    points = _points_file(tmp_path, settings, [{"row": "aqlm-2x8", "bits_per_weight": 2.15, "ppl": 40.0}])
+    with pytest.raises(SystemExit, match="other settings.*eval_samples"):
+        sweep.main(["--out", str(tmp_path / "out"), "--points", str(points)])
+    bad = _points_file(tmp_path, {**settings, "eval_samples": 32}, [{"row": "aqlm-2x8", "ppl": 40.0}])
+    with pytest.raises(SystemExit, match="needs row, bits_per_weight and ppl"):
+        sweep.main(["--out", str(tmp_path / "out"), "--points", str(bad)])
