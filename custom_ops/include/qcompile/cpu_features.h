@@ -12,6 +12,7 @@
 // Functions compiled for AVX-512F + BW (the fixed-point table walks); call them only when
 // cpu_has_avx512bw() is true.
 #define QC_AVX512BW __attribute__((target("avx512f,avx512bw")))
+#define QC_AVX512F __attribute__((target("avx2,fma,f16c,avx512f")))
 // QC_AVX2 plus BMI1/2 (scalar bit-field extraction in table walks); every AVX2 CPU has them.
 #define QC_AVX2_BMI2 __attribute__((target("avx2,fma,f16c,bmi,bmi2")))
 // AVX-512F/BW/VL with VNNI byte dot products (the int8 activation kernels); call only when

@@ -226,10 +226,26 @@ QC_AVX2 void fused_rows_avx2_d8(const C* codes, const float* cb, const Geometry&
 
 namespace {
 // C^T[12][Mpad] (+)= the tile's 12 rows times every 16-row block of xt over K positions [k0, k0 + len).
+// `wide`: tile::prefill_avx512(), one 12 x 16 AVX-512 call per block instead of two 6 x 16 AVX2 ones.
 QC_AVX2 void outer_tile(const float* tile, int64_t ld, const float* xt, int64_t Kp, int64_t Mpad, int64_t k0,
-                        int64_t len, float* acc, int64_t ldc) {
+                        int64_t len, float* acc, int64_t ldc, bool wide) {
   for (int64_t m = 0; m < Mpad; m += kXtLd) {
     const float* xs = xt + m * Kp + k0 * kXtLd;
+    if (wide) {  // 32 rows of X per call where there are, reused from L1 by every 12 rows of the tile
+      static_assert(kOuterRows % 12 == 0 && kXtLd == 16, "the AVX-512 kernel takes 12 rows, 16 or 32 columns");
+      const bool two = Mpad - m >= 32;
+      const float* xs1 = two ? xs + kXtLd * Kp : xs;
+      for (int64_t r = 0; r < kOuterRows; r += 12) {
+        const float* ws = tile + r * ld;
+        float* cs = acc + r * ldc + m;
+        if (two && k0 == 0) tile::outer_product_x16<12, 2, false>(ws, ld, xs, xs1, kXtLd, len, cs, ldc);
+        else if (two) tile::outer_product_x16<12, 2, true>(ws, ld, xs, xs1, kXtLd, len, cs, ldc);
+        else if (k0 == 0) tile::outer_product_x16<12, 1, false>(ws, ld, xs, xs1, kXtLd, len, cs, ldc);
+        else tile::outer_product_x16<12, 1, true>(ws, ld, xs, xs1, kXtLd, len, cs, ldc);
+      }
+      if (two) m += kXtLd;
+      continue;
+    }
     for (int64_t r = 0; r < kOuterRows; r += 6) {
       const float* ws = tile + r * ld;
       const float* rows[6] = {ws, ws + ld, ws + 2 * ld, ws + 3 * ld, ws + 4 * ld, ws + 5 * ld};
@@ -248,6 +264,7 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
   constexpr int64_t kLd = kOuterKC + 8;  // tile row stride, off powers of two
   const int64_t Mpad = (rows + kXtLd - 1) / kXtLd * kXtLd, ldc = Mpad + 8;
   const uint32_t last = static_cast<uint32_t>(g.S - 1);
+  const bool wide = tile::prefill_avx512();
   struct Tile {
     const C* codes;
     const float* cb;
@@ -262,6 +279,7 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
     uint32_t* maxc;
     float* tile;
     float* acc;
+    bool wide;
     QC_AVX2 void decode(int64_t k0, int64_t len) {
       uint32_t mx = 0;
       const int64_t k1 = std::min(k0 + len, g.K);  // Kp past K: zero, so padded X columns meet 0 (never NaN)
@@ -289,7 +307,7 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
       }
       if (kCheck) *maxc = std::max(*maxc, mx);
     }
-    QC_AVX2 void multiply(int64_t k0, int64_t len) { outer_tile(tile, kLd, xt, Kp, Mpad, k0, len, acc, ldc); }
+    QC_AVX2 void multiply(int64_t k0, int64_t len) { outer_tile(tile, kLd, xt, Kp, Mpad, k0, len, acc, ldc, wide); }
     void finish() {
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t r = 0; r < nc; ++r) {
@@ -306,7 +324,7 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
     float* tile = scratch(tile_buf, static_cast<size_t>(kOuterRows * kLd));
     float* acc = scratch(acc_buf, static_cast<size_t>(kOuterRows * ldc));
     return Tile{codes, cb, g, xt, rows, Kp, Mpad, ldc, n0, nc, scales, bias, dtype, y, last,
-                maxc + n0 / kOuterRows, tile, acc};
+                maxc + n0 / kOuterRows, tile, acc, wide};
   });
 }
 

@@ -49,7 +49,7 @@ void lut_rows_u8_tail(const uint8_t* codes, const float* lut, int64_t T, int64_t
 
 // ---- prefill with outer products (d == 8) --------------------------------------
 
-constexpr int64_t kOuterRows = 12;  // W rows per task (two 6-row microkernel calls)
+constexpr int64_t kOuterRows = 12;  // W rows per task (two 6-row AVX2 or one 12-row AVX-512 microkernel call)
 constexpr int64_t kOuterKC = 256;   // K slice of the decoded tile (whole groups)
 constexpr int64_t kXtLd = 16;       // rows of X per block of the transposed activations
 

@@ -246,11 +246,33 @@ void prefetch_rows(const Problem& p, const Geometry& g, int64_t r0, int64_t r1, 
 }
 
 // C^T[12][Mpad] (+)= a 12-row decoded tile times every 16-row block of the transposed activations: 6x16
-// (or 6x8 for a last block of 8) outer products, one broadcast per decoded weight.
+// (or 6x8 for a last block of 8) outer products, one broadcast per decoded weight. `wide`:
+// tile::prefill_avx512(), whole 16-row blocks in one 12 x 16 (or 6 x 16) AVX-512 call.
 QC_AVX2 void outer_tile(const float* tile, int64_t ld, int64_t nc, const float* xt, int64_t Kx, int64_t Mpad,
-                        int64_t k0, int64_t len, float* acc, int64_t ldc) {
+                        int64_t k0, int64_t len, float* acc, int64_t ldc, bool wide) {
   for (int64_t m = 0; m < Mpad; m += kXtLd) {
     const float* xs = xt + m * Kx + k0 * kXtLd;
+    if (wide && Mpad - m >= 16) {
+      static_assert(kOuterRows == 12 && kXtLd == 16, "the AVX-512 kernel covers 6 or 12 rows, 16 columns");
+      const bool two = Mpad - m >= 32;  // two blocks per call
+      const float* xs1 = two ? xs + kXtLd * Kx : xs;
+      float* cs = acc + m;
+      if (nc > 6 && two) {
+        if (k0 == 0) tile::outer_product_x16<12, 2, false>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
+        else tile::outer_product_x16<12, 2, true>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
+      } else if (nc > 6) {
+        if (k0 == 0) tile::outer_product_x16<12, 1, false>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
+        else tile::outer_product_x16<12, 1, true>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
+      } else if (two) {
+        if (k0 == 0) tile::outer_product_x16<6, 2, false>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
+        else tile::outer_product_x16<6, 2, true>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
+      } else {
+        if (k0 == 0) tile::outer_product_x16<6, 1, false>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
+        else tile::outer_product_x16<6, 1, true>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
+      }
+      if (two) m += kXtLd;
+      continue;
+    }
     for (int64_t r = 0; r < nc; r += 6) {
       const float* ws = tile + r * ld;
       const float* rows[6] = {ws, ws + ld, ws + 2 * ld, ws + 3 * ld, ws + 4 * ld, ws + 5 * ld};
@@ -278,6 +300,7 @@ Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t M
   const int64_t nslices = (g.Kx + kOuterKC - 1) / kOuterKC;
   const int64_t kc = (g.Kx / kBlock + nslices - 1) / nslices * kBlock;
   const Avx2Consts consts = avx2_consts(g.G);
+  const bool wide = tile::prefill_avx512();
   struct Tile {
     const Problem& p;
     const Geometry& g;
@@ -285,20 +308,21 @@ Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t M
     int64_t Mpad, ldc, kc, n0, nc;
     TaskScratch& s;
     const Avx2Consts& c;
+    bool wide;
     void decode(int64_t k0, int64_t len) {
       decode_tile(p, g, true, c, n0, nc, kOuterRows, s.scales.data(), k0, len, s.tile.data(), kOuterLd);
       if (k0 + kc < g.Kx) prefetch_rows(p, g, n0, n0 + nc, k0 + kc, kc);
     }
     void multiply(int64_t k0, int64_t len) {
       // the first K slice stores, later ones accumulate: no zeroing
-      outer_tile(s.tile.data(), kOuterLd, nc, xt, g.Kx, Mpad, k0, len, s.out.data(), ldc);
+      outer_tile(s.tile.data(), kOuterLd, nc, xt, g.Kx, Mpad, k0, len, s.out.data(), ldc, wide);
     }
     void finish() { store_transposed(p, n0, nc, s.out.data(), ldc); }
   };
   return tile::tile_gemm(par, kOp, tile::Plan{g.N, kOuterRows, kOuterRows, g.Kx, kc}, [&](int64_t n0, int64_t nc) {
     TaskScratch& s = tile_scratch(p, g, true, n0, nc, kOuterRows, kOuterLd, kOuterRows * ldc);
     prefetch_rows(p, g, n0, n0 + nc, 0, kc);
-    return Tile{p, g, xt, Mpad, ldc, kc, n0, nc, s, consts};
+    return Tile{p, g, xt, Mpad, ldc, kc, n0, nc, s, consts, wide};
   });
 }
 

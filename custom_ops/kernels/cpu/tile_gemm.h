@@ -156,6 +156,46 @@ QC_AVX2 void outer_product(const float* const* a, const float* b, int64_t ldb, i
       _mm256_storeu_ps(ci, kAccumulate ? _mm256_add_ps(_mm256_loadu_ps(ci), rows[i][v]) : rows[i][v]);
     }
 }
+
+// The prefill tiles multiply with outer_product_x16 (AVX-512, 16 columns per register): the CPU has AVX-512F
+// and QCOMPILE_PREFILL_AVX2 (the tests' and benchmarks' switch to the 8-wide kernel) is not set. CPUs with two
+// 512-bit FMA units (Intel server cores) do twice the work per cycle of the AVX2 kernel, which left prefill at
+// half of onnxruntime's fp32 MatMul there; Zen 4 splits 512-bit FMAs and runs both at the same rate. Callers
+// ask once per op call: the switch is an environment read.
+inline bool prefill_avx512() { return cpu_has_avx2() && cpu_has_avx512bw() && !env_flag("QCOMPILE_PREFILL_AVX2"); }
+
+// outer_product with 16-float registers: c[i * ldc + v] (+)= sum_k w[i * ldw + k] * b[k * ldb + v] for MR (6 or
+// 12) rows of the decoded tile and 16 columns of b, and with NB = 2 also the next 16 columns, which lie in
+// another block at b1 (c + 16 onwards). The broadcast of w rides in the FMA's memory operand; with NB = 2 one
+// broadcast feeds two FMAs (24 accumulators), which halves the loads per FMA.
+template <int MR, int NB, bool kAccumulate>
+QC_AVX512F void outer_product_x16(const float* w, int64_t ldw, const float* b, const float* b1, int64_t ldb,
+                                  int64_t len, float* c, int64_t ldc) {
+  static_assert((MR == 6 || MR == 12) && (NB == 1 || NB == 2), "6 or 12 rows, 16 or 32 columns");
+  __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
+  __m512 c6 = c0, c7 = c0, c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+  __m512 d0 = c0, d1 = c0, d2 = c0, d3 = c0, d4 = c0, d5 = c0;
+  __m512 d6 = c0, d7 = c0, d8 = c0, d9 = c0, d10 = c0, d11 = c0;
+  for (int64_t k = 0; k < len; ++k, b += ldb, b1 += NB == 2 ? ldb : 0) {
+    const __m512 bv = _mm512_loadu_ps(b);
+    const __m512 bw = NB == 2 ? _mm512_loadu_ps(b1) : bv;
+    __m512 s;
+#define QC_OUTER16(i)                                        \
+  s = _mm512_set1_ps(w[(i) * ldw + k]);                      \
+  c##i = _mm512_fmadd_ps(s, bv, c##i);                       \
+  if (NB == 2) d##i = _mm512_fmadd_ps(s, bw, d##i);
+    QC_OUTER16(0) QC_OUTER16(1) QC_OUTER16(2) QC_OUTER16(3) QC_OUTER16(4) QC_OUTER16(5)
+    if (MR > 6) { QC_OUTER16(6) QC_OUTER16(7) QC_OUTER16(8) QC_OUTER16(9) QC_OUTER16(10) QC_OUTER16(11) }
+#undef QC_OUTER16
+  }
+  const __m512 rows[2][12] = {{c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11},
+                              {d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11}};
+  for (int v = 0; v < NB; ++v)
+    for (int i = 0; i < MR; ++i) {
+      float* ci = c + i * ldc + 16 * v;
+      _mm512_storeu_ps(ci, kAccumulate ? _mm512_add_ps(_mm512_loadu_ps(ci), rows[v][i]) : rows[v][i]);
+    }
+}
 #endif  // QC_X86
 
 }  // namespace tile

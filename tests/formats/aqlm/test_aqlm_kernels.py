@@ -96,6 +96,16 @@ def test_cpu_matches_reference(ops_session, monkeypatch, name, path, simd):
     check(run_case(ops_session, case), case)
 
 
+@pytest.mark.parametrize("name", ["rows7-2x4-bias", "rows64-2x8-bias", "rows64-1x4-f16"])
+def test_prefill_avx2_tile_kernel(ops_session, monkeypatch, name):
+    """The prefill path with the AVX2 tile microkernel pinned (test_cpu_matches_reference's "gemm" path runs the
+    AVX-512 one where the CPU has it)."""
+    monkeypatch.setenv("QCOMPILE_CODEBOOK_PATH", "gemm")
+    monkeypatch.setenv("QCOMPILE_PREFILL_AVX2", "1")
+    case = make_case(*CASES[name])
+    check(run_case(ops_session, case), case)
+
+
 def test_leading_batch_dims_fp32_scales_and_threads(ops_session):
     case = make_case(None, 64, 48, 2, 256, lead=(2, 3), scale_dt=np.float32, bias=True)
     y = run_case(ops_session, case, threads=2)

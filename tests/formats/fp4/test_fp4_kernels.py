@@ -152,14 +152,19 @@ PREFILL_TILES = [  # M > 1 shapes around the AVX2 prefill kernel's blocks: 16 + 
     ((20,), 192, 25, 32, "e8m0", 32, F32, True, False),    # 16-row block + 8-row tail
     ((3, 9), 320, 7, 16, "e4m3", 0, F16, True, True),      # 27 rows: 16 + 8 + 8 (padded), N < 12
     ((40,), 200, 37, 8, "e4m3", 8, F32, False, False),     # ragged K (partial last 64-block), N % 12 = 1
+    ((56,), 256, 30, 32, "e8m0", 0, F32, True, False),     # 32 + 16 + 8 rows of X; last tile of 6 W rows
 ]
 
 
-@pytest.mark.parametrize("simd", ["auto", "portable"])
+# "auto" multiplies the tiles with the AVX-512 microkernel where the CPU has AVX-512 (32 and 16 rows of X per
+# call, 8-row tail in AVX2); "avx2-tiles" pins the AVX2 microkernel that other x86 CPUs run.
+@pytest.mark.parametrize("simd", ["auto", "avx2-tiles", "portable"])
 @pytest.mark.parametrize("case", PREFILL_TILES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-G{c[3]}")
 def test_prefill_tile_edges(ops_session, monkeypatch, case, simd):
     if simd == "portable":
         monkeypatch.setenv("QCOMPILE_FP4_NO_AVX2", "1")
+    if simd == "avx2-tiles":
+        monkeypatch.setenv("QCOMPILE_PREFILL_AVX2", "1")
     _run_case(ops_session, case, seed=23)
 
 

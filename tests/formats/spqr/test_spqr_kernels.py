@@ -119,6 +119,22 @@ def test_cpu_kernel_matches_reference(ops_session, monkeypatch, scalar, k, n, bi
     check(y, x, packed, attrs, bias, dtype)
 
 
+@pytest.mark.parametrize("tiles", ["auto", "avx2-tiles"])
+@pytest.mark.parametrize("m,n", [(2, 13), (20, 25), (45, 12), (64, 7)])
+def test_prefill_tile_kernels(ops_session, monkeypatch, tiles, m, n):
+    """Prefill at row counts around the tile kernels' blocks (16 or 32 rows of X per call, 12 rows of W):
+    the AVX-512 kernel where the CPU has it ("auto") and the AVX2 one pinned."""
+    if tiles == "avx2-tiles":
+        monkeypatch.setenv("QCOMPILE_PREFILL_AVX2", "1")
+    attrs = dict(K=272, N=n, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(272, n, bits=3, group_size=16, stat_bits=3, stat_group=16, outlier_rate=0.03,
+                               with_perm=True, seed=m + n)
+    bias = np.random.default_rng(n).standard_normal(n).astype(F32)
+    x = np.random.default_rng(m).standard_normal((m, 272)).astype(F32)
+    y = ops_session(spqr_model(packed, attrs, bias=bias), threads=2).run(None, {"x": x})[0]
+    check(y, x, packed, attrs, bias, F32)
+
+
 def test_weights_as_graph_inputs_and_empty_outlier_table(ops_session):
     """Non-constant weights are validated per call; a table with no outliers is legal."""
     rng = np.random.default_rng(3)
