@@ -214,7 +214,8 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
              " tokens, evaluation "
              f"{settings['eval_samples']} x {settings['eval_seq_len']} tokens (bundled Wikipedia split), seed "
              f"{settings['seed']}; {platform.node()} ({platform.machine()}). Bits per weight are counted from the "
-             "saved file's bytes (codes, scales, codebooks, outliers); the LM head and embeddings stay float.", "",
+             "saved file's bytes (codes, scales, codebooks, outliers) over the quantized linears; the vocabulary "
+             "table is not part of that figure.", "",
              "| row | emit | bits/weight | perplexity | vs float | compile s | peak MiB | calib |"
              + (" measured |" if any("source" in r for r in rows) else ""),
              "|---|---|---:|---:|---:|---:|---:|---:|" + ("---|" if any("source" in r for r in rows) else "")]
@@ -231,7 +232,8 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Perplexity vs bits per weight (log y); returns False when matplotlib is not installed."""
+    """Perplexity vs bits per weight (log y); returns False when matplotlib is not installed or no row has a
+    perplexity."""
     try:
         import matplotlib
 
@@ -243,6 +245,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     points = [r for r in rows if "error" not in r and r["row"] != "float" and r.get("ppl")]
     curve = sorted((r for r in points if r["row"].startswith("auto,")), key=lambda r: r["bits_per_weight"])
     points = [r for r in points if r not in curve]
+    if not points and not curve:  # every row failed: nothing to draw
+        return False
     ref = next((r["ppl"] for r in rows if r["row"] == "float"), None)
     near = [r for r in points if ref and r["ppl"] < 2 * ref]  # the crowded region gets its own linear panel
     near_curve = [r for r in curve if ref and r["ppl"] < 2 * ref]
@@ -259,9 +263,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
                             textcoords="offset points", ha="right")
         if ref:
             ax.axhline(ref, color="gray", linestyle="--", linewidth=1, label=f"float ({ref:.2f})")
-            ax.legend(loc="upper right")
+            ax.legend(loc="best")
         if line and not ref:
-            ax.legend(loc="upper right")
+            ax.legend(loc="best")
         plain = matplotlib.ticker.FormatStrFormatter("%g")
         if log:
             ax.set_yscale("log")
