@@ -182,8 +182,12 @@ def merge_points(table: list[dict[str, Any]], points: list[dict[str, Any]]) -> l
             row["vs_float"] = r["ppl"] / ref - 1
         merged.append(row)
     first = [r for r in merged if r["row"] == "float"][:1]
-    rest = [r for r in merged if r["row"] != "float"]
-    return first + sorted(rest, key=lambda r: (-r.get("bits_per_weight", -1), r.get("ppl") or float("inf"), r["row"]))
+    return first + sorted((r for r in merged if r["row"] != "float"), key=_by_size)
+
+
+def _by_size(row: dict[str, Any]) -> tuple:
+    """Table order: larger first, then more accurate, then by name (failed rows last)."""
+    return -row.get("bits_per_weight", -1), row.get("ppl") or float("inf"), row["row"]
 
 
 def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -201,7 +205,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                      "vs_float": (ppl / rep["ppl_reference"] - 1) if ppl and rep.get("ppl_reference") else None,
                      "compile_seconds": rep.get("compile_seconds"), "peak_memory_mib": rep.get("peak_memory_mib"),
                      "calib_samples": rep.get("calib_samples")})
-    return sorted(rows, key=lambda r: (-r.get("bits_per_weight", -1), r.get("ppl") or float("inf"), r["row"]))
+    return sorted(rows, key=_by_size)
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -209,6 +213,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    sourced = any("source" in r for r in rows)  # points from earlier runs get a column naming their machine
     lines = [f"# Accuracy/size sweep: {settings['model']}", "",
              f"Calibration {settings['calib_samples'] or 'the format default (column calib)'} x {settings['seq_len']}"
              " tokens, evaluation "
@@ -217,9 +222,8 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
              "saved file's bytes (codes, scales, codebooks, outliers) over the quantized linears; the vocabulary "
              "table is not part of that figure.", "",
              "| row | emit | bits/weight | perplexity | vs float | compile s | peak MiB | calib |"
-             + (" measured |" if any("source" in r for r in rows) else ""),
-             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---|" if any("source" in r for r in rows) else "")]
-    sourced = any("source" in r for r in rows)
+             + (" measured |" if sourced else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---|" if sourced else "")]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['row']} | FAILED: {r['error']} | | | | | | |" + (" |" if sourced else ""))
