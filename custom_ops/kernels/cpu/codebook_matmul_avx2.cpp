@@ -238,10 +238,7 @@ QC_AVX2 void outer_tile(const float* tile, int64_t ld, const float* xt, int64_t 
       for (int64_t r = 0; r < kOuterRows; r += 12) {
         const float* ws = tile + r * ld;
         float* cs = acc + r * ldc + m;
-        if (two && k0 == 0) tile::outer_product_x16<12, 2, false>(ws, ld, xs, xs1, kXtLd, len, cs, ldc);
-        else if (two) tile::outer_product_x16<12, 2, true>(ws, ld, xs, xs1, kXtLd, len, cs, ldc);
-        else if (k0 == 0) tile::outer_product_x16<12, 1, false>(ws, ld, xs, xs1, kXtLd, len, cs, ldc);
-        else tile::outer_product_x16<12, 1, true>(ws, ld, xs, xs1, kXtLd, len, cs, ldc);
+        tile::outer_x16<12>(ws, ld, xs, xs1, two, k0 > 0, kXtLd, len, cs, ldc);
       }
       if (two) m += kXtLd;
       continue;

@@ -257,19 +257,8 @@ QC_AVX2 void outer_tile(const float* tile, int64_t ld, int64_t nc, const float* 
       const bool two = Mpad - m >= 32;  // two blocks per call
       const float* xs1 = two ? xs + kXtLd * Kx : xs;
       float* cs = acc + m;
-      if (nc > 6 && two) {
-        if (k0 == 0) tile::outer_product_x16<12, 2, false>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
-        else tile::outer_product_x16<12, 2, true>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
-      } else if (nc > 6) {
-        if (k0 == 0) tile::outer_product_x16<12, 1, false>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
-        else tile::outer_product_x16<12, 1, true>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
-      } else if (two) {
-        if (k0 == 0) tile::outer_product_x16<6, 2, false>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
-        else tile::outer_product_x16<6, 2, true>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
-      } else {
-        if (k0 == 0) tile::outer_product_x16<6, 1, false>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
-        else tile::outer_product_x16<6, 1, true>(tile, ld, xs, xs1, kXtLd, len, cs, ldc);
-      }
+      if (nc > 6) tile::outer_x16<12>(tile, ld, xs, xs1, two, k0 > 0, kXtLd, len, cs, ldc);
+      else tile::outer_x16<6>(tile, ld, xs, xs1, two, k0 > 0, kXtLd, len, cs, ldc);
       if (two) m += kXtLd;
       continue;
     }

@@ -488,16 +488,10 @@ QC_AVX2 void tile_multiply(const float* tile, const float* xt, int64_t Kc, int64
     const float* xs = xt + m * Kc + ks * kXtLd;
     if (wide) {
       static_assert(kTileRows == 12 && kXtLd == 16, "the AVX-512 kernel covers the whole tile");
-      if (Mpad - m >= 32) {  // two blocks per call
-        const float* xs1 = xs + kXtLd * Kc;
-        if (ks == 0) tile::outer_product_x16<12, 2, false>(tile, kTileLd, xs, xs1, kXtLd, len, acc + m, ldc);
-        else tile::outer_product_x16<12, 2, true>(tile, kTileLd, xs, xs1, kXtLd, len, acc + m, ldc);
-        m += kXtLd;
-      } else if (ks == 0) {
-        tile::outer_product_x16<12, 1, false>(tile, kTileLd, xs, xs, kXtLd, len, acc + m, ldc);
-      } else {
-        tile::outer_product_x16<12, 1, true>(tile, kTileLd, xs, xs, kXtLd, len, acc + m, ldc);
-      }
+      const bool two = Mpad - m >= 32;  // two blocks per call
+      const float* xs1 = two ? xs + kXtLd * Kc : xs;
+      tile::outer_x16<12>(tile, kTileLd, xs, xs1, two, ks > 0, kXtLd, len, acc + m, ldc);
+      if (two) m += kXtLd;
       continue;
     }
     for (int64_t r = 0; r < kTileRows; r += 6) {

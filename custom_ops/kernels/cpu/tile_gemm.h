@@ -157,7 +157,7 @@ QC_AVX2 void outer_product(const float* const* a, const float* b, int64_t ldb, i
     }
 }
 
-// The prefill tiles multiply with outer_product_x16 (AVX-512, 16 columns per register): the CPU has AVX-512F
+// The prefill tiles multiply with outer_product_x16 (AVX-512, 16 columns per register): the CPU has AVX-512F/BW
 // and QCOMPILE_PREFILL_AVX2 (the tests' and benchmarks' switch to the 8-wide kernel) is not set. CPUs with two
 // 512-bit FMA units (Intel server cores) do twice the work per cycle of the AVX2 kernel, which left prefill at
 // half of onnxruntime's fp32 MatMul there; Zen 4 splits 512-bit FMAs and runs both at the same rate. Callers
@@ -195,6 +195,17 @@ QC_AVX512F void outer_product_x16(const float* w, int64_t ldw, const float* b, c
       float* ci = c + i * ldc + 16 * v;
       _mm512_storeu_ps(ci, kAccumulate ? _mm512_add_ps(_mm512_loadu_ps(ci), rows[v][i]) : rows[v][i]);
     }
+}
+
+// outer_product_x16 with its two choices made at run time: `two` blocks of 16 columns (b and b1) or one (b),
+// accumulating into c or storing (the first K slice).
+template <int MR>
+QC_AVX512F void outer_x16(const float* w, int64_t ldw, const float* b, const float* b1, bool two, bool accumulate,
+                          int64_t ldb, int64_t len, float* c, int64_t ldc) {
+  if (two && accumulate) outer_product_x16<MR, 2, true>(w, ldw, b, b1, ldb, len, c, ldc);
+  else if (two) outer_product_x16<MR, 2, false>(w, ldw, b, b1, ldb, len, c, ldc);
+  else if (accumulate) outer_product_x16<MR, 1, true>(w, ldw, b, b, ldb, len, c, ldc);
+  else outer_product_x16<MR, 1, false>(w, ldw, b, b, ldb, len, c, ldc);
 }
 #endif  // QC_X86
 
