@@ -5,9 +5,9 @@ shapes, for M = 1 (decode) and M = 128 (prefill), all in one run.
 Every candidate is a one-node ONNX model with ``x: [M, K]`` as the only graph input and its weights as
 initializers (so onnxruntime may pre-pack them, as it would in a real model). CPU latency is the node's
 kernel time from onnxruntime's profiler (no Python or session overhead), median over ``repeats`` runs;
-with ``cold_cache`` (default) a 64 MB buffer is read before every run so weights stream from DRAM, as they
-do in a model far larger than the caches, where the layers before this one left the caches full of their
-own weights: clean lines (``flush="write"`` rewrites the buffer instead, which leaves dirty lines whose
+with ``cold_cache`` (default) a buffer twice the last-level cache (at least 64 MiB) is read before every run
+so weights stream from DRAM, as they do in a model far larger than the caches, where the layers before this
+one left the caches full of their own weights: clean lines (``flush="write"`` rewrites the buffer instead, which leaves dirty lines whose
 write-back shares the memory bus with the op's reads). CUDA latency is wall time around an I/O-bound run
 (device-resident input and output), and the table adds the weight bandwidth achieved as a fraction of
 the device's peak.
@@ -19,13 +19,16 @@ edit to this file. The fp32 MatMul baseline is this module's own.
 Ratios in the table are ``baseline / op`` for the first registered op (higher = op faster).
 
 ``roofline`` (CPU): each op's effective GB/s over the bytes its format stores (``BenchOp.weight_bytes``) and
-that as a fraction of this machine's streaming-read bandwidth, measured in the same run by a probe: one
-onnxruntime ReduceSum over a 256 MiB buffer, timed like the ops (one thread with the run's clock, and all
-threads with the profiler's), so every op figure says how far it is from the memory limit.
+that as a fraction of this machine's streaming-read bandwidth, measured in the same run by a probe: numpy's
+max over a buffer of at least 256 MiB and twice the last-level cache (a vectorised sequential read that
+reaches the memory's rate; onnxruntime's ReduceSum reads at about half of it), with one thread (the run's
+clock) and with every thread (wall time, each thread reading its share), so every op figure says how far it
+is from the memory limit.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -92,6 +95,26 @@ MATMUL = BenchOp("MatMul", build_matmul, lambda K, N: K * N * 4, needs_ops_libra
 # ---- timing ------------------------------------------------------------------------------------------------
 
 
+def last_level_cache_bytes() -> int:
+    """Size of this CPU's largest cache from sysfs (0 where it is not reported). Why: a flush or probe buffer
+    must exceed it, and server CPUs' L3 (hundreds of MB) dwarfs a fixed 64 MB, which would leave the weights
+    in L3 and time the ops against a cache, not memory."""
+    best = 0
+    for size in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            best = max(best, int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return best
+
+
+def default_flush_mb() -> int:
+    """MiB read between runs: twice the last-level cache, at least 64."""
+    return max(64, 2 * last_level_cache_bytes() >> 20)
+
+
 class _CacheFlusher:
     """Evicts the weights of the last run: reads (``mode="read"``) or rewrites (``"write"``) a buffer larger
     than the last-level cache.
@@ -115,7 +138,7 @@ class _CacheFlusher:
         if self.mode == "write":
             self.buf += 1.0
         else:
-            self.sink += float(self.buf.sum())  # kept, so the read is never dead
+            self.sink += float(self.buf.max())  # kept, so the read is never dead
 
 
 def _kernel_times_us(profile_path: str, node_op: str) -> list[float]:
@@ -236,31 +259,40 @@ def cuda_peak_bandwidth() -> float | None:
 PROBE_MB = 256
 
 
-def _probe_model(n: int) -> onnx.ModelProto:
-    graph = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+def _read_all(buf: np.ndarray) -> int:
+    return int(buf.max())  # numpy releases the GIL here, so threads read their shares at once
 
 
 def read_bandwidth(threads: int, clock: str, repeats: int = 5, stat: Callable[[list[float]], float] = min,
                    megabytes: int = PROBE_MB) -> float:
-    """Streaming-read bandwidth in GB/s: an onnxruntime ReduceSum (a vectorised sequential read) over a buffer
-    far larger than the caches, timed as the ops are (``clock`` "thread_cpu" needs ``threads=1``)."""
-    n = megabytes * (1 << 20) // 4
-    x = np.ones(n, np.float32)
-    t = _time_cpu(_probe_model(n), x, repeats, threads, _CacheFlusher(0), 1, clock, stat)
-    return n * 4 / (t / 1000.0) / 1e9
+    """Streaming-read bandwidth in GB/s: numpy's max over an int64 buffer of ``megabytes`` (raised to twice the
+    last-level cache), split among ``threads`` threads. One thread with ``clock="thread_cpu"`` is timed by
+    its CPU time, as the ops are; otherwise by wall time from the first thread's start to the last one's end."""
+    megabytes = max(megabytes, 2 * last_level_cache_bytes() >> 20)
+    buf = np.ones(megabytes * (1 << 20) // 8, np.int64)
+    shares = np.array_split(buf, threads)
+    times = []
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats + 1):  # the first pass pages the buffer in
+            if threads == 1 and clock == "thread_cpu":
+                t0 = time.thread_time_ns()
+                _read_all(buf)
+                times.append((time.thread_time_ns() - t0) / 1e9)
+            else:
+                t0 = time.perf_counter_ns()
+                list(pool.map(_read_all, shares))
+                times.append((time.perf_counter_ns() - t0) / 1e9)
+    return buf.nbytes / stat(times[1:]) / 1e9
 
 
 def measure_read_bandwidth(threads: int | None, clock: str, stat: Callable[[list[float]], float],
                            megabytes: int = PROBE_MB) -> dict[str, float]:
     """``{"read_GBps_1t": ..., "read_GBps_<n>t": ...}``: one thread with ``clock``, and ``threads`` (default: every
-    core) with the profiler's clock."""
+    core) by wall time."""
     every = threads if threads and threads > 1 else (os.cpu_count() or 1)
     out = {"read_GBps_1t": read_bandwidth(1, clock, stat=stat, megabytes=megabytes)}
     if every > 1:
-        out[f"read_GBps_{every}t"] = read_bandwidth(every, "profile", stat=stat, megabytes=megabytes)
+        out[f"read_GBps_{every}t"] = read_bandwidth(every, "wall", stat=stat, megabytes=megabytes)
     return out
 
 
@@ -269,7 +301,7 @@ def measure_read_bandwidth(threads: int | None, clock: str, stat: Callable[[list
 
 def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, int]] | None = None,
                  ms: Sequence[int] = DEFAULT_MS, repeats: int = 20, provider: str = "cpu", *,
-                 threads: int | None = None, cold_cache: bool = True, flush_mb: int = 64, flush_mode: str = "read",
+                 threads: int | None = None, cold_cache: bool = True, flush_mb: int | None = None, flush_mode: str = "read",
                  warmup: int = 3, baselines: bool = True, seed: int = 0, verbose: bool = True, clock: str = "profile",
                  stat: str = "median", roofline: bool = False, probe_mb: int = PROBE_MB) -> list[dict[str, Any]]:
     """Latency table rows: one dict per (K, N, M) with ``{op}_ms`` for every op and baseline, ``{op}_GBps``
@@ -280,7 +312,8 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
     thread; forces ``threads=1``; use it on a loaded machine). ``stat``: "median" or "min" over repeats.
     ``roofline`` (CPU): also ``read_GBps_1t`` / ``read_GBps_<n>t`` (the probe, once per run, in every row),
     ``{op}_GBps`` and ``{op}_bw_frac`` (against the probe at the run's thread count). ``flush_mode`` (CPU, with
-    ``cold_cache``): "read" or "write" (see :class:`_CacheFlusher`).
+    ``cold_cache``): "read" or "write" (see :class:`_CacheFlusher`); ``flush_mb``: its buffer (default
+    :func:`default_flush_mb`; smaller than the last-level cache, it times weights read from that cache).
     """
     if provider not in ("cpu", "cuda"):
         raise ValueError(f"provider must be cpu or cuda, got {provider!r}")
@@ -313,8 +346,10 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
         peak = (probe.get(f"read_GBps_{run_threads}t") or probe["read_GBps_1t"]) * 1e9
     flush: Callable[[], None]
     if provider == "cpu":
+        flush_mb = default_flush_mb() if flush_mb is None else flush_mb
         flush = _CacheFlusher(flush_mb if cold_cache else 0, flush_mode)
-    else:
+    else:  # a GPU's L2 is tens of MB whatever the host's caches are
+        flush_mb = 64 if flush_mb is None else flush_mb
         flush = _cuda_flusher(4 * flush_mb if cold_cache else 0)
     ours = [o for o in chosen if not o.baseline]
     rows: list[dict[str, Any]] = []
@@ -325,7 +360,8 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
             x = rng.standard_normal((M, K)).astype(dtype)
             row: dict[str, Any] = {"provider": provider, "K": K, "N": N, "M": M, "dtype": dtype.name,
                                    "cold_cache": cold_cache,
-                                   "flush": flush_mode if cold_cache and provider == "cpu" else None, "threads": threads, "clock": clock, "stat": stat, **probe}
+                                   "flush": flush_mode if cold_cache and provider == "cpu" else None,
+                                   "flush_mb": flush_mb if cold_cache else 0, "threads": threads, "clock": clock, "stat": stat, **probe}
             for o in chosen:
                 if provider == "cpu":
                     t = _time_cpu(models[o.name], x, repeats, threads, flush, warmup,  # type: ignore[arg-type]
@@ -384,7 +420,7 @@ def format_table(rows: Sequence[dict[str, Any]], header: bool = True) -> str:
     if header and probe:
         where = ", ".join(f"{k.removeprefix('read_GBps_').removesuffix('t')} thread(s) {v:.1f} GB/s"
                           for k, v in probe.items())
-        lines.insert(0, f"streaming read (onnxruntime ReduceSum): {where}\n")
+        lines.insert(0, f"streaming read (numpy max, >= 2x the last-level cache): {where}\n")
     return "\n".join(lines)
 
 
@@ -406,7 +442,8 @@ def cli_bench(args: argparse.Namespace) -> int:
                         repeats=getattr(args, "repeats", 20), provider=getattr(args, "provider", "cpu"),
                         threads=getattr(args, "threads", None), clock=getattr(args, "clock", "profile"),
                         stat=getattr(args, "stat", "median"), cold_cache=not getattr(args, "warm", False),
-                        flush_mode=getattr(args, "flush", "read"), verbose=False, roofline=getattr(args, "roofline", False))
+                        flush_mode=getattr(args, "flush", "read"), flush_mb=getattr(args, "flush_mb", None),
+                        verbose=False, roofline=getattr(args, "roofline", False))
     text = format_table(rows)
     print(text)
     if getattr(args, "output", None):
@@ -430,7 +467,10 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warm", action="store_true", help="do not flush the caches between runs")
     p.add_argument("--flush", default="read", choices=list(_CacheFlusher.MODES),
                    help="CPU: evict the weights between runs by reading (clean lines, as in a model's decode) or by "
-                        "rewriting a 64 MB buffer")
+                        "rewriting a buffer")
+    p.add_argument("--flush-mb", type=int, default=None,
+                   help="CPU: MiB read between runs (default: twice the last-level cache, at least 64; less than the "
+                        "cache times weights read from it)")
     p.add_argument("--roofline", action="store_true",
                    help="CPU: each op's GB/s over its stored bytes against a streaming-read probe of this machine")
     p.add_argument("-o", "--output", type=Path, default=None)

@@ -255,7 +255,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warm", action="store_true", help="do not flush the caches between runs")
     p.add_argument("--flush", default="read", choices=["read", "write"],
                    help="CPU: evict the weights between runs by reading (clean lines, as in a model's decode) or by "
-                        "rewriting a 64 MB buffer")
+                        "rewriting a buffer")
+    p.add_argument("--flush-mb", type=int, default=None,
+                   help="CPU: MiB read between runs (default: twice the last-level cache, at least 64; less than the "
+                        "cache times weights read from it)")
     p.add_argument("--roofline", action="store_true",
                    help="CPU: each op's GB/s over its stored bytes against a streaming-read probe of this machine")
     p.add_argument("-o", "--output", type=Path,

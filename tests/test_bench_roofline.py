@@ -31,7 +31,7 @@ def test_cache_flusher_evicts_by_reading_or_writing():
     read = _CacheFlusher(1)
     read()
     read()
-    assert read.mode == "read" and read.sink == 2 * read.buf.size and (read.buf == 1.0).all()
+    assert read.mode == "read" and read.sink == 2.0 and (read.buf == 1.0).all()
     write = _CacheFlusher(1, "write")
     write()
     assert (write.buf == 2.0).all()
@@ -49,3 +49,30 @@ def test_bench_rows_name_the_flush(ops_library, monkeypatch):
     assert bench.run_op_bench(**kw)[0]["flush"] == "read"
     assert bench.run_op_bench(**kw, flush_mode="write")[0]["flush"] == "write"
     assert bench.run_op_bench(**kw, cold_cache=False)[0]["flush"] is None
+
+
+def test_flush_and_probe_exceed_the_last_level_cache(monkeypatch):
+    """The default flush and the probe's buffer are twice the largest cache sysfs reports (at least 64 / 256
+    MiB), so a server's L3 cannot hold the weights between runs; the probe reads that buffer."""
+    from qcompile import bench
+
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: 300 << 20)
+    assert bench.default_flush_mb() == 600
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: 8 << 20)
+    assert bench.default_flush_mb() == 64
+    seen = []
+    monkeypatch.setattr(bench, "_read_all", lambda buf: seen.append(buf.nbytes) or 1)
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: 4 << 20)
+    assert bench.read_bandwidth(2, "wall", repeats=1, megabytes=6) > 0
+    assert sum(seen) == 2 * (8 << 20) and len(seen) == 4  # 8 MiB (2x the cache) in two shares, twice
+
+
+def test_last_level_cache_is_read_from_sysfs(tmp_path, monkeypatch):
+    from qcompile import bench
+
+    for i, size in enumerate(["48K", "2048K", "300M"]):
+        (tmp_path / f"index{i}").mkdir()
+        (tmp_path / f"index{i}" / "size").write_text(size + "\n")
+    real = bench.Path
+    monkeypatch.setattr(bench, "Path", lambda p: tmp_path if p == "/sys/devices/system/cpu/cpu0/cache" else real(p))
+    assert bench.last_level_cache_bytes() == 300 << 20
