@@ -2,8 +2,10 @@
 //
 // Why: the 16-bit walk needs 8 registers per table and four word permutes plus three blends per 32 rows;
 // in int8 a table is 4 registers and two byte permutes plus a blend look up 64 rows. The looked-up bytes
-// (entry + 128, so unsigned) are summed in 16-bit lanes, even and odd rows apart (a mask and a shift, no
-// widening shuffles), and widened once per slice of 16 tables.
+// (entry + 128, so unsigned) are summed in 16-bit lanes, even and odd rows apart (each by one u8 x s8
+// multiply-add with the table's power of two, no widening shuffles), and widened once per slice of 16 tables.
+// On Intel cores the two byte permutes (two cycles each on port 5) are the floor: 64 rows in about 8 cycles
+// here, against 10 with masks and shifts.
 #include "codebook_lut_i8.h"
 
 #include <algorithm>
@@ -78,10 +80,12 @@ QC_AVX512VBMI inline void walk_groups(const uint8_t* c, const uint8_t* Q, const 
   // the offsets fits int16 (|entry| << shift <= 127 * 16)
   __m512i even[G], odd[G];
   for (int j = 0; j < G; ++j) even[j] = odd[j] = _mm512_setzero_si512();
-  const __m512i low8 = _mm512_set1_epi16(0x00FF);
   int offset = 0;
   for (int t = 0; t < kTablesPerSlice; ++t) {
-    const __m128i sh = _mm_cvtsi32_si128(shift[t]);
+    // (entry + 128) << shift of the even / odd byte of each 16-bit lane, by one u8 x s8 multiply-add each
+    // (the other byte's factor is 0): two uops where a mask and three shifts took six
+    const int16_t f = static_cast<int16_t>(1 << shift[t]);
+    const __m512i f_even = _mm512_set1_epi16(f), f_odd = _mm512_set1_epi16(static_cast<int16_t>(f << 8));
     offset += 128 << shift[t];
     const uint8_t* L = Q + t * 256;
     const __m512i e0 = _mm512_loadu_si512(L), e1 = _mm512_loadu_si512(L + 64), e2 = _mm512_loadu_si512(L + 128),
@@ -93,8 +97,8 @@ QC_AVX512VBMI inline void walk_groups(const uint8_t* c, const uint8_t* Q, const 
       const __m512i idx = _mm512_loadu_si512(c + j * kGroupBytes + t * kRowGroup);
       const __m512i lo = _mm512_permutex2var_epi8(e0, idx, e1), hi = _mm512_permutex2var_epi8(e2, idx, e3);
       const __m512i r = _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hi);
-      even[j] = _mm512_add_epi16(even[j], _mm512_sll_epi16(_mm512_and_si512(r, low8), sh));
-      odd[j] = _mm512_add_epi16(odd[j], _mm512_sll_epi16(_mm512_srli_epi16(r, 8), sh));
+      even[j] = _mm512_add_epi16(even[j], _mm512_maddubs_epi16(r, f_even));
+      odd[j] = _mm512_add_epi16(odd[j], _mm512_maddubs_epi16(r, f_odd));
     }
   }
   const __m512 vs = _mm512_set1_ps(unit);

@@ -286,6 +286,7 @@ Status run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx
                                    ? p.prepared->sliced.data()
                                    : nullptr;
   const int64_t slices = g.T / 16;
+  const int64_t code_bytes = table_major ? static_cast<int64_t>(p.prepared->sliced.size()) : 0;
   // largest |codeword value| (NaN: the fixed-point walks are not used)
   const double max_abs_cb = table_major && simd::all_finite(in.cb.data(), static_cast<int64_t>(in.cb.size()))
                                 ? max_abs(in.cb.data(), static_cast<int64_t>(in.cb.size()))
@@ -334,6 +335,11 @@ Status run_lut(const Problem& p, const Geometry& g, const Prepared& in, bool avx
         float tmax[16];
         const int64_t s0 = static_cast<int64_t>(t) * kSlicesPerTask, s1 = std::min(slices, s0 + kSlicesPerTask);
         for (int64_t s = s0; s < s1; ++s) {
+          // Building reads no weights: meanwhile the head of the walk's codes streams into L2, a share per slice
+          // (the walk's own prefetch takes over from there).
+          const int64_t ahead = std::min(kBuildPrefetchBytes, code_bytes);
+          for (int64_t b = ahead * s / slices; b < ahead * (s + 1) / slices; b += 64)
+            __builtin_prefetch(table_major + b, 0, 2);
 #if QC_X86
           lut_build_tables_avx2(x, cbt, g, 16 * s, 16 * s + 16, buf, tmax);
 #endif

@@ -48,6 +48,36 @@ QC_AVX2 inline float build_table(const float* xg, const float* cm, const Geometr
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
+
+// build_table with 16-float registers, where the CPU has AVX-512F: the fixed-point walks' table build (M = 1)
+// is a tenth of their call at K = 4096 and half of it in AVX2 FMAs. Same products, same order per entry.
+QC_AVX512F inline float build_table_avx512(const float* xg, const float* cm, const Geometry& g, float* out) {
+  constexpr int64_t kChunk = 128;  // 8 accumulators of 16 entries
+  __m512 mx = _mm512_setzero_ps();
+  int64_t s = 0;
+  for (; s + kChunk <= g.LS; s += kChunk) {
+    __m512 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < g.d; ++j) {
+      const __m512 xv = _mm512_set1_ps(xg[j]);
+      const float* c = cm + j * g.LS + s;
+      for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(c + 16 * i), acc[i]);
+    }
+    for (int i = 0; i < 8; ++i) {
+      _mm512_storeu_ps(out + s + 16 * i, acc[i]);
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(acc[i]));
+    }
+  }
+  for (; s < g.LS; s += 16) {  // the last entries, masked past LS
+    const __mmask16 live = g.LS - s >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (g.LS - s)) - 1);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < g.d; ++j)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(xg[j]), _mm512_maskz_loadu_ps(live, cm + j * g.LS + s), acc);
+    _mm512_mask_storeu_ps(out + s, live, acc);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(acc));
+  }
+  return _mm512_reduce_max_ps(mx);
+}
 }  // namespace
 
 QC_AVX2 void lut_build_avx2(const float* x, const float* cbt, const Geometry& g, int64_t g0, int64_t g1, float* lut) {
@@ -57,8 +87,12 @@ QC_AVX2 void lut_build_avx2(const float* x, const float* cbt, const Geometry& g,
 
 QC_AVX2 void lut_build_tables_avx2(const float* x, const float* cbt, const Geometry& g, int64_t t0, int64_t t1,
                                    float* out, float* tmax) {
+  static const bool avx512 = cpu_has_avx512bw();
   for (int64_t t = t0; t < t1; ++t) {
-    const float m = build_table(x + (t / g.M) * g.d, cbt + (t % g.M) * g.d * g.LS, g, out + (t - t0) * g.LS);
+    const float* xg = x + (t / g.M) * g.d;
+    const float* cm = cbt + (t % g.M) * g.d * g.LS;
+    float* dst = out + (t - t0) * g.LS;
+    const float m = avx512 ? build_table_avx512(xg, cm, g, dst) : build_table(xg, cm, g, dst);
     if (tmax) tmax[t - t0] = m;
   }
 }
