@@ -2,7 +2,11 @@
 // has AVX2 + FMA + F16C, and the environment switches tests use to pin the portable path.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
+#if defined(__linux__)
+#include <unistd.h>
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -91,6 +95,18 @@ inline bool env_flag(const char* name) {
 // An op's AVX2 paths run: the CPU has AVX2 + FMA + F16C and the op's switch `disable_env` (e.g.
 // QCOMPILE_FP4_NO_AVX2, which tests set to pin the portable path) is not set.
 inline bool avx2_enabled(const char* disable_env) { return cpu_has_avx2() && !env_flag(disable_env); }
+
+// Bytes of one core's L2 cache (glibc reads it from CPUID; 1 MiB where it cannot tell). Read once.
+inline int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+#if defined(__linux__) && defined(_SC_LEVEL2_CACHE_SIZE)
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (v > 0) return static_cast<int64_t>(v);
+#endif
+    return int64_t{1} << 20;
+  }();
+  return bytes;
+}
 
 // An op's AVX-512BW fixed-point walk runs: the CPU has AVX-512F + BW and `disable_env` (e.g.
 // QCOMPILE_SPQR_LUT_FP32) is not set.

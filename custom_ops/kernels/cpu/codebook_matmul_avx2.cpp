@@ -11,6 +11,12 @@
 #include "simd.h"
 #include "tile_gemm.h"
 
+// GCC 12 reports its own AVX-512 intrinsics' deliberately undefined pass-through operands (_mm512_undefined_*)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #if QC_X86
 
 namespace qcompile {
@@ -259,20 +265,23 @@ QC_AVX2 void fused_rows_avx2_d8(const C* codes, const float* cb, const Geometry&
 // a decoded weight feeds two FMAs, as in FP4MatMul's prefill.
 
 namespace {
-// C^T[12][Mpad] (+)= the tile's 12 rows times every 16-row block of xt over K positions [k0, k0 + len).
-// `wide`: tile::prefill_avx512(), one 12 x 16 AVX-512 call per block instead of two 6 x 16 AVX2 ones.
-QC_AVX2 void outer_tile(const float* tile, int64_t ld, const float* xt, int64_t Kp, int64_t Mpad, int64_t k0,
-                        int64_t len, float* acc, int64_t ldc, bool wide) {
-  for (int64_t m = 0; m < Mpad; m += kXtLd) {
+constexpr int64_t kOuterLd = kOuterKC + 8;  // decoded tile row stride, off powers of two
+
+// C^T[12][m0..m1) (+)= the tile's 12 rows times the 16-row blocks [m0, m1) of xt over K positions
+// [k0, k0 + len). `wide`: tile::prefill_avx512(), one 12 x 16 AVX-512 call per block instead of two 6 x 16
+// AVX2 ones.
+QC_AVX2 void outer_tile(const float* tile, int64_t ld, const float* xt, int64_t Kp, int64_t m0, int64_t m1,
+                        int64_t k0, int64_t len, float* acc, int64_t ldc, bool wide) {
+  for (int64_t m = m0; m < m1; m += kXtLd) {
     const float* xs = xt + m * Kp + k0 * kXtLd;
     if (wide) {  // 32 rows of X per call where there are, reused from L1 by every 12 rows of the tile
       static_assert(kOuterRows % 12 == 0 && kXtLd == 16, "the AVX-512 kernel takes 12 rows, 16 or 32 columns");
-      const bool two = Mpad - m >= 32;
+      const bool two = m1 - m >= 32;
       const float* xs1 = two ? xs + kXtLd * Kp : xs;
       for (int64_t r = 0; r < kOuterRows; r += 12) {
         const float* ws = tile + r * ld;
         float* cs = acc + r * ldc + m;
-        tile::outer_x16<12>(ws, ld, xs, xs1, two, k0 > 0, kXtLd, len, cs, ldc);
+        tile::outer_x16<12, kOuterLd>(ws, xs, xs1, two, k0 > 0, kXtLd, len, cs, ldc);
       }
       if (two) m += kXtLd;
       continue;
@@ -292,7 +301,6 @@ template <typename C, bool kCheck>
 Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, const float* xt, int64_t rows,
                          int64_t Kp, const float* scales, const float* bias, DType dtype, void* y, const Parallel& par,
                          uint32_t* maxc) {
-  constexpr int64_t kLd = kOuterKC + 8;  // tile row stride, off powers of two
   const int64_t Mpad = (rows + kXtLd - 1) / kXtLd * kXtLd, ldc = Mpad + 8;
   const uint32_t last = static_cast<uint32_t>(g.S - 1);
   const bool wide = tile::prefill_avx512();
@@ -301,7 +309,7 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
     const float* cb;
     const Geometry& g;
     const float* xt;
-    int64_t rows, Kp, Mpad, ldc, n0, nc;
+    int64_t rows, Kp, m0, m1, ldc, n0, nc;
     const float* scales;
     const float* bias;
     DType dtype;
@@ -315,7 +323,7 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
       uint32_t mx = 0;
       const int64_t k1 = std::min(k0 + len, g.K);  // Kp past K: zero, so padded X columns meet 0 (never NaN)
       for (int64_t r = 0; r < kOuterRows; ++r) {
-        float* dst = tile + r * kLd;
+        float* dst = tile + r * kOuterLd;
         if (r >= nc) {
           std::fill(dst, dst + len, 0.0f);
           continue;
@@ -338,9 +346,11 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
       }
       if (kCheck) *maxc = std::max(*maxc, mx);
     }
-    QC_AVX2 void multiply(int64_t k0, int64_t len) { outer_tile(tile, kLd, xt, Kp, Mpad, k0, len, acc, ldc, wide); }
+    QC_AVX2 void multiply(int64_t k0, int64_t len) {
+      outer_tile(tile, kOuterLd, xt, Kp, m0, m1, k0, len, acc, ldc, wide);
+    }
     void finish() {
-      for (int64_t m = 0; m < rows; ++m)
+      for (int64_t m = m0; m < std::min(m1, rows); ++m)
         for (int64_t r = 0; r < nc; ++r) {
           const int64_t n = n0 + r;
           float v = acc[r * ldc + m] * scales[n];
@@ -350,11 +360,12 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
         }
     }
   };
-  return tile::tile_gemm(par, kOp, tile::Plan{g.N, kOuterRows, kOuterRows, Kp, kOuterKC}, [&](int64_t n0, int64_t nc) {
+  const tile::Plan plan{g.N, kOuterRows, kOuterRows, Kp, kOuterKC, Mpad, tile::x_rows_per_pass(Mpad, Kp)};
+  return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nc, int64_t m0, int64_t m1) {
     thread_local std::vector<float> tile_buf, acc_buf;
-    float* tile = scratch(tile_buf, static_cast<size_t>(kOuterRows * kLd));
+    float* tile = scratch(tile_buf, static_cast<size_t>(kOuterRows * kOuterLd));
     float* acc = scratch(acc_buf, static_cast<size_t>(kOuterRows * ldc));
-    return Tile{codes, cb, g, xt, rows, Kp, Mpad, ldc, n0, nc, scales, bias, dtype, y, last,
+    return Tile{codes, cb, g, xt, rows, Kp, m0, m1, ldc, n0, nc, scales, bias, dtype, y, last,
                 maxc + n0 / kOuterRows, tile, acc, wide};
   });
 }

@@ -276,15 +276,16 @@ void store_row(const Problem& p, int64_t m, int64_t n0, int64_t count, const flo
   }
 }
 
-// Y[m, n0 + r] = acc[r * ldc + m] (+ bias) for r < count, every m: the prefill path's C^T tile.
-void store_transposed(const Problem& p, int64_t n0, int64_t count, const float* acc, int64_t ldc) {
+// Y[m, n0 + r] = acc[r * ldc + m] (+ bias) for r < count, m in [m0, min(m1, M)): the prefill path's C^T tile.
+void store_transposed(const Problem& p, int64_t n0, int64_t count, const float* acc, int64_t ldc, int64_t m0,
+                      int64_t m1) {
   static_assert(kOuterRows <= kTileRows, "bias buffer");
   const int64_t N = p.attrs.N;
   float bias[kTileRows] = {};
   for (int64_t r = 0; r < count && p.bias; ++r)
     bias[r] = p.dtype == DType::kFloat32 ? static_cast<const float*>(p.bias)[n0 + r]
                                          : half_to_float(static_cast<const uint16_t*>(p.bias)[n0 + r]);
-  for (int64_t m = 0; m < p.M; ++m) {
+  for (int64_t m = m0; m < std::min(m1, p.M); ++m) {
     if (p.dtype == DType::kFloat32) {
       float* y = static_cast<float*>(p.y) + m * N + n0;
       for (int64_t r = 0; r < count; ++r) y[r] = acc[r * ldc + m] + bias[r];
@@ -409,7 +410,8 @@ Status run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x,
       for (int64_t m = 0; m < p.M; ++m) store_row(p, m, n0, nc, s.out.data() + m * kTileRows);
     }
   };
-  return tile::tile_gemm(par, kOp, tile::Plan{g.N, kTileRows, kTileRows, g.Kx, kKC}, [&](int64_t n0, int64_t nc) {
+  const tile::Plan plan{g.N, kTileRows, kTileRows, g.Kx, kKC};
+  return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nc, int64_t, int64_t) {
     TaskScratch& s = tile_scratch(p, g, avx2, n0, nc, kTileRows, kTileLd, Mpad * kTileRows);
     std::fill(s.out.begin(), s.out.end(), 0.0f);
     return Tile{p, g, avx2, x, Mpad, n0, nc, s, consts};

@@ -245,20 +245,20 @@ void prefetch_rows(const Problem& p, const Geometry& g, int64_t r0, int64_t r1, 
       _mm_prefetch(reinterpret_cast<const char*>(p.w + r * g.row_bytes + b), _MM_HINT_T0);
 }
 
-// C^T[12][Mpad] (+)= a 12-row decoded tile times every 16-row block of the transposed activations: 6x16
-// (or 6x8 for a last block of 8) outer products, one broadcast per decoded weight. `wide`:
+// C^T[12][m0..m1) (+)= a 12-row decoded tile times the 16-row blocks [m0, m1) of the transposed activations:
+// 6x16 (or 6x8 for a last block of 8) outer products, one broadcast per decoded weight. `wide`:
 // tile::prefill_avx512(), whole 16-row blocks in one 12 x 16 (or 6 x 16) AVX-512 call.
-QC_AVX2 void outer_tile(const float* tile, int64_t ld, int64_t nc, const float* xt, int64_t Kx, int64_t Mpad,
-                        int64_t k0, int64_t len, float* acc, int64_t ldc, bool wide) {
-  for (int64_t m = 0; m < Mpad; m += kXtLd) {
+QC_AVX2 void outer_tile(const float* tile, int64_t ld, int64_t nc, const float* xt, int64_t Kx, int64_t m0,
+                        int64_t m1, int64_t k0, int64_t len, float* acc, int64_t ldc, bool wide) {
+  for (int64_t m = m0; m < m1; m += kXtLd) {
     const float* xs = xt + m * Kx + k0 * kXtLd;
-    if (wide && Mpad - m >= 16) {
+    if (wide && m1 - m >= 16) {
       static_assert(kOuterRows == 12 && kXtLd == 16, "the AVX-512 kernel covers 6 or 12 rows, 16 columns");
-      const bool two = Mpad - m >= 32;  // two blocks per call
+      const bool two = m1 - m >= 32;  // two blocks per call
       const float* xs1 = two ? xs + kXtLd * Kx : xs;
       float* cs = acc + m;
-      if (nc > 6) tile::outer_x16<12>(tile, ld, xs, xs1, two, k0 > 0, kXtLd, len, cs, ldc);
-      else tile::outer_x16<6>(tile, ld, xs, xs1, two, k0 > 0, kXtLd, len, cs, ldc);
+      if (nc > 6) tile::outer_x16<12, kOuterLd>(tile, xs, xs1, two, k0 > 0, kXtLd, len, cs, ldc);
+      else tile::outer_x16<6, kOuterLd>(tile, xs, xs1, two, k0 > 0, kXtLd, len, cs, ldc);
       if (two) m += kXtLd;
       continue;
     }
@@ -266,7 +266,7 @@ QC_AVX2 void outer_tile(const float* tile, int64_t ld, int64_t nc, const float* 
       const float* ws = tile + r * ld;
       const float* rows[6] = {ws, ws + ld, ws + 2 * ld, ws + 3 * ld, ws + 4 * ld, ws + 5 * ld};
       float* cs = acc + r * ldc + m;
-      if (Mpad - m >= 16) {
+      if (m1 - m >= 16) {
         if (k0 == 0) tile::outer_product<6, 2, false>(rows, xs, kXtLd, len, cs, ldc);
         else tile::outer_product<6, 2, true>(rows, xs, kXtLd, len, cs, ldc);
       } else {
@@ -280,8 +280,9 @@ QC_AVX2 void outer_tile(const float* tile, int64_t ld, int64_t nc, const float* 
 }  // namespace
 
 // M >= kOuterMinM with AVX2: tiles of 12 W rows. Per K slice the rows are decoded (scales applied) into a
-// row-major tile and multiplied with every 16-row block of the transposed activations xt
-// ([Mpad/16][Kx][16]), accumulating C^T [12][Mpad]; the next slice's W bytes are prefetched meanwhile.
+// row-major tile and multiplied with the 16-row blocks of the transposed activations xt ([Mpad/16][Kx][16])
+// of the pass (tile::x_rows_per_pass), accumulating C^T [12][Mpad]; the next slice's W bytes are prefetched
+// meanwhile.
 Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t Mpad, const Parallel& par) {
   const int64_t ldc = Mpad + 8;  // accumulator row stride, off powers of two
   // K slices of at most kOuterKC, as even as whole blocks allow (576 -> 3 x 192, not 256 + 256 + 64: a short
@@ -294,7 +295,7 @@ Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t M
     const Problem& p;
     const Geometry& g;
     const float* xt;
-    int64_t Mpad, ldc, kc, n0, nc;
+    int64_t m0, m1, ldc, kc, n0, nc;
     TaskScratch& s;
     const Avx2Consts& c;
     bool wide;
@@ -304,14 +305,15 @@ Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t M
     }
     void multiply(int64_t k0, int64_t len) {
       // the first K slice stores, later ones accumulate: no zeroing
-      outer_tile(s.tile.data(), kOuterLd, nc, xt, g.Kx, Mpad, k0, len, s.out.data(), ldc, wide);
+      outer_tile(s.tile.data(), kOuterLd, nc, xt, g.Kx, m0, m1, k0, len, s.out.data(), ldc, wide);
     }
-    void finish() { store_transposed(p, n0, nc, s.out.data(), ldc); }
+    void finish() { store_transposed(p, n0, nc, s.out.data(), ldc, m0, m1); }
   };
-  return tile::tile_gemm(par, kOp, tile::Plan{g.N, kOuterRows, kOuterRows, g.Kx, kc}, [&](int64_t n0, int64_t nc) {
+  const tile::Plan plan{g.N, kOuterRows, kOuterRows, g.Kx, kc, Mpad, tile::x_rows_per_pass(Mpad, g.Kx)};
+  return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nc, int64_t m0, int64_t m1) {
     TaskScratch& s = tile_scratch(p, g, true, n0, nc, kOuterRows, kOuterLd, kOuterRows * ldc);
     prefetch_rows(p, g, n0, n0 + nc, 0, kc);
-    return Tile{p, g, xt, Mpad, ldc, kc, n0, nc, s, consts, wide};
+    return Tile{p, g, xt, m0, m1, ldc, kc, n0, nc, s, consts, wide};
   });
 }
 

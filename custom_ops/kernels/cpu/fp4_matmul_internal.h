@@ -64,7 +64,8 @@ void decode_scales(const Problem& p, const Geometry& g, int64_t n, float* out, b
 // Y[m, n0 .. n0 + count) = vals (+ bias), converted to Y's dtype.
 void store_row(const Problem& p, int64_t m, int64_t n0, int64_t count, const float* vals);
 // Y[m, n0 + r] = acc[r * ldc + m] (+ bias) for r < count, every m: the prefill path's C^T tile.
-void store_transposed(const Problem& p, int64_t n0, int64_t count, const float* acc, int64_t ldc);
+void store_transposed(const Problem& p, int64_t n0, int64_t count, const float* acc, int64_t ldc, int64_t m0,
+                      int64_t m1);
 
 // Pointer to the 32 bytes of block `blk` of a W row, or to a zero-padded copy for the ragged last block.
 inline const uint8_t* block_bytes(const uint8_t* row, const Geometry& g, int64_t blk, uint8_t* pad32) {

@@ -480,17 +480,18 @@ QC_AVX2 void tile_decode(const Call& c, int64_t n0, int nr, int64_t ks, int64_t 
     s.tile[(size_t)(s.entries[e].r * kTileLd + s.entries[e].p - ks)] += s.entries[e].v;
 }
 
-// C^T[12][Mpad] (+)= the tile's rows times every 16-row block of xt ([Mpad/16][Kc][16]) over [ks, ks + len).
-// `wide`: tile::prefill_avx512(), one 12 x 16 AVX-512 call per block instead of two 6 x 16 AVX2 ones.
-QC_AVX2 void tile_multiply(const float* tile, const float* xt, int64_t Kc, int64_t Mpad, int64_t ks, int64_t len,
-                           float* acc, int64_t ldc, bool wide) {
-  for (int64_t m = 0; m < Mpad; m += kXtLd) {
+// C^T[12][m0..m1) (+)= the tile's rows times the 16-row blocks [m0, m1) of xt ([Mpad/16][Kc][16]) over
+// [ks, ks + len). `wide`: tile::prefill_avx512(), one 12 x 16 AVX-512 call per block instead of two 6 x 16
+// AVX2 ones.
+QC_AVX2 void tile_multiply(const float* tile, const float* xt, int64_t Kc, int64_t m0, int64_t m1, int64_t ks,
+                           int64_t len, float* acc, int64_t ldc, bool wide) {
+  for (int64_t m = m0; m < m1; m += kXtLd) {
     const float* xs = xt + m * Kc + ks * kXtLd;
     if (wide) {
       static_assert(kTileRows == 12 && kXtLd == 16, "the AVX-512 kernel covers the whole tile");
-      const bool two = Mpad - m >= 32;  // two blocks per call
+      const bool two = m1 - m >= 32;  // two blocks per call
       const float* xs1 = two ? xs + kXtLd * Kc : xs;
-      tile::outer_x16<12>(tile, kTileLd, xs, xs1, two, ks > 0, kXtLd, len, acc + m, ldc);
+      tile::outer_x16<12, kTileLd>(tile, xs, xs1, two, ks > 0, kXtLd, len, acc + m, ldc);
       if (two) m += kXtLd;
       continue;
     }
@@ -537,26 +538,26 @@ Status run_panels(const Call& c, int64_t rows_per_task, const Parallel& par) {
   struct Tile {
     const Call& c;
     const float* xt;
-    int64_t Mpad, ldc, n0;
+    int64_t m0, m1, ldc, n0;
     int nr;
     TileScratch& s;
     bool wide;
     void decode(int64_t ks, int64_t len) { tile_decode<BITS>(c, n0, nr, ks, len, s); }
     void multiply(int64_t ks, int64_t len) {
-      tile_multiply(s.tile.data(), xt, c.Kc, Mpad, ks, len, s.acc.data(), ldc, wide);
+      tile_multiply(s.tile.data(), xt, c.Kc, m0, m1, ks, len, s.acc.data(), ldc, wide);
     }
     void finish() {
-      for (int64_t m = 0; m < c.M; ++m)
+      for (int64_t m = m0; m < std::min(m1, c.M); ++m)
         for (int r = 0; r < nr; ++r)
           c.y[m * c.s->N + n0 + r] = s.acc[(size_t)(r * ldc + m)] + (c.bias ? c.bias[n0 + r] : 0.f);
     }
   };
   const int64_t rpt = (rows_per_task + kTileRows - 1) / kTileRows * kTileRows;
-  const tile::Plan plan{c.s->N, rpt, kTileRows, c.Kc, kSlice};
-  const Status st = tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nr) {
+  const tile::Plan plan{c.s->N, rpt, kTileRows, c.Kc, kSlice, Mpad, tile::x_rows_per_pass(Mpad, c.Kc)};
+  const Status st = tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nr, int64_t m0, int64_t m1) {
     TileScratch& s = tile_scratch();
     tile_begin(c, n0, (int)nr, ldc, s);
-    return Tile{c, xt, Mpad, ldc, n0, (int)nr, s, wide};
+    return Tile{c, xt, m0, m1, ldc, n0, (int)nr, s, wide};
   });
   if (xt_buf.capacity() > (size_t{16} << 20)) std::vector<float>().swap(xt_buf);  // do not pin >64 MB per thread
   return st;
