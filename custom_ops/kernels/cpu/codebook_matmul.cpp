@@ -460,7 +460,7 @@ Status run_gemm(const Problem& p, const Geometry& g, const Prepared& in, bool av
     void finish() {}
   };
   const tile::Plan plan{g.N, kNR, kNR, in.Kp, in.Kp};
-  return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nb, int64_t, int64_t) {
+  return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nb, int64_t, int64_t, int) {
     thread_local std::vector<float> wbuf;
     float* wt = scratch(wbuf, static_cast<size_t>(in.Kp * kNR));
     return Tile{p, g, in, avx2, n0, nb, wt, &maxc[static_cast<size_t>(n0 / kNR)]};

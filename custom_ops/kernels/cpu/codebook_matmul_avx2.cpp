@@ -2,6 +2,7 @@
 // the d == 8 tile decoder of the prefill GEMM and the fused decode-dot GEMV. Called only after
 // cpu_has_avx2().
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 
@@ -360,11 +361,12 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
         }
     }
   };
-  const tile::Plan plan{g.N, kOuterRows, kOuterRows, Kp, kOuterKC, Mpad, tile::x_rows_per_pass(Mpad, Kp)};
-  return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nc, int64_t m0, int64_t m1) {
-    thread_local std::vector<float> tile_buf, acc_buf;
-    float* tile = scratch(tile_buf, static_cast<size_t>(kOuterRows * kOuterLd));
-    float* acc = scratch(acc_buf, static_cast<size_t>(kOuterRows * ldc));
+  constexpr int64_t kTaskRows = kOuterRows * tile::kMaxTilesPerTask;
+  const tile::Plan plan{g.N, kTaskRows, kOuterRows, Kp, kOuterKC, Mpad, tile::x_rows_per_pass(Mpad, kOuterKC + kTaskRows)};
+  return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nc, int64_t m0, int64_t m1, int slot) {
+    thread_local std::array<std::vector<float>, tile::kMaxTilesPerTask> tile_buf, acc_buf;
+    float* tile = scratch(tile_buf[static_cast<size_t>(slot)], static_cast<size_t>(kOuterRows * kOuterLd));
+    float* acc = scratch(acc_buf[static_cast<size_t>(slot)], static_cast<size_t>(kOuterRows * ldc));
     return Tile{codes, cb, g, xt, rows, Kp, m0, m1, ldc, n0, nc, scales, bias, dtype, y, last,
                 maxc + n0 / kOuterRows, tile, acc, wide};
   });

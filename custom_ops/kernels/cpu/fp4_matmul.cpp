@@ -21,6 +21,7 @@
 // The library is compiled for x86-64-v2; the AVX2/FMA/F16C code is selected at run time
 // (QCOMPILE_FP4_NO_AVX2=1 forces the portable path, which the tests also exercise).
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -298,16 +299,16 @@ void store_transposed(const Problem& p, int64_t n0, int64_t count, const float* 
 
 // ---- tiles -----------------------------------------------------------------------------------------
 
-TaskScratch& task_scratch() {
-  thread_local TaskScratch s;
-  return s;
+TaskScratch& task_scratch(int slot) {
+  thread_local std::array<TaskScratch, tile::kMaxTilesPerTask> s;
+  return s[static_cast<size_t>(slot)];
 }
 
 // The calling thread's scratch for a tile of `rows` W rows: the decoded scales of rows [n0, n0 + nc), a tile
 // of row stride ld and `out` accumulator floats (left as they are: a tile zeroes or overwrites them).
 TaskScratch& tile_scratch(const Problem& p, const Geometry& g, bool avx2, int64_t n0, int64_t nc, int64_t rows,
-                          int64_t ld, int64_t out) {
-  TaskScratch& s = task_scratch();
+                          int64_t ld, int64_t out, int slot) {
+  TaskScratch& s = task_scratch(slot);
   s.scales.resize(rows * g.scale_len);
   s.tile.resize(rows * ld);
   s.out.resize(out);
@@ -411,8 +412,8 @@ Status run_tiled(const Problem& p, const Geometry& g, bool avx2, const float* x,
     }
   };
   const tile::Plan plan{g.N, kTileRows, kTileRows, g.Kx, kKC};
-  return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nc, int64_t, int64_t) {
-    TaskScratch& s = tile_scratch(p, g, avx2, n0, nc, kTileRows, kTileLd, Mpad * kTileRows);
+  return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nc, int64_t, int64_t, int slot) {
+    TaskScratch& s = tile_scratch(p, g, avx2, n0, nc, kTileRows, kTileLd, Mpad * kTileRows, slot);
     std::fill(s.out.begin(), s.out.end(), 0.0f);
     return Tile{p, g, avx2, x, Mpad, n0, nc, s, consts};
   });

@@ -80,11 +80,13 @@ struct TaskScratch {
   std::vector<float> scales, tile, out;
 };
 
-TaskScratch& task_scratch();
-// The calling thread's scratch for a tile of `rows` W rows: the decoded scales of rows [n0, n0 + nc), a tile
-// of row stride ld and `out` accumulator floats (left as they are: a tile zeroes or overwrites them).
+// The calling thread's scratch, slot `slot` of tile::kMaxTilesPerTask (the tiles of one prefill task are
+// alive together; the M = 1 paths use slot 0).
+TaskScratch& task_scratch(int slot = 0);
+// The calling thread's scratch slot for a tile of `rows` W rows: the decoded scales of rows [n0, n0 + nc), a
+// tile of row stride ld and `out` accumulator floats (left as they are: a tile zeroes or overwrites them).
 TaskScratch& tile_scratch(const Problem& p, const Geometry& g, bool avx2, int64_t n0, int64_t nc, int64_t rows,
-                          int64_t ld, int64_t out);
+                          int64_t ld, int64_t out, int slot);
 
 #if QC_X86
 // ---- the AVX2 path (fp4_matmul_avx2.cpp) ---------------------------------------------------------------

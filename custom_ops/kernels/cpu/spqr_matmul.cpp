@@ -130,7 +130,7 @@ bool use_int8_walk(const Attrs& a) {
 int64_t rows_per_task(const Attrs& a, int64_t M) {
   const int64_t ops = a.K * std::max<int64_t>(1, std::min<int64_t>(M, 8));
   const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, ops));
-  return round_up(rows, 16);  // whole panels for the M > 1 path
+  return round_up(rows, 16);
 }
 
 // dst[p] = src[idx[p]]: activations into stored order (indices were validated).
@@ -234,7 +234,7 @@ Status run_paths(const float* xf, int64_t M, const Attrs& s, const Weights& w, c
   void (*rows)(const Call&, int64_t, int64_t) = rows_scalar;
 #if QC_X86
   if (use_avx2()) {
-    if (M > 1) return s.bits == 4 ? run_panels<4>(c, rpt, par) : run_panels<3>(c, rpt, par);
+    if (M > 1) return s.bits == 4 ? run_panels<4>(c, par) : run_panels<3>(c, par);
     rows = s.bits == 4 ? rows_avx2_m1<4> : rows_avx2_m1<3>;
   }
 #endif

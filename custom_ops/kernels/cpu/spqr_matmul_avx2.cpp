@@ -4,6 +4,7 @@
 // laid out at session creation); M > 1 dequantizes 16-row panels for tile::tile_gemm. Called only after
 // cpu_has_avx2().
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <vector>
 
@@ -394,9 +395,10 @@ struct TileScratch {
   std::vector<size_t> bucket_start, fill_pos;
 };
 
-TileScratch& tile_scratch() {
-  thread_local TileScratch s;
-  return s;
+// The calling thread's scratch for the tile in slot `slot` of a task (its tiles are alive together).
+TileScratch& tile_scratch(int slot) {
+  thread_local std::array<TileScratch, tile::kMaxTilesPerTask> s;
+  return s[static_cast<size_t>(slot)];
 }
 
 // Statistics (scale and -scale·zero per group) of rows [n0, n0 + nr) and their outliers bucketed by the K
@@ -524,7 +526,7 @@ QC_AVX2 void pack_xt(const Call& c, int64_t Mpad, float* xt) {
 }  // namespace
 
 template <int BITS>
-Status run_panels(const Call& c, int64_t rows_per_task, const Parallel& par) {
+Status run_panels(const Call& c, const Parallel& par) {
   const int64_t Mpad = (c.M + kXtLd - 1) / kXtLd * kXtLd, ldc = Mpad + 8;
   thread_local std::vector<float> xt_buf;
   try {
@@ -552,10 +554,10 @@ Status run_panels(const Call& c, int64_t rows_per_task, const Parallel& par) {
           c.y[m * c.s->N + n0 + r] = s.acc[(size_t)(r * ldc + m)] + (c.bias ? c.bias[n0 + r] : 0.f);
     }
   };
-  const int64_t rpt = (rows_per_task + kTileRows - 1) / kTileRows * kTileRows;
-  const tile::Plan plan{c.s->N, rpt, kTileRows, c.Kc, kSlice, Mpad, tile::x_rows_per_pass(Mpad, c.Kc)};
-  const Status st = tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nr, int64_t m0, int64_t m1) {
-    TileScratch& s = tile_scratch();
+  constexpr int64_t kTaskRows = kTileRows * tile::kMaxTilesPerTask;
+  const tile::Plan plan{c.s->N, kTaskRows, kTileRows, c.Kc, kSlice, Mpad, tile::x_rows_per_pass(Mpad, kSlice + kTaskRows)};
+  const Status st = tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nr, int64_t m0, int64_t m1, int slot) {
+    TileScratch& s = tile_scratch(slot);
     tile_begin(c, n0, (int)nr, ldc, s);
     return Tile{c, xt, m0, m1, ldc, n0, (int)nr, s, wide};
   });
@@ -565,8 +567,8 @@ Status run_panels(const Call& c, int64_t rows_per_task, const Parallel& par) {
 
 template QC_AVX2 void rows_avx2_m1<3>(const Call&, int64_t, int64_t);
 template QC_AVX2 void rows_avx2_m1<4>(const Call&, int64_t, int64_t);
-template Status run_panels<3>(const Call&, int64_t, const Parallel&);
-template Status run_panels<4>(const Call&, int64_t, const Parallel&);
+template Status run_panels<3>(const Call&, const Parallel&);
+template Status run_panels<4>(const Call&, const Parallel&);
 
 }  // namespace detail
 }  // namespace spqr

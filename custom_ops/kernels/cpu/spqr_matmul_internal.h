@@ -68,9 +68,10 @@ void stats_scalar(const Call& c, int64_t n, int64_t g0, float* scale, float* zer
 template <int BITS>
 QC_AVX2 void rows_avx2_m1(const Call& c, int64_t r0, int64_t r1);
 
-// M > 1: 16-row panels dequantized slice by slice and multiplied with every row of X (tile::tile_gemm).
+// M > 1: 12-row panels dequantized slice by slice and multiplied with every row of X (tile::tile_gemm, eight
+// panels per task).
 template <int BITS>
-Status run_panels(const Call& c, int64_t rows_per_task, const Parallel& par);
+Status run_panels(const Call& c, const Parallel& par);
 
 // Sum of value * x[col] over row n's outliers, for row m of X.
 QC_AVX2 float outliers_avx2(const Call& c, int64_t n, int64_t m);

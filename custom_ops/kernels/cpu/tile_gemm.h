@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "qcompile/cpu_features.h"
 #include "qcompile/parallel.h"
@@ -38,53 +39,67 @@ Status run_tasks(const Parallel& par, int64_t n, const char* op, F&& fn) {
 }
 
 // How tile_gemm cuts the work: N output rows in tasks of task_rows (the unit of parallelism), each in tiles
-// of tile_rows (the unit of decoding), K positions in slices of `slice`; the M rows of X in passes of
-// pass_rows (0, or M or more: one pass).
+// of tile_rows (the unit of decoding; at most kMaxTilesPerTask per task), K positions in slices of `slice`;
+// the M rows of X in passes of pass_rows (0, or M or more: one pass).
 struct Plan {
   int64_t N = 0, task_rows = 0, tile_rows = 0;
   int64_t K = 0, slice = 0;
   int64_t M = 0, pass_rows = 0;
 };
 
-// The decoded-tile GEMM driver. make_tile(n0, rows, m0, m1) returns the op's tile of output rows
-// [n0, n0 + rows) for the rows [m0, m1) of X, an object with
+// Tiles a task keeps at once (the ops' per-tile scratch has this many slots).
+constexpr int kMaxTilesPerTask = 8;
+
+// The decoded-tile GEMM driver. make_tile(n0, rows, m0, m1, slot) returns the op's tile of output rows
+// [n0, n0 + rows) for the rows [m0, m1) of X, using the calling thread's scratch slot `slot` (0 ..
+// kMaxTilesPerTask - 1: a task's tiles are alive together), an object with
 //   void decode(int64_t k0, int64_t len);    // those rows' weights at K positions [k0, k0 + len) into it
 //   void multiply(int64_t k0, int64_t len);  // that slice's contribution to X rows [m0, m1)
 //   void finish();                           // the outputs of those rows of X (bias, conversion, store)
-// Each weight is decoded once per pass; the tile stays in L1/L2 while the rows of X stream past. Passes over
-// X (each a sweep of all N) keep a pass's X in L2 for every tile: one pass over a larger X streams it from
-// L3 once per tile. With one pass (M = 0 or pass_rows = 0), m0 = 0 and m1 = M.
+// A task walks K once, and per K slice decodes and multiplies each of its tiles in turn, so the slice of X
+// stays in L2 for all of them (a tile at a time would stream all of X from L3 per tile once X outgrows L2)
+// and each weight is decoded once per pass. Passes over X (each a sweep of all N) bound the L2 that one
+// slice of X and the tiles' accumulators take. With one pass (M = 0 or pass_rows = 0), m0 = 0 and m1 = M.
 template <typename MakeTile>
 Status tile_gemm(const Parallel& par, const char* op, const Plan& plan, MakeTile&& make_tile) {
+  using Tile = decltype(make_tile(int64_t{0}, int64_t{0}, int64_t{0}, int64_t{0}, 0));
   const int64_t tasks = (plan.N + plan.task_rows - 1) / plan.task_rows;
+  if ((plan.task_rows + plan.tile_rows - 1) / plan.tile_rows > kMaxTilesPerTask)
+    return Status::Error(std::string(op) + ": internal error: more tiles per task than scratch slots");
   const int64_t step = plan.pass_rows > 0 && plan.pass_rows < plan.M ? plan.pass_rows : plan.M;
   int64_t m0 = 0;
   do {
     const int64_t m1 = std::min(plan.M, m0 + step);
     QCOMPILE_RETURN_IF_ERROR(run_tasks(par, tasks, op, [&](int64_t t) {
       const int64_t r0 = t * plan.task_rows, r1 = std::min(plan.N, r0 + plan.task_rows);
-      for (int64_t n0 = r0; n0 < r1; n0 += plan.tile_rows) {
-        auto tile = make_tile(n0, std::min(plan.tile_rows, r1 - n0), m0, m1);
-        for (int64_t k0 = 0; k0 < plan.K; k0 += plan.slice) {
-          const int64_t len = std::min(plan.slice, plan.K - k0);
+      std::vector<Tile> tiles;
+      tiles.reserve(kMaxTilesPerTask);
+      int slot = 0;
+      for (int64_t n0 = r0; n0 < r1; n0 += plan.tile_rows)
+        tiles.push_back(make_tile(n0, std::min(plan.tile_rows, r1 - n0), m0, m1, slot++));
+      for (int64_t k0 = 0; k0 < plan.K; k0 += plan.slice) {
+        const int64_t len = std::min(plan.slice, plan.K - k0);
+        for (Tile& tile : tiles) {
           tile.decode(k0, len);
           tile.multiply(k0, len);
         }
-        tile.finish();
       }
+      for (Tile& tile : tiles) tile.finish();
     }));
     m0 = m1;
   } while (m0 < plan.M);
   return Status::OK();
 }
 
-// Rows of X per pass of an outer-product prefill over Mpad rows (a multiple of 16) packed as K floats each:
-// as many as fit in about 3/4 of this core's L2 (at least 32), split evenly into multiples of 16.
+// Rows of X per pass of an outer-product prefill over Mpad rows (a multiple of 16) that keeps
+// `floats_per_row` floats per row of X in L2 (a K slice of it, and its accumulators in a task's tiles): as
+// many as fit in about 3/4 of this core's L2 (at least 32), split evenly into multiples of 16.
 // QCOMPILE_PREFILL_PASS_ROWS (a multiple of 16) sets it, for tests of several passes at small M.
-inline int64_t x_rows_per_pass(int64_t Mpad, int64_t K) {
+inline int64_t x_rows_per_pass(int64_t Mpad, int64_t floats_per_row) {
   const char* env = std::getenv("QCOMPILE_PREFILL_PASS_ROWS");
   if (env && std::atoll(env) >= 16) return std::atoll(env) / 16 * 16;
-  const int64_t cap = std::max<int64_t>(32, l2_cache_bytes() * 3 / 4 / (std::max<int64_t>(K, 1) * 4) / 16 * 16);
+  const int64_t row_bytes = std::max<int64_t>(floats_per_row, 1) * 4;
+  const int64_t cap = std::max<int64_t>(32, l2_cache_bytes() * 3 / 4 / row_bytes / 16 * 16);
   if (Mpad <= cap) return Mpad;
   const int64_t passes = (Mpad + cap - 1) / cap;
   return ((Mpad + passes - 1) / passes + 15) / 16 * 16;
