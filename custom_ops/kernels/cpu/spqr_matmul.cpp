@@ -197,8 +197,15 @@ Status run_paths(const float* xf, int64_t M, const Attrs& s, const Weights& w, c
   }
   const float dense_scale = M == 1 ? scale_down_large_activations(xk.data(), s.K) : 1.0f;
   for (int64_t m = 0; m < M; ++m) {
+    // one register accumulator per group, summed in order: the same sums as adding into xsum element by
+    // element, without a store-to-load chain through memory per element (0.7 ms at M = 128, K = 4096)
     const float* xs = xk.data() + m * ldx;
-    for (int64_t p = 0; p < s.K; ++p) xsum[(size_t)(m * Gp + p / s.group_size)] += xs[p];
+    float* xm = xsum.data() + m * Gp;
+    for (int64_t g = 0; g * s.group_size < s.K; ++g) {
+      float acc = 0.f;
+      for (int64_t p = g * s.group_size, end = std::min(s.K, p + s.group_size); p < end; ++p) acc += xs[p];
+      xm[g] = acc;
+    }
   }
   thread_local std::vector<int32_t> inv;
   inv.clear();
