@@ -361,8 +361,9 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
         }
     }
   };
-  constexpr int64_t kTaskRows = kOuterRows * tile::kMaxTilesPerTask;
-  const tile::Plan plan{g.N, kTaskRows, kOuterRows, Kp, kOuterKC, Mpad, tile::x_rows_per_pass(Mpad, kOuterKC + kTaskRows)};
+  const int64_t task_rows = tile::prefill_task_rows(g.N, kOuterRows);
+  const tile::Plan plan{g.N, task_rows, kOuterRows, Kp, kOuterKC, Mpad,
+                        tile::x_rows_per_pass(Mpad, kOuterKC + task_rows)};
   return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nc, int64_t m0, int64_t m1, int slot) {
     thread_local std::array<std::vector<float>, tile::kMaxTilesPerTask> tile_buf, acc_buf;
     float* tile = scratch(tile_buf[static_cast<size_t>(slot)], static_cast<size_t>(kOuterRows * kOuterLd));

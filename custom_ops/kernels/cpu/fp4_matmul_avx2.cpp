@@ -309,8 +309,8 @@ Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t M
     }
     void finish() { store_transposed(p, n0, nc, s.out.data(), ldc, m0, m1); }
   };
-  constexpr int64_t kTaskRows = kOuterRows * tile::kMaxTilesPerTask;
-  const tile::Plan plan{g.N, kTaskRows, kOuterRows, g.Kx, kc, Mpad, tile::x_rows_per_pass(Mpad, kc + kTaskRows)};
+  const int64_t task_rows = tile::prefill_task_rows(g.N, kOuterRows);
+  const tile::Plan plan{g.N, task_rows, kOuterRows, g.Kx, kc, Mpad, tile::x_rows_per_pass(Mpad, kc + task_rows)};
   return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nc, int64_t m0, int64_t m1, int slot) {
     TaskScratch& s = tile_scratch(p, g, true, n0, nc, kOuterRows, kOuterLd, kOuterRows * ldc, slot);
     prefetch_rows(p, g, n0, n0 + nc, 0, kc);

@@ -554,8 +554,8 @@ Status run_panels(const Call& c, const Parallel& par) {
           c.y[m * c.s->N + n0 + r] = s.acc[(size_t)(r * ldc + m)] + (c.bias ? c.bias[n0 + r] : 0.f);
     }
   };
-  constexpr int64_t kTaskRows = kTileRows * tile::kMaxTilesPerTask;
-  const tile::Plan plan{c.s->N, kTaskRows, kTileRows, c.Kc, kSlice, Mpad, tile::x_rows_per_pass(Mpad, kSlice + kTaskRows)};
+  const int64_t task_rows = tile::prefill_task_rows(c.s->N, kTileRows);
+  const tile::Plan plan{c.s->N, task_rows, kTileRows, c.Kc, kSlice, Mpad, tile::x_rows_per_pass(Mpad, kSlice + task_rows)};
   const Status st = tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nr, int64_t m0, int64_t m1, int slot) {
     TileScratch& s = tile_scratch(slot);
     tile_begin(c, n0, (int)nr, ldc, s);

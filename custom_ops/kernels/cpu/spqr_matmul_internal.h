@@ -68,8 +68,8 @@ void stats_scalar(const Call& c, int64_t n, int64_t g0, float* scale, float* zer
 template <int BITS>
 QC_AVX2 void rows_avx2_m1(const Call& c, int64_t r0, int64_t r1);
 
-// M > 1: 12-row panels dequantized slice by slice and multiplied with every row of X (tile::tile_gemm, eight
-// panels per task).
+// M > 1: 12-row panels dequantized slice by slice and multiplied with every row of X (tile::tile_gemm, up to
+// eight panels per task).
 template <int BITS>
 Status run_panels(const Call& c, const Parallel& par);
 

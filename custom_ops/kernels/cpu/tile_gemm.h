@@ -50,6 +50,18 @@ struct Plan {
 // Tiles a task keeps at once (the ops' per-tile scratch has this many slots).
 constexpr int kMaxTilesPerTask = 8;
 
+// Rows per task of an outer-product prefill over N rows of W in tiles of tile_rows: up to kMaxTilesPerTask
+// tiles, as long as N still makes at least 32 tasks (a 576-row layer keeps one tile per task, and so its 48
+// tasks, for machines with many cores). QCOMPILE_PREFILL_TASK_TILES (1 to kMaxTilesPerTask) sets the tile
+// count, for tests of several tiles per task at small N.
+inline int64_t prefill_task_rows(int64_t N, int64_t tile_rows) {
+  const char* env = std::getenv("QCOMPILE_PREFILL_TASK_TILES");
+  const int64_t tiles = env && std::atoll(env) > 0
+                            ? std::min<int64_t>(std::atoll(env), kMaxTilesPerTask)
+                            : std::clamp<int64_t>(N / (tile_rows * 32), 1, kMaxTilesPerTask);
+  return tiles * tile_rows;
+}
+
 // The decoded-tile GEMM driver. make_tile(n0, rows, m0, m1, slot) returns the op's tile of output rows
 // [n0, n0 + rows) for the rows [m0, m1) of X, using the calling thread's scratch slot `slot` (0 ..
 // kMaxTilesPerTask - 1: a task's tiles are alive together), an object with

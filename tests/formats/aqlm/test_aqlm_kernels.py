@@ -96,17 +96,19 @@ def test_cpu_matches_reference(ops_session, monkeypatch, name, path, simd):
     check(run_case(ops_session, case), case)
 
 
-@pytest.mark.parametrize("tiles", ["avx2", "passes-16", "avx2-passes-32"])
+@pytest.mark.parametrize("tiles", ["avx2", "passes-16-tiles-3", "avx2-passes-32-tiles-2"])
 @pytest.mark.parametrize("name", ["rows7-2x4-bias", "rows64-2x8-bias", "rows64-1x4-f16"])
 def test_prefill_avx2_tile_kernel(ops_session, monkeypatch, name, tiles):
     """The prefill path with the AVX2 tile microkernel pinned (test_cpu_matches_reference's "gemm" path runs the
-    AVX-512 one where the CPU has it), and either kernel sweeping X in passes of 16 or 32 rows (as large M
-    does)."""
+    AVX-512 one where the CPU has it), and either kernel sweeping X in passes of 16 or 32 rows with 3 or 2
+    tiles of W per task (as large M and N do)."""
     monkeypatch.setenv("QCOMPILE_CODEBOOK_PATH", "gemm")
     if tiles.startswith("avx2"):
         monkeypatch.setenv("QCOMPILE_PREFILL_AVX2", "1")
     if "passes" in tiles:
-        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", tiles.rsplit("-", 1)[1])
+        _, rows, _, tiles = tiles.rsplit("-", 3)
+        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
+        monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", tiles)
     case = make_case(*CASES[name])
     check(run_case(ops_session, case), case)
 

@@ -157,9 +157,9 @@ PREFILL_TILES = [  # M > 1 shapes around the AVX2 prefill kernel's blocks: 16 + 
 
 
 # "auto" multiplies the tiles with the AVX-512 microkernel where the CPU has AVX-512 (32 and 16 rows of X per
-# call, 8-row tail in AVX2); "avx2-tiles" pins the AVX2 microkernel that other x86 CPUs run; "passes-16" and
-# "avx2-passes-32" sweep X in passes of 16 or 32 rows (large M does, to keep a pass's X in L2).
-@pytest.mark.parametrize("simd", ["auto", "avx2-tiles", "passes-16", "avx2-passes-32", "portable"])
+# call, 8-row tail in AVX2); "avx2-tiles" pins the AVX2 microkernel that other x86 CPUs run; the "passes"
+# variants sweep X in passes of 16 or 32 rows with 3 or 2 tiles of W per task (as large M and N do).
+@pytest.mark.parametrize("simd", ["auto", "avx2-tiles", "passes-16-tiles-3", "avx2-passes-32-tiles-2", "portable"])
 @pytest.mark.parametrize("case", PREFILL_TILES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-G{c[3]}")
 def test_prefill_tile_edges(ops_session, monkeypatch, case, simd):
     if simd == "portable":
@@ -167,7 +167,9 @@ def test_prefill_tile_edges(ops_session, monkeypatch, case, simd):
     if simd.startswith("avx2"):
         monkeypatch.setenv("QCOMPILE_PREFILL_AVX2", "1")
     if "passes" in simd:
-        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", simd.rsplit("-", 1)[1])
+        _, rows, _, tiles = simd.rsplit("-", 3)
+        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
+        monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", tiles)
     _run_case(ops_session, case, seed=23)
 
 

@@ -119,16 +119,18 @@ def test_cpu_kernel_matches_reference(ops_session, monkeypatch, scalar, k, n, bi
     check(y, x, packed, attrs, bias, dtype)
 
 
-@pytest.mark.parametrize("tiles", ["auto", "avx2-tiles", "passes-16", "avx2-passes-32"])
+@pytest.mark.parametrize("tiles", ["auto", "avx2-tiles", "passes-16-tiles-3", "avx2-passes-32-tiles-2"])
 @pytest.mark.parametrize("m,n", [(2, 13), (20, 25), (45, 12), (64, 7)])
 def test_prefill_tile_kernels(ops_session, monkeypatch, tiles, m, n):
     """Prefill at row counts around the tile kernels' blocks (16 or 32 rows of X per call, 12 rows of W):
     the AVX-512 kernel where the CPU has it ("auto") and the AVX2 one pinned, each also sweeping X in passes
-    of 16 or 32 rows (as large M does)."""
+    of 16 or 32 rows, with 3 or 2 tiles of W per task (as large M and N do)."""
     if tiles.startswith("avx2"):
         monkeypatch.setenv("QCOMPILE_PREFILL_AVX2", "1")
     if "passes" in tiles:
-        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", tiles.rsplit("-", 1)[1])
+        _, rows, _, tiles = tiles.rsplit("-", 3)
+        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
+        monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", tiles)
     attrs = dict(K=272, N=n, bits=3, group_size=16, stat_bits=3, stat_group=16)
     packed = ref.random_packed(272, n, bits=3, group_size=16, stat_bits=3, stat_group=16, outlier_rate=0.03,
                                with_perm=True, seed=m + n)
