@@ -152,36 +152,67 @@ def _kernel_times_us(profile_path: str, node_op: str) -> list[float]:
     return out
 
 
-def _time_cpu(model: onnx.ModelProto, x: np.ndarray, repeats: int, threads: int | None, flush: _CacheFlusher,
-              warmup: int, clock: str = "profile", stat: Callable[[list[float]], float] = statistics.median) -> float:
-    """Kernel time (ms) of the model's single node: ``clock="profile"`` reads onnxruntime's profiler (wall
-    time of the node alone); ``clock="thread_cpu"`` (single-threaded sessions only) is the CPU time of the
-    calling thread around ``run``: immune to other processes preempting us, but includes run overhead."""
-    from qcompile.runtime import session_options
+class _CpuTimer:
+    """One op's CPU session and its timings: ``clock="profile"`` reads onnxruntime's profiler (wall time of the
+    node alone); ``clock="thread_cpu"`` (single-threaded sessions only) is the CPU time of the calling thread
+    around ``run``: immune to other processes preempting us, but includes run overhead."""
 
-    node_op = model.graph.node[0].op_type
-    with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as tmp:
+    def __init__(self, model: onnx.ModelProto, threads: int | None, clock: str, tmp: str):
+        from qcompile.runtime import session_options
+
+        self.node_op = model.graph.node[0].op_type
         so = ort.SessionOptions()
         if any(n.domain == "qcompile" for n in model.graph.node):
             session_options(so)
         if threads:
             so.intra_op_num_threads = threads
-        profile = clock == "profile"
-        so.enable_profiling = profile
-        so.profile_file_prefix = os.path.join(tmp, "prof")
-        sess = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
-        for _ in range(warmup):
-            sess.run(None, {"x": x})
-        cpu_us = []
+        self.profile = clock == "profile"
+        so.enable_profiling = self.profile
+        so.profile_file_prefix = os.path.join(tmp, f"prof-{id(self)}")
+        self.sess = ort.InferenceSession(model.SerializeToString(), sess_options=so,
+                                         providers=["CPUExecutionProvider"])
+        self.warmup = 0
+        self.cpu_us: list[float] = []
+
+    def warm(self, x: np.ndarray, runs: int) -> None:
+        for _ in range(runs):
+            self.sess.run(None, {"x": x})
+        self.warmup += runs
+
+    def time_once(self, x: np.ndarray) -> None:
+        t0 = time.thread_time_ns()
+        self.sess.run(None, {"x": x})
+        self.cpu_us.append((time.thread_time_ns() - t0) / 1000.0)
+
+    def result_ms(self, stat: Callable[[list[float]], float]) -> float:
+        times = _kernel_times_us(self.sess.end_profiling(), self.node_op)[self.warmup:] if self.profile \
+            else self.cpu_us
+        if not times:
+            raise RuntimeError(f"profiler recorded no {self.node_op} kernel events")
+        return stat(times) / 1000.0
+
+
+def _time_cpu(model: onnx.ModelProto, x: np.ndarray, repeats: int, threads: int | None, flush: _CacheFlusher,
+              warmup: int, clock: str = "profile", stat: Callable[[list[float]], float] = statistics.median) -> float:
+    """Kernel time (ms) of the model's single node over ``repeats`` runs, each after ``flush()`` (see
+    :class:`_CpuTimer` for ``clock``)."""
+    return _time_cpu_interleaved([model], x, repeats, threads, flush, warmup, clock, stat)[0]
+
+
+def _time_cpu_interleaved(models: Sequence[onnx.ModelProto], x: np.ndarray, repeats: int, threads: int | None,
+                          flush: Callable[[], None], warmup: int, clock: str = "profile",
+                          stat: Callable[[list[float]], float] = statistics.median) -> list[float]:
+    """Kernel times (ms) of several one-node models timed in rounds: every round runs each model once (after
+    ``flush()``), so a slow spell of a noisy machine falls on all of them instead of on whichever ran then."""
+    with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as tmp:
+        timers = [_CpuTimer(m, threads, clock, tmp) for m in models]
+        for t in timers:
+            t.warm(x, warmup)
         for _ in range(repeats):
-            flush()
-            t0 = time.thread_time_ns()
-            sess.run(None, {"x": x})
-            cpu_us.append((time.thread_time_ns() - t0) / 1000.0)
-        times = _kernel_times_us(sess.end_profiling(), node_op)[warmup:] if profile else cpu_us
-    if not times:
-        raise RuntimeError(f"profiler recorded no {node_op} kernel events")
-    return stat(times) / 1000.0
+            for t in timers:
+                flush()
+                t.time_once(x)
+        return [t.result_ms(stat) for t in timers]
 
 
 def _time_cuda(model: onnx.ModelProto, x: np.ndarray, repeats: int, flush: Callable[[], None], warmup: int) -> float:
@@ -303,7 +334,8 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
                  ms: Sequence[int] = DEFAULT_MS, repeats: int = 20, provider: str = "cpu", *,
                  threads: int | None = None, cold_cache: bool = True, flush_mb: int | None = None, flush_mode: str = "read",
                  warmup: int = 3, baselines: bool = True, seed: int = 0, verbose: bool = True, clock: str = "profile",
-                 stat: str = "median", roofline: bool = False, probe_mb: int = PROBE_MB) -> list[dict[str, Any]]:
+                 stat: str = "median", roofline: bool = False, probe_mb: int = PROBE_MB,
+                 interleave: bool = False) -> list[dict[str, Any]]:
     """Latency table rows: one dict per (K, N, M) with ``{op}_ms`` for every op and baseline, ``{op}_GBps``
     on CUDA, ``{baseline}/{op}`` ratios against the first selected op, and the run settings.
 
@@ -314,6 +346,8 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
     ``{op}_GBps`` and ``{op}_bw_frac`` (against the probe at the run's thread count). ``flush_mode`` (CPU, with
     ``cold_cache``): "read" or "write" (see :class:`_CacheFlusher`); ``flush_mb``: its buffer (default
     :func:`default_flush_mb`; smaller than the last-level cache, it times weights read from that cache).
+    ``interleave`` (CPU): time the ops of a shape in rounds, one run of each per round, instead of one op's
+    repeats after another's (on a machine whose speed drifts, the ratios then compare like with like).
     """
     if provider not in ("cpu", "cuda"):
         raise ValueError(f"provider must be cpu or cuda, got {provider!r}")
@@ -361,9 +395,17 @@ def run_op_bench(ops: Sequence[str] | None = None, shapes: Sequence[tuple[int, i
             row: dict[str, Any] = {"provider": provider, "K": K, "N": N, "M": M, "dtype": dtype.name,
                                    "cold_cache": cold_cache,
                                    "flush": flush_mode if cold_cache and provider == "cpu" else None,
-                                   "flush_mb": flush_mb if cold_cache else 0, "threads": threads, "clock": clock, "stat": stat, **probe}
+                                   "flush_mb": flush_mb if cold_cache else 0,
+                                   "interleave": interleave and provider == "cpu", "threads": threads, "clock": clock, "stat": stat, **probe}
+            timed: dict[str, float] = {}
+            if provider == "cpu" and interleave:
+                ts = _time_cpu_interleaved([models[o.name] for o in chosen], x, repeats, threads, flush, warmup,
+                                           clock, reduce)
+                timed = {o.name: t for o, t in zip(chosen, ts)}
             for o in chosen:
-                if provider == "cpu":
+                if o.name in timed:
+                    t = timed[o.name]
+                elif provider == "cpu":
                     t = _time_cpu(models[o.name], x, repeats, threads, flush, warmup,  # type: ignore[arg-type]
                                   clock, reduce)
                 else:
@@ -443,7 +485,7 @@ def cli_bench(args: argparse.Namespace) -> int:
                         threads=getattr(args, "threads", None), clock=getattr(args, "clock", "profile"),
                         stat=getattr(args, "stat", "median"), cold_cache=not getattr(args, "warm", False),
                         flush_mode=getattr(args, "flush", "read"), flush_mb=getattr(args, "flush_mb", None),
-                        verbose=False, roofline=getattr(args, "roofline", False))
+                        interleave=getattr(args, "interleave", False), verbose=False, roofline=getattr(args, "roofline", False))
     text = format_table(rows)
     print(text)
     if getattr(args, "output", None):
@@ -473,6 +515,8 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
                         "cache times weights read from it)")
     p.add_argument("--roofline", action="store_true",
                    help="CPU: each op's GB/s over its stored bytes against a streaming-read probe of this machine")
+    p.add_argument("--interleave", action="store_true",
+                   help="CPU: time the ops in rounds (one run of each per round), not one op's repeats after another's")
     p.add_argument("-o", "--output", type=Path, default=None)
     return cli_bench(p.parse_args(argv))
 

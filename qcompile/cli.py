@@ -261,6 +261,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "cache times weights read from it)")
     p.add_argument("--roofline", action="store_true",
                    help="CPU: each op's GB/s over its stored bytes against a streaming-read probe of this machine")
+    p.add_argument("--interleave", action="store_true",
+                   help="CPU: time the ops in rounds (one run of each per round), not one op's repeats after another's")
     p.add_argument("-o", "--output", type=Path,
                    help="write the rows as JSON (and .md beside it; with --decode also a .png plot)")
     p.set_defaults(func=cmd_bench)

@@ -76,3 +76,23 @@ def test_last_level_cache_is_read_from_sysfs(tmp_path, monkeypatch):
     real = bench.Path
     monkeypatch.setattr(bench, "Path", lambda p: tmp_path if p == "/sys/devices/system/cpu/cpu0/cache" else real(p))
     assert bench.last_level_cache_bytes() == 300 << 20
+
+
+def test_interleave_times_the_ops_in_rounds(ops_library, monkeypatch):
+    """--interleave: each round runs every op once (FP4MatMul, then the baselines), three rounds for three
+    repeats; without it, one op's repeats come before the next op's."""
+    from qcompile import bench
+
+    monkeypatch.setenv("QCOMPILE_OPS_LIBRARY", str(ops_library))
+    calls: list[str] = []
+    timed = bench._CpuTimer.time_once
+    monkeypatch.setattr(bench._CpuTimer, "time_once", lambda self, x: (calls.append(self.node_op), timed(self, x)))
+    kw = dict(ops=["FP4MatMul"], shapes=[(256, 64)], ms=[1], repeats=3, warmup=1, flush_mb=1, clock="thread_cpu",
+              verbose=False)
+    (row,) = bench.run_op_bench(**kw, interleave=True)
+    n = len(calls) // 3
+    assert n >= 2 and calls[0] == "FP4MatMul" and calls == calls[:n] * 3
+    assert row["interleave"] is True and all(row[k] > 0 for k in row if k.endswith("_ms"))
+    calls.clear()
+    (row,) = bench.run_op_bench(**kw)
+    assert calls[:3] == ["FP4MatMul"] * 3 and row["interleave"] is False
