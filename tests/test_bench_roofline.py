@@ -10,6 +10,7 @@ def test_bench_roofline_columns(ops_library, monkeypatch):
     from qcompile import bench
 
     monkeypatch.setenv("QCOMPILE_OPS_LIBRARY", str(ops_library))
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: 0)  # an 8 MiB probe, not twice a server's L3
     rows = bench.run_op_bench(ops=["FP4MatMul", "FP4MatMul-a4"], shapes=[(256, 64)], ms=[1], repeats=2, warmup=1,
                               flush_mb=1, clock="thread_cpu", verbose=False, roofline=True, probe_mb=8)
     (r,) = rows
