@@ -35,3 +35,8 @@ def has_gfni() -> bool:
 
 def has_avx2() -> bool:
     return {"avx2", "fma", "f16c"} <= _flags()
+
+
+def has_amx_bf16() -> bool:
+    """AMX tiles with bf16 dot products and AVX-512 BF16 (the prefill kernels' AMX path)."""
+    return {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} <= _flags()

@@ -414,7 +414,7 @@ Status run_gemm(const Problem& p, const Geometry& g, const Prepared& in, bool av
     pack_xt(in.x.data(), p.rows, in.Kp, xt);
     const Status st = run_outer_avx2_d8<C, kCheck>(static_cast<const C*>(p.codes), in.cb.data(), g, xt, p.rows,
                                                    in.Kp, in.scales.data(), in.bias.empty() ? nullptr : in.bias.data(),
-                                                   p.dtype, p.y, par, maxc.data());
+                                                   p.dtype, p.y, par, maxc.data(), p.attrs.accuracy_level);
     if (xt_buf.capacity() > (size_t{16} << 20)) std::vector<float>().swap(xt_buf);  // do not pin >64 MB per thread
     return st;
   }

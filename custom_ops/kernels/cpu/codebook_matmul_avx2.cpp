@@ -301,16 +301,23 @@ QC_AVX2 void outer_tile(const float* tile, int64_t ld, const float* xt, int64_t 
 template <typename C, bool kCheck>
 Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, const float* xt, int64_t rows,
                          int64_t Kp, const float* scales, const float* bias, DType dtype, void* y, const Parallel& par,
-                         uint32_t* maxc) {
-  const int64_t Mpad = (rows + kXtLd - 1) / kXtLd * kXtLd, ldc = Mpad + 8;
+                         uint32_t* maxc, int64_t accuracy_level) {
+  // accumulator row stride: off powers of two, rows 64-byte multiples (AMX)
+  const int64_t Mpad = (rows + kXtLd - 1) / kXtLd * kXtLd, ldc = Mpad + 16;
   const uint32_t last = static_cast<uint32_t>(g.S - 1);
   const bool wide = tile::prefill_avx512();
+  // the calling thread's pack, by pointer: inside the tasks `xpack` names the worker's own (empty) one
+  thread_local tile::amx::XPack xpack_buf;
+  const tile::amx::XPack* xpack =
+      tile::amx::enabled(accuracy_level) && tile::amx::pack_x(xt, Kp, Mpad, xpack_buf) ? &xpack_buf : nullptr;
+  const int64_t tile_rows = xpack ? tile::amx::kTileRows : kOuterRows;   // W rows per tile
+  const int64_t cap = (tile_rows + kOuterRows - 1) / kOuterRows * kOuterRows;  // rows the FMA kernels touch
   struct Tile {
     const C* codes;
     const float* cb;
     const Geometry& g;
     const float* xt;
-    int64_t rows, Kp, m0, m1, ldc, n0, nc;
+    int64_t rows, Kp, m0, m1, ldc, n0, nc, cap;
     const float* scales;
     const float* bias;
     DType dtype;
@@ -320,10 +327,11 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
     float* tile;
     float* acc;
     bool wide;
+    const tile::amx::XPack* xpack;  // null: the FMA kernels
     QC_AVX2 void decode(int64_t k0, int64_t len) {
       uint32_t mx = 0;
       const int64_t k1 = std::min(k0 + len, g.K);  // Kp past K: zero, so padded X columns meet 0 (never NaN)
-      for (int64_t r = 0; r < kOuterRows; ++r) {
+      for (int64_t r = 0; r < cap; ++r) {
         float* dst = tile + r * kOuterLd;
         if (r >= nc) {
           std::fill(dst, dst + len, 0.0f);
@@ -348,7 +356,9 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
       if (kCheck) *maxc = std::max(*maxc, mx);
     }
     QC_AVX2 void multiply(int64_t k0, int64_t len) {
-      outer_tile(tile, kOuterLd, xt, Kp, m0, m1, k0, len, acc, ldc, wide);
+      if (xpack && tile::amx::multiply(tile, kOuterLd, nc, *xpack, m0, m1, k0, len, acc, ldc, k0 > 0)) return;
+      for (int64_t r = 0; r < nc; r += kOuterRows)  // the FMA kernels take 12 rows at a time
+        outer_tile(tile + r * kOuterLd, kOuterLd, xt, Kp, m0, m1, k0, len, acc + r * ldc, ldc, wide);
     }
     void finish() {
       for (int64_t m = m0; m < std::min(m1, rows); ++m)
@@ -361,16 +371,19 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
         }
     }
   };
-  const int64_t task_rows = tile::prefill_task_rows(g.N, kOuterRows);
-  const tile::Plan plan{g.N, task_rows, kOuterRows, Kp, kOuterKC, Mpad,
+  const int64_t task_rows = tile::prefill_task_rows(g.N, tile_rows);
+  const tile::Plan plan{g.N, task_rows, tile_rows, Kp, kOuterKC, Mpad,
                         tile::x_rows_per_pass(Mpad, kOuterKC + task_rows)};
-  return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nc, int64_t m0, int64_t m1, int slot) {
-    thread_local std::array<std::vector<float>, tile::kMaxTilesPerTask> tile_buf, acc_buf;
-    float* tile = scratch(tile_buf[static_cast<size_t>(slot)], static_cast<size_t>(kOuterRows * kOuterLd));
-    float* acc = scratch(acc_buf[static_cast<size_t>(slot)], static_cast<size_t>(kOuterRows * ldc));
-    return Tile{codes, cb, g, xt, rows, Kp, m0, m1, ldc, n0, nc, scales, bias, dtype, y, last,
-                maxc + n0 / kOuterRows, tile, acc, wide};
+  const Status st = tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nc, int64_t m0, int64_t m1, int slot) {
+    thread_local std::array<std::vector<float>, tile::kMaxTilesPerTask> tile_buf;
+    thread_local std::array<tile::CacheLineVector<float>, tile::kMaxTilesPerTask> acc_buf;
+    float* tile = scratch(tile_buf[static_cast<size_t>(slot)], static_cast<size_t>(cap * kOuterLd));
+    float* acc = scratch(acc_buf[static_cast<size_t>(slot)], static_cast<size_t>(cap * ldc));
+    return Tile{codes, cb, g, xt, rows, Kp, m0, m1, ldc, n0, nc, cap, scales, bias, dtype, y, last,
+                maxc + n0 / kOuterRows, tile, acc, wide, xpack};
   });
+  tile::amx::trim(xpack_buf);
+  return st;
 }
 
 #define QC_INSTANTIATE(C, kCheck)                                                                             \
@@ -386,7 +399,7 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
                                                          int64_t, int64_t, int64_t, float*, uint32_t*);       \
   template Status run_outer_avx2_d8<C, kCheck>(const C*, const float*, const Geometry&, const float*, int64_t,    \
                                                int64_t, const float*, const float*, DType, void*, const Parallel&, \
-                                               uint32_t*);
+                                               uint32_t*, int64_t);
 QC_INSTANTIATE(uint8_t, false)
 QC_INSTANTIATE(uint8_t, true)
 QC_INSTANTIATE(uint16_t, false)

@@ -25,8 +25,8 @@ constexpr int64_t kLutRowsPerTask = 512;  // byte walk: output rows per task (th
 
 // Per-thread scratch that survives across calls (ORT pool threads persist), so tasks do not page-fault
 // fresh allocations every call.
-template <typename T>
-T* scratch(std::vector<T>& buf, size_t n) {
+template <typename T, typename Alloc>
+T* scratch(std::vector<T, Alloc>& buf, size_t n) {
   if (buf.size() < n) buf.resize(n);
   return buf.data();
 }
@@ -86,7 +86,7 @@ QC_AVX2 void decode_tile_avx2_d8(const C* codes, const float* cb, const Geometry
 template <typename C, bool kCheck>
 Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, const float* xt, int64_t rows,
                          int64_t Kp, const float* scales, const float* bias, DType dtype, void* y, const Parallel& par,
-                         uint32_t* maxc);
+                         uint32_t* maxc, int64_t accuracy_level);
 
 // d == 8: out[r * (n1 - n0) + n - n0] = dot(x row r, W row n) for R rows of x (stride ldx), rows [n0, n1).
 template <typename C, bool kCheck, int R>

@@ -280,9 +280,10 @@ void store_row(const Problem& p, int64_t m, int64_t n0, int64_t count, const flo
 // Y[m, n0 + r] = acc[r * ldc + m] (+ bias) for r < count, m in [m0, min(m1, M)): the prefill path's C^T tile.
 void store_transposed(const Problem& p, int64_t n0, int64_t count, const float* acc, int64_t ldc, int64_t m0,
                       int64_t m1) {
-  static_assert(kOuterRows <= kTileRows, "bias buffer");
+  constexpr int64_t kMaxRows = std::max({kOuterRows, kTileRows, tile::amx::kTileRows});
   const int64_t N = p.attrs.N;
-  float bias[kTileRows] = {};
+  float bias[kMaxRows] = {};
+  count = std::min(count, kMaxRows);  // (tiles never hold more rows)
   for (int64_t r = 0; r < count && p.bias; ++r)
     bias[r] = p.dtype == DType::kFloat32 ? static_cast<const float*>(p.bias)[n0 + r]
                                          : half_to_float(static_cast<const uint16_t*>(p.bias)[n0 + r]);

@@ -284,38 +284,51 @@ QC_AVX2 void outer_tile(const float* tile, int64_t ld, int64_t nc, const float* 
 // of the pass (tile::x_rows_per_pass), accumulating C^T [12][Mpad]; the next slice's W bytes are prefetched
 // meanwhile.
 Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t Mpad, const Parallel& par) {
-  const int64_t ldc = Mpad + 8;  // accumulator row stride, off powers of two
+  const int64_t ldc = Mpad + 16;  // accumulator row stride: off powers of two, rows 64-byte multiples (AMX)
   // K slices of at most kOuterKC, as even as whole blocks allow (576 -> 3 x 192, not 256 + 256 + 64: a short
   // slice pays the microkernel's fixed cost for little work)
   const int64_t nslices = (g.Kx + kOuterKC - 1) / kOuterKC;
   const int64_t kc = (g.Kx / kBlock + nslices - 1) / nslices * kBlock;
   const Avx2Consts consts = avx2_consts(g.G);
   const bool wide = tile::prefill_avx512();
+  // the calling thread's pack, by pointer: inside the tasks `xpack_buf` names the worker's own (empty) one
+  thread_local tile::amx::XPack xpack_buf;
+  const tile::amx::XPack* xpack =
+      tile::amx::enabled(p.attrs.accuracy_level) && tile::amx::pack_x(xt, g.Kx, Mpad, xpack_buf) ? &xpack_buf : nullptr;
+  const int64_t rows = xpack ? tile::amx::kTileRows : kOuterRows;  // W rows per tile
+  const int64_t cap = (rows + kOuterRows - 1) / kOuterRows * kOuterRows;  // rows the FMA kernels may touch
   struct Tile {
     const Problem& p;
     const Geometry& g;
     const float* xt;
-    int64_t m0, m1, ldc, kc, n0, nc;
+    int64_t m0, m1, ldc, kc, n0, nc, cap;
     TaskScratch& s;
     const Avx2Consts& c;
     bool wide;
+    const tile::amx::XPack* xpack;  // null: the FMA kernels
     void decode(int64_t k0, int64_t len) {
-      decode_tile(p, g, true, c, n0, nc, kOuterRows, s.scales.data(), k0, len, s.tile.data(), kOuterLd);
+      decode_tile(p, g, true, c, n0, nc, cap, s.scales.data(), k0, len, s.tile.data(), kOuterLd);
       if (k0 + kc < g.Kx) prefetch_rows(p, g, n0, n0 + nc, k0 + kc, kc);
     }
     void multiply(int64_t k0, int64_t len) {
       // the first K slice stores, later ones accumulate: no zeroing
-      outer_tile(s.tile.data(), kOuterLd, nc, xt, g.Kx, m0, m1, k0, len, s.out.data(), ldc, wide);
+      if (xpack && tile::amx::multiply(s.tile.data(), kOuterLd, nc, *xpack, m0, m1, k0, len, s.out.data(), ldc, k0 > 0))
+        return;
+      for (int64_t r = 0; r < nc; r += kOuterRows)  // the FMA kernels take 12 rows at a time
+        outer_tile(s.tile.data() + r * kOuterLd, kOuterLd, std::min(kOuterRows, nc - r), xt, g.Kx, m0, m1, k0, len,
+                   s.out.data() + r * ldc, ldc, wide);
     }
     void finish() { store_transposed(p, n0, nc, s.out.data(), ldc, m0, m1); }
   };
-  const int64_t task_rows = tile::prefill_task_rows(g.N, kOuterRows);
-  const tile::Plan plan{g.N, task_rows, kOuterRows, g.Kx, kc, Mpad, tile::x_rows_per_pass(Mpad, kc + task_rows)};
-  return tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nc, int64_t m0, int64_t m1, int slot) {
-    TaskScratch& s = tile_scratch(p, g, true, n0, nc, kOuterRows, kOuterLd, kOuterRows * ldc, slot);
+  const int64_t task_rows = tile::prefill_task_rows(g.N, rows);
+  const tile::Plan plan{g.N, task_rows, rows, g.Kx, kc, Mpad, tile::x_rows_per_pass(Mpad, kc + task_rows)};
+  const Status st = tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nc, int64_t m0, int64_t m1, int slot) {
+    TaskScratch& s = tile_scratch(p, g, true, n0, nc, cap, kOuterLd, cap * ldc, slot);
     prefetch_rows(p, g, n0, n0 + nc, 0, kc);
-    return Tile{p, g, xt, m0, m1, ldc, kc, n0, nc, s, consts, wide};
+    return Tile{p, g, xt, m0, m1, ldc, kc, n0, nc, cap, s, consts, wide, xpack};
   });
+  tile::amx::trim(xpack_buf);
+  return st;
 }
 
 }  // namespace detail

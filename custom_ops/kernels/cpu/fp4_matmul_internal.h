@@ -9,6 +9,7 @@
 
 #include "qcompile/cpu_features.h"
 #include "qcompile/fp4_matmul.h"
+#include "tile_gemm.h"
 
 namespace qcompile {
 namespace fp4 {
@@ -77,7 +78,8 @@ inline const uint8_t* block_bytes(const uint8_t* row, const Geometry& g, int64_t
 }
 
 struct TaskScratch {
-  std::vector<float> scales, tile, out;
+  std::vector<float> scales, tile;
+  tile::CacheLineVector<float> out;
 };
 
 // The calling thread's scratch, slot `slot` of tile::kMaxTilesPerTask (the tiles of one prefill task are

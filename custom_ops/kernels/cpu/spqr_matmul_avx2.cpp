@@ -390,7 +390,8 @@ struct TileEntry {
 
 // A tile's working set, kept per thread across calls.
 struct TileScratch {
-  std::vector<float> tile, acc, scale, offs;
+  std::vector<float> tile, scale, offs;
+  tile::CacheLineVector<float> acc;
   std::vector<TileEntry> entries;  // the tile's outliers, bucketed by K slice
   std::vector<size_t> bucket_start, fill_pos;
 };
@@ -403,13 +404,13 @@ TileScratch& tile_scratch(int slot) {
 
 // Statistics (scale and -scale·zero per group) of rows [n0, n0 + nr) and their outliers bucketed by the K
 // slice of their stored position (a column names an input feature).
-QC_AVX2 void tile_begin(const Call& c, int64_t n0, int nr, int64_t ldc, TileScratch& s) {
+QC_AVX2 void tile_begin(const Call& c, int64_t n0, int nr, int cap, int64_t ldc, TileScratch& s) {
   const int64_t Gp = c.Gp;
   s.bucket_start.resize((size_t)((c.Kc + kSlice - 1) / kSlice + 1));
-  s.tile.resize((size_t)(kTileRows * kTileLd));
-  s.acc.resize((size_t)(kTileRows * ldc));
-  s.scale.resize((size_t)(kTileRows * Gp));
-  s.offs.resize((size_t)(kTileRows * Gp));
+  s.tile.resize((size_t)(cap * kTileLd));
+  s.acc.resize((size_t)(cap * ldc));
+  s.scale.resize((size_t)(cap * Gp));
+  s.offs.resize((size_t)(cap * Gp));
   for (int r = 0; r < nr; ++r) {
     float* sc = s.scale.data() + r * Gp;
     float* off = s.offs.data() + r * Gp;
@@ -434,12 +435,12 @@ QC_AVX2 void tile_begin(const Call& c, int64_t n0, int nr, int64_t ldc, TileScra
     }
 }
 
-// The tile's weights at stored positions [ks, ks + len), outliers added; rows past nr are zero.
+// The tile's weights at stored positions [ks, ks + len), outliers added; rows past nr (up to cap) are zero.
 template <int BITS>
-QC_AVX2 void tile_decode(const Call& c, int64_t n0, int nr, int64_t ks, int64_t len, TileScratch& s) {
+QC_AVX2 void tile_decode(const Call& c, int64_t n0, int nr, int cap, int64_t ks, int64_t len, TileScratch& s) {
   const Attrs& a = *c.s;
   const int64_t Gp = c.Gp, bpr = a.code_words() * 4;
-  for (int r = 0; r < kTileRows; ++r) {
+  for (int r = 0; r < cap; ++r) {
     float* dst = s.tile.data() + r * kTileLd;
     if (r >= nr) {
       std::fill(dst, dst + len, 0.0f);
@@ -476,7 +477,7 @@ QC_AVX2 void tile_decode(const Call& c, int64_t n0, int nr, int64_t ks, int64_t 
   }
   // padding positions p >= K meet x == 0; keep them exactly 0 even for non-finite statistics
   for (int64_t p = std::max(ks, a.K); p < ks + len; ++p)
-    for (int r = 0; r < kTileRows; ++r) s.tile[(size_t)(r * kTileLd + p - ks)] = 0.0f;
+    for (int r = 0; r < cap; ++r) s.tile[(size_t)(r * kTileLd + p - ks)] = 0.0f;
   // outliers add to the dequantized tile, in this slice's bucket
   for (size_t e = s.bucket_start[(size_t)(ks / kSlice)]; e < s.bucket_start[(size_t)(ks / kSlice) + 1]; ++e)
     s.tile[(size_t)(s.entries[e].r * kTileLd + s.entries[e].p - ks)] += s.entries[e].v;
@@ -527,7 +528,8 @@ QC_AVX2 void pack_xt(const Call& c, int64_t Mpad, float* xt) {
 
 template <int BITS>
 Status run_panels(const Call& c, const Parallel& par) {
-  const int64_t Mpad = (c.M + kXtLd - 1) / kXtLd * kXtLd, ldc = Mpad + 8;
+  // accumulator row stride: off powers of two, rows 64-byte multiples (AMX)
+  const int64_t Mpad = (c.M + kXtLd - 1) / kXtLd * kXtLd, ldc = Mpad + 16;
   thread_local std::vector<float> xt_buf;
   try {
     xt_buf.resize((size_t)(Mpad * c.Kc));
@@ -537,16 +539,26 @@ Status run_panels(const Call& c, const Parallel& par) {
   const float* xt = xt_buf.data();
   pack_xt(c, Mpad, xt_buf.data());
   const bool wide = tile::prefill_avx512();
+  // the calling thread's pack, by pointer: inside the tasks `xpack` names the worker's own (empty) one
+  thread_local tile::amx::XPack xpack_buf;
+  const tile::amx::XPack* xpack =
+      tile::amx::enabled(c.s->accuracy_level) && tile::amx::pack_x(xt, c.Kc, Mpad, xpack_buf) ? &xpack_buf : nullptr;
+  const int64_t rows = xpack ? tile::amx::kTileRows : kTileRows;  // W rows per tile
+  const int cap = (int)((rows + kTileRows - 1) / kTileRows * kTileRows);  // rows the FMA kernels touch
   struct Tile {
     const Call& c;
     const float* xt;
     int64_t m0, m1, ldc, n0;
-    int nr;
+    int nr, cap;
     TileScratch& s;
     bool wide;
-    void decode(int64_t ks, int64_t len) { tile_decode<BITS>(c, n0, nr, ks, len, s); }
+    const tile::amx::XPack* xpack;  // null: the FMA kernels
+    void decode(int64_t ks, int64_t len) { tile_decode<BITS>(c, n0, nr, cap, ks, len, s); }
     void multiply(int64_t ks, int64_t len) {
-      tile_multiply(s.tile.data(), xt, c.Kc, m0, m1, ks, len, s.acc.data(), ldc, wide);
+      if (xpack && tile::amx::multiply(s.tile.data(), kTileLd, nr, *xpack, m0, m1, ks, len, s.acc.data(), ldc, ks > 0))
+        return;
+      for (int r = 0; r < nr; r += kTileRows)  // the FMA kernels take 12 rows at a time
+        tile_multiply(s.tile.data() + r * kTileLd, xt, c.Kc, m0, m1, ks, len, s.acc.data() + r * ldc, ldc, wide);
     }
     void finish() {
       for (int64_t m = m0; m < std::min(m1, c.M); ++m)
@@ -554,14 +566,15 @@ Status run_panels(const Call& c, const Parallel& par) {
           c.y[m * c.s->N + n0 + r] = s.acc[(size_t)(r * ldc + m)] + (c.bias ? c.bias[n0 + r] : 0.f);
     }
   };
-  const int64_t task_rows = tile::prefill_task_rows(c.s->N, kTileRows);
-  const tile::Plan plan{c.s->N, task_rows, kTileRows, c.Kc, kSlice, Mpad, tile::x_rows_per_pass(Mpad, kSlice + task_rows)};
+  const int64_t task_rows = tile::prefill_task_rows(c.s->N, rows);
+  const tile::Plan plan{c.s->N, task_rows, rows, c.Kc, kSlice, Mpad, tile::x_rows_per_pass(Mpad, kSlice + task_rows)};
   const Status st = tile::tile_gemm(par, kOp, plan, [&](int64_t n0, int64_t nr, int64_t m0, int64_t m1, int slot) {
     TileScratch& s = tile_scratch(slot);
-    tile_begin(c, n0, (int)nr, ldc, s);
-    return Tile{c, xt, m0, m1, ldc, n0, (int)nr, s, wide};
+    tile_begin(c, n0, (int)nr, cap, ldc, s);
+    return Tile{c, xt, m0, m1, ldc, n0, (int)nr, cap, s, wide, xpack};
   });
   if (xt_buf.capacity() > (size_t{16} << 20)) std::vector<float>().swap(xt_buf);  // do not pin >64 MB per thread
+  tile::amx::trim(xpack_buf);
   return st;
 }
 

@@ -7,7 +7,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from cpu_flags import has_avx512bw, has_avx512vbmi
+from cpu_flags import has_amx_bf16, has_avx512bw, has_avx512vbmi
+from qcompile.formats import prefill_amx
 from qcompile.formats.aqlm import reference as ref
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -39,6 +40,12 @@ def make_model(x_dtype, codes, books, scales, bias, attrs, *, codes_as_input=Fal
     node = helper.make_node("CodebookMatMul", names, ["y"], domain="qcompile", **{**attrs, **(extra_attrs or {})})
     graph = helper.make_graph([node], "g", graph_inputs, [helper.make_tensor_value_info("y", et, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("qcompile", 1)])
+
+
+@pytest.fixture(autouse=True)
+def fp32_prefill(monkeypatch):
+    """fp32 prefill kernels everywhere; the AMX prefill has its own bound (test_prefill_amx_*)."""
+    monkeypatch.setenv("QCOMPILE_PREFILL_AMX", "0")
 
 
 def run_case(session_factory, case, threads=None):
@@ -111,6 +118,72 @@ def test_prefill_avx2_tile_kernel(ops_session, monkeypatch, name, tiles):
         monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", tiles)
     case = make_case(*CASES[name])
     check(run_case(ops_session, case), case)
+
+
+AMX_CASES = {  # rows of X: 1 to 8 blocks of 16; rows of W: tiles of 32 or fewer
+    "rows8-2x8": (8, 128, 30, 2, 256, 8, np.float32, True),       # one padded block, one tile of 17-32 rows
+    "rows40-1x8-f16": (40, 200, 70, 1, 256, 8, np.float16, False),  # K % 32 = 8, tiles of 32 + 32 + 6 rows
+    "rows56-2x4": (56, 256, 16, 2, 16, 8, np.float32, True),      # 3.5 blocks, one tile of 16 rows
+    "rows128-2x8": (128, 512, 100, 2, 256, 8, np.float32, False),  # 8 blocks, tiles of 32 + 4 rows
+}
+
+
+@pytest.mark.skipif(not has_amx_bf16(), reason="the AMX prefill needs AMX-BF16")
+@pytest.mark.parametrize("tiles", ["auto", "passes-16-tiles-3"])
+@pytest.mark.parametrize("name", list(AMX_CASES))
+def test_prefill_amx_within_documented_bound(ops_session, monkeypatch, name, tiles):
+    """On AMX the prefill multiplies bf16 splits (qcompile.formats.prefill_amx): within 2^-14 Σ|x·w| of the
+    exact result, yet not the fp32 kernels' result (so AMX ran), while accuracy_level=1 gives the fp32
+    kernels' result bit for bit."""
+    monkeypatch.setenv("QCOMPILE_CODEBOOK_PATH", "gemm")
+    if "passes" in tiles:
+        _, rows, _, count = tiles.rsplit("-", 3)
+        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
+        monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", count)
+    x, codes, books, scales, b, attrs = make_case(*AMX_CASES[name], seed=len(name))
+
+    def run(amx: str, level: int = 0):
+        monkeypatch.setenv("QCOMPILE_PREFILL_AMX", amx)
+        model = make_model(x.dtype, codes, books, scales, b, attrs, extra_attrs={"accuracy_level": level})
+        return ops_session(model, threads=2).run(None, {"x": x})[0]
+
+    y_amx, y_fp32, y_level1 = run("1"), run("0"), run("1", level=1)
+    w = ref.dequantize(codes, books, scales).astype(np.float64)  # [N, K]
+    xd = x.astype(np.float64)
+    want = xd @ w.T + (0 if b is None else b.astype(np.float64))
+    mag = np.abs(xd) @ np.abs(w).T
+    tol = (prefill_amx.RELATIVE_BOUND + 2e-6) * mag + (np.abs(want) * 2.0**-10 if x.dtype == np.float16 else 0)
+    err = np.abs(y_amx.astype(np.float64) - want)
+    assert (err <= tol + 1e-30).all(), (err / mag).max()
+    assert not np.array_equal(y_amx, y_fp32)
+    np.testing.assert_array_equal(y_level1, y_fp32)
+
+
+@pytest.mark.skipif(not has_amx_bf16(), reason="the AMX prefill needs AMX-BF16")
+def test_prefill_amx_keeps_non_finite_data_on_fp32(ops_session, monkeypatch):
+    """A NaN or Inf is never split into bf16: an Inf codeword keeps the tiles that use it on the fp32 kernels
+    (their outputs as there), a NaN activation the whole call (then equal to the fp32 kernels' result)."""
+    monkeypatch.setenv("QCOMPILE_CODEBOOK_PATH", "gemm")
+    x, codes, books, scales, b, attrs = make_case(24, 128, 70, 2, 256, 8, np.float32, True, seed=3)
+    books = books.copy()
+    books[0, 7, 2] = np.inf
+    codes = codes.copy()
+    codes[codes[..., 0] == 7, 0] = 8
+    codes[45, 3, 0] = 7  # row 45 (second tile of 32 rows) meets the Inf
+    model = make_model(x.dtype, codes, books, scales, b, attrs)
+    y = {}
+    for amx in ("1", "0"):
+        monkeypatch.setenv("QCOMPILE_PREFILL_AMX", amx)
+        y[amx] = ops_session(model).run(None, {"x": x})[0]
+    assert not np.isfinite(y["1"][:, 45]).any() and np.isfinite(np.delete(y["1"], 45, axis=1)).all()
+    np.testing.assert_array_equal(y["1"][:, 32:64], y["0"][:, 32:64])
+    assert not np.array_equal(y["1"][:, :32], y["0"][:, :32])  # the first tile on AMX
+    x = x.copy()
+    x[5, 100] = np.nan
+    for amx in ("1", "0"):
+        monkeypatch.setenv("QCOMPILE_PREFILL_AMX", amx)
+        y[amx] = ops_session(model).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y["1"], y["0"])
 
 
 def test_leading_batch_dims_fp32_scales_and_threads(ops_session):

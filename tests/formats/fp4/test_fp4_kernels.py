@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto, helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from cpu_flags import has_avx2, has_avx512vnni
-from qcompile.formats import act_quant
+from cpu_flags import has_amx_bf16, has_avx2, has_avx512vnni
+from qcompile.formats import act_quant, prefill_amx
 from qcompile.formats.fp4 import reference as fp4
 
 F32, F16 = np.float32, np.float16
@@ -84,6 +84,12 @@ CASES = [
     ((5,), 40, 3, 256, "e8m0", 8, F32, False, True),        # group larger than K
     ((2, 1, 4), 1000, 52, 128, "e4m3", 0, F16, True, False),
 ]
+
+
+@pytest.fixture(autouse=True)
+def fp32_prefill(monkeypatch):
+    """fp32 prefill kernels everywhere; the AMX prefill has its own bound (test_prefill_amx_*)."""
+    monkeypatch.setenv("QCOMPILE_PREFILL_AMX", "0")
 
 
 def _run_case(make_session, case, seed: int, **model_kw):
@@ -171,6 +177,76 @@ def test_prefill_tile_edges(ops_session, monkeypatch, case, simd):
         monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
         monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", tiles)
     _run_case(ops_session, case, seed=23)
+
+
+AMX_CASES = [  # M > 1 around the AMX kernels: 1 to 8 blocks of 16 rows of X, tiles of 32 or fewer rows of W
+    ((8,), 128, 30, 32, "e8m0", 0, F32, False, True),      # one padded block, one tile of 17-32 rows
+    ((40,), 200, 70, 8, "e4m3", 8, F32, True, False),      # ragged K, tiles of 32 + 32 + 6 rows, tensor scale
+    ((56,), 256, 16, 32, "e8m0", 32, F16, False, True),     # 3.5 blocks, one tile of 16 rows
+    ((128,), 512, 100, 16, "e4m3", 0, F32, False, True),    # 8 blocks, tiles of 32 + 4 rows
+]
+
+
+@pytest.mark.skipif(not has_amx_bf16(), reason="the AMX prefill needs AMX-BF16")
+@pytest.mark.parametrize("tiles", ["auto", "passes-16-tiles-3"])
+@pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-G{c[3]}-{c[4]}")
+def test_prefill_amx_within_documented_bound(ops_session, monkeypatch, case, tiles):
+    """On AMX the prefill multiplies bf16 splits (qcompile.formats.prefill_amx): within 2^-14 Σ|x·w| of the
+    reference, yet not the fp32 kernels' result (so AMX ran), while accuracy_level=1 gives the fp32 kernels'
+    result bit for bit."""
+    if "passes" in tiles:
+        _, rows, _, count = tiles.rsplit("-", 3)
+        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
+        monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", count)
+    mshape, K, N, G, fmt, hb, dtype, ts, bias = case
+    rng = np.random.default_rng(K + N)
+    w, s = random_weights(rng, K, N, G, fmt)
+    x = rng.normal(size=(*mshape, K)).astype(dtype)
+    tsv = np.array([0.625], np.float32) if ts else None
+    b = rng.normal(size=N).astype(dtype) if bias else None
+    feed = {"x": x, "w": w, "s": s} | ({"ts": tsv} if ts else {}) | ({"b": b} if bias else {})
+
+    def run(amx: str, level: int = 0):
+        monkeypatch.setenv("QCOMPILE_PREFILL_AMX", amx)
+        model = fp4_model(K=K, N=N, G=G, fmt=fmt, hb=hb, dtype=dtype, ts=ts, bias=bias,
+                          extra_attrs={"accuracy_level": level})
+        return ops_session(model, threads=2).run(None, feed)[0]
+
+    y_amx, y_fp32, y_level1 = run("1"), run("0"), run("1", level=1)
+    ref = fp4.fp4_matmul_reference(x, w, s, tsv, b, K=K, N=N, group_size=G, scale_format=fmt, hadamard_block=hb)
+    xd = np.asarray(x, np.float64).reshape(-1, K)
+    if hb:
+        xd = fp4.hadamard_transform(xd, hb)
+    mag = (np.abs(xd) @ np.abs(fp4.dequantize_fp4(w, s, tsv, K, G, fmt).astype(np.float64)).T).reshape(ref.shape)
+    ref64 = ref.astype(np.float64)
+    tol = (prefill_amx.RELATIVE_BOUND + 2e-6) * mag + 1e-30 + (np.abs(ref64) * 2 ** -10 if dtype == F16 else 0)
+    err = np.abs(y_amx.astype(np.float64) - ref64)
+    assert (err <= tol).all(), (err / mag).max()
+    assert not np.array_equal(y_amx, y_fp32)
+    np.testing.assert_array_equal(y_level1, y_fp32)
+
+
+@pytest.mark.skipif(not has_amx_bf16(), reason="the AMX prefill needs AMX-BF16")
+def test_prefill_amx_keeps_non_finite_data_on_fp32(ops_session, monkeypatch):
+    """A NaN or Inf is never split into bf16: a NaN scale keeps its tile's slices on the fp32 kernels (its
+    row NaN, the others as on AMX), a NaN activation the whole call (then equal to the fp32 kernels' result)."""
+    K, N, G = 256, 70, 32
+    rng = np.random.default_rng(9)
+    w, s = random_weights(rng, K, N, G, "e8m0")
+    s[40, 3] = 255  # E8M0 NaN: row 40 (second tile of 32 rows)
+    x = rng.normal(size=(24, K)).astype(F32)
+    model = fp4_model(K=K, N=N, G=G, fmt="e8m0")
+    y = {}
+    for amx in ("1", "0"):
+        monkeypatch.setenv("QCOMPILE_PREFILL_AMX", amx)
+        y[amx] = ops_session(model).run(None, {"x": x, "w": w, "s": s})[0]
+    assert np.isnan(y["1"][:, 40]).all() and np.isfinite(np.delete(y["1"], 40, axis=1)).all()
+    assert not np.array_equal(y["1"][:, :32], y["0"][:, :32])  # the first tile on AMX
+    x[5, 100] = np.nan
+    for amx in ("1", "0"):
+        monkeypatch.setenv("QCOMPILE_PREFILL_AMX", amx)
+        y[amx] = ops_session(model).run(None, {"x": x, "w": w, "s": s})[0]
+    np.testing.assert_array_equal(y["1"], y["0"])
 
 
 def test_cpu_multithreaded_and_intermediate_output(ops_session):

@@ -7,7 +7,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from cpu_flags import has_avx2, has_avx512bw, has_avx512vnni, has_gfni
+from cpu_flags import has_amx_bf16, has_avx2, has_avx512bw, has_avx512vnni, has_gfni
+from qcompile.formats import prefill_amx
 from qcompile.formats.spqr import reference as ref
 
 F32, F16 = np.float32, np.float16
@@ -76,8 +77,10 @@ def check(y, x, packed, attrs, bias, dtype, level: int = 0):
 
 @pytest.fixture(autouse=True)
 def fp32_tables(monkeypatch):
-    """fp32 numerics on every path; the fixed-point pair tables have their own bound (test_pair_tables_*)."""
+    """fp32 numerics on every path; the fixed-point pair tables (test_pair_tables_*) and the AMX prefill
+    (test_prefill_amx_*) have their own bounds."""
     monkeypatch.setenv("QCOMPILE_SPQR_LUT_FP32", "1")
+    monkeypatch.setenv("QCOMPILE_PREFILL_AMX", "0")
 
 
 CASES = [  # K, N, bits, group_size, stat_bits, stat_group, M (x leading shape), perm, bias, dtype, index dtypes
@@ -138,6 +141,52 @@ def test_prefill_tile_kernels(ops_session, monkeypatch, tiles, m, n):
     x = np.random.default_rng(m).standard_normal((m, 272)).astype(F32)
     y = ops_session(spqr_model(packed, attrs, bias=bias), threads=2).run(None, {"x": x})[0]
     check(y, x, packed, attrs, bias, F32)
+
+
+@pytest.mark.skipif(not has_amx_bf16(), reason="the AMX prefill needs AMX-BF16")
+@pytest.mark.parametrize("tiles", ["auto", "passes-16-tiles-3"])
+@pytest.mark.parametrize("m,n", [(8, 30), (40, 70), (56, 16), (128, 100)])
+def test_prefill_amx_within_documented_bound(ops_session, monkeypatch, tiles, m, n):
+    """On AMX the prefill multiplies bf16 splits (qcompile.formats.prefill_amx): within 2^-14 Σ|x·w| of the
+    exact result, yet not the fp32 kernels' result (so AMX ran), while accuracy_level=1 gives the fp32
+    kernels' result bit for bit. Rows of X: one block padded, 2.5 and 3.5 blocks, 8 blocks; rows of W: one
+    tile of 17-32, tiles of 32 + 32 + 6, one of 16, tiles of 32 + 4."""
+    if "passes" in tiles:
+        _, rows, _, count = tiles.rsplit("-", 3)
+        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
+        monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", count)
+    attrs = dict(K=200, N=n, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(200, n, bits=3, group_size=16, stat_bits=3, stat_group=16, outlier_rate=0.03,
+                               with_perm=True, seed=m + n)
+    bias = np.random.default_rng(n).standard_normal(n).astype(F32)
+    x = np.random.default_rng(m).standard_normal((m, 200)).astype(F32)
+
+    def run(amx: str, level: int = 0):
+        monkeypatch.setenv("QCOMPILE_PREFILL_AMX", amx)
+        model = spqr_model(packed, attrs | {"accuracy_level": level}, bias=bias)
+        return ops_session(model, threads=2).run(None, {"x": x})[0]
+
+    y_amx, y_fp32, y_level1 = run("1"), run("0"), run("1", level=1)
+    want, scale = reference(x, packed, attrs, bias)
+    err = np.abs(y_amx.astype(np.float64) - want)
+    assert (err <= prefill_amx.RELATIVE_BOUND * scale + 2e-6 * scale + 1e-6).all(), (err / scale).max()
+    assert not np.array_equal(y_amx, y_fp32)
+    np.testing.assert_array_equal(y_level1, y_fp32)
+
+
+@pytest.mark.skipif(not has_amx_bf16(), reason="the AMX prefill needs AMX-BF16")
+def test_prefill_amx_keeps_non_finite_activations_on_fp32(ops_session, monkeypatch):
+    """A NaN or Inf in X is never split into bf16: the whole call multiplies on the fp32 kernels."""
+    attrs = dict(K=200, N=40, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(200, 40, outlier_rate=0.03, with_perm=True, seed=5)
+    x = np.random.default_rng(5).standard_normal((20, 200)).astype(F32)
+    x[3, 17], x[11, 150] = np.nan, -np.inf
+    y = {}
+    for amx in ("1", "0"):
+        monkeypatch.setenv("QCOMPILE_PREFILL_AMX", amx)
+        y[amx] = ops_session(spqr_model(packed, attrs)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y["1"], y["0"])
+    assert np.isnan(y["1"][3]).all() and not np.isfinite(y["1"][11]).any() and np.isfinite(y["1"][0]).all()
 
 
 def test_weights_as_graph_inputs_and_empty_outlier_table(ops_session):
@@ -371,7 +420,7 @@ def assert_same_non_finite(got, want):
 # dequantizes first, scale · (code − zero) per position, so the group's terms are ±Inf of both signs and
 # sum to NaN; the rearranged walks gave ±Inf. Every CPU path: one row on the AVX-512 pair tables, the AVX2
 # lane and packed walks and the scalar path; several rows on the AVX2 panels and the scalar path.
-STAT_INF_PATHS = ["pair-tables", "avx2-lanes", "avx2-packed", "scalar", "avx2-rows", "scalar-rows"]
+STAT_INF_PATHS = ["pair-tables", "avx2-lanes", "avx2-packed", "scalar", "avx2-rows", "amx-rows", "scalar-rows"]
 
 
 @pytest.mark.parametrize("field", [0, 1, 2, 3], ids=["scale_step", "scale_min", "zero_step", "zero_min"])
@@ -383,6 +432,10 @@ def test_inf_in_stat_params_propagates_as_the_reference(ops_session, monkeypatch
         monkeypatch.delenv("QCOMPILE_SPQR_LUT_FP32")
     if path.startswith("scalar"):
         monkeypatch.setenv("QCOMPILE_SPQR_SCALAR", "1")
+    if path == "amx-rows":  # the tiles holding an Inf multiply on the fp32 kernels, the others on AMX
+        if not has_amx_bf16():
+            pytest.skip("the AMX prefill needs AMX-BF16")
+        monkeypatch.setenv("QCOMPILE_PREFILL_AMX", "1")
     attrs = dict(K=256, N=64, bits=3, group_size=16, stat_bits=3, stat_group=16)
     packed = ref.random_packed(256, 64, outlier_rate=0.02, with_perm=True, seed=4)
     packed["stat_params"][1, field, 5] = np.inf  # rows 16..31, group 5
@@ -403,6 +456,8 @@ def test_inf_in_stat_params_propagates_as_the_reference(ops_session, monkeypatch
         with np.errstate(invalid="ignore"):
             tol = tol + ref.pair_table_error_bound(x[0], packed["stat_codes"], packed["stat_params"],
                                                    packed.get("perm"), **attrs)
+    if path == "amx-rows":
+        tol = tol + prefill_amx.RELATIVE_BOUND * scale
     assert (np.abs(y - want)[finite] <= tol[finite]).all()
 
 

@@ -1,0 +1,64 @@
+// The prefill tiles' multiplication on AMX (Intel Sapphire Rapids and later): the decoded fp32 tile and the
+// activations, each split into a bf16 high part and a bf16 remainder, multiplied as three bf16 products
+// (hi·hi + hi·lo + lo·hi) with fp32 accumulation by TDPBF16PS. One tile instruction does 16×16×32
+// multiply-adds; three of them still do about four times the work per cycle of the two 512-bit FMA units,
+// and the op's decode, not the multiplication, becomes most of a prefill's time.
+//
+// Accuracy (docs/ops.md, "Conventions"; numpy reference qcompile.formats.prefill_amx): each product x·w is
+// computed as (xh + xl)(wh + wl) − xl·wl with |x − xh − xl| ≤ 2⁻¹⁶|x| (the same for w) and |xl·wl| about
+// 2⁻¹⁶|x·w|, so an output is off its exact value by at most 2⁻¹⁴ Σ|x·w| (about 15 bits, like the batch-1
+// fixed-point tables of the default level) plus fp32 accumulation. Weights exact in bf16 (FP4 codes times
+// power-of-two or E4M3 scales) have no lo part, and their tiles skip the lo·hi product. Values whose split could
+// overflow or is not defined (NaN, ±Inf, |v| ≥ 2¹²⁰) are never split: such activations keep the whole call, and
+// such a tile its slice, on the fp32 FMA kernels, so non-finite data propagates exactly as there. AMX reads
+// bf16 subnormals (below 2⁻¹²⁶) as zero.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace qcompile {
+namespace tile {
+namespace amx {
+
+// AMX-BF16 can run here: the CPU has AMX-TILE and AMX-BF16, the OS enabled tile state and granted this
+// process its use (Linux asks once, arch_prctl ARCH_REQ_XCOMP_PERM). Checked once per process.
+bool cpu_ready();
+
+// The prefill tiles multiply on AMX: cpu_ready(), accuracy_level is not 1 (fp32 everywhere), and
+// QCOMPILE_PREFILL_AMX (the tests' and benchmarks' switch) is not "0". Callers ask once per op call.
+bool enabled(int64_t accuracy_level);
+
+// Rows of W a prefill tile holds where it multiplies on AMX: two A tiles of 16 rows share every load of the
+// activations, the loads (not the tile instructions) being what bounds the multiplication.
+constexpr int64_t kTileRows = 32;
+
+// The activations in the layout of AMX's B operand: 1 KB tiles of 16 pairs of K positions × 16 rows of X, the
+// rows' (x[2p], x[2p+1]) bf16 pairs; per block of 16 rows and step of 32 positions the high parts, then the
+// remainders; ordered by pair of blocks, then step, then block, so a kernel's walk over K for one or two
+// blocks reads consecutive memory (blocks all of K apart fell into the same cache sets); zero past K up to Kpad
+// (K rounded up to 32) and past the last block up to a whole pair.
+struct XPack {
+  std::vector<uint32_t> storage;
+  const uint32_t* data = nullptr;  // 64-byte aligned: a tile row split over two cache lines halves load speed
+  int64_t Kpad = 0;
+};
+
+// Packs xt ([⌈Mpad/16⌉][Kx][16] fp32, the FMA kernels' transposed activations, zero past M) into `out`. False (out unusable)
+// when an activation is NaN, ±Inf or of magnitude 2¹²⁰ or more: the call then stays on the FMA kernels.
+bool pack_x(const float* xt, int64_t Kx, int64_t Mpad, XPack& out);
+
+// Frees a pack of more than 64 MB (a long prompt's), as the ops free their other per-thread buffers.
+void trim(XPack& x);
+
+// C^T[r][m] (+)= Σ_{k0 ≤ k < k0+len} tile[r][k − k0] · X[m][k] for the nc ≤ kTileRows rows of the decoded tile
+// (row stride ldw floats) and the rows [m0, m1) of X (m0 a multiple of 16; a last block of fewer rows writes
+// acc up to the next multiple of 16): acc[r * ldc + m], stored when
+// `accumulate` is false. k0 is a multiple of 32. False, with acc untouched, when a weight of the tile cannot be
+// split (see above): the caller multiplies that slice on the FMA kernels instead.
+bool multiply(const float* tile, int64_t ldw, int64_t nc, const XPack& x, int64_t m0, int64_t m1, int64_t k0,
+              int64_t len, float* acc, int64_t ldc, bool accumulate);
+
+}  // namespace amx
+}  // namespace tile
+}  // namespace qcompile
