@@ -156,8 +156,9 @@ def check_input_types(case: Case, spec: OpSpec) -> None:
 
 # leading dims of X: M = 1 (the batch-1 paths) most often, then M = 0, odd sizes around the kernels' row
 # blocks (6, 8, 16), several leading dims, and none at all (a 1-D X)
+# leading shapes of X; 34, 40 and 64 rows reach the AMX prefill (32 rows and more)
 LEADS: tuple[tuple[int, ...], ...] = ((1,),) * 8 + ((), (0,), (2,), (3,), (5,), (6,), (7,), (9,), (16,), (17,), (27,),
-                                                   (2, 3), (3, 1, 2), (1, 1), (64,))
+                                                   (2, 3), (3, 1, 2), (1, 1), (64,), (40,), (2, 17))
 
 
 def draw_lead(rng: np.random.Generator) -> tuple[int, ...]:

@@ -12,7 +12,8 @@ output element by the first rule that applies:
    ``inf - inf`` may appear where the reference has ``inf``);
 4. otherwise the output equals the reference within the fp32 summation bound ``(n + 4)·2^-24·Σ|terms|``
    (n terms per output), an underflow allowance ``2^-120·peak``, the output rounding (2^-23 relative in
-   float32, 2^-10 plus the denormal step in float16) and any documented fixed-point bound of the op;
+   float32, 2^-10 plus the denormal step in float16), any documented fixed-point bound of the op, and
+   ``2^-14·Σ|terms|`` where the AMX prefill (bf16 splits, docs/ops.md) may serve the call;
    infinities are compared as the dtype's largest finite value (an output rounding past it is no error).
 
 Rules 1 and 3 use the rows/columns test above, so they hold for any summation order. Bounds are computed
@@ -21,6 +22,7 @@ with infinities replaced by 1, so an infinite input does not put its row into th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 
@@ -43,6 +45,27 @@ class Linear:
     w_peak: np.ndarray
     n_terms: int
     extra_tol: np.ndarray | float = 0.0
+    relative_tol: float = 0.0  # a further bound relative to Σ|terms| (prefill_amx_relative)
+
+
+@cache
+def _host_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags)
+
+
+def prefill_amx_relative(env: dict, attrs: dict, rows: int) -> float:
+    """The AMX prefill's bound relative to Σ|terms| (qcompile.formats.prefill_amx) where it may serve a call:
+    more than one row of X, an AMX host, accuracy_level not 1 and QCOMPILE_PREFILL_AMX not "0"; else 0."""
+    from qcompile.formats import prefill_amx
+
+    if rows <= 1 or attrs.get("accuracy_level", 0) == 1 or env.get("QCOMPILE_PREFILL_AMX") == "0":
+        return 0.0
+    return prefill_amx.RELATIVE_BOUND if _host_has_amx() else 0.0
 
 
 def max1(a: np.ndarray) -> np.ndarray:
@@ -90,7 +113,8 @@ def judge(y: np.ndarray, x_shape: tuple[int, ...], out_dtype: np.dtype, raw: Lin
             rounding = np.abs(want) * 2.0**-10 + 2.0**-24
         else:
             rounding = np.abs(want) * 2.0**-23 + 2.0**-149
-        tol = (finite.n_terms + 4) * 2.0**-24 * mag + 2.0**-120 * peak + rounding + finite.extra_tol
+        tol = ((finite.n_terms + 4) * 2.0**-24 + finite.relative_tol) * mag + 2.0**-120 * peak + rounding \
+            + finite.extra_tol
         err = np.abs(np.clip(got, -fmax, fmax) - np.clip(want, -fmax, fmax))
         bad_nan = must_nan & ~np.isnan(got)
         bad_inf = ~must_nan & ~free & must_nonfinite & np.isfinite(got)

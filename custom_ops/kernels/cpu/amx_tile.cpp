@@ -350,8 +350,8 @@ void trim(XPack& x) {
   x.data = nullptr;
 }
 
-bool enabled(int64_t accuracy_level) {
-  if (accuracy_level == 1 || !cpu_ready()) return false;
+bool enabled(int64_t accuracy_level, int64_t rows) {
+  if (rows < kMinRows || accuracy_level == 1 || !cpu_ready()) return false;
   const char* v = std::getenv("QCOMPILE_PREFILL_AMX");
   return !(v && v[0] == '0');
 }

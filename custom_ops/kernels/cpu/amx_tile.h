@@ -25,9 +25,15 @@ namespace amx {
 // process its use (Linux asks once, arch_prctl ARCH_REQ_XCOMP_PERM). Checked once per process.
 bool cpu_ready();
 
-// The prefill tiles multiply on AMX: cpu_ready(), accuracy_level is not 1 (fp32 everywhere), and
-// QCOMPILE_PREFILL_AMX (the tests' and benchmarks' switch) is not "0". Callers ask once per op call.
-bool enabled(int64_t accuracy_level);
+// Rows of X from which the AMX path pays: at 16 rows the weight split and the tile loads cost more than
+// the FMA kernels' work, at 32 both take about as long, at 64 AMX is 1.3-1.4x faster (4096 x 4096, one
+// thread, Xeon VM).
+constexpr int64_t kMinRows = 32;
+
+// The prefill tiles multiply on AMX: `rows` of X (at least kMinRows), cpu_ready(), accuracy_level is not 1
+// (fp32 everywhere), and QCOMPILE_PREFILL_AMX (the tests' and benchmarks' switch) is not "0". Callers ask
+// once per op call.
+bool enabled(int64_t accuracy_level, int64_t rows);
 
 // Rows of W a prefill tile holds where it multiplies on AMX: two A tiles of 16 rows share every load of the
 // activations, the loads (not the tile instructions) being what bounds the multiplication.

@@ -309,7 +309,7 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
   // the calling thread's pack, by pointer: inside the tasks `xpack` names the worker's own (empty) one
   thread_local tile::amx::XPack xpack_buf;
   const tile::amx::XPack* xpack =
-      tile::amx::enabled(accuracy_level) && tile::amx::pack_x(xt, Kp, Mpad, xpack_buf) ? &xpack_buf : nullptr;
+      tile::amx::enabled(accuracy_level, rows) && tile::amx::pack_x(xt, Kp, Mpad, xpack_buf) ? &xpack_buf : nullptr;
   const int64_t tile_rows = xpack ? tile::amx::kTileRows : kOuterRows;   // W rows per tile
   const int64_t cap = (tile_rows + kOuterRows - 1) / kOuterRows * kOuterRows;  // rows the FMA kernels touch
   struct Tile {

@@ -294,7 +294,7 @@ Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t M
   // the calling thread's pack, by pointer: inside the tasks `xpack_buf` names the worker's own (empty) one
   thread_local tile::amx::XPack xpack_buf;
   const tile::amx::XPack* xpack =
-      tile::amx::enabled(p.attrs.accuracy_level) && tile::amx::pack_x(xt, g.Kx, Mpad, xpack_buf) ? &xpack_buf : nullptr;
+      tile::amx::enabled(p.attrs.accuracy_level, p.M) && tile::amx::pack_x(xt, g.Kx, Mpad, xpack_buf) ? &xpack_buf : nullptr;
   const int64_t rows = xpack ? tile::amx::kTileRows : kOuterRows;  // W rows per tile
   const int64_t cap = (rows + kOuterRows - 1) / kOuterRows * kOuterRows;  // rows the FMA kernels may touch
   struct Tile {

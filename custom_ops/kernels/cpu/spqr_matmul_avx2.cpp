@@ -542,7 +542,7 @@ Status run_panels(const Call& c, const Parallel& par) {
   // the calling thread's pack, by pointer: inside the tasks `xpack` names the worker's own (empty) one
   thread_local tile::amx::XPack xpack_buf;
   const tile::amx::XPack* xpack =
-      tile::amx::enabled(c.s->accuracy_level) && tile::amx::pack_x(xt, c.Kc, Mpad, xpack_buf) ? &xpack_buf : nullptr;
+      tile::amx::enabled(c.s->accuracy_level, c.M) && tile::amx::pack_x(xt, c.Kc, Mpad, xpack_buf) ? &xpack_buf : nullptr;
   const int64_t rows = xpack ? tile::amx::kTileRows : kTileRows;  // W rows per tile
   const int cap = (int)((rows + kTileRows - 1) / kTileRows * kTileRows);  // rows the FMA kernels touch
   struct Tile {

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from qcompile.fuzz.case import F16, F32, AttrSpec, Case, InputSpec, OpSpec, Rejected, draw_lead, finish, pick
-from qcompile.fuzz.oracle import Linear, max1
+from qcompile.fuzz.oracle import Linear, max1, prefill_amx_relative
 from qcompile.formats.aqlm import reference as ref
 
 CODES = (np.dtype(np.uint8), np.dtype(np.uint16))
@@ -116,9 +116,11 @@ def linear(case: Case, a: dict[str, Any]) -> Linear:
         return Linear(x=xd, w=(sv * sums).T, b=None if bias is None else bias.astype(np.float64),
                       x_mag=np.abs(xd), w_mag=(np.abs(sv) * abs_sums).T,
                       x_peak=max1(xd), w_peak=(max1(sv) * peak_sums).T,
-                      n_terms=k + (k // d) * a["num_codebooks"] + d + 8, extra_tol=extra)
+                      n_terms=k + (k // d) * a["num_codebooks"] + d + 8, extra_tol=extra,
+                      relative_tol=prefill_amx_relative(case.env, a, len(xd)))
 
 
 SPEC = OpSpec("CodebookMatMul", INPUTS, ATTRS, {"QCOMPILE_CODEBOOK_PATH": (None, None, "lut", "fused", "gemm"),
                                                 "QCOMPILE_CODEBOOK_NO_AVX2": (None, None, "1"),
-                                                "QCOMPILE_CODEBOOK_LUT_FP32": (None, "1")}, base, MUTATIONS, linear)
+                                                "QCOMPILE_CODEBOOK_LUT_FP32": (None, "1"),
+                                                "QCOMPILE_PREFILL_AMX": (None, None, "0")}, base, MUTATIONS, linear)

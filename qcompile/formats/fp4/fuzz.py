@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from qcompile.fuzz.case import F16, F32, AttrSpec, Case, InputSpec, OpSpec, Rejected, draw_lead, finish, pick
-from qcompile.fuzz.oracle import Linear, max1
+from qcompile.fuzz.oracle import Linear, max1, prefill_amx_relative
 from qcompile.formats.fp4 import reference as ref
 
 U8 = (np.dtype(np.uint8),)
@@ -123,7 +123,9 @@ def linear(case: Case, a: dict[str, Any]) -> Linear:
                       b=None if b is None else b.astype(np.float64),
                       x_mag=x_rot_sum / np.sqrt(hb) if hb else np.abs(xd), w_mag=np.abs(wdeq).T,
                       x_peak=max1(x_rot_sum), w_peak=(max1(vals) * max1(sc) * max1(np.float64(tsv))).T,
-                      n_terms=k + 2 * (hb.bit_length() if hb else 0))
+                      n_terms=k + 2 * (hb.bit_length() if hb else 0),
+                      relative_tol=prefill_amx_relative(case.env, a, len(xd)))
 
 
-SPEC = OpSpec("FP4MatMul", INPUTS, ATTRS, {"QCOMPILE_FP4_NO_AVX2": (None, "1")}, base, MUTATIONS, linear)
+SPEC = OpSpec("FP4MatMul", INPUTS, ATTRS, {"QCOMPILE_FP4_NO_AVX2": (None, "1"), "QCOMPILE_PREFILL_AMX": (None, None, "0")},
+              base, MUTATIONS, linear)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from qcompile.fuzz.case import F16, F32, AttrSpec, Case, InputSpec, OpSpec, Rejected, draw_lead, finish, pick
-from qcompile.fuzz.oracle import Linear, max1
+from qcompile.fuzz.oracle import Linear, max1, prefill_amx_relative
 from qcompile.formats.spqr import reference as ref
 
 I32, I16 = np.dtype(np.int32), np.dtype(np.int16)
@@ -195,8 +195,10 @@ def linear(case: Case, a: dict[str, Any]) -> Linear:
                       w_mag=np.concatenate([(np.abs(scale) * (np.abs(q) + np.abs(zero) + 8)).T, outl_abs]),
                       x_peak=max1(np.concatenate([xs, xd], axis=1)),
                       w_peak=np.concatenate([(scale_peak * max1(q + zero_peak + 8)).T, outl_peak]),
-                      n_terms=k + per_row + 16, extra_tol=extra)
+                      n_terms=k + per_row + 16, extra_tol=extra,
+                      relative_tol=prefill_amx_relative(case.env, a, len(xd)))
 
 
 SPEC = OpSpec("SpQRMatMul", INPUTS, ATTRS, {"QCOMPILE_SPQR_SCALAR": (None, None, "1"),
-                                            "QCOMPILE_SPQR_LUT_FP32": (None, "1")}, base, MUTATIONS, linear)
+                                            "QCOMPILE_SPQR_LUT_FP32": (None, "1"),
+                                            "QCOMPILE_PREFILL_AMX": (None, None, "0")}, base, MUTATIONS, linear)

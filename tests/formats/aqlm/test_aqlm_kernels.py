@@ -120,8 +120,8 @@ def test_prefill_avx2_tile_kernel(ops_session, monkeypatch, name, tiles):
     check(run_case(ops_session, case), case)
 
 
-AMX_CASES = {  # rows of X: 1 to 8 blocks of 16; rows of W: tiles of 32 or fewer
-    "rows8-2x8": (8, 128, 30, 2, 256, 8, np.float32, True),       # one padded block, one tile of 17-32 rows
+AMX_CASES = {  # rows of X: 2 to 8 blocks of 16; rows of W: tiles of 32 or fewer
+    "rows32-2x8": (32, 128, 30, 2, 256, 8, np.float32, True),     # two blocks, one tile of 17-32 rows
     "rows40-1x8-f16": (40, 200, 70, 1, 256, 8, np.float16, False),  # K % 32 = 8, tiles of 32 + 32 + 6 rows
     "rows56-2x4": (56, 256, 16, 2, 16, 8, np.float32, True),      # 3.5 blocks, one tile of 16 rows
     "rows128-2x8": (128, 512, 100, 2, 256, 8, np.float32, False),  # 8 blocks, tiles of 32 + 4 rows
@@ -164,7 +164,7 @@ def test_prefill_amx_keeps_non_finite_data_on_fp32(ops_session, monkeypatch):
     """A NaN or Inf is never split into bf16: an Inf codeword keeps the tiles that use it on the fp32 kernels
     (their outputs as there), a NaN activation the whole call (then equal to the fp32 kernels' result)."""
     monkeypatch.setenv("QCOMPILE_CODEBOOK_PATH", "gemm")
-    x, codes, books, scales, b, attrs = make_case(24, 128, 70, 2, 256, 8, np.float32, True, seed=3)
+    x, codes, books, scales, b, attrs = make_case(40, 128, 70, 2, 256, 8, np.float32, True, seed=3)
     books = books.copy()
     books[0, 7, 2] = np.inf
     codes = codes.copy()

@@ -179,8 +179,8 @@ def test_prefill_tile_edges(ops_session, monkeypatch, case, simd):
     _run_case(ops_session, case, seed=23)
 
 
-AMX_CASES = [  # M > 1 around the AMX kernels: 1 to 8 blocks of 16 rows of X, tiles of 32 or fewer rows of W
-    ((8,), 128, 30, 32, "e8m0", 0, F32, False, True),      # one padded block, one tile of 17-32 rows
+AMX_CASES = [  # M >= 32 around the AMX kernels: 2 to 8 blocks of 16 rows of X, tiles of 32 or fewer rows of W
+    ((32,), 128, 30, 32, "e8m0", 0, F32, False, True),     # two blocks, one tile of 17-32 rows
     ((40,), 200, 70, 8, "e4m3", 8, F32, True, False),      # ragged K, tiles of 32 + 32 + 6 rows, tensor scale
     ((56,), 256, 16, 32, "e8m0", 32, F16, False, True),     # 3.5 blocks, one tile of 16 rows
     ((128,), 512, 100, 16, "e4m3", 0, F32, False, True),    # 8 blocks, tiles of 32 + 4 rows
@@ -234,7 +234,7 @@ def test_prefill_amx_keeps_non_finite_data_on_fp32(ops_session, monkeypatch):
     rng = np.random.default_rng(9)
     w, s = random_weights(rng, K, N, G, "e8m0")
     s[40, 3] = 255  # E8M0 NaN: row 40 (second tile of 32 rows)
-    x = rng.normal(size=(24, K)).astype(F32)
+    x = rng.normal(size=(40, K)).astype(F32)
     model = fp4_model(K=K, N=N, G=G, fmt="e8m0")
     y = {}
     for amx in ("1", "0"):

@@ -145,12 +145,12 @@ def test_prefill_tile_kernels(ops_session, monkeypatch, tiles, m, n):
 
 @pytest.mark.skipif(not has_amx_bf16(), reason="the AMX prefill needs AMX-BF16")
 @pytest.mark.parametrize("tiles", ["auto", "passes-16-tiles-3"])
-@pytest.mark.parametrize("m,n", [(8, 30), (40, 70), (56, 16), (128, 100)])
+@pytest.mark.parametrize("m,n", [(32, 30), (40, 70), (56, 16), (128, 100)])
 def test_prefill_amx_within_documented_bound(ops_session, monkeypatch, tiles, m, n):
     """On AMX the prefill multiplies bf16 splits (qcompile.formats.prefill_amx): within 2^-14 Σ|x·w| of the
     exact result, yet not the fp32 kernels' result (so AMX ran), while accuracy_level=1 gives the fp32
-    kernels' result bit for bit. Rows of X: one block padded, 2.5 and 3.5 blocks, 8 blocks; rows of W: one
-    tile of 17-32, tiles of 32 + 32 + 6, one of 16, tiles of 32 + 4."""
+    kernels' result bit for bit. Rows of X: 2, 2.5, 3.5 and 8 blocks of 16; rows of W: one tile of 17-32,
+    tiles of 32 + 32 + 6, one of 16, tiles of 32 + 4."""
     if "passes" in tiles:
         _, rows, _, count = tiles.rsplit("-", 3)
         monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
@@ -175,11 +175,26 @@ def test_prefill_amx_within_documented_bound(ops_session, monkeypatch, tiles, m,
 
 
 @pytest.mark.skipif(not has_amx_bf16(), reason="the AMX prefill needs AMX-BF16")
+def test_prefill_amx_serves_32_rows_and_more(ops_session, monkeypatch):
+    """Below 32 rows of X (tile::amx::kMinRows) the FMA kernels are faster and serve the call."""
+    monkeypatch.setenv("QCOMPILE_PREFILL_AMX", "1")
+    attrs = dict(K=128, N=40, bits=3, group_size=16, stat_bits=3, stat_group=16)
+    packed = ref.random_packed(128, 40, outlier_rate=0.03, seed=6)
+    sess = ops_session(spqr_model(packed, attrs))
+    x = np.random.default_rng(6).standard_normal((32, 128)).astype(F32)
+    y_amx = {m: sess.run(None, {"x": x[:m]})[0] for m in (31, 32)}
+    monkeypatch.setenv("QCOMPILE_PREFILL_AMX", "0")
+    y_fp32 = {m: sess.run(None, {"x": x[:m]})[0] for m in (31, 32)}
+    np.testing.assert_array_equal(y_amx[31], y_fp32[31])
+    assert not np.array_equal(y_amx[32], y_fp32[32])
+
+
+@pytest.mark.skipif(not has_amx_bf16(), reason="the AMX prefill needs AMX-BF16")
 def test_prefill_amx_keeps_non_finite_activations_on_fp32(ops_session, monkeypatch):
     """A NaN or Inf in X is never split into bf16: the whole call multiplies on the fp32 kernels."""
     attrs = dict(K=200, N=40, bits=3, group_size=16, stat_bits=3, stat_group=16)
     packed = ref.random_packed(200, 40, outlier_rate=0.03, with_perm=True, seed=5)
-    x = np.random.default_rng(5).standard_normal((20, 200)).astype(F32)
+    x = np.random.default_rng(5).standard_normal((40, 200)).astype(F32)
     x[3, 17], x[11, 150] = np.nan, -np.inf
     y = {}
     for amx in ("1", "0"):

@@ -22,7 +22,10 @@ def compiled(tmp_path_factory, ops_library):
             for emit in ("native", "portable")}
 
 
-def test_native_and_portable_agree(compiled, ops_session):
+def test_native_and_portable_agree(compiled, ops_session, monkeypatch):
+    # fp32 prefill: the AMX prefill's 2^-14 differences (docs/ops.md) can flip a rounding of the lm_head's int8
+    # activations (MatMulNBits accuracy_level 4), one step of which exceeds this comparison's 1e-3
+    monkeypatch.setenv("QCOMPILE_PREFILL_AMX", "0")
     ids = random_tokens(2, 16, seed=5)
     native = ops_session(onnx.load(str(compiled["native"][0] / "model.onnx")))
     assert any(n.op_type == "SpQRMatMul" for n in onnx.load(str(compiled["native"][0] / "model.onnx"),
