@@ -39,4 +39,6 @@ def has_avx2() -> bool:
 
 def has_amx_bf16() -> bool:
     """AMX tiles with bf16 dot products and AVX-512 BF16 (the prefill kernels' AMX path)."""
-    return {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} <= _flags()
+    from qcompile.formats.prefill_amx import host_has_amx
+
+    return host_has_amx()

@@ -6,6 +6,8 @@ at most ``2⁻¹⁴ Σ|x·w|`` plus fp32 accumulation: about 15 bits, like the f
 at the default accuracy level. ``accuracy_level=1`` (or ``QCOMPILE_PREFILL_AMX=0``) keeps fp32."""
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 
 #: Relative bound of one product: 2⁻¹⁶ from each split, (1 + 2⁻⁸)²·2⁻¹⁶ for the dropped lo·lo product, and a
@@ -38,3 +40,16 @@ def matmul_bf16x3(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 def error_bound(x_abs: np.ndarray, w_abs: np.ndarray) -> np.ndarray:
     """``[M, N]`` bound on ``|matmul_bf16x3(x, w) − x @ w|`` from ``|x| [M, K]`` and ``|w| [K, N]``."""
     return RELATIVE_BOUND * (np.asarray(x_abs, np.float64) @ np.asarray(w_abs, np.float64))
+
+
+@cache
+def host_has_amx() -> bool:
+    """This machine's CPU has what the AMX path needs (AMX tiles with bf16 dot products, AVX-512BW and BF16),
+    from /proc/cpuinfo (Linux; False elsewhere). The library also asks the OS for the tile state, which this
+    does not check."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} <= set(flags)

@@ -22,7 +22,6 @@ with infinities replaced by 1, so an infinite input does not put its row into th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 
@@ -48,16 +47,6 @@ class Linear:
     relative_tol: float = 0.0  # a further bound relative to Σ|terms| (prefill_amx_relative)
 
 
-@cache
-def _host_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags)
-
-
 def prefill_amx_relative(env: dict, attrs: dict, rows: int) -> float:
     """The AMX prefill's bound relative to Σ|terms| (qcompile.formats.prefill_amx) where it may serve a call:
     more than one row of X, an AMX host, accuracy_level not 1 and QCOMPILE_PREFILL_AMX not "0"; else 0."""
@@ -65,7 +54,7 @@ def prefill_amx_relative(env: dict, attrs: dict, rows: int) -> float:
 
     if rows <= 1 or attrs.get("accuracy_level", 0) == 1 or env.get("QCOMPILE_PREFILL_AMX") == "0":
         return 0.0
-    return prefill_amx.RELATIVE_BOUND if _host_has_amx() else 0.0
+    return prefill_amx.RELATIVE_BOUND if prefill_amx.host_has_amx() else 0.0
 
 
 def max1(a: np.ndarray) -> np.ndarray:

@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <initializer_list>
 #include <new>
 
 #include "qcompile/cpu_features.h"
@@ -61,13 +60,6 @@ QC_AMX inline __mmask16 unsplittable(__m512 v) {
   return _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(kSplitLimit), _CMP_NLT_UQ);
 }
 
-// A 64-byte aligned per-thread buffer of at least n 32-bit words.
-uint32_t* aligned_scratch(std::vector<uint32_t>& buf, size_t n) {
-  if (buf.size() < n + 16) buf.resize(n + 16);
-  const auto addr = reinterpret_cast<uintptr_t>(buf.data());
-  return buf.data() + ((64 - addr % 64) % 64) / 4;
-}
-
 // The tile's rows as bf16 high parts and remainders (vcvtne2ps2bf16: 32 weights per conversion), each row
 // 32-position steps of 16 words (pairs) at a stride of `ld` words; positions past len are zero. False when a
 // weight cannot be split; *any_lo: a remainder is not zero (otherwise every weight is exact in bf16 and the
@@ -107,12 +99,20 @@ QC_AMX bool split_tile(const float* tile, int64_t ldw, int64_t nc, int64_t len, 
   return bad == 0;
 }
 
-// The B tile of X at block mb (16 rows), step `step` (32 positions): its high parts; the remainders follow
-// 256 words later (XPack's layout).
-inline const uint32_t* x_tile(const XPack& x, int64_t mb, int64_t step) {
-  return x.data + ((mb / 2 * (x.Kpad / 32) + step) * 2 + mb % 2) * 512;
+// Where in x.data the B tile of X at block mb (16 rows), step `step` (32 positions) starts: its high parts;
+// the remainders follow 256 words later (XPack's layout).
+inline int64_t x_tile(const XPack& x, int64_t mb, int64_t step) {
+  return ((mb / 2 * (x.Kpad / 32) + step) * 2 + mb % 2) * 512;
 }
 constexpr int64_t kXStep = 1024;  // words from a block's tiles at one step to the next step's (two blocks × hi, lo)
+
+// C tile t: the accumulators at c (row stride cs bytes), or zeros for the first K slice. (A macro: the tile
+// intrinsics take the register number as a literal.)
+#define QC_TILE_C_BEGIN(t, c, cs, accumulate) \
+  do {                                        \
+    if (accumulate) _tile_loadd(t, c, cs);    \
+    else _tile_zero(t);                       \
+  } while (0)
 
 // The kernels below walk `steps` steps of 32 positions. Tile registers: C accumulators, A the split weights
 // (rows of W; hi and lo parts), B the activations (hi at x, lo at x + 256). Each B tile is loaded once per
@@ -125,13 +125,8 @@ template <bool kTwo, bool kLo>
 QC_AMX void rows16(const uint32_t* wh, const uint32_t* wl, int64_t ld, const uint32_t* x0, const uint32_t* x1,
                    int64_t steps, float* c0, float* c1, int64_t ldc, bool accumulate) {
   const int64_t cs = ldc * 4, ws = ld * 4;
-  if (accumulate) {
-    _tile_loadd(0, c0, cs);
-    if (kTwo) _tile_loadd(1, c1, cs);
-  } else {
-    _tile_zero(0);
-    if (kTwo) _tile_zero(1);
-  }
+  QC_TILE_C_BEGIN(0, c0, cs, accumulate);
+  if (kTwo) QC_TILE_C_BEGIN(1, c1, cs, accumulate);
   for (int64_t s = 0; s < steps; ++s, x0 += kXStep, x1 += kXStep) {
     _tile_loadd(2, wh + 16 * s, ws);
     if (kLo) _tile_loadd(3, wl + 16 * s, ws);
@@ -159,20 +154,11 @@ QC_AMX void rows32_exact(const uint32_t* wh, int64_t ld, const uint32_t* x0, con
                          float* c, int64_t ldc, bool accumulate) {
   const int64_t cs = ldc * 4, ws = ld * 4;
   float* c10 = c + 16 * ldc;
-  if (accumulate) {
-    _tile_loadd(0, c, cs);
-    _tile_loadd(2, c10, cs);
-    if (kTwo) {
-      _tile_loadd(1, c + 16, cs);
-      _tile_loadd(3, c10 + 16, cs);
-    }
-  } else {
-    _tile_zero(0);
-    _tile_zero(2);
-    if (kTwo) {
-      _tile_zero(1);
-      _tile_zero(3);
-    }
+  QC_TILE_C_BEGIN(0, c, cs, accumulate);
+  QC_TILE_C_BEGIN(2, c10, cs, accumulate);
+  if (kTwo) {
+    QC_TILE_C_BEGIN(1, c + 16, cs, accumulate);
+    QC_TILE_C_BEGIN(3, c10 + 16, cs, accumulate);
   }
   const uint32_t* wh1 = wh + 16 * ld;
   for (int64_t s = 0; s < steps; ++s, x0 += kXStep, x1 += kXStep) {
@@ -207,13 +193,8 @@ QC_AMX void rows32_split(const uint32_t* wh, const uint32_t* wl, int64_t ld, con
                          float* c, int64_t ldc, bool accumulate) {
   const int64_t cs = ldc * 4, ws = ld * 4;
   float* c1 = c + 16 * ldc;
-  if (accumulate) {
-    _tile_loadd(0, c, cs);
-    _tile_loadd(1, c1, cs);
-  } else {
-    _tile_zero(0);
-    _tile_zero(1);
-  }
+  QC_TILE_C_BEGIN(0, c, cs, accumulate);
+  QC_TILE_C_BEGIN(1, c1, cs, accumulate);
   const uint32_t* wh1 = wh + 16 * ld;
   const uint32_t* wl1 = wl + 16 * ld;
   for (int64_t s = 0; s < steps; ++s, x0 += kXStep) {
@@ -253,8 +234,7 @@ QC_AMX static bool pack_x_amx(const float* xt, int64_t Kx, int64_t Mpad, XPack& 
   const int64_t Kpad = (Kx + 31) / 32 * 32, pairs = Kpad / 2, blocks = (Mpad + 15) / 16;
   const int64_t even = (blocks + 1) / 2 * 2;  // whole pairs of blocks; an odd last one pairs with zeros
   out.Kpad = Kpad;
-  uint32_t* data = aligned_scratch(out.storage, static_cast<size_t>(even * pairs * 32));
-  out.data = data;
+  out.data.resize(static_cast<size_t>(even * pairs * 32));
   __mmask16 bad = 0;
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t mb = 0; mb < even; ++mb) {
@@ -266,7 +246,7 @@ QC_AMX static bool pack_x_amx(const float* xt, int64_t Kx, int64_t Mpad, XPack& 
       bad |= unsplittable(v0) | unsplittable(v1);
       const __m512i h0 = bf16_bits(v0), h1 = bf16_bits(v1);
       const __m512i l0 = bf16_bits(remainder(v0, h0)), l1 = bf16_bits(remainder(v1, h1));
-      uint32_t* hi = const_cast<uint32_t*>(x_tile(out, mb, p / 16)) + (p % 16) * 16;
+      uint32_t* hi = out.data.data() + x_tile(out, mb, p / 16) + (p % 16) * 16;
       _mm512_store_si512(hi, _mm512_or_si512(h0, _mm512_slli_epi32(h1, 16)));
       _mm512_store_si512(hi + 256, _mm512_or_si512(l0, _mm512_slli_epi32(l1, 16)));
     }
@@ -274,42 +254,56 @@ QC_AMX static bool pack_x_amx(const float* xt, int64_t Kx, int64_t Mpad, XPack& 
   return bad == 0;
 }
 
-bool pack_x(const float* xt, int64_t Kx, int64_t Mpad, XPack& out) {
+namespace {
+thread_local XPack tls_pack;  // prepare_pack's: the calling thread's, read by the op's tasks on other threads
+}  // namespace
+
+const XPack* prepare_pack(int64_t accuracy_level, int64_t rows, const float* xt, int64_t Kx, int64_t Mpad) {
+  if (!enabled(accuracy_level, rows)) return nullptr;
   try {
-    return pack_x_amx(xt, Kx, Mpad, out);
+    return pack_x_amx(xt, Kx, Mpad, tls_pack) ? &tls_pack : nullptr;
   } catch (const std::bad_alloc&) {  // the FMA kernels need no pack
-    return false;
+    return nullptr;
   }
+}
+
+void release_pack() {
+  if (tls_pack.data.capacity() > (size_t{16} << 20)) CacheLineVector<uint32_t>().swap(tls_pack.data);
 }
 
 QC_AMX static bool multiply_amx(const float* tile, int64_t ldw, int64_t nc, const XPack& x, int64_t m0, int64_t m1,
                                 int64_t k0, int64_t len, float* acc, int64_t ldc, bool accumulate) {
   const int64_t lenpad = (len + 31) / 32 * 32, steps = lenpad / 32, step0 = k0 / 32;
   const int64_t ld = lenpad / 2 + 16;  // words per split row: 64 bytes past the steps, off powers of two
-  thread_local std::vector<uint32_t> hi_buf, lo_buf;
-  uint32_t* wh = aligned_scratch(hi_buf, static_cast<size_t>(nc * ld));
-  uint32_t* wl = aligned_scratch(lo_buf, static_cast<size_t>(nc * ld));
+  thread_local CacheLineVector<uint32_t> hi_buf, lo_buf;
+  if (hi_buf.size() < static_cast<size_t>(nc * ld)) {
+    hi_buf.resize(static_cast<size_t>(nc * ld));
+    lo_buf.resize(hi_buf.size());
+  }
+  uint32_t* wh = hi_buf.data();
+  uint32_t* wl = lo_buf.data();
   bool any_lo = false;
   if (!split_tile(tile, ldw, nc, len, lenpad, wh, wl, ld, &any_lo)) return false;
 
+  // tiles 0-7 as the kernel below uses them (rows of each; every row 64 bytes)
+  const int64_t r1 = nc - 16;
+  const int64_t rows[3][8] = {{nc, nc, nc, nc, 16, 16, 16, 16},     // rows16
+                              {16, r1, 16, 16, r1, r1, 16, 16},     // rows32_split
+                              {16, 16, r1, r1, 16, r1, 16, 16}};    // rows32_exact
+  const int64_t* kernel_rows = rows[nc <= 16 ? 0 : any_lo ? 1 : 2];
   TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64;
-  const auto set_rows = [&](std::initializer_list<int64_t> rows) {
-    int t = 0;
-    for (int64_t r : rows) cfg.rows[t++] = static_cast<uint8_t>(r);
-  };
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = static_cast<uint8_t>(kernel_rows[t]);
+  }
+  _tile_loadconfig(&cfg);
+  const uint32_t* xd = x.data.data();
   // blocks of X one at a time, or two where the kernel takes two and there are
   for (int64_t m = m0; m < m1;) {
     const int64_t mb = m / 16;
     const bool two = m1 - m > 16 && (nc <= 16 || !any_lo);  // a last block of fewer rows is zero past M
-    const uint32_t* x0 = x_tile(x, mb, step0);
-    const uint32_t* x1 = two ? x_tile(x, mb + 1, step0) : x0;
-    if (m == m0) {
-      if (nc <= 16) set_rows({nc, nc, nc, nc, 16, 16, 16, 16});
-      else if (any_lo) set_rows({16, nc - 16, 16, 16, nc - 16, nc - 16, 16, 16});
-      else set_rows({16, 16, nc - 16, nc - 16, 16, nc - 16, 16, 16});
-      _tile_loadconfig(&cfg);
-    }
+    const uint32_t* x0 = xd + x_tile(x, mb, step0);
+    const uint32_t* x1 = two ? xd + x_tile(x, mb + 1, step0) : x0;
     float* c = acc + m;
     if (nc <= 16) {
       if (two && any_lo) rows16<true, true>(wh, wl, ld, x0, x1, steps, c, c + 16, ldc, accumulate);
@@ -337,18 +331,14 @@ bool multiply(const float* tile, int64_t ldw, int64_t nc, const XPack& x, int64_
 #else  // no AMX in this build
 
 bool cpu_ready() { return false; }
-bool pack_x(const float*, int64_t, int64_t, XPack&) { return false; }
+const XPack* prepare_pack(int64_t, int64_t, const float*, int64_t, int64_t) { return nullptr; }
+void release_pack() {}
 bool multiply(const float*, int64_t, int64_t, const XPack&, int64_t, int64_t, int64_t, int64_t, float*, int64_t,
               bool) {
   return false;
 }
 
 #endif
-
-void trim(XPack& x) {
-  if (x.storage.capacity() > (size_t{16} << 20)) std::vector<uint32_t>().swap(x.storage);
-  x.data = nullptr;
-}
 
 bool enabled(int64_t accuracy_level, int64_t rows) {
   if (rows < kMinRows || accuracy_level == 1 || !cpu_ready()) return false;

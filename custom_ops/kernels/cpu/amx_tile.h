@@ -14,11 +14,32 @@
 // bf16 subnormals (below 2⁻¹²⁶) as zero.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 namespace qcompile {
 namespace tile {
+
+// std::allocator with 64-byte alignment: buffers whose rows AMX loads and stores whole (the packed activations,
+// the split weights, the ops' prefill accumulators); a row split over two cache lines halves the load speed.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+template <typename T>
+using CacheLineVector = std::vector<T, CacheLineAllocator<T>>;
+
 namespace amx {
 
 // AMX-BF16 can run here: the CPU has AMX-TILE and AMX-BF16, the OS enabled tile state and granted this
@@ -45,17 +66,19 @@ constexpr int64_t kTileRows = 32;
 // blocks reads consecutive memory (blocks all of K apart fell into the same cache sets); zero past K up to Kpad
 // (K rounded up to 32) and past the last block up to a whole pair.
 struct XPack {
-  std::vector<uint32_t> storage;
-  const uint32_t* data = nullptr;  // 64-byte aligned: a tile row split over two cache lines halves load speed
+  CacheLineVector<uint32_t> data;
   int64_t Kpad = 0;
 };
 
-// Packs xt ([⌈Mpad/16⌉][Kx][16] fp32, the FMA kernels' transposed activations, zero past M) into `out`. False (out unusable)
-// when an activation is NaN, ±Inf or of magnitude 2¹²⁰ or more: the call then stays on the FMA kernels.
-bool pack_x(const float* xt, int64_t Kx, int64_t Mpad, XPack& out);
+// The calling thread's pack of xt ([⌈Mpad/16⌉][Kx][16] fp32, the FMA kernels' transposed activations, zero past
+// M), for the op's tasks to read, where enabled(accuracy_level, rows); else null, also when an activation is
+// NaN, ±Inf or of magnitude 2¹²⁰ or more, or the pack cannot be allocated: the call then stays on the FMA
+// kernels. The pointer stays valid until release_pack() on this thread.
+const XPack* prepare_pack(int64_t accuracy_level, int64_t rows, const float* xt, int64_t Kx, int64_t Mpad);
 
-// Frees a pack of more than 64 MB (a long prompt's), as the ops free their other per-thread buffers.
-void trim(XPack& x);
+// After a call: frees this thread's pack where it holds more than 64 MB (a long prompt's), as the ops free
+// their other per-thread buffers.
+void release_pack();
 
 // C^T[r][m] (+)= Σ_{k0 ≤ k < k0+len} tile[r][k − k0] · X[m][k] for the nc ≤ kTileRows rows of the decoded tile
 // (row stride ldw floats) and the rows [m0, m1) of X (m0 a multiple of 16; a last block of fewer rows writes

@@ -306,10 +306,7 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
   const int64_t Mpad = (rows + kXtLd - 1) / kXtLd * kXtLd, ldc = Mpad + 16;
   const uint32_t last = static_cast<uint32_t>(g.S - 1);
   const bool wide = tile::prefill_avx512();
-  // the calling thread's pack, by pointer: inside the tasks `xpack` names the worker's own (empty) one
-  thread_local tile::amx::XPack xpack_buf;
-  const tile::amx::XPack* xpack =
-      tile::amx::enabled(accuracy_level, rows) && tile::amx::pack_x(xt, Kp, Mpad, xpack_buf) ? &xpack_buf : nullptr;
+  const tile::amx::XPack* xpack = tile::amx::prepare_pack(accuracy_level, rows, xt, Kp, Mpad);
   const int64_t tile_rows = xpack ? tile::amx::kTileRows : kOuterRows;   // W rows per tile
   const int64_t cap = (tile_rows + kOuterRows - 1) / kOuterRows * kOuterRows;  // rows the FMA kernels touch
   struct Tile {
@@ -382,7 +379,7 @@ Status run_outer_avx2_d8(const C* codes, const float* cb, const Geometry& g, con
     return Tile{codes, cb, g, xt, rows, Kp, m0, m1, ldc, n0, nc, cap, scales, bias, dtype, y, last,
                 maxc + n0 / kOuterRows, tile, acc, wide, xpack};
   });
-  tile::amx::trim(xpack_buf);
+  tile::amx::release_pack();
   return st;
 }
 

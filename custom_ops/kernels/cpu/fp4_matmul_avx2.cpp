@@ -291,10 +291,7 @@ Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t M
   const int64_t kc = (g.Kx / kBlock + nslices - 1) / nslices * kBlock;
   const Avx2Consts consts = avx2_consts(g.G);
   const bool wide = tile::prefill_avx512();
-  // the calling thread's pack, by pointer: inside the tasks `xpack_buf` names the worker's own (empty) one
-  thread_local tile::amx::XPack xpack_buf;
-  const tile::amx::XPack* xpack =
-      tile::amx::enabled(p.attrs.accuracy_level, p.M) && tile::amx::pack_x(xt, g.Kx, Mpad, xpack_buf) ? &xpack_buf : nullptr;
+  const tile::amx::XPack* xpack = tile::amx::prepare_pack(p.attrs.accuracy_level, p.M, xt, g.Kx, Mpad);
   const int64_t rows = xpack ? tile::amx::kTileRows : kOuterRows;  // W rows per tile
   const int64_t cap = (rows + kOuterRows - 1) / kOuterRows * kOuterRows;  // rows the FMA kernels may touch
   struct Tile {
@@ -327,7 +324,7 @@ Status run_outer(const Problem& p, const Geometry& g, const float* xt, int64_t M
     prefetch_rows(p, g, n0, n0 + nc, 0, kc);
     return Tile{p, g, xt, m0, m1, ldc, kc, n0, nc, cap, s, consts, wide, xpack};
   });
-  tile::amx::trim(xpack_buf);
+  tile::amx::release_pack();
   return st;
 }
 

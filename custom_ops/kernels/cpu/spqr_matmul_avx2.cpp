@@ -539,10 +539,7 @@ Status run_panels(const Call& c, const Parallel& par) {
   const float* xt = xt_buf.data();
   pack_xt(c, Mpad, xt_buf.data());
   const bool wide = tile::prefill_avx512();
-  // the calling thread's pack, by pointer: inside the tasks `xpack` names the worker's own (empty) one
-  thread_local tile::amx::XPack xpack_buf;
-  const tile::amx::XPack* xpack =
-      tile::amx::enabled(c.s->accuracy_level, c.M) && tile::amx::pack_x(xt, c.Kc, Mpad, xpack_buf) ? &xpack_buf : nullptr;
+  const tile::amx::XPack* xpack = tile::amx::prepare_pack(c.s->accuracy_level, c.M, xt, c.Kc, Mpad);
   const int64_t rows = xpack ? tile::amx::kTileRows : kTileRows;  // W rows per tile
   const int cap = (int)((rows + kTileRows - 1) / kTileRows * kTileRows);  // rows the FMA kernels touch
   struct Tile {
@@ -574,7 +571,7 @@ Status run_panels(const Call& c, const Parallel& par) {
     return Tile{c, xt, m0, m1, ldc, n0, (int)nr, cap, s, wide, xpack};
   });
   if (xt_buf.capacity() > (size_t{16} << 20)) std::vector<float>().swap(xt_buf);  // do not pin >64 MB per thread
-  tile::amx::trim(xpack_buf);
+  tile::amx::release_pack();
   return st;
 }
 

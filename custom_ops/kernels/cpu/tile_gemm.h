@@ -11,7 +11,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
-#include <new>
 #include <string>
 #include <vector>
 
@@ -23,24 +22,6 @@
 
 namespace qcompile {
 namespace tile {
-
-// std::allocator with 64-byte alignment: the prefill accumulators, whose rows AMX loads and stores whole (a
-// row split over two cache lines costs a tenth of the multiplication).
-template <typename T>
-struct CacheLineAllocator {
-  using value_type = T;
-  CacheLineAllocator() = default;
-  template <typename U>
-  CacheLineAllocator(const CacheLineAllocator<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
-  template <typename U>
-  bool operator==(const CacheLineAllocator<U>&) const { return true; }
-  template <typename U>
-  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
-};
-template <typename T>
-using CacheLineVector = std::vector<T, CacheLineAllocator<T>>;
 
 // Runs fn(i) for i in [0, n) on `par`. An exception (e.g. bad_alloc of a scratch buffer) must not escape
 // into the host's thread pool, so it is caught per task and reported as "<op>: out of memory ...".

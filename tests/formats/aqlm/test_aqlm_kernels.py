@@ -8,6 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from cpu_flags import has_amx_bf16, has_avx512bw, has_avx512vbmi
+from prefill_variants import pin_prefill_tiles
 from qcompile.formats import prefill_amx
 from qcompile.formats.aqlm import reference as ref
 
@@ -110,12 +111,7 @@ def test_prefill_avx2_tile_kernel(ops_session, monkeypatch, name, tiles):
     AVX-512 one where the CPU has it), and either kernel sweeping X in passes of 16 or 32 rows with 3 or 2
     tiles of W per task (as large M and N do)."""
     monkeypatch.setenv("QCOMPILE_CODEBOOK_PATH", "gemm")
-    if tiles.startswith("avx2"):
-        monkeypatch.setenv("QCOMPILE_PREFILL_AVX2", "1")
-    if "passes" in tiles:
-        _, rows, _, tiles = tiles.rsplit("-", 3)
-        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
-        monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", tiles)
+    pin_prefill_tiles(monkeypatch, tiles)
     case = make_case(*CASES[name])
     check(run_case(ops_session, case), case)
 
@@ -136,10 +132,7 @@ def test_prefill_amx_within_documented_bound(ops_session, monkeypatch, name, til
     exact result, yet not the fp32 kernels' result (so AMX ran), while accuracy_level=1 gives the fp32
     kernels' result bit for bit."""
     monkeypatch.setenv("QCOMPILE_CODEBOOK_PATH", "gemm")
-    if "passes" in tiles:
-        _, rows, _, count = tiles.rsplit("-", 3)
-        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
-        monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", count)
+    pin_prefill_tiles(monkeypatch, tiles)
     x, codes, books, scales, b, attrs = make_case(*AMX_CASES[name], seed=len(name))
 
     def run(amx: str, level: int = 0):

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from cpu_flags import has_amx_bf16, has_avx2, has_avx512vnni
+from prefill_variants import pin_prefill_tiles
 from qcompile.formats import act_quant, prefill_amx
 from qcompile.formats.fp4 import reference as fp4
 
@@ -170,12 +171,7 @@ PREFILL_TILES = [  # M > 1 shapes around the AVX2 prefill kernel's blocks: 16 + 
 def test_prefill_tile_edges(ops_session, monkeypatch, case, simd):
     if simd == "portable":
         monkeypatch.setenv("QCOMPILE_FP4_NO_AVX2", "1")
-    if simd.startswith("avx2"):
-        monkeypatch.setenv("QCOMPILE_PREFILL_AVX2", "1")
-    if "passes" in simd:
-        _, rows, _, tiles = simd.rsplit("-", 3)
-        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
-        monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", tiles)
+    pin_prefill_tiles(monkeypatch, simd)
     _run_case(ops_session, case, seed=23)
 
 
@@ -194,10 +190,7 @@ def test_prefill_amx_within_documented_bound(ops_session, monkeypatch, case, til
     """On AMX the prefill multiplies bf16 splits (qcompile.formats.prefill_amx): within 2^-14 Σ|x·w| of the
     reference, yet not the fp32 kernels' result (so AMX ran), while accuracy_level=1 gives the fp32 kernels'
     result bit for bit."""
-    if "passes" in tiles:
-        _, rows, _, count = tiles.rsplit("-", 3)
-        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
-        monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", count)
+    pin_prefill_tiles(monkeypatch, tiles)
     mshape, K, N, G, fmt, hb, dtype, ts, bias = case
     rng = np.random.default_rng(K + N)
     w, s = random_weights(rng, K, N, G, fmt)

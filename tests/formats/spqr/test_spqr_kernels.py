@@ -8,6 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from cpu_flags import has_amx_bf16, has_avx2, has_avx512bw, has_avx512vnni, has_gfni
+from prefill_variants import pin_prefill_tiles
 from qcompile.formats import prefill_amx
 from qcompile.formats.spqr import reference as ref
 
@@ -128,12 +129,7 @@ def test_prefill_tile_kernels(ops_session, monkeypatch, tiles, m, n):
     """Prefill at row counts around the tile kernels' blocks (16 or 32 rows of X per call, 12 rows of W):
     the AVX-512 kernel where the CPU has it ("auto") and the AVX2 one pinned, each also sweeping X in passes
     of 16 or 32 rows, with 3 or 2 tiles of W per task (as large M and N do)."""
-    if tiles.startswith("avx2"):
-        monkeypatch.setenv("QCOMPILE_PREFILL_AVX2", "1")
-    if "passes" in tiles:
-        _, rows, _, tiles = tiles.rsplit("-", 3)
-        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
-        monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", tiles)
+    pin_prefill_tiles(monkeypatch, tiles)
     attrs = dict(K=272, N=n, bits=3, group_size=16, stat_bits=3, stat_group=16)
     packed = ref.random_packed(272, n, bits=3, group_size=16, stat_bits=3, stat_group=16, outlier_rate=0.03,
                                with_perm=True, seed=m + n)
@@ -151,10 +147,7 @@ def test_prefill_amx_within_documented_bound(ops_session, monkeypatch, tiles, m,
     exact result, yet not the fp32 kernels' result (so AMX ran), while accuracy_level=1 gives the fp32
     kernels' result bit for bit. Rows of X: 2, 2.5, 3.5 and 8 blocks of 16; rows of W: one tile of 17-32,
     tiles of 32 + 32 + 6, one of 16, tiles of 32 + 4."""
-    if "passes" in tiles:
-        _, rows, _, count = tiles.rsplit("-", 3)
-        monkeypatch.setenv("QCOMPILE_PREFILL_PASS_ROWS", rows)
-        monkeypatch.setenv("QCOMPILE_PREFILL_TASK_TILES", count)
+    pin_prefill_tiles(monkeypatch, tiles)
     attrs = dict(K=200, N=n, bits=3, group_size=16, stat_bits=3, stat_group=16)
     packed = ref.random_packed(200, n, bits=3, group_size=16, stat_bits=3, stat_group=16, outlier_rate=0.03,
                                with_perm=True, seed=m + n)
